@@ -1,0 +1,35 @@
+# `make demo` and `make test` set everything up in .venv on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q -c constraints.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench models clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned, so that nothing pulls a CUDA build
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[torch,test]'
+	# only the model files of rapidocr are used; its runtime deps are not needed
+	$(PIP) --no-deps rapidocr-onnxruntime==1.4.4
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@mkdir -p build
+	$(VENV)/bin/tnonnx inspect models/lenet5_fashion.onnx
+	$(VENV)/bin/tnonnx rewrite models/lenet5_fashion.onnx --format tt --rank 8 \
+	    --inputs models/fashion_test.npz -o build/lenet5_fashion.tt.onnx --report build/lenet5_fashion.tt.json
+	$(VENV)/bin/tnonnx validate models/lenet5_fashion.onnx build/lenet5_fashion.tt.onnx \
+	    --inputs models/fashion_test.npz --min-cosine 0.9
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/rewrite_bench.py
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,188 @@
+"""The pipeline, in one place: load -> find layers -> plan -> fit -> emit -> replace ->
+validate -> report. The CLI and the Python API both call these functions."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import onnx
+
+from . import calibrate, macs
+from . import model as model_io
+from . import validate as validation
+from .emit import Builder
+from .errors import TnonnxError
+from .formats import FORMATS, Factorization
+from .graph import Layer, find_layers, replace_nodes
+from .plan import LayerPlan, Selection, make_plan, rank_spec
+from .report import InspectReport, LayerRow, RewriteReport, Totals
+from .tensorize import parse_modes
+
+EMIT_MODES = ("matmul", "einsum")
+
+
+def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
+    """The candidate layers of a model with their parameters and MACs."""
+    m = model_io.load(model)
+    layers = find_layers(m)
+    cost = macs.count(m, calibrate.concrete_shapes(m, batch, shapes))
+    rows = [LayerRow.for_layer(layer, cost.per_node.get(layer.name)) for layer in layers]
+    return InspectReport(rows=rows, totals=Totals(cost.params, cost.params, m.ByteSize(), m.ByteSize(),
+                                                  cost.total, cost.total), batch=batch)
+
+
+def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | None = None,
+            ratio: float | None = None, modes: str | tuple | None = None, order: int | None = None,
+            emit: str = "matmul", batch: int = 1, ops=("MatMul", "Gemm", "Conv"), include: str | None = None,
+            exclude: str | None = None, min_params: int = 0, force: bool = False, validate: bool = True,
+            inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None,
+            min_cosine: float | None = None, progress: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
+    """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
+
+    Returns the new model and its report. The input is never modified.
+    """
+    started = time.perf_counter()
+    if emit not in EMIT_MODES:
+        raise TnonnxError(f"--emit {emit}: choose from {', '.join(EMIT_MODES)}")
+    if batch < 1:
+        raise TnonnxError(f"--batch {batch}: must be >= 1")
+    spec = rank_spec(rank, tol, ratio)
+    if isinstance(modes, str):
+        modes = parse_modes(modes)
+    original = model_io.load(model)
+    if emit == "einsum" and model_io.default_opset(original) < 12:
+        raise TnonnxError("--emit einsum needs opset >= 12; the model has opset "
+                          f"{model_io.default_opset(original)}")
+    new = onnx.ModelProto()
+    new.CopyFrom(original)
+    layers = find_layers(new)
+    selection = Selection(ops=tuple(ops), include=include, exclude=exclude, min_params=min_params)
+    plans = make_plan(layers, format, spec, selection, modes, order)
+    if not plans:
+        raise TnonnxError("nothing to rewrite: no selected MatMul/Gemm/Conv layer with a constant weight"
+                          + _reasons_summary(layers))
+
+    fitted, replacements, shared = {}, {}, {}
+    for plan in _progress(plans, progress):
+        layer = plan.layer
+        key = (layer.weight_key, plan.format, plan.spec, plan.modes, plan.order)
+        if key not in fitted:
+            fitted[key] = _fit(plan)
+        fact = fitted[key]
+        saved = fact.params() < layer.params or any(o.fact is fact for o in replacements.values())
+        if not saved and not force:
+            layer.reason = f"no saving at this rank ({fact.params()} >= {layer.params} parameters; --force rewrites anyway)"
+            continue
+        builder = Builder(f"{layer.name}/{plan.format}", layer.store_dtype, layer.compute_dtype,
+                          shared=shared, share_key="|".join(map(str, key)))
+        emit_layer(builder, layer, fact, emit)
+        replacements[id(layer.node)] = _Replacement(layer, plan, fact, builder)
+    if not replacements:
+        raise TnonnxError("nothing to rewrite: no layer gets smaller at this rank" + _reasons_summary(layers))
+
+    replace_nodes(new, {k: (r.layer.graph, r.builder.nodes, r.builder.initializers)
+                        for k, r in replacements.items()}, layers)
+    model_io.normalise_versions(new)
+    _check(new)
+    seconds = time.perf_counter() - started
+
+    concrete = calibrate.concrete_shapes(original, batch, shapes)
+    before, after = macs.count(original, concrete), macs.count(new, concrete)
+    rows = _rows(layers, replacements, before, after)
+    result = None
+    if validate:
+        result = validation.validate(original, new, inputs=inputs, shapes=shapes, batch=batch,
+                                     atol=atol, rtol=rtol, min_cosine=min_cosine)
+    report = RewriteReport(
+        format=format, spec=spec.describe(), emit=emit, batch=batch, rows=rows,
+        totals=Totals(before.params, after.params, original.ByteSize(), new.ByteSize(), before.total, after.total),
+        validation=result, seconds=seconds,
+    )
+    return new, report
+
+
+class _Replacement:
+    def __init__(self, layer: Layer, plan: LayerPlan, fact: Factorization, builder: Builder):
+        self.layer, self.plan, self.fact, self.builder = layer, plan, fact, builder
+
+
+def _fit(plan: LayerPlan) -> Factorization:
+    fmt = FORMATS[plan.format]
+    layer = plan.layer
+    if layer.kind == "conv":
+        return fmt.fit_conv(layer.weight, plan.spec)
+    return fmt.fit_dense(layer.weight, plan.spec, modes=plan.modes, order=plan.order)
+
+
+def emit_layer(builder: Builder, layer: Layer, fact: Factorization, emit: str = "matmul") -> None:
+    """Append to `builder` the nodes computing what `layer.node` computed, into its output."""
+    output = layer.node.output[0]
+    if layer.kind == "conv":
+        fact.emit(builder, layer.x, layer.geometry, layer.bias, output)
+        return
+    x, batch_rank = layer.x, layer.batch_rank
+    if layer.trans_x:
+        x = builder.op("Transpose", [x], "transpose", perm=[1, 0])
+    swap = list(range(batch_rank - 1)) + [batch_rank, batch_rank - 1]
+    if layer.side == "left":  # W @ x  ==  (x^T W^T)^T over the last two axes
+        x = builder.op("Transpose", [x], "transpose", perm=swap)
+    y = fact.emit(builder, x, batch_rank) if emit == "matmul" else fact.emit_einsum(builder, x, batch_rank)
+    if layer.side == "left":
+        y = builder.op("Transpose", [y], "transpose", perm=swap)
+    if layer.bias is not None:
+        y = builder.op("Add", [y, builder.cast(builder.constant(layer.bias, "bias"))], "bias")
+    if layer.bias_input:
+        c = layer.bias_input
+        if layer.beta != 1.0:
+            beta = builder.cast(builder.constant(np.asarray(layer.beta), "beta"))
+            c = builder.op("Mul", [c, beta], "beta")
+        y = builder.op("Add", [y, c], "bias")
+    builder.rename_output(output)
+
+
+def _check(model: onnx.ModelProto) -> None:
+    if model.ByteSize() < 2**31 - 2**20:
+        onnx.checker.check_model(model)
+
+
+def _rows(layers, replacements, before, after) -> list[LayerRow]:
+    rows, first_user = [], {}
+    for layer in layers:
+        rep = replacements.get(id(layer.node))
+        row = LayerRow.for_layer(layer, before.per_node.get(layer.name))
+        if rep is not None:
+            fact = rep.fact
+            shared_with = first_user.setdefault(id(fact), layer.name)
+            row.format, row.ranks = rep.plan.format, list(fact.ranks)
+            row.params_after = fact.params() if shared_with == layer.name else 0
+            row.shared_with = None if shared_with == layer.name else shared_with
+            row.macs_after = sum(after.per_node.get(n.name, 0) for n in rep.builder.nodes)
+            row.weight_error = fact.relative_error(layer.weight)
+            row.reason = None
+        rows.append(row)
+    return rows
+
+
+def _reasons_summary(layers: list[Layer]) -> str:
+    reasons = sorted({l.reason for l in layers if l.reason})
+    return f" ({'; '.join(reasons[:3])})" if reasons else ""
+
+
+def _progress(items, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return items
+    from rich.progress import track
+
+    return track(items, description="fitting layers", transient=True, console=_stderr_console())
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def save(model: onnx.ModelProto, path, **kwargs):
+    return model_io.save(model, path, **kwargs)

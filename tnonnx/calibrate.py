@@ -1,0 +1,333 @@
+"""Calibration data: feeds for a model (random, from an .npz, from a data reader), batched.
+
+Activation capture (running a model with layer inputs exposed) will live here too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import model as _model
+from .errors import TnonnxError
+from .runtime import InputSpec, input_specs
+
+# Size given to a symbolic or unknown dimension that is not the batch axis (axis 0)
+# and that the user did not set with --shape (e.g. a sequence length).
+DEFAULT_FREE_DIM = 64
+
+# Ops whose consumption of an integer input says "these are indices": Cast is looked through.
+_PASS_THROUGH = ("Cast",)
+
+
+# --- shapes ---------------------------------------------------------------------------
+
+def parse_shapes(specs: list[str] | tuple[str, ...] | None) -> dict[str, tuple[int, ...]]:
+    """Parse CLI values like ``input:1x3x224x224`` into {name: shape}.
+
+    The name may itself contain ':' (split on the last one); dims are separated by 'x' or ','.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or ():
+        name, sep, dims = spec.strip().rpartition(":")
+        if not sep or not name:
+            raise TnonnxError(f"--shape '{spec}': expected NAME:DIMS, e.g. input:1x3x224x224")
+        parts = [p.strip() for p in re.split(r"[x,]", dims.strip().lower())]
+        if not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise TnonnxError(f"--shape '{spec}': dims must be positive integers separated by 'x', e.g. 1x3x224x224")
+        if name in shapes:
+            raise TnonnxError(f"--shape '{spec}': input '{name}' given twice")
+        shapes[name] = tuple(int(p) for p in parts)
+    return shapes
+
+
+def concrete_shapes(
+    model: onnx.ModelProto,
+    batch: int = 1,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """A concrete shape for every model input.
+
+    Fixed dims are kept; ``shapes`` overrides an input entirely (same rank, fixed dims must
+    agree). Other symbolic/unknown dims: axis 0 -> ``batch``, other axes -> DEFAULT_FREE_DIM.
+    A symbolic name set through an override (e.g. "seq") takes that value in every input.
+    """
+    if batch < 1:
+        raise TnonnxError(f"batch size must be at least 1, not {batch}")
+    specs = input_specs(model)
+    shapes = dict(shapes or {})
+    unknown = sorted(set(shapes) - {s.name for s in specs})
+    if unknown:
+        raise TnonnxError(
+            f"--shape names unknown input(s) {', '.join(unknown)}; the model's inputs are: "
+            + ", ".join(s.name for s in specs)
+        )
+
+    named: dict[str, int] = {}  # symbolic dim name -> value chosen
+    for spec in specs:
+        if spec.name not in shapes:
+            continue
+        given = tuple(shapes[spec.name])
+        if spec.shape is not None:
+            if len(given) != len(spec.shape):
+                raise TnonnxError(
+                    f"--shape {spec.name}: rank {len(given)} given, but the input has rank "
+                    f"{len(spec.shape)} ({_fmt_shape(spec.shape)})"
+                )
+            for dim, value in zip(spec.shape, given):
+                if isinstance(dim, int) and dim > 0 and dim != value:
+                    raise TnonnxError(
+                        f"--shape {spec.name}: {_fmt_shape(given)} disagrees with the fixed shape {_fmt_shape(spec.shape)}"
+                    )
+                if isinstance(dim, str):
+                    named.setdefault(dim, value)
+    for spec in specs:  # axis 0 claims its symbolic name for the batch before other axes do
+        if spec.shape and isinstance(spec.shape[0], str):
+            named.setdefault(spec.shape[0], batch)
+
+    result: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        if spec.name in shapes:
+            result[spec.name] = tuple(shapes[spec.name])
+            continue
+        if spec.shape is None:
+            raise TnonnxError(f"input '{spec.name}' has no known rank; give its shape with --shape {spec.name}:DIMS")
+        dims = []
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int) and dim > 0:
+                dims.append(dim)
+            elif isinstance(dim, str):
+                dims.append(named.setdefault(dim, batch if axis == 0 else DEFAULT_FREE_DIM))
+            else:
+                dims.append(batch if axis == 0 else DEFAULT_FREE_DIM)
+        result[spec.name] = tuple(dims)
+    return result
+
+
+# --- random feeds ---------------------------------------------------------------------
+
+def random_feeds(
+    model: onnx.ModelProto,
+    batch: int = 1,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Random inputs shaped by concrete_shapes(), deterministic for a given seed.
+
+    float: standard normal; bool: fair coin; integers: ones for names containing "mask",
+    valid indices for inputs used as Gather indices into a constant table, else 0 or 1.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        model = _model.load(model)
+    rng = np.random.default_rng(seed)
+    concrete = concrete_shapes(model, batch, shapes)
+    feeds = {}
+    for spec in input_specs(model):
+        shape = concrete[spec.name]
+        kind = spec.dtype.kind
+        if kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif kind == "b":
+            feeds[spec.name] = rng.random(shape) < 0.5
+        elif kind in "iu":
+            if "mask" in spec.name.lower():
+                feeds[spec.name] = np.ones(shape, spec.dtype)
+            else:
+                high = _gather_table_size(model, spec.name) or 2
+                feeds[spec.name] = rng.integers(0, high, size=shape).astype(spec.dtype)
+        else:
+            raise TnonnxError(
+                f"input '{spec.name}' has dtype {spec.dtype}, for which no random data can be made; give --inputs"
+            )
+    return feeds
+
+
+def _gather_table_size(model: onnx.ModelProto, name: str) -> int | None:
+    """Size of the gathered axis if `name` (directly or through one Cast) indexes a constant."""
+    graph = model.graph
+    names = {name} | {n.output[0] for n in graph.node if n.op_type in _PASS_THROUGH and n.input[:1] == [name]}
+    sizes = []
+    for node in graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in names:
+            shape = _constant_shape(graph, node.input[0])
+            if shape:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                size = shape[axis % len(shape)]
+                if size > 0:
+                    sizes.append(size)
+    return min(sizes) if sizes else None
+
+
+def _constant_shape(graph: onnx.GraphProto, name: str) -> list[int] | None:
+    for t in graph.initializer:
+        if t.name == name:
+            return list(t.dims)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[:1] == [name]:
+            for a in node.attribute:
+                if a.name == "value":
+                    return list(a.t.dims)
+                if a.name in ("value_ints", "value_floats"):
+                    return [len(a.ints) or len(a.floats)]
+    return None
+
+
+# --- feeds from files and readers -----------------------------------------------------
+
+def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(feeds named after the model's inputs, extra arrays such as ``labels``) from an .npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise TnonnxError(f"inputs '{path}': no such file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise TnonnxError(f"inputs '{path}': not an .npz file ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise TnonnxError(f"inputs '{path}': a single .npy array, not an .npz of named inputs")
+    try:
+        with data:
+            arrays = {key: data[key] for key in data.files}
+    except Exception as exc:  # a corrupt member
+        raise TnonnxError(f"inputs '{path}': cannot read it ({str(exc).splitlines()[0][:120]})") from None
+    return split_feeds(arrays, model, source=f"inputs '{path}'")
+
+
+def split_feeds(
+    arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, *, source: str = "inputs"
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Check named arrays against the model's inputs: (feeds cast to input dtypes, extras).
+
+    TnonnxError when an input is missing, a rank or fixed dim disagrees, a dtype cannot be
+    cast safely, or the arrays disagree on the number of samples (axis 0).
+    """
+    specs = input_specs(model)
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise TnonnxError(
+            f"{source}: missing model input(s) {', '.join(missing)} (it has: {', '.join(arrays) or 'nothing'})"
+        )
+    feeds = {}
+    for spec in specs:
+        arr = np.asarray(arrays[spec.name])
+        _check_shape(arr, spec, source)
+        feeds[spec.name] = _cast(arr, spec, source)
+    extras = {k: np.asarray(v) for k, v in arrays.items() if k not in feeds}
+
+    counts = {k: feeds[k].shape[0] for k in _batched(feeds, specs)}
+    if "labels" in extras and extras["labels"].ndim >= 1:
+        counts["labels"] = extras["labels"].shape[0]
+    if len(set(counts.values())) > 1:
+        raise TnonnxError(
+            f"{source}: arrays disagree on the number of samples (axis 0): "
+            + ", ".join(f"{k}={n}" for k, n in counts.items())
+        )
+    return feeds, extras
+
+
+def _check_shape(arr: np.ndarray, spec: InputSpec, source: str) -> None:
+    if spec.shape is None:
+        return
+    if arr.ndim != len(spec.shape):
+        raise TnonnxError(
+            f"{source}: '{spec.name}' has shape {_fmt_shape(arr.shape)}, "
+            f"but the model input has rank {len(spec.shape)} ({_fmt_shape(spec.shape)})"
+        )
+    for axis, (dim, n) in enumerate(zip(spec.shape, arr.shape)):
+        if axis > 0 and isinstance(dim, int) and dim > 0 and dim != n:
+            raise TnonnxError(
+                f"{source}: '{spec.name}' has shape {_fmt_shape(arr.shape)}, but the model wants {_fmt_shape(spec.shape)}"
+            )
+
+
+def _cast(arr: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
+    src, dst = arr.dtype, spec.dtype
+    if src == dst:
+        return arr
+    if np.can_cast(src, dst, "safe") or (src.kind == dst.kind == "f"):
+        return arr.astype(dst)
+    if src.kind in "iu" and dst.kind in "iu":
+        info = np.iinfo(dst)
+        if arr.size == 0 or (arr.min() >= info.min and arr.max() <= info.max):
+            return arr.astype(dst)
+    raise TnonnxError(f"{source}: '{spec.name}' is {src}, which cannot be cast safely to the model's {dst}")
+
+
+def feeds_from_reader(reader, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Drain a CalibrationDataReader-like object: get_next() returns a feed dict or None."""
+    if not callable(getattr(reader, "get_next", None)):
+        raise TnonnxError(f"inputs: {type(reader).__name__} has no get_next() method")
+    batches = []
+    while limit is None or len(batches) < limit:
+        feed = reader.get_next()
+        if feed is None:
+            break
+        if not isinstance(feed, Mapping):
+            raise TnonnxError(f"inputs: get_next() returned {type(feed).__name__}, expected a dict of arrays or None")
+        batches.append({k: np.asarray(v) for k, v in feed.items()})
+    return batches
+
+
+# --- batching -------------------------------------------------------------------------
+
+def iter_batches(
+    feeds: Mapping[str, np.ndarray], model: onnx.ModelProto, batch: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Split feeds along axis 0 into the chunks the model takes.
+
+    Inputs with a symbolic first dim are split into chunks of ``batch`` (the last may be
+    smaller); the others (rank 0, or a fixed first dim such as a lookup table) go whole.
+    A model whose inputs all have fixed first dims is split into chunks of that size (the
+    sample count must be a multiple of it).
+    """
+    if batch < 1:
+        raise TnonnxError(f"batch size must be at least 1, not {batch}")
+    specs = input_specs(model)
+    batched = _batched(feeds, specs)
+    if not batched:
+        yield dict(feeds)
+        return
+    counts = {feeds[k].shape[0] for k in batched}
+    if len(counts) > 1:
+        raise TnonnxError(f"inputs disagree on the number of samples (axis 0): {sorted(counts)}")
+    n = counts.pop()
+
+    by_name = {s.name: s for s in specs}
+    fixed = {d for d in (_first_dim(by_name.get(k)) for k in batched) if _is_fixed(d)}
+    if len(fixed) > 1:
+        raise TnonnxError(f"the model's inputs have different fixed first dims {sorted(fixed)}; pass one batch at a time")
+    if fixed:
+        size = fixed.pop()
+        if n % size:
+            raise TnonnxError(f"{n} samples cannot be split into batches of {size}, the model's fixed batch size")
+    else:
+        size = batch
+    for start in range(0, n, size):
+        yield {k: (v[start:start + size] if k in batched else v) for k, v in feeds.items()}
+
+
+def _batched(feeds: Mapping[str, np.ndarray], specs: list[InputSpec]) -> list[str]:
+    """Inputs split along axis 0: those whose first dim is symbolic, or, in a model with
+    no such input (a fixed batch size), every input of rank >= 1."""
+    by_name = {s.name: s for s in specs}
+    ranked = [k for k, v in feeds.items() if np.ndim(v) >= 1 and (k not in by_name or by_name[k].rank != 0)]
+    free = [k for k in ranked if not _is_fixed(_first_dim(by_name.get(k)))]
+    return free or ranked
+
+
+def _first_dim(spec: InputSpec | None):
+    return spec.shape[0] if spec is not None and spec.shape else None
+
+
+def _is_fixed(dim) -> bool:
+    return isinstance(dim, int) and dim > 0
+
+
+def _fmt_shape(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

@@ -1,0 +1,179 @@
+"""The `tnonnx` command: parse options, call the API, print. No logic of its own."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from . import api, bench, calibrate, validate as validation
+from .errors import TnonnxError
+from .formats import FORMATS
+from .report import render_validation
+
+
+def _console() -> Console:
+    # a wide fixed width when piped, so reports in logs are not folded
+    return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)
+
+
+def handles_errors(fn):
+    """Bad input: one line on stderr and exit 2 (a traceback only with --debug)."""
+
+    @click.option("--debug", is_flag=True, help="Show tracebacks.")
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TnonnxError as exc:
+            if debug:
+                raise
+            click.echo(f"tnonnx: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as exc:  # an internal error: still one line unless --debug
+            if debug:
+                raise
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            click.echo(f"tnonnx: internal error: {type(exc).__name__}: {first} (rerun with --debug)", err=True)
+            sys.exit(3)
+
+    return wrapper
+
+
+def input_options(fn):
+    fn = click.option("--inputs", type=click.Path(dir_okay=False), default=None,
+                      help="Feeds as .npz (arrays named after the model inputs; 'labels' gives accuracy).")(fn)
+    fn = click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
+                      help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224.")(fn)
+    fn = click.option("--batch", type=int, default=1, show_default=True,
+                      help="Deployment batch size: MACs, contraction order, random feeds.")(fn)
+    return fn
+
+
+def threshold_options(fn):
+    fn = click.option("--atol", type=float, default=None, help="Absolute tolerance (with --rtol: like np.allclose).")(fn)
+    fn = click.option("--rtol", type=float, default=None, help="Relative tolerance.")(fn)
+    fn = click.option("--min-cosine", type=float, default=None, help="Minimum cosine similarity per output.")(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tnonnx")
+def main():
+    """Compress ONNX models by rewriting MatMul/Gemm/Conv layers as tensor networks."""
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@handles_errors
+def inspect(model, batch, shapes, as_json):
+    """List the candidate layers: op, weight shape, parameters, MACs, share of the model."""
+    report = api.inspect(model, batch=batch, shapes=calibrate.parse_shapes(shapes))
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        report.render(_console())
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Output path (default: <stem>.<format>.onnx beside the input).")
+@click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), default="tt", show_default=True)
+@click.option("--rank", type=int, default=None, help="Rank cap (default 8 when no rank rule is given).")
+@click.option("--tol", type=float, default=None, help="Relative Frobenius error allowed per layer.")
+@click.option("--ratio", type=float, default=None, help="Parameter reduction per layer, e.g. 10.")
+@click.option("--modes", default=None, metavar="IN,OUT", help="Tensorization override, e.g. 8x8x6,4x8x12.")
+@click.option("--order", type=int, default=None, help="Number of cores per dense layer (default: automatic).")
+@click.option("--emit", type=click.Choice(api.EMIT_MODES), default="matmul", show_default=True)
+@click.option("--ops", default="MatMul,Gemm,Conv", show_default=True, help="Op types to rewrite.")
+@click.option("--include", default=None, help="Regex: only nodes whose name matches.")
+@click.option("--exclude", default=None, help="Regex: skip nodes whose name matches.")
+@click.option("--min-params", type=int, default=0, show_default=True, help="Skip smaller weights.")
+@click.option("--force", is_flag=True, help="Rewrite layers even where nothing is saved.")
+@click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with the original.")
+@input_options
+@threshold_options
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@handles_errors
+def rewrite(model, output, fmt, rank, tol, ratio, modes, order, emit, ops, include, exclude, min_params, force,
+            validate, inputs, shapes, batch, atol, rtol, min_cosine, report_path):
+    """Rewrite MODEL's layers in a factorised format, validate, and save."""
+    source = Path(model)
+    target = Path(output) if output else source.with_name(f"{source.stem}.{fmt}.onnx")
+    same = target.resolve() == source.resolve() or (
+        source.exists() and target.exists() and os.path.samefile(source, target))
+    if same:
+        raise TnonnxError(f"output '{target}' is the input model; choose another path with -o")
+    new, report = api.rewrite(
+        model, format=fmt, rank=rank, tol=tol, ratio=ratio, modes=modes, order=order, emit=emit, batch=batch,
+        ops=[o.strip() for o in ops.split(",") if o.strip()], include=include, exclude=exclude,
+        min_params=min_params, force=force, validate=validate, inputs=inputs,
+        shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine, progress=True)
+    api.save(new, target)
+    report.output_path = str(target)
+    report.render(_console())
+    click.echo(f"wrote {target}")
+    if report_path:
+        report.write_json(report_path)
+    if report.validation is not None and not report.validation.ok:
+        sys.exit(1)
+
+
+@main.command("validate")
+@click.argument("reference", type=click.Path())
+@click.argument("candidate", type=click.Path())
+@input_options
+@threshold_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random feeds.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
+@handles_errors
+def validate_cmd(reference, candidate, inputs, shapes, batch, atol, rtol, min_cosine, seed, json_path):
+    """Run REFERENCE and CANDIDATE on the same feeds and compare; exit 1 on mismatch.
+
+    With no threshold given, --min-cosine 0.99 applies."""
+    if atol is None and rtol is None and min_cosine is None:
+        min_cosine = 0.99
+    result = validation.validate(reference, candidate, inputs=inputs, shapes=calibrate.parse_shapes(shapes),
+                                 batch=batch, seed=seed, atol=atol, rtol=rtol, min_cosine=min_cosine)
+    render_validation(result, _console())
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+    if not result.ok:
+        sys.exit(1)
+
+
+@main.command("bench")
+@click.argument("reference", type=click.Path())
+@click.argument("candidate", type=click.Path())
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS")
+@click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's).")
+@click.option("--repeats", type=int, default=50, show_default=True)
+@click.option("--warmup", type=int, default=10, show_default=True)
+@handles_errors
+def bench_cmd(reference, candidate, batch, shapes, threads, repeats, warmup):
+    """Latency of two models side by side on the same random feeds."""
+    result = bench.compare(reference, candidate, batch=batch, shapes=calibrate.parse_shapes(shapes),
+                           threads=threads, warmup=warmup, repeats=repeats)
+    console = _console()
+    for key in ("reference", "candidate"):
+        r = result[key]
+        console.print(f"{key:9s} p50 {r['p50_ms']:.3f} ms  p90 {r['p90_ms']:.3f} ms  mean {r['mean_ms']:.3f} ms "
+                      f"({r['runs']} runs, batch {batch})")
+    console.print(f"speed-up (p50): {result['speedup']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Errors the user caused. The CLI prints them as one line and exits with code 2."""
+
+
+class TnonnxError(Exception):
+    """Bad usage or bad input: a message meant for the user, never a traceback."""
+
+    exit_code = 2
+
+
+class ValidationFailed(Exception):
+    """Two models disagree beyond the requested thresholds (exit code 1)."""
+
+    exit_code = 1

@@ -1,0 +1,10 @@
+"""The format registry: adding a format means one module here and one line below."""
+
+from types import ModuleType
+
+from . import svd, tt
+from .base import ChainFactorization, ConvFactorization, ConvGeometry, Factorization, RankSpec
+
+FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (svd, tt)}
+
+__all__ = ["FORMATS", "ChainFactorization", "ConvFactorization", "ConvGeometry", "Factorization", "RankSpec"]

@@ -1,0 +1,226 @@
+"""What every format provides, and the shared machinery of chain and conv formats.
+
+A format fits a dense weight (`y = x W`, W of shape N x M) or a conv kernel (T x S x k...)
+and returns a Factorization that knows its parameters, its MACs, how to rebuild the dense
+weight (for tests and error measurement), how to emit its ONNX subgraph, and the torch
+module computing the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..emit import Builder, Chain, NumpyOps, conv_node, emit_chain, emit_chain_einsum, run_chain
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """How to choose ranks: a cap, a relative Frobenius tolerance, or a compression ratio."""
+
+    rank: int | None = None
+    tol: float | None = None
+    ratio: float | None = None
+
+    def describe(self) -> str:
+        if self.tol is not None:
+            return f"tol {self.tol:g}"
+        if self.ratio is not None:
+            return f"ratio {self.ratio:g}x"
+        return f"rank {self.rank}"
+
+
+@dataclass
+class ConvGeometry:
+    """The conv attributes a factorised conv must keep on its spatial stage."""
+
+    kernel: tuple[int, ...]
+    attrs: dict  # strides, pads, dilations, auto_pad as found on the node
+    in_spatial: tuple[int, ...] | None = None  # per-sample spatial sizes, when known
+    out_spatial: tuple[int, ...] | None = None
+
+    def pointwise_attrs(self) -> dict:
+        return {"kernel_shape": [1] * len(self.kernel)}
+
+    def spatial_attrs(self) -> dict:
+        return dict(self.attrs, kernel_shape=list(self.kernel))
+
+
+class Factorization:
+    format: str
+    cores: dict[str, np.ndarray]
+    ranks: tuple[int, ...]
+
+    def params(self) -> int:
+        return int(sum(c.size for c in self.cores.values()))
+
+    def to_dense(self) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def relative_error(self, weight: np.ndarray) -> float:
+        return float(np.linalg.norm(weight - self.to_dense()) / max(np.linalg.norm(weight), 1e-300))
+
+
+# ---------------------------------------------------------------------- dense (chains)
+
+
+@dataclass
+class ChainFactorization(Factorization):
+    """A dense layer evaluated as a chain of cores (svd, tt, and later tr/ht/...)."""
+
+    format: str
+    chain: Chain
+    cores: dict[str, np.ndarray]
+    ranks: tuple[int, ...]
+    modes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    def to_dense(self) -> np.ndarray:
+        eye = np.eye(self.chain.in_features)
+        return run_chain(NumpyOps(batch_rank=1), eye, self.chain, self.cores)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return run_chain(NumpyOps(batch_rank=x.ndim - 1), x, self.chain, self.cores)
+
+    def macs(self, rows: int) -> int:
+        return rows * self.chain.macs_per_row()
+
+    def emit(self, builder: Builder, x: str, batch_rank: int) -> str:
+        return emit_chain(builder, x, self.chain, self.cores, batch_rank)
+
+    def emit_einsum(self, builder: Builder, x: str, batch_rank: int) -> str:
+        return emit_chain_einsum(builder, x, self.chain, self.cores, batch_rank)
+
+    def torch_module(self):
+        from ..nn.modules import ChainLinear
+
+        return ChainLinear(self.chain, self.cores)
+
+
+# ---------------------------------------------------------------------- conv (stages)
+
+
+@dataclass
+class ConvStage:
+    """One Conv of a factorised conv: its weight is built from some cores (in numpy for
+    fitting and torch, offline for ONNX) and it is either pointwise or the spatial stage."""
+
+    build: object  # callable(cores dict) -> weight (out, in, *kernel); numpy or torch alike
+    spatial: bool
+    # keys of a train of 3-way cores whose merge, reshaped, is the weight: the ONNX graph
+    # then stores whichever is smaller, the cores (merged in-graph, folded at load) or the weight
+    train: tuple[str, ...] = ()
+
+
+@dataclass
+class ConvFactorization(Factorization):
+    format: str
+    stages: list[ConvStage]
+    cores: dict[str, np.ndarray]
+    ranks: tuple[int, ...]
+    kernel: tuple[int, ...] = ()
+    channels: tuple[int, int] = (0, 0)  # (T out, S in)
+
+    def params(self) -> int:
+        """What the emitted graph stores (see ConvStage.train)."""
+        return sum(self._stored_size(stage, w) for stage, w in zip(self.stages, self.stage_weights()))
+
+    def _stored_size(self, stage: ConvStage, weight: np.ndarray) -> int:
+        if stage.train:
+            return min(weight.size, sum(self.cores[k].size for k in stage.train))
+        return weight.size
+
+    def stage_weights(self, cores: dict | None = None) -> list:
+        return [stage.build(self.cores if cores is None else cores) for stage in self.stages]
+
+    def to_dense(self) -> np.ndarray:
+        """Compose the stages into one T x S x k kernel (pointwise stages are matrices)."""
+        weights = self.stage_weights()
+        out = None
+        for w, stage in zip(weights, self.stages):
+            if stage.spatial:
+                out = w if out is None else np.einsum("os...,si->oi...", w, out)
+            else:
+                m = w.reshape(w.shape[0], w.shape[1])
+                if out is None:
+                    out = m
+                elif out.ndim == 2:
+                    out = m @ out
+                else:
+                    out = np.einsum("os,si...->oi...", m, out)
+        return out
+
+    def macs(self, geometry: ConvGeometry) -> int:
+        """Per sample. Stages before the spatial one run at input resolution."""
+        in_px = math.prod(geometry.in_spatial or ())
+        out_px = math.prod(geometry.out_spatial or ())
+        total, seen_spatial = 0, False
+        for w, stage in zip(self.stage_weights(), self.stages):
+            if stage.spatial:
+                seen_spatial = True
+                total += out_px * w.shape[0] * w.shape[1] * math.prod(w.shape[2:])
+            else:
+                total += (out_px if seen_spatial else in_px) * w.shape[0] * w.shape[1]
+        return total
+
+    def emit(self, builder: Builder, x: str, geometry: ConvGeometry, bias: np.ndarray | None, output: str) -> str:
+        """Conv nodes in both emission modes: ONNX Runtime's Conv beats any Einsum form."""
+        weights = self.stage_weights()
+        for i, (w, stage) in enumerate(zip(weights, self.stages)):
+            last = i == len(self.stages) - 1
+            attrs = geometry.spatial_attrs() if stage.spatial else geometry.pointwise_attrs()
+            if stage.train and self._stored_size(stage, w) < w.size:
+                w = self._merge_in_graph(builder, stage.train, w.shape)
+            x = conv_node(builder, x, w, "conv", bias=bias if last else None, attrs=attrs,
+                          output=output if last else None)
+        return x
+
+    def _merge_in_graph(self, builder: Builder, keys: tuple[str, ...], shape) -> str:
+        """MatMuls over the train's cores (initializers only: ONNX Runtime folds them)."""
+        first = self.cores[keys[0]]
+        merged = builder.weight(first.reshape(-1, first.shape[2]), "core")
+        for key in keys[1:]:
+            core = self.cores[key]
+            merged = builder.op("MatMul", [merged, builder.weight(core.reshape(core.shape[0], -1), "core")], "merge")
+            merged = builder.op("Reshape", [merged, builder.int64s([-1, core.shape[2]])], "merge")
+        return builder.op("Reshape", [merged, builder.int64s(list(shape))], "merge")
+
+    def torch_module(self, geometry: ConvGeometry, bias: np.ndarray | None = None):
+        from ..nn.modules import StagedConv
+
+        return StagedConv(self, geometry, bias)
+
+
+def pointwise(matrix: np.ndarray, spatial_rank: int):
+    """A (out, in) matrix as a 1x1(x1) conv weight."""
+    return matrix.reshape(matrix.shape + (1,) * spatial_rank)
+
+
+def truncation_rank(s: np.ndarray, *, cap: int | None = None, delta: float = 0.0) -> int:
+    """Smallest rank whose discarded singular values have energy <= delta^2 (delta = 0:
+    the numerical rank), then capped at `cap`; at least 1."""
+    if s.size == 0:
+        return 1
+    if delta > 0:
+        tail = np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]])  # tail[r] = sum_{i>=r} s_i^2
+        r = int(np.argmax(tail <= delta**2))
+    else:
+        r = int(np.count_nonzero(s > s[0] * 1e-13))
+    if cap is not None:
+        r = min(r, cap)
+    return max(1, r)
+
+
+def permute(t, perm):
+    """Axis permutation for numpy arrays and torch tensors alike."""
+    return t.permute(*perm) if hasattr(t, "permute") else np.transpose(t, perm)
+
+
+def merge_train(cores: list):
+    """Contract a train of 3-way cores (r0, n_i, r1) into (r0, prod n_i, r_last)."""
+    out = cores[0]
+    for core in cores[1:]:
+        r0, n, r = out.shape
+        out = (out.reshape(r0 * n, r) @ core.reshape(r, -1)).reshape(r0, n * core.shape[1], core.shape[2])
+    return out

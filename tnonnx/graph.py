@@ -1,0 +1,368 @@
+"""Finding the layers to rewrite and putting their replacements in place.
+
+A Layer is a MatMul/Gemm/Conv node with everything needed to factorise it: the weight in
+a canonical form (dense: N x M acting as y = x W; conv: T x S x k...), where it came
+from, and how the node uses it. Weights are found as initializers or Constant nodes,
+through Identity/Cast/Transpose, in the node's own graph or an enclosing one (If/Loop
+bodies may use outer-scope initializers). Nodes that cannot be rewritten become Layers
+with a `reason`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .formats.base import ConvGeometry
+
+CANDIDATE_OPS = ("MatMul", "Gemm", "Conv")
+QUANTIZED_OPS = ("MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul")
+OTHER_LINEAR_OPS = ("ConvTranspose", "Einsum")
+FLOAT_TYPES = (np.float16, np.float32, np.float64)
+PASS_THROUGH = ("Identity", "Cast", "Transpose")
+
+
+@dataclass
+class Layer:
+    name: str
+    op_type: str
+    node: onnx.NodeProto
+    graph: onnx.GraphProto
+    kind: str = ""  # "dense" or "conv" when rewritable
+    reason: str | None = None
+    weight: np.ndarray | None = None  # canonical float64 weight
+    weight_key: str = ""  # equal for layers that share one weight (factorised once)
+    store_dtype: np.dtype | None = None  # dtype of the constant the weight is stored as
+    compute_dtype: np.dtype | None = None  # dtype the node computes in
+    x: str = ""  # activation input
+    x_shape: list | None = None
+    side: str = "right"  # dense: "left" when the node computes W @ x
+    trans_x: bool = False  # Gemm transA
+    bias: np.ndarray | None = None  # constant bias, already scaled by Gemm's beta
+    bias_input: str | None = None  # computed Gemm C
+    beta: float = 1.0
+    geometry: ConvGeometry | None = None
+    weight_path: list[str] = field(default_factory=list)  # tensors between the constant and the node
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape) if self.weight is not None else ()
+
+    @property
+    def params(self) -> int:
+        return int(self.weight.size) if self.weight is not None else 0
+
+    @property
+    def batch_rank(self) -> int:
+        """Leading axes of x carried through a dense chain."""
+        return len(self.x_shape) - 1 if self.x_shape is not None else 1
+
+
+class Scope:
+    """Constants and producers visible from one graph (its own, then its parents')."""
+
+    def __init__(self, graph: onnx.GraphProto, parent: "Scope | None" = None):
+        self.graph, self.parent = graph, parent
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.producers = {o: n for n in graph.node for o in n.output}
+        self.inputs = {i.name for i in graph.input} - set(self.initializers)
+
+    def resolve(self, name: str):
+        """(array, stored dtype, path of tensor names) if `name` is constant, "quantized" if it
+        comes from DequantizeLinear, else None."""
+        scope = self
+        while scope is not None:
+            if name in scope.inputs:
+                return None
+            if name in scope.initializers:
+                arr = numpy_helper.to_array(scope.initializers[name])
+                return arr, arr.dtype, [name]
+            node = scope.producers.get(name)
+            if node is not None:
+                return scope._through(node, name)
+            scope = scope.parent
+        return None
+
+    def _through(self, node: onnx.NodeProto, name: str):
+        if node.op_type == "Constant":
+            arr = _constant_value(node)
+            return None if arr is None else (arr, arr.dtype, [name])
+        if node.op_type == "DequantizeLinear":
+            return "quantized"
+        if node.op_type not in PASS_THROUGH or node.domain not in ("", "ai.onnx"):
+            return None
+        found = self.resolve(node.input[0])
+        if not isinstance(found, tuple):
+            return found
+        arr, stored, path = found
+        if node.op_type == "Cast":
+            to = onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "to"))
+            arr = arr.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        elif node.op_type == "Transpose":
+            perm = _attr(node, "perm", None)
+            arr = np.transpose(arr, perm)
+        return arr, stored, path + [name]
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name in ("value_float", "value_floats"):
+            return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.float32)
+        if a.name in ("value_int", "value_ints"):
+            return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.int64)
+    return None
+
+
+def subgraphs(node: onnx.NodeProto):
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(a.graphs):
+                yield f"{a.name}[{i}]", g
+
+
+def value_shapes(model: onnx.ModelProto, needed: set[str] = frozenset()) -> dict[str, list]:
+    """Shapes known after onnx shape inference (dims are ints, names or None). Where a
+    `needed` tensor is left without one (old-opset Shape->Concat->Reshape patterns defeat
+    onnx's inference), ONNX Runtime's symbolic shape inference fills it in, run on the
+    model's inputs made concrete."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        inferred = model
+    shapes: dict[str, list] = {}
+    for graph in _all_graphs(inferred.graph):
+        for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                   for d in t.shape.dim]
+    for t in model.graph.initializer:
+        shapes.setdefault(t.name, list(t.dims))
+    if any(n not in shapes for n in needed):
+        from . import calibrate, macs
+
+        for name, shape in macs.symbolic_shapes(model, calibrate.concrete_shapes(model)).items():
+            shapes.setdefault(name, list(shape))
+    return shapes
+
+
+def find_layers(model: onnx.ModelProto) -> list[Layer]:
+    """Every MatMul/Gemm/Conv (and quantized or unsupported linear op) in the model, named
+    as tnonnx.macs names nodes (so per-node costs line up)."""
+    from .macs import iter_nodes
+
+    nodes = list(iter_nodes(model))
+    shapes = value_shapes(model, {n.input[0] for _, n, _ in nodes if n.op_type in CANDIDATE_OPS and n.input})
+    scopes: dict[int, Scope] = {}
+
+    def scope_of(chain) -> Scope:
+        parent = None
+        for graph in chain:
+            if id(graph) not in scopes:
+                scopes[id(graph)] = Scope(graph, parent)
+            parent = scopes[id(graph)]
+        return parent
+
+    layers: list[Layer] = []
+    for name, node, chain in nodes:
+        if node.domain not in ("", "ai.onnx", "com.microsoft"):
+            continue
+        graph = chain[-1]
+        if node.op_type in QUANTIZED_OPS:
+            layers.append(Layer(name, node.op_type, node, graph, reason="already quantized"))
+        elif node.op_type in OTHER_LINEAR_OPS:
+            layers.append(Layer(name, node.op_type, node, graph, reason=f"{node.op_type} is not rewritten yet"))
+        elif node.op_type in CANDIDATE_OPS and node.domain in ("", "ai.onnx"):
+            layer = Layer(name, node.op_type, node, graph)
+            _describe(layer, scope_of(chain), shapes)
+            layers.append(layer)
+    return layers
+
+
+def _describe(layer: Layer, scope: Scope, shapes: dict) -> None:
+    node = layer.node
+    consts = [scope.resolve(n) if n else None for n in node.input]
+    if any(c == "quantized" for c in consts[:2]):
+        layer.reason = "weight is quantized (DequantizeLinear)"
+        return
+    if node.op_type == "Conv":
+        _describe_conv(layer, consts, shapes)
+    else:
+        _describe_dense(layer, consts, shapes)
+    if layer.weight is not None and layer.reason is None:
+        if np.dtype(layer.compute_dtype) not in [np.dtype(t) for t in FLOAT_TYPES]:
+            layer.reason = f"weight dtype {layer.compute_dtype} is not float16/32/64"
+        elif min(layer.weight.shape[:2]) < 2:
+            layer.reason = "weight has a dimension of size 1"
+
+
+def _set_weight(layer: Layer, found, weight: np.ndarray, signature: str) -> None:
+    _, stored, path = found
+    layer.compute_dtype = weight.dtype
+    layer.store_dtype = stored if np.dtype(stored) in [np.dtype(t) for t in FLOAT_TYPES] else weight.dtype
+    layer.weight = weight.astype(np.float64) if weight.dtype.kind == "f" else weight
+    layer.weight_path = path
+    digest = hashlib.sha1(np.ascontiguousarray(weight).tobytes()).hexdigest()[:16]
+    layer.weight_key = f"{signature}:{weight.shape}:{digest}"
+
+
+def _describe_dense(layer: Layer, consts, shapes) -> None:
+    node = layer.node
+    a, b = consts[0], consts[1]
+    if layer.op_type == "Gemm":
+        alpha, beta = _attr(node, "alpha", 1.0), _attr(node, "beta", 1.0)
+        if not isinstance(b, tuple):
+            layer.reason = "no constant weight (Gemm's B is computed)"
+            return
+        w = b[0].T if _attr(node, "transB", 0) else b[0]
+        _set_weight(layer, b, (w * alpha).astype(w.dtype) if alpha != 1.0 else w, "dense")
+        layer.x, layer.trans_x = node.input[0], bool(_attr(node, "transA", 0))
+        layer.x_shape = [None, None]
+        if len(node.input) > 2 and node.input[2]:
+            c = consts[2]
+            if isinstance(c, tuple):
+                layer.bias = c[0].astype(np.float64) * beta
+            else:
+                layer.bias_input, layer.beta = node.input[2], beta
+        layer.kind = "dense"
+        return
+    # MatMul
+    if isinstance(b, tuple):
+        w, found, x, side = b[0], b, node.input[0], "right"
+    elif isinstance(a, tuple):
+        w, found, x, side = a[0], a, node.input[1], "left"
+    else:
+        layer.reason = "no constant weight: both inputs are computed (e.g. attention)"
+        return
+    if w.ndim != 2:
+        layer.reason = f"constant operand is {w.ndim}-D, not a 2-D weight"
+        return
+    layer.x, layer.x_shape = x, shapes.get(x)
+    if layer.x_shape is None:
+        layer.reason = "rank of the activation is unknown (shape inference failed)"
+        return
+    if side == "left" and len(layer.x_shape) == 1:
+        side = "right"  # W @ x with 1-D x is x @ W^T
+    layer.side = side
+    _set_weight(layer, found, w if side == "right" else w.T, f"dense-{side}")
+    layer.kind = "dense"
+
+
+def _describe_conv(layer: Layer, consts, shapes) -> None:
+    node = layer.node
+    found = consts[1]
+    if not isinstance(found, tuple):
+        layer.reason = "conv weight is computed, not constant"
+        return
+    group = _attr(node, "group", 1)
+    if group != 1:
+        kind = "depthwise" if found[0].shape[1] == 1 else "grouped"
+        layer.reason = f"{kind} conv (group={group}) is not rewritten yet"
+        return
+    if len(node.input) > 2 and node.input[2]:
+        if not isinstance(consts[2], tuple):
+            layer.reason = "conv bias is computed, not constant"
+            return
+        layer.bias = consts[2][0].astype(np.float64)
+    _set_weight(layer, found, found[0], "conv")
+    layer.x = node.input[0]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
+             if a.name in ("strides", "pads", "dilations", "auto_pad")}
+    if isinstance(attrs.get("auto_pad"), bytes):
+        attrs["auto_pad"] = attrs["auto_pad"].decode()
+    in_shape, out_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
+    spatial = lambda s: tuple(s[2:]) if s and all(isinstance(v, int) and v > 0 for v in s[2:]) else None
+    layer.geometry = ConvGeometry(tuple(found[0].shape[2:]), attrs, spatial(in_shape), spatial(out_shape))
+    layer.x_shape = in_shape
+    layer.kind = "conv"
+
+
+# ----------------------------------------------------------------------- replacement
+
+
+def replace_nodes(model: onnx.ModelProto, replacements: dict[int, tuple[onnx.GraphProto, list, list]],
+                  layers: list[Layer]) -> None:
+    """Swap each replaced node (keyed by id(node)) for its new nodes, in place and order;
+    new initializers go to the main graph (visible from every subgraph). Then remove the
+    weight constants and pass-through nodes that nothing uses any more."""
+    by_graph: dict[int, tuple[onnx.GraphProto, dict]] = {}
+    for key, (graph, nodes, inits) in replacements.items():
+        by_graph.setdefault(id(graph), (graph, {}))[1][key] = nodes
+        model.graph.initializer.extend(inits)
+    for graph, table in by_graph.values():
+        new_nodes = []
+        for node in graph.node:
+            new_nodes.extend(table.get(id(node), [node]))
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+    orphans = {t for layer in layers if id(layer.node) in replacements for t in layer.weight_path}
+    _remove_unused(model.graph, orphans)
+
+
+def _used_names(graph: onnx.GraphProto, acc: set) -> set:
+    for n in graph.node:
+        acc.update(n.input)
+        for _, g in subgraphs(n):
+            _used_names(g, acc)
+            acc.update(o.name for o in g.output)
+    acc.update(o.name for o in graph.output)
+    return acc
+
+
+def _remove_unused(root: onnx.GraphProto, candidates: set[str]) -> None:
+    """Drop initializers and nodes producing only `candidates` tensors once unused."""
+    while True:
+        used = _used_names(root, set())
+        dead = {c for c in candidates if c not in used}
+        if not dead:
+            return
+        changed = False
+        for graph in _all_graphs(root):
+            keep = [t for t in graph.initializer if t.name not in dead]
+            if len(keep) != len(graph.initializer):
+                del graph.initializer[:]
+                graph.initializer.extend(keep)
+                changed = True
+            nodes = [n for n in graph.node if not (n.output and all(o in dead for o in n.output))]
+            if len(nodes) != len(graph.node):
+                del graph.node[:]
+                graph.node.extend(nodes)
+                changed = True
+            vis = [v for v in graph.value_info if v.name not in dead]
+            if len(vis) != len(graph.value_info):
+                del graph.value_info[:]
+                graph.value_info.extend(vis)
+        candidates = candidates - dead
+        if not changed:
+            return
+
+
+def _all_graphs(graph: onnx.GraphProto):
+    yield graph
+    for n in graph.node:
+        for _, g in subgraphs(n):
+            yield from _all_graphs(g)
+
+
+def rows_per_sample(layer: Layer) -> int:
+    """How many vectors a dense layer multiplies per sample (sequence length, etc.)."""
+    if not layer.x_shape or len(layer.x_shape) < 2:
+        return 1
+    dims = layer.x_shape[1:-1]
+    return math.prod(d if isinstance(d, int) and d > 0 else 1 for d in dims)

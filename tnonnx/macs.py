@@ -1,0 +1,369 @@
+"""Parameters and multiply-accumulates (MACs) of an ONNX model, counted by tnonnx itself
+(onnxsim counts Einsum as 0 MACs; onnx-tool crashes on multi-operand Einsum).
+
+MACs per run at the given input shapes:
+- MatMul (numpy semantics: 1-D operands, broadcast batch dims): prod(batch) * M * K * N;
+  MatMulInteger and QLinearMatMul alike. Gemm: M * K * N (the bias add is no MAC).
+- Conv (also ConvInteger, QLinearConv): N * C_out * prod(out spatial) * C_in/group *
+  prod(kernel). ConvTranspose: N * C_in * prod(in spatial) * C_out/group * prod(kernel).
+- Einsum, any number of operands, implicit output and ``...`` included: evaluated pairwise
+  left to right, each step costing the product of the sizes of all distinct indices of its
+  two operands (a one-operand Einsum costs 0). That is the order the graph states, not
+  necessarily the cheapest.
+- Everything else costs 0: elementwise ops, reductions, pooling, normalisation and softmax
+  do adds, compares or divides, not multiply-accumulates. Ops of other domains cost 0
+  unless a counter is registered in ``COUNTERS``.
+- Nodes ONNX Runtime constant-folds at session load (deterministic, ONNX or com.microsoft
+  domain, no subgraph, all inputs from initializers or Constant nodes, transitively) cost
+  0 and stay in ``per_node`` with 0: a layer that rebuilds its weight from cores in-graph
+  is free at run time. (ORT also folds Shape of static tensors; not modelled, and it only
+  reaches nodes that cost 0 here.)
+- Nodes inside If/Loop/Scan bodies count once each: both If branches, one iteration of a
+  Loop or Scan (trip counts are not known statically).
+
+Shapes: graph inputs are fixed to ``input_shapes`` and ``onnx.shape_inference`` runs with
+data propagation; if a MAC op still lacks a shape, ONNX Runtime's SymbolicShapeInference
+is tried; a node whose shape is still unknown goes to ``ModelCost.unknown`` (and not into
+``per_node`` or ``total``) rather than being guessed.
+
+``params``: elements of every float-typed initializer or Constant tensor (float16/bfloat16/
+float/double/float8...), subgraphs included; integer tensors are shapes or indices, so the
+int8 weights of a quantized model are not counted. ``param_bytes``: storage of every
+initializer and Constant tensor, any dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, TensorProto
+
+from tnonnx.errors import TnonnxError
+
+Shape = tuple[int, ...] | None  # None: unknown rank or a symbolic dimension
+
+_FLOATS = {v for k, v in TensorProto.DataType.items() if k.startswith(("FLOAT", "BFLOAT", "DOUBLE"))}
+_NONDETERMINISTIC = {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike",
+                     "Multinomial", "Bernoulli"}
+_FOLDABLE_DOMAINS = {"", "ai.onnx", "com.microsoft"}
+_STRIP_ABOVE = 64  # float tensors larger than this lose their data in the shape-inference copy
+
+
+@dataclass
+class ModelCost:
+    """``per_node``: node key (see ``iter_nodes``) -> MACs, every node whose cost is known;
+    ``total``: their sum; ``unknown``: keys of MAC ops left out for lack of shapes."""
+
+    per_node: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+    unknown: list[str] = field(default_factory=list)
+    params: int = 0
+    param_bytes: int = 0
+
+
+def macs_of(cost: ModelCost, names: Iterable[str]) -> int:
+    """Sum of ``per_node`` over ``names``; KeyError for a name not counted (or unknown)."""
+    return sum(cost.per_node[n] for n in names)
+
+
+# ---------------------------------------------------------------- per-op counters
+# A counter gets the node, its input shapes and its output shapes (None where unknown)
+# and returns MACs, or None when a shape it needs is unknown.
+
+def _matmul(a: Shape, b: Shape) -> int | None:
+    if a is None or b is None or not a or not b:
+        return None
+    a2 = (1, a[0]) if len(a) == 1 else a
+    b2 = (b[0], 1) if len(b) == 1 else b
+    batch = np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2]))
+    return math.prod(batch) * a2[-2] * a2[-1] * b2[-1]
+
+
+def _gemm(node, ins, outs):
+    a, b = ins[0], ins[1]
+    if a is None or b is None or len(a) != 2 or len(b) != 2:
+        return None
+    (m, k) = a[::-1] if _attr(node, "transA", 0) else a
+    n = b[0] if _attr(node, "transB", 0) else b[1]
+    return m * k * n
+
+
+def _conv(w_idx: int):
+    def count(node, ins, outs):
+        y, w = outs[0], ins[w_idx]  # N C_out out... * C_in/g kernel...
+        return None if y is None or w is None else math.prod(y) * math.prod(w[1:])
+    return count
+
+
+def _conv_transpose(node, ins, outs):
+    x, w = ins[0], ins[1]  # N C_in in... * C_out/g kernel...
+    return None if x is None or w is None else math.prod(x) * math.prod(w[1:])
+
+
+def _einsum(node, ins, outs):
+    if any(s is None for s in ins):
+        return None
+    eq = _attr(node, "equation", b"").decode().replace(" ", "")
+    lhs, _, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    n_ell = max((len(s) - (len(t) - 3) for t, s in zip(terms, ins) if "..." in t), default=0)
+    labels, sizes = [], {}
+    for term, shape in zip(terms, ins):
+        head, dots, tail = term.partition("...")
+        k = len(shape) - len(head) - len(tail) if dots else 0
+        labs = list(head) + [n_ell - k + i for i in range(k)] + list(tail)  # ... right-aligned
+        if len(labs) != len(shape):
+            return None
+        for lab, d in zip(labs, shape):
+            sizes[lab] = d if sizes.get(lab, 1) == 1 else sizes[lab]  # 1 broadcasts
+        labels.append(set(labs))
+    if "->" in eq:
+        out = set(rhs.replace("...", "")) | (set(range(n_ell)) if "..." in rhs else set())
+    else:
+        letters = [c for t in terms for c in t.replace("...", "")]
+        out = {c for c in letters if letters.count(c) == 1} | set(range(n_ell))
+    macs, cur = 0, labels[0]
+    for k in range(1, len(labels)):
+        union = cur | labels[k]
+        macs += math.prod(sizes[lab] for lab in union)
+        cur = union & (out.union(*labels[k + 1:]))
+    return macs
+
+
+COUNTERS: dict[tuple[str, str], Callable] = {
+    ("", "MatMul"): lambda node, ins, outs: _matmul(ins[0], ins[1]),
+    ("", "MatMulInteger"): lambda node, ins, outs: _matmul(ins[0], ins[1]),
+    ("", "QLinearMatMul"): lambda node, ins, outs: _matmul(ins[0], ins[3]),
+    ("", "Gemm"): _gemm,
+    ("", "Conv"): _conv(1),
+    ("", "ConvInteger"): _conv(1),
+    ("", "QLinearConv"): _conv(3),
+    ("", "ConvTranspose"): _conv_transpose,
+    ("", "Einsum"): _einsum,
+}
+"""(domain, op_type) -> counter; a module that emits a custom op registers its counter here."""
+
+
+# ---------------------------------------------------------------- model walking
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _subgraphs(node) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute
+            for g in ([a.g] if a.type == AttributeProto.GRAPH else
+                      list(a.graphs) if a.type == AttributeProto.GRAPHS else [])]
+
+
+def _walk(graph, chain=()) -> Iterator[tuple[onnx.NodeProto, tuple[onnx.GraphProto, ...]]]:
+    chain = chain + (graph,)
+    for node in graph.node:
+        yield node, chain
+        for g in _subgraphs(node):
+            yield from _walk(g, chain)
+
+
+def _graphs(graph) -> list[onnx.GraphProto]:
+    """``graph`` and all its subgraphs, at any depth."""
+    return [graph] + [g for node, _ in _walk(graph) for g in _subgraphs(node)]
+
+
+def iter_nodes(model: onnx.ModelProto):
+    """(key, node, graphs) for every node, subgraphs included (right after their owner).
+
+    ``key`` is the node's name, or ``<op_type>#<index>`` for an unnamed node (and
+    ``<name>#<index>`` for a repeated name), index counting nodes in this order;
+    ``graphs`` is the chain of graphs from the main graph to the one holding the node.
+    """
+    seen = set()
+    for i, (node, chain) in enumerate(_walk(model.graph)):
+        key = node.name if node.name and node.name not in seen else f"{node.name or node.op_type}#{i}"
+        seen.add(key)
+        yield key, node, chain
+
+
+def _shape(type_proto) -> Shape:
+    t = type_proto.tensor_type
+    if not type_proto.HasField("tensor_type") or not t.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return None if None in dims else tuple(dims)
+
+
+def _constant_tensor(node) -> TensorProto | None:
+    """The tensor a Constant node holds (a sparse one: its stored values)."""
+    for a in node.attribute:
+        if a.name == "value":
+            return a.t
+        if a.name == "sparse_value":
+            return a.sparse_tensor.values
+        if a.name.startswith("value_"):
+            kind = a.name[len("value_"):].rstrip("s")  # float, int, string
+            v = onnx.helper.get_attribute_value(a)
+            return onnx.numpy_helper.from_array(
+                np.asarray(v, {"float": np.float32, "int": np.int64}.get(kind, object)))
+    return None
+
+
+def _tensors(graph) -> Iterator[TensorProto]:
+    """Initializers and Constant tensors of ``graph`` (not of its subgraphs)."""
+    yield from graph.initializer
+    yield from (t.values for t in graph.sparse_initializer)
+    for node in graph.node:
+        if node.op_type == "Constant" and (t := _constant_tensor(node)) is not None:
+            yield t
+
+
+class _Scope:
+    """Shapes and constant values of one graph, falling back to the enclosing graph."""
+
+    def __init__(self, graph, parent: _Scope | None, fallback: dict[str, Shape]):
+        self.parent, self.fallback = parent, fallback
+        inputs = {i.name for i in graph.input}
+        inits = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+        self.const = inits - inputs
+        self.defined = inputs | inits
+        self.defined |= {o for n in graph.node for o in n.output}
+        self.shapes: dict[str, Shape] = {}
+        for vi in (*graph.input, *graph.output, *graph.value_info):
+            self.shapes[vi.name] = _shape(vi.type)
+        for t in graph.initializer:
+            self.shapes[t.name] = tuple(t.dims)
+
+    def shape(self, name: str) -> Shape:
+        s = self.shapes.get(name)
+        if s is None and name not in self.defined and self.parent is not None:
+            s = self.parent.shape(name)
+        return s if s is not None else self.fallback.get(name)
+
+    def is_const(self, name: str) -> bool:
+        if name == "" or name in self.const:
+            return True
+        return name not in self.defined and self.parent is not None and self.parent.is_const(name)
+
+
+def _foldable(node, scope: _Scope) -> bool:
+    return (node.domain in _FOLDABLE_DOMAINS and node.op_type not in _NONDETERMINISTIC
+            and not _subgraphs(node) and all(scope.is_const(i) for i in node.input))
+
+
+def _count_macs(model, fallback: dict[str, Shape], cost: ModelCost) -> list[str]:
+    """Fill cost.per_node; return the keys of MAC ops whose shapes are unknown."""
+    scopes: dict[int, _Scope] = {}
+    unknown = []
+    for key, node, chain in iter_nodes(model):
+        g = chain[-1]
+        if id(g) not in scopes:
+            scopes[id(g)] = _Scope(g, scopes[id(chain[-2])] if len(chain) > 1 else None, fallback)
+        scope = scopes[id(g)]
+        counter = COUNTERS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
+        if _foldable(node, scope):
+            scope.const.update(node.output)
+            cost.per_node[key] = 0
+        elif counter is None:
+            cost.per_node[key] = 0
+        else:
+            macs = counter(node, [scope.shape(i) for i in node.input],
+                           [scope.shape(o) for o in node.output])
+            if macs is None:
+                unknown.append(key)
+            else:
+                cost.per_node[key] = int(macs)
+    return unknown
+
+
+# ---------------------------------------------------------------- shape inference
+
+def _with_inputs(model, input_shapes, strip: bool) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inputs = {i.name: i for i in m.graph.input}
+    for name, dims in input_shapes.items():
+        if name not in inputs:
+            raise TnonnxError(f"input_shapes names {name!r}, which is not an input of the model "
+                              f"(inputs: {', '.join(inputs)})")
+        shape = inputs[name].type.tensor_type.shape
+        if len(shape.dim) not in (0, len(dims)):
+            raise TnonnxError(f"input {name!r} has rank {len(shape.dim)}, given shape {tuple(dims)}")
+        shape.ClearField("dim")
+        for d in dims:
+            shape.dim.add().dim_value = int(d)
+    if strip:  # shape inference needs only the dims of big float tensors; stays under 2 GB
+        for g in _graphs(m.graph):
+            for t in [*g.initializer, *(a.t for n in g.node for a in n.attribute if a.name == "value")]:
+                if t.data_type in _FLOATS and math.prod(t.dims) > _STRIP_ABOVE:
+                    for f in ("raw_data", "float_data", "double_data", "int32_data"):
+                        t.ClearField(f)
+    return m
+
+
+def symbolic_shapes(model, input_shapes) -> dict[str, Shape]:
+    """Shapes from ORT's symbolic shape inference, over all graphs; a name with two
+    different shapes (in two subgraphs) is dropped. Empty if the tool fails."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        inferred = SymbolicShapeInference.infer_shapes(
+            _with_inputs(model, input_shapes, strip=False), auto_merge=True)
+    except Exception:  # noqa: BLE001 - a fallback that fails leaves the nodes unknown
+        return {}
+    if inferred is None:
+        return {}
+    shapes: dict[str, Shape] = {}
+    clashes = set()
+    for g in _graphs(inferred.graph):
+        for vi in (*g.input, *g.output, *g.value_info):
+            s = _shape(vi.type)
+            if vi.name in shapes and shapes[vi.name] != s:
+                clashes.add(vi.name)
+            shapes[vi.name] = s
+    return {k: v for k, v in shapes.items() if k not in clashes and v is not None}
+
+
+# ---------------------------------------------------------------- entry point
+
+def count(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> ModelCost:
+    """Parameters and MACs of ``model`` run once on inputs of ``input_shapes``.
+
+    ``input_shapes`` maps graph input names to concrete shapes (the caller resolves
+    symbolic dimensions; inputs not named keep the shapes the model declares).
+    """
+    cost = ModelCost()
+    for g in _graphs(model.graph):
+        for t in _tensors(g):
+            n = math.prod(t.dims)
+            if t.data_type in _FLOATS:
+                cost.params += n
+            cost.param_bytes += _nbytes(t, n)
+
+    m = _with_inputs(model, input_shapes, strip=True)
+    for data_prop in (True, False):
+        try:
+            m = onnx.shape_inference.infer_shapes(m, data_prop=data_prop)
+            break
+        except Exception:  # noqa: BLE001 - a graph onnx rejects may still pass ORT's tool
+            pass
+    unknown = _count_macs(m, {}, cost)
+    if unknown:
+        cost.per_node.clear()
+        unknown = _count_macs(m, symbolic_shapes(model, input_shapes), cost)
+    cost.unknown = unknown
+    cost.total = sum(cost.per_node.values())
+    return cost
+
+
+def _nbytes(t: TensorProto, n: int) -> int:
+    if t.data_type == TensorProto.STRING:
+        return sum(len(s) for s in t.string_data)
+    name = TensorProto.DataType.Name(t.data_type)  # sub-byte types are packed
+    bits = {"INT4": 4, "INT2": 2, "E2M1": 4, "E2M3": 6, "E3M2": 6}.get(name[-4:])
+    if bits:
+        return (n * bits + 7) // 8
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize

@@ -1,0 +1,163 @@
+"""Loading and saving models: external data, IR/opset normalisation, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from .errors import TnonnxError
+
+# The newest IR version / default-domain opset the installed onnxruntime loads.
+# onnx may write newer ones by default; the runtime refuses those (see ENVIRONMENT.md).
+_ORT_LIMITS = {
+    # onnxruntime minor version -> (max IR, max opset)
+    (1, 31): (13, 26), (1, 30): (13, 25), (1, 29): (13, 25), (1, 28): (11, 24),
+    (1, 27): (11, 23), (1, 26): (11, 23), (1, 25): (11, 23), (1, 24): (11, 23),
+    (1, 23): (11, 23), (1, 22): (11, 22), (1, 21): (10, 22), (1, 20): (10, 21),
+    (1, 19): (10, 21), (1, 18): (10, 21),
+}
+MIN_OPSET = 7
+_TWO_GB = 2**31
+
+
+def runtime_limits() -> tuple[int, int]:
+    """(max IR version, max default-domain opset) of the installed onnxruntime."""
+    major, minor = (int(p) for p in ort.__version__.split(".")[:2])
+    if (major, minor) in _ORT_LIMITS:
+        return _ORT_LIMITS[(major, minor)]
+    if (major, minor) > max(_ORT_LIMITS):
+        return _ORT_LIMITS[max(_ORT_LIMITS)]
+    return _ORT_LIMITS[min(_ORT_LIMITS)]
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def load(source, *, what: str = "model") -> onnx.ModelProto:
+    """Load a model from a path or return a copy of a ModelProto, external data included.
+
+    Raises TnonnxError with one clear line for anything a user can get wrong.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = _copy(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise TnonnxError(f"{what} '{path}': no such file")
+        if path.is_dir():
+            raise TnonnxError(f"{what} '{path}': is a directory, not an ONNX file")
+        if path.stat().st_size == 0:
+            raise TnonnxError(f"{what} '{path}': file is empty")
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf raises DecodeError and friends
+            raise TnonnxError(f"{what} '{path}': not an ONNX model or truncated ({_short(exc)})") from None
+        if not model.graph.node and not model.graph.output:
+            raise TnonnxError(f"{what} '{path}': not an ONNX model (no graph found)")
+        if _uses_external_data(model):
+            try:
+                onnx.load_external_data_for_model(model, str(path.parent))
+            except Exception as exc:
+                raise TnonnxError(f"{what} '{path}': cannot read its external data ({_short(exc)})") from None
+            model.metadata_props.add(key="tnonnx.external_data", value="1")
+    check_supported(model, what)
+    return model
+
+
+def check_supported(model: onnx.ModelProto, what: str = "model") -> None:
+    opset = default_opset(model)
+    if not model.graph.node:
+        raise TnonnxError(f"{what}: graph has no nodes")
+    if opset == 0 and model.graph.node:
+        raise TnonnxError(f"{what}: no default-domain opset import")
+    _, max_opset = runtime_limits()
+    if opset < MIN_OPSET or opset > max_opset:
+        raise TnonnxError(
+            f"{what}: opset {opset} is not supported (onnxruntime {ort.__version__} runs opsets {MIN_OPSET}..{max_opset})"
+        )
+
+
+def came_with_external_data(model: onnx.ModelProto) -> bool:
+    return any(p.key == "tnonnx.external_data" for p in model.metadata_props)
+
+
+def normalise_versions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Clamp the IR version to what the installed runtime accepts (opset is kept)."""
+    max_ir, _ = runtime_limits()
+    if model.ir_version > max_ir or model.ir_version == 0:
+        model.ir_version = max_ir
+    return model
+
+
+def save(model: onnx.ModelProto, path, *, external_data: bool | None = None) -> Path:
+    """Write atomically: to a temporary file in the same folder, then rename.
+
+    External data is used when the model is over 2 GB, when it came with external data,
+    or when asked for; the data file is `<name>.data` beside the model.
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = came_with_external_data(model) or model.ByteSize() > _TWO_GB - 2**20
+    model = _copy(model)
+    for i in reversed(range(len(model.metadata_props))):
+        if model.metadata_props[i].key == "tnonnx.external_data":
+            del model.metadata_props[i]
+    normalise_versions(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    data_tmp = None
+    try:
+        if external_data:
+            data_name = path.name + ".data"
+            data_tmp = path.parent / (f".{data_name}.tmp")
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_tmp.name, size_threshold=1024)
+            # the model refers to the final data-file name, so rewrite the location
+            m = onnx.load(tmp, load_external_data=False)
+            for t in _all_tensors(m):
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = data_name
+            with open(tmp, "wb") as f:
+                f.write(m.SerializeToString())
+            os.replace(data_tmp, path.parent / data_name)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        for p in (tmp, data_tmp):
+            if p is not None and os.path.exists(p):
+                os.unlink(p)
+        raise
+    return path
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model))
+
+
+def _all_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:160] if text else type(exc).__name__

@@ -1,0 +1,169 @@
+"""The reports printed after `inspect` and `rewrite`, and their JSON form."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class LayerRow:
+    name: str
+    op: str
+    weight_shape: list[int]
+    params_before: int
+    macs_before: int | None
+    format: str | None = None
+    ranks: list[int] | None = None
+    params_after: int | None = None
+    macs_after: int | None = None
+    weight_error: float | None = None
+    output_error: float | None = None  # relative output error on calibration data (data-aware fitting)
+    shared_with: str | None = None  # the layer whose factors this one reuses
+    reason: str | None = None  # why the layer was left alone
+
+    @classmethod
+    def for_layer(cls, layer, macs_before: int | None) -> "LayerRow":
+        return cls(layer.name, layer.op_type, list(layer.weight_shape), layer.params, macs_before,
+                   reason=layer.reason)
+
+
+@dataclass
+class Totals:
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    macs_before: int
+    macs_after: int
+
+
+@dataclass
+class InspectReport:
+    rows: list[LayerRow]
+    totals: Totals
+    batch: int
+
+    def to_dict(self) -> dict:
+        return {"batch": self.batch, "totals": asdict(self.totals), "layers": [asdict(r) for r in self.rows]}
+
+    def render(self, console: Console) -> None:
+        t = self.totals
+        table = Table(title=f"candidate layers (MACs at batch {self.batch})", show_lines=False)
+        for col in ("layer", "op", "weight", "params", "MACs", "% MACs", "note"):
+            table.add_column(col, justify="right" if col in ("params", "MACs", "% MACs") else "left")
+        for r in self.rows:
+            share = f"{100 * r.macs_before / t.macs_before:.1f}" if r.macs_before and t.macs_before else "-"
+            table.add_row(r.name, r.op, _shape(r.weight_shape), _n(r.params_before), _n(r.macs_before), share,
+                          r.reason or "candidate")
+        console.print(table)
+        console.print(f"model: {_n(t.params_before)} parameters, {_bytes(t.bytes_before)}, "
+                      f"{_n(t.macs_before)} MACs at batch {self.batch}")
+
+
+@dataclass
+class RewriteReport:
+    format: str
+    spec: str
+    emit: str
+    batch: int
+    rows: list[LayerRow]
+    totals: Totals
+    validation: object | None = None  # validate.ValidationResult
+    seconds: float = 0.0
+    output_path: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[LayerRow]:
+        return [r for r in self.rows if r.format]
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format, "rank_rule": self.spec, "emit": self.emit, "batch": self.batch,
+            "seconds": round(self.seconds, 3), "output": self.output_path, "notes": self.notes,
+            "totals": asdict(self.totals),
+            "validation": self.validation.to_dict() if self.validation is not None else None,
+            "layers": [asdict(r) for r in self.rows],
+        }
+
+    def write_json(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, allow_nan=False, default=str)
+
+    def render(self, console: Console) -> None:
+        table = Table(title=f"tnonnx rewrite: {self.format}, {self.spec}, emit {self.emit}")
+        cols = ("layer", "op", "weight", "ranks", "params", "→", "MACs", "→ ", "weight err", "note")
+        for col in cols:
+            table.add_column(col, justify="left" if col in ("layer", "op", "weight", "ranks", "note") else "right")
+        for r in self.rows:
+            if r.format:
+                note = f"shares {r.shared_with}" if r.shared_with else ""
+                table.add_row(r.name, r.op, _shape(r.weight_shape), _ranks(r.ranks), _n(r.params_before),
+                              _n(r.params_after), _n(r.macs_before), _n(r.macs_after), f"{r.weight_error:.2e}", note)
+            else:
+                table.add_row(r.name, r.op, _shape(r.weight_shape), "-", _n(r.params_before), "-",
+                              _n(r.macs_before), "-", "-", f"left alone: {r.reason}")
+        console.print(table)
+        t = self.totals
+        console.print(
+            f"parameters {_n(t.params_before)} → {_n(t.params_after)} ({_ratio(t.params_before, t.params_after)}), "
+            f"size {_bytes(t.bytes_before)} → {_bytes(t.bytes_after)}, "
+            f"MACs at batch {self.batch} {_n(t.macs_before)} → {_n(t.macs_after)} "
+            f"({_ratio(t.macs_before, t.macs_after)}); {len(self.rewritten)} of {len(self.rows)} layers rewritten "
+            f"in {self.seconds:.2f} s")
+        if t.macs_after > t.macs_before:
+            console.print("[yellow]note: the rewritten model needs more MACs than the original[/yellow]")
+        for note in self.notes:
+            console.print(note)
+        if self.validation is not None:
+            render_validation(self.validation, console)
+
+
+def render_validation(result, console: Console) -> None:
+    table = Table(title=f"validation on {result.samples} samples" if result.samples else "validation")
+    for col in ("output", "max abs", "max rel", "rel L2", "cosine", "SNR dB", "top-1 agree"):
+        table.add_column(col, justify="left" if col == "output" else "right")
+    for o in result.outputs:
+        table.add_row(o.name, f"{o.max_abs:.3e}", f"{o.max_rel:.3e}", f"{o.rel_l2:.3e}", f"{o.cosine:.6f}",
+                      f"{o.snr_db:.1f}", "-" if o.top1 is None else f"{o.top1:.4f}")
+    console.print(table)
+    if result.accuracy_ref is not None:
+        console.print(f"accuracy: original {result.accuracy_ref:.4f}, rewritten {result.accuracy_test:.4f} "
+                      f"({100 * (result.accuracy_test - result.accuracy_ref):+.2f} points)")
+    if result.failures:
+        for f in result.failures:
+            console.print(f"[red]FAIL[/red] {f}")
+    elif any(v is not None for v in (result.atol, result.rtol, result.min_cosine)):
+        console.print("[green]validation passed[/green]")
+
+
+def _n(v) -> str:
+    if v is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f}{unit}"
+    return str(v)
+
+
+def _bytes(v: int) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if v >= scale:
+            return f"{v / scale:.2f} {unit}"
+    return f"{v} B"
+
+
+def _shape(s) -> str:
+    return "x".join(map(str, s)) if s else "-"
+
+
+def _ranks(r) -> str:
+    return ",".join(map(str, r)) if r else "-"
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a / b:.2f}x smaller" if b and a >= b else (f"{b / a:.2f}x larger" if a else "-")

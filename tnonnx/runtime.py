@@ -1,0 +1,166 @@
+"""The one place that creates onnxruntime sessions, and reads a model's input specs."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import model as _model
+from .errors import TnonnxError
+
+# Protobuf refuses to serialize messages of 2 GB or more; stay clear of that limit.
+_MAX_PROTO_BYTES = 1_900_000_000
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, numpy dtype and shape (None for unknown rank).
+
+    A dim is an int (fixed), a str (symbolic, e.g. "batch") or None (unknown).
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: list[Dim] | None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+
+def session(
+    model: onnx.ModelProto | str | os.PathLike,
+    *,
+    threads: int | None = None,
+    optimize: bool = True,
+    what: str = "model",
+) -> ort.InferenceSession:
+    """A CPU InferenceSession for a ModelProto or a path.
+
+    Raises TnonnxError naming the model when onnxruntime refuses it.
+    """
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: ORT's warnings are not for our users
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    for lib in _custom_op_libraries(model):
+        opts.register_custom_ops_library(str(lib))
+    providers = ["CPUExecutionProvider"]
+
+    if not isinstance(model, onnx.ModelProto):
+        label = f"{what} '{model}'"
+        return _create(lambda: ort.InferenceSession(str(model), opts, providers=providers), label)
+
+    label = f"{what} (graph '{model.graph.name}')" if model.graph.name else what
+    if model.ByteSize() > _MAX_PROTO_BYTES:
+        with tempfile.TemporaryDirectory(prefix="tnonnx-", ignore_cleanup_errors=True) as tmp:
+            path = _model.save(model, Path(tmp) / "model.onnx", external_data=True)
+            return _create(lambda: ort.InferenceSession(str(path), opts, providers=providers), label)
+    data = _serialize_for_runtime(model)
+    return _create(lambda: ort.InferenceSession(data, opts, providers=providers), label)
+
+
+def infer(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], *, what: str = "model") -> list[np.ndarray]:
+    """sess.run(None, feeds), with onnxruntime's failures turned into one-line TnonnxErrors."""
+    try:
+        return sess.run(None, feeds)
+    except Exception as exc:
+        raise TnonnxError(f"{what}: onnxruntime failed to run it: {ort_message(exc)}") from None
+
+
+def input_specs(model: onnx.ModelProto | str | os.PathLike) -> list[InputSpec]:
+    """Graph inputs that are not initializers, in graph order."""
+    if not isinstance(model, onnx.ModelProto):
+        model = _model.load(model)
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        if vi.type.WhichOneof("value") != "tensor_type":
+            raise TnonnxError(f"input '{vi.name}': only tensor inputs are supported")
+        tt = vi.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        shape = None
+        if tt.HasField("shape"):
+            shape = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in tt.shape.dim
+            ]
+        specs.append(InputSpec(vi.name, dtype, shape))
+    return specs
+
+
+def check_same_inputs(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
+    """TnonnxError unless both models take inputs of the same names and dtypes."""
+    ref = {s.name: s.dtype for s in input_specs(reference)}
+    cand = {s.name: s.dtype for s in input_specs(candidate)}
+    if set(ref) != set(cand):
+        raise TnonnxError(
+            f"the models take different inputs: reference {sorted(ref)}, candidate {sorted(cand)}"
+        )
+    for name, dtype in ref.items():
+        if cand[name] != dtype:
+            raise TnonnxError(f"input '{name}' is {dtype} in the reference but {cand[name]} in the candidate")
+
+
+def ort_message(exc: Exception) -> str:
+    """onnxruntime's error text on one line, without its code prefix and C++ source location."""
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(exc).strip())
+    if re.match(r"^/\S+:\d+ ", text) and "(" in text:
+        text = _after_signature(text)
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _custom_op_libraries(model: onnx.ModelProto | str | os.PathLike) -> list[str]:
+    """Paths of the custom-op libraries a model needs (model as given to session()).
+
+    Hook point: none yet. Models using the "tnonnx" domain will register one here.
+    """
+    return []
+
+
+def _serialize_for_runtime(model: onnx.ModelProto) -> bytes:
+    # Clamp a too-new IR version (onnx's default) without copying a possibly large proto.
+    max_ir, _ = _model.runtime_limits()
+    ir = model.ir_version
+    if ir <= max_ir:
+        return model.SerializeToString()
+    try:
+        model.ir_version = max_ir
+        return model.SerializeToString()
+    finally:
+        model.ir_version = ir
+
+
+def _create(make, label: str) -> ort.InferenceSession:
+    try:
+        return make()
+    except Exception as exc:
+        raise TnonnxError(f"{label}: onnxruntime cannot load it: {ort_message(exc)}") from None
+
+
+def _after_signature(text: str) -> str:
+    # "/src/x.cc:12 ns::Fn(a, b(c)) message" -> "message"
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:].strip()
+    return text

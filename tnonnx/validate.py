@@ -1,0 +1,273 @@
+"""Run two models on the same feeds and compare their outputs."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import calibrate, runtime
+from . import model as _model
+from .errors import TnonnxError
+
+# Chunk size for many-sample inputs when the model's batch dim is symbolic.
+RUN_CHUNK = 64
+
+
+def run(
+    model: onnx.ModelProto | str | os.PathLike, batches: Iterable[Mapping[str, np.ndarray]], *, what: str = "model"
+) -> dict[str, np.ndarray]:
+    """Run the model on every batch; each output concatenated along axis 0 (scalars stacked)."""
+    sess = runtime.session(model, what=what)
+    names = [o.name for o in sess.get_outputs()]
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for feeds in batches:
+        for name, value in zip(names, runtime.infer(sess, dict(feeds), what=what)):
+            collected[name].append(np.asarray(value))
+    if not any(collected.values()):
+        raise TnonnxError(f"{what}: no inputs to run it on")
+    out = {}
+    for name, parts in collected.items():
+        if parts[0].ndim == 0:
+            out[name] = np.stack(parts)
+            continue
+        try:
+            out[name] = np.concatenate(parts, axis=0)
+        except ValueError:
+            shapes = sorted({p.shape for p in parts})
+            raise TnonnxError(f"{what}: output '{name}' changes shape between batches {shapes}") from None
+    return out
+
+
+@dataclass
+class OutputAgreement:
+    """How closely one output of the candidate matches the reference's."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float  # max |a-b| / max |a|
+    rel_l2: float  # ||a-b|| / ||a||
+    cosine: float
+    snr_db: float
+    top1: float | None  # argmax agreement, for outputs that look like class scores
+    _ref: np.ndarray = field(repr=False, compare=False, default=None)
+    _test: np.ndarray = field(repr=False, compare=False, default=None)
+
+    def allclose(self, atol: float = 1e-8, rtol: float = 1e-5) -> bool:
+        """numpy.allclose(test, ref, rtol, atol): |test - ref| <= atol + rtol * |ref|."""
+        return bool(np.allclose(self._test, self._ref, rtol=rtol, atol=atol))
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "max_abs": _json_float(self.max_abs),
+            "max_rel": _json_float(self.max_rel),
+            "rel_l2": _json_float(self.rel_l2),
+            "cosine": _json_float(self.cosine),
+            "snr_db": _json_float(self.snr_db),
+            "top1": _json_float(self.top1),
+        }
+
+
+def agreement(name: str, ref: np.ndarray, test: np.ndarray) -> OutputAgreement:
+    """Compare one output (``ref`` is the reference)."""
+    a = np.asarray(ref, dtype=np.float64)
+    b = np.asarray(test, dtype=np.float64)
+    d = b - a
+    amax = float(np.abs(a).max()) if a.size else 0.0
+    dmax = float(np.abs(d).max()) if d.size else 0.0
+    na, nb, nd = (float(np.linalg.norm(x.ravel())) for x in (a, b, d))
+    if na == 0 and nb == 0:
+        cosine = 1.0
+    elif na == 0 or nb == 0:
+        cosine = 0.0
+    else:
+        cosine = float(np.dot(a.ravel(), b.ravel()) / (na * nb))
+    return OutputAgreement(
+        name=name,
+        shape=tuple(np.shape(ref)),
+        max_abs=dmax,
+        max_rel=_ratio(dmax, amax),
+        rel_l2=_ratio(nd, na),
+        cosine=cosine,
+        snr_db=_snr_db(na, nd),
+        top1=_top1(ref, test),
+        _ref=np.asarray(ref),
+        _test=np.asarray(test),
+    )
+
+
+def compare(ref: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]) -> list[OutputAgreement]:
+    """Per-output agreement; TnonnxError if the outputs' names or shapes differ."""
+    if set(ref) != set(test):
+        raise TnonnxError(f"the models have different outputs: reference {sorted(ref)}, candidate {sorted(test)}")
+    for name in ref:
+        if np.shape(ref[name]) != np.shape(test[name]):
+            raise TnonnxError(
+                f"output '{name}' has shape {list(np.shape(ref[name]))} in the reference "
+                f"but {list(np.shape(test[name]))} in the candidate"
+            )
+    return [agreement(name, ref[name], test[name]) for name in ref]
+
+
+@dataclass
+class ValidationResult:
+    outputs: list[OutputAgreement]
+    samples: int | None = None  # samples fed (axis 0), when known
+    accuracy_ref: float | None = None
+    accuracy_test: float | None = None
+    # thresholds used; when one of atol/rtol is given the other is 0, like a plain np.allclose
+    atol: float | None = None
+    rtol: float | None = None
+    min_cosine: float | None = None
+
+    @property
+    def failures(self) -> list[str]:
+        out = []
+        for o in self.outputs:
+            if self.atol is not None and not o.allclose(self.atol, self.rtol):
+                out.append(
+                    f"output '{o.name}': not within atol={self.atol:g} rtol={self.rtol:g} "
+                    f"(max abs error {o.max_abs:.3g}, max rel error {o.max_rel:.3g})"
+                )
+            if self.min_cosine is not None and not o.cosine >= self.min_cosine:
+                out.append(f"output '{o.name}': cosine {o.cosine:.6f} < {self.min_cosine:g}")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        """JSON-ready; non-finite floats are written as the strings "inf", "-inf", "nan"."""
+        return {
+            "ok": self.ok,
+            "failures": self.failures,
+            "samples": self.samples,
+            "thresholds": {"atol": self.atol, "rtol": self.rtol, "min_cosine": self.min_cosine},
+            "accuracy_ref": _json_float(self.accuracy_ref),
+            "accuracy_test": _json_float(self.accuracy_test),
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
+
+
+def validate(
+    reference: onnx.ModelProto | str | os.PathLike,
+    candidate: onnx.ModelProto | str | os.PathLike,
+    *,
+    inputs=None,
+    labels=None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    batch: int = 1,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+    min_cosine: float | None = None,
+) -> ValidationResult:
+    """Run both models on the same inputs and compare every output.
+
+    ``inputs``: None (random feeds from the reference's shapes, ``batch``/``shapes``/``seed``),
+    a path to an .npz, a dict of arrays, or an object with get_next(). Labels: ``labels``, or
+    the ``labels`` array of an .npz/dict; they give top-1 accuracy of both models.
+    """
+    ref = _model.load(reference, what="reference")
+    cand = _model.load(candidate, what="candidate")
+    runtime.check_same_inputs(ref, cand)
+
+    extras: dict[str, np.ndarray] = {}
+    if inputs is None:
+        batches = [calibrate.random_feeds(ref, batch, shapes, seed)]
+    elif isinstance(inputs, (str, os.PathLike)):
+        feeds, extras = calibrate.load_npz(inputs, ref)
+        batches = list(calibrate.iter_batches(feeds, ref, max(batch, RUN_CHUNK)))
+    elif isinstance(inputs, Mapping):
+        feeds, extras = calibrate.split_feeds(inputs, ref)
+        batches = list(calibrate.iter_batches(feeds, ref, max(batch, RUN_CHUNK)))
+    elif hasattr(inputs, "get_next"):
+        batches = calibrate.feeds_from_reader(inputs)
+    else:
+        raise TnonnxError(
+            f"inputs: expected None, an .npz path, a dict of arrays or a data reader, not {type(inputs).__name__}"
+        )
+
+    ref_out = run(ref, batches, what="reference")
+    test_out = run(cand, batches, what="candidate")
+    outputs = compare(ref_out, test_out)
+
+    if labels is None:
+        labels = extras.get("labels")
+    acc_ref = acc_test = None
+    if labels is not None:
+        acc_ref, acc_test = _accuracies(np.asarray(labels), outputs)
+
+    if atol is not None or rtol is not None:
+        atol, rtol = atol or 0.0, rtol or 0.0
+    return ValidationResult(
+        outputs=outputs,
+        samples=_count_samples(batches),
+        accuracy_ref=acc_ref,
+        accuracy_test=acc_test,
+        atol=atol,
+        rtol=rtol,
+        min_cosine=min_cosine,
+    )
+
+
+def _accuracies(labels: np.ndarray, outputs: list[OutputAgreement]) -> tuple[float | None, float | None]:
+    """Top-1 accuracy of both models on the first class-like output (None, None if none)."""
+    scores = next((o for o in outputs if o.top1 is not None), None)
+    if scores is None:
+        return None, None
+    if labels.dtype.kind not in "iu" or labels.size != scores.shape[0]:
+        raise TnonnxError(
+            f"labels: expected {scores.shape[0]} integer class ids (one per sample of output "
+            f"'{scores.name}'), got {labels.dtype} of shape {list(labels.shape)}"
+        )
+    labels = labels.reshape(-1)
+    return (
+        float(np.mean(np.argmax(scores._ref, axis=-1) == labels)),
+        float(np.mean(np.argmax(scores._test, axis=-1) == labels)),
+    )
+
+
+def _count_samples(batches: list[Mapping[str, np.ndarray]]) -> int | None:
+    total = 0
+    for feeds in batches:
+        first = next((v for v in feeds.values() if np.ndim(v) >= 1), None)
+        if first is None:
+            return None
+        total += np.shape(first)[0]
+    return total
+
+
+def _top1(ref: np.ndarray, test: np.ndarray) -> float | None:
+    ref, test = np.asarray(ref), np.asarray(test)
+    if ref.dtype.kind != "f" or ref.ndim != 2 or ref.shape[-1] < 2 or ref.shape[0] == 0:
+        return None
+    return float(np.mean(np.argmax(ref, axis=-1) == np.argmax(test, axis=-1)))
+
+
+def _ratio(num: float, den: float) -> float:
+    if den == 0:
+        return 0.0 if num == 0 else math.inf
+    return num / den
+
+
+def _snr_db(signal_norm: float, noise_norm: float) -> float:
+    if noise_norm == 0:
+        return math.inf
+    if signal_norm == 0:
+        return -math.inf
+    return 20.0 * math.log10(signal_norm / noise_norm)
+
+
+def _json_float(x: float | None):
+    if x is None or math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
