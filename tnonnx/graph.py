@@ -257,10 +257,9 @@ def _describe_dense(layer: Layer, consts, shapes) -> None:
     if layer.x_shape is None:
         layer.reason = "rank of the activation is unknown (shape inference failed)"
         return
-    if side == "left" and len(layer.x_shape) == 1:
-        side = "right"  # W @ x with 1-D x is x @ W^T
-    layer.side = side
     _set_weight(layer, found, w if side == "right" else w.T, f"dense-{side}")
+    # W @ x with a 1-D x is x @ W^T: no transposes needed around the chain
+    layer.side = "right" if len(layer.x_shape) == 1 else side
     layer.kind = "dense"
 
 
