@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 
 from . import calibrate, macs
 from . import model as model_io
@@ -64,21 +65,9 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         raise TnonnxError("nothing to rewrite: no selected MatMul/Gemm/Conv layer with a constant weight"
                           + _reasons_summary(layers))
 
-    fitted, replacements, shared = {}, {}, {}
-    for plan in _progress(plans, progress):
-        layer = plan.layer
-        key = (layer.weight_key, plan.format, plan.spec, plan.modes, plan.order)
-        if key not in fitted:
-            fitted[key] = _fit(plan)
-        fact = fitted[key]
-        saved = fact.params() < layer.params or any(o.fact is fact for o in replacements.values())
-        if not saved and not force:
-            layer.reason = f"no saving at this rank ({fact.params()} >= {layer.params} parameters; --force rewrites anyway)"
-            continue
-        builder = Builder(f"{layer.name}/{plan.format}", layer.store_dtype, layer.compute_dtype,
-                          shared=shared, share_key="|".join(map(str, key)))
-        emit_layer(builder, layer, fact, emit)
-        replacements[id(layer.node)] = _Replacement(layer, plan, fact, builder)
+    # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
+    with threadpool_limits(1, user_api="blas"):
+        replacements = _fit_and_emit(plans, force, emit, progress)
     if not replacements:
         raise TnonnxError("nothing to rewrite: no layer gets smaller at this rank" + _reasons_summary(layers))
 
@@ -101,6 +90,28 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         validation=result, seconds=seconds,
     )
     return new, report
+
+
+def _fit_and_emit(plans: list[LayerPlan], force: bool, emit: str, progress: bool) -> dict:
+    """Fit each planned layer (once per shared weight) and emit its replacement nodes;
+    returns the replacements keyed by id(node)."""
+    fitted, replacements, shared = {}, {}, {}
+    for plan in _progress(plans, progress):
+        layer = plan.layer
+        key = (layer.weight_key, plan.format, plan.spec, plan.modes, plan.order)
+        if key not in fitted:
+            fitted[key] = _fit(plan)
+        fact = fitted[key]
+        fact.weight_error = fact.relative_error(layer.weight)
+        saved = fact.params() < layer.params or any(o.fact is fact for o in replacements.values())
+        if not saved and not force:
+            layer.reason = f"no saving at this rank ({fact.params()} >= {layer.params} parameters; --force rewrites anyway)"
+            continue
+        builder = Builder(f"{layer.name}/{plan.format}", layer.store_dtype, layer.compute_dtype,
+                          shared=shared, share_key="|".join(map(str, key)))
+        emit_layer(builder, layer, fact, emit)
+        replacements[id(layer.node)] = _Replacement(layer, plan, fact, builder)
+    return replacements
 
 
 class _Replacement:
@@ -159,7 +170,7 @@ def _rows(layers, replacements, before, after) -> list[LayerRow]:
             row.params_after = fact.params() if shared_with == layer.name else 0
             row.shared_with = None if shared_with == layer.name else shared_with
             row.macs_after = sum(after.per_node.get(n.name, 0) for n in rep.builder.nodes)
-            row.weight_error = fact.relative_error(layer.weight)
+            row.weight_error = fact.weight_error
             row.reason = None
         rows.append(row)
     return rows

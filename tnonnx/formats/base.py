@@ -77,8 +77,13 @@ class ChainFactorization(Factorization):
     modes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def to_dense(self) -> np.ndarray:
-        eye = np.eye(self.chain.in_features)
-        return run_chain(NumpyOps(batch_rank=1), eye, self.chain, self.cores)
+        """Contract the cores with each other (cheaper than pushing an identity through)."""
+        chain = self.chain
+        ids = {label: i for i, label in enumerate(chain.sizes)}
+        operands = [x for core in chain.steps for x in (self.cores[core.key], [ids[l] for l in core.labels])]
+        out = [ids[l] for l in chain.in_labels + chain.out_labels]
+        dense = np.einsum(*operands, out, optimize="greedy")
+        return dense.reshape(chain.in_features, chain.out_features)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         return run_chain(NumpyOps(batch_rank=x.ndim - 1), x, self.chain, self.cores)

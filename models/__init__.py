@@ -1,0 +1,1 @@
+"""Reference networks, exporters and committed example models for tnonnx tests and demos."""
