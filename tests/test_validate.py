@@ -6,7 +6,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tnonnx import model as tmodel
-from tnonnx import runtime, validate
+import sys
+
+import tnonnx.validate  # noqa: F401  (the package's `validate` attribute is the function)
+from tnonnx import runtime
+
+validation = sys.modules["tnonnx.validate"]
 from tnonnx.errors import TnonnxError
 
 W = np.array([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0], [0.0, -1.0, 1.0], [1.0, 1.0, 1.0]], np.float32)
@@ -28,7 +33,7 @@ def classifier(w=W, batch_dim="N", input_name="x"):
 
 def test_identical_outputs():
     a = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
-    (o,) = validate.compare({"y": a}, {"y": a.copy()})
+    (o,) = validation.compare({"y": a}, {"y": a.copy()})
     assert (o.name, o.shape) == ("y", (5, 3))
     assert o.max_abs == 0 and o.max_rel == 0 and o.rel_l2 == 0
     assert o.cosine == pytest.approx(1.0) and o.snr_db == math.inf and o.top1 == 1.0
@@ -38,7 +43,7 @@ def test_identical_outputs():
 def test_known_perturbation():
     a = np.array([[3.0, 4.0]])
     b = np.array([[3.0, 4.5]])
-    (o,) = validate.compare({"y": a}, {"y": b})
+    (o,) = validation.compare({"y": a}, {"y": b})
     assert o.max_abs == 0.5
     assert o.max_rel == pytest.approx(0.5 / 4, rel=1e-12)
     assert o.rel_l2 == pytest.approx(0.1, rel=1e-12)  # 0.5 / 5
@@ -51,9 +56,9 @@ def test_known_perturbation():
 
 def test_zero_outputs():
     z = np.zeros((2, 3), np.float32)
-    (o,) = validate.compare({"y": z}, {"y": z})
+    (o,) = validation.compare({"y": z}, {"y": z})
     assert o.cosine == 1.0 and o.snr_db == math.inf and o.max_rel == 0 and o.rel_l2 == 0
-    (o,) = validate.compare({"y": z}, {"y": z + 1})
+    (o,) = validation.compare({"y": z}, {"y": z + 1})
     assert o.cosine == 0.0 and o.snr_db == -math.inf and o.max_rel == math.inf and o.rel_l2 == math.inf
 
 
@@ -62,23 +67,23 @@ def test_top1_only_for_class_scores():
     a = rng.standard_normal((4, 3))
     b = a.copy()
     b[0] = -b[0]  # flips the argmax of row 0
-    (o,) = validate.compare({"y": a}, {"y": b})
+    (o,) = validation.compare({"y": a}, {"y": b})
     assert o.top1 == 0.75
     for x in (rng.standard_normal((2, 3, 4)), rng.standard_normal((4, 1)), np.arange(6).reshape(2, 3)):
-        assert validate.compare({"y": x}, {"y": x})[0].top1 is None
+        assert validation.compare({"y": x}, {"y": x})[0].top1 is None
 
 
 def test_compare_rejects_different_outputs():
     a = np.zeros((2, 3))
     with pytest.raises(TnonnxError, match="different outputs"):
-        validate.compare({"y": a}, {"z": a})
+        validation.compare({"y": a}, {"z": a})
     with pytest.raises(TnonnxError, match=r"shape \[2, 3\] in the reference but \[3, 2\]"):
-        validate.compare({"y": a}, {"y": a.T})
+        validation.compare({"y": a}, {"y": a.T})
 
 
 def test_run_concatenates_batches():
     x = np.arange(20, dtype=np.float32).reshape(5, 4)
-    out = validate.run(classifier(), [{"x": x[:2]}, {"x": x[2:]}])
+    out = validation.run(classifier(), [{"x": x[:2]}, {"x": x[2:]}])
     np.testing.assert_allclose(out["logits"], x @ W, rtol=1e-6)
 
 
@@ -86,7 +91,7 @@ def test_run_concatenates_batches():
 
 
 def test_validate_identical_models_pass():
-    result = validate.validate(classifier(), classifier(), batch=4, atol=0, min_cosine=0.9999)
+    result = validation.validate(classifier(), classifier(), batch=4, atol=0, min_cosine=0.9999)
     assert result.ok and result.failures == []
     assert result.samples == 4 and (result.atol, result.rtol) == (0, 0)
     d = result.to_dict()
@@ -98,14 +103,14 @@ def test_validate_thresholds(tmp_path):
     path = tmp_path / "ref.onnx"
     tmodel.save(classifier(), path)
     perturbed = classifier(W + 0.01)
-    loose = validate.validate(path, perturbed, batch=8, atol=1.0, min_cosine=0.99)
+    loose = validation.validate(path, perturbed, batch=8, atol=1.0, min_cosine=0.99)
     assert loose.ok
-    tight = validate.validate(str(path), perturbed, batch=8, atol=1e-4, rtol=1e-4, min_cosine=0.999999)
+    tight = validation.validate(str(path), perturbed, batch=8, atol=1e-4, rtol=1e-4, min_cosine=0.999999)
     assert not tight.ok
     assert len(tight.failures) == 2
     assert tight.failures[0].startswith("output 'logits': not within atol=0.0001 rtol=0.0001")
     assert tight.failures[1].startswith("output 'logits': cosine")
-    assert validate.validate(path, perturbed, batch=8).ok  # no thresholds, nothing fails
+    assert validation.validate(path, perturbed, batch=8).ok  # no thresholds, nothing fails
 
 
 def test_validate_accuracy_with_labels(tmp_path):
@@ -115,21 +120,21 @@ def test_validate_accuracy_with_labels(tmp_path):
     np.savez(path, x=x.astype(np.float64), labels=labels)
     w2 = W.copy()
     w2[1] = [3, 0, 0]  # sample 1 now predicts class 0
-    result = validate.validate(classifier(), classifier(w2), inputs=path)
+    result = validation.validate(classifier(), classifier(w2), inputs=path)
     assert result.accuracy_ref == 0.75 and result.accuracy_test == 0.5
     assert result.outputs[0].top1 == 0.75
     # explicit labels win over the file's
-    result = validate.validate(classifier(), classifier(w2), inputs={"x": x}, labels=[0, 0, 2, 0])
+    result = validation.validate(classifier(), classifier(w2), inputs={"x": x}, labels=[0, 0, 2, 0])
     assert result.accuracy_ref == 0.75 and result.accuracy_test == 1.0
     with pytest.raises(TnonnxError, match="labels"):
-        validate.validate(classifier(), classifier(), inputs={"x": x}, labels=[0, 1])
+        validation.validate(classifier(), classifier(), inputs={"x": x}, labels=[0, 1])
 
 
 def test_validate_chunks_many_samples():
     x = np.random.default_rng(0).standard_normal((150, 4)).astype(np.float32)
-    result = validate.validate(classifier(), classifier(), inputs={"x": x}, atol=0)
+    result = validation.validate(classifier(), classifier(), inputs={"x": x}, atol=0)
     assert result.samples == 150 and result.outputs[0].shape == (150, 3) and result.ok
-    fixed = validate.validate(classifier(batch_dim=2), classifier(batch_dim=2), inputs={"x": x[:6]})
+    fixed = validation.validate(classifier(batch_dim=2), classifier(batch_dim=2), inputs={"x": x[:6]})
     assert fixed.samples == 6 and fixed.outputs[0].shape == (6, 3)
 
 
@@ -141,17 +146,17 @@ def test_validate_with_reader():
         def get_next(self):
             return next(self.items, None)
 
-    result = validate.validate(classifier(), classifier(), inputs=Reader())
+    result = validation.validate(classifier(), classifier(), inputs=Reader())
     assert result.samples == 5 and result.outputs[0].shape == (5, 3)
 
 
 def test_validate_errors(tmp_path):
     with pytest.raises(TnonnxError, match="different inputs"):
-        validate.validate(classifier(), classifier(input_name="input"))
+        validation.validate(classifier(), classifier(input_name="input"))
     with pytest.raises(TnonnxError, match="candidate '.*missing.onnx': no such file"):
-        validate.validate(classifier(), tmp_path / "missing.onnx")
+        validation.validate(classifier(), tmp_path / "missing.onnx")
     with pytest.raises(TnonnxError, match="expected None, an .npz path"):
-        validate.validate(classifier(), classifier(), inputs=42)
+        validation.validate(classifier(), classifier(), inputs=42)
 
 
 def test_session_errors_are_one_line():

@@ -12,7 +12,6 @@ from threadpoolctl import threadpool_limits
 
 from . import calibrate, macs
 from . import model as model_io
-from . import validate as validation
 from .emit import Builder
 from .errors import TnonnxError
 from .formats import FORMATS, Factorization
@@ -20,6 +19,7 @@ from .graph import Layer, find_layers, replace_nodes
 from .plan import LayerPlan, Selection, make_plan, rank_spec
 from .report import InspectReport, LayerRow, RewriteReport, Totals
 from .tensorize import parse_modes
+from .validate import validate as compare_models
 
 EMIT_MODES = ("matmul", "einsum")
 
@@ -82,7 +82,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     rows = _rows(layers, replacements, before, after)
     result = None
     if validate:
-        result = validation.validate(original, new, inputs=inputs, shapes=shapes, batch=batch,
+        result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch,
                                      atol=atol, rtol=rtol, min_cosine=min_cosine)
     report = RewriteReport(
         format=format, spec=spec.describe(), emit=emit, batch=batch, rows=rows,

@@ -305,6 +305,31 @@ def _with_inputs(model, input_shapes, strip: bool) -> onnx.ModelProto:
     return m
 
 
+def probed_shapes(model, input_shapes, inferred: onnx.ModelProto, names: set[str]) -> dict[str, Shape]:
+    """Shapes of main-graph tensors `names` read off one ONNX Runtime run on random
+    inputs of `input_shapes` (their dtypes come from `inferred`). Exact for shape
+    arithmetic that onnx's inference gives up on (Slice of a Shape, broadcasting with an
+    unknown dim); empty if the run fails."""
+    from . import calibrate, runtime
+
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    produced = {o for n in model.graph.node for o in n.output}
+    wanted = [n for n in sorted(names) if n in produced and types.get(n)]
+    if not wanted:
+        return {}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    known = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in wanted if n not in known)
+    try:
+        sess = runtime.session(m, optimize=False)
+        outputs = sess.run(wanted, calibrate.random_feeds(model, shapes=input_shapes))
+    except Exception:  # noqa: BLE001 - a fallback that fails leaves the nodes unknown
+        return {}
+    return {n: tuple(o.shape) for n, o in zip(wanted, outputs)}
+
+
 def symbolic_shapes(model, input_shapes) -> dict[str, Shape]:
     """Shapes from ORT's symbolic shape inference, over all graphs; a name with two
     different shapes (in two subgraphs) is dropped. Empty if the tool fails."""
@@ -351,6 +376,11 @@ def count(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> M
         except Exception:  # noqa: BLE001 - a graph onnx rejects may still pass ORT's tool
             pass
     unknown = _count_macs(m, {}, cost)
+    if unknown:  # first one run of the model itself (fast), then ORT's symbolic inference
+        names = {t for key, node, _ in iter_nodes(m) if key in unknown for t in (*node.input, *node.output) if t}
+        probed = probed_shapes(model, input_shapes, m, names)
+        cost.per_node.clear()
+        unknown = _count_macs(m, probed, cost)
     if unknown:
         cost.per_node.clear()
         unknown = _count_macs(m, symbolic_shapes(model, input_shapes), cost)

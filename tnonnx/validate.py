@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -97,7 +98,7 @@ def agreement(name: str, ref: np.ndarray, test: np.ndarray) -> OutputAgreement:
         rel_l2=_ratio(nd, na),
         cosine=cosine,
         snr_db=_snr_db(na, nd),
-        top1=_top1(ref, test),
+        top1=None if _FEATURE_NAMES.search(name) else _top1(ref, test),
         _ref=np.asarray(ref),
         _test=np.asarray(test),
     )
@@ -244,6 +245,10 @@ def _count_samples(batches: list[Mapping[str, np.ndarray]]) -> int | None:
             return None
         total += np.shape(first)[0]
     return total
+
+
+# rank-2 outputs that are features, not class scores: argmax agreement means nothing there
+_FEATURE_NAMES = re.compile(r"embed|hidden|feature|pool|encod", re.IGNORECASE)
 
 
 def _top1(ref: np.ndarray, test: np.ndarray) -> float | None:
