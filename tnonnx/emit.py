@@ -27,7 +27,9 @@ from onnx import helper, numpy_helper
 
 @dataclass
 class Core:
-    """A core tensor with one label per axis; labels shared with the state are contracted."""
+    """A core tensor with one label per axis. Absorbing it into the state contracts the
+    labels they share, except labels still needed later (a label held by three or more
+    tensors, like CP's rank, stays open until its last holder: a batched MatMul)."""
 
     key: str
     labels: tuple[str, ...]
@@ -35,7 +37,8 @@ class Core:
 
 @dataclass
 class Chain:
-    """How a dense layer x[..., N] -> y[..., M] is evaluated through its cores."""
+    """How a dense layer x[..., N] -> y[..., M] is evaluated through a network of cores:
+    the input, reshaped to its in-modes, absorbs one core per step, in `steps` order."""
 
     in_labels: tuple[str, ...]  # labels of the input's modes, in memory order
     out_labels: tuple[str, ...]  # labels of the output's modes, in memory order
@@ -51,25 +54,36 @@ class Chain:
     def out_features(self) -> int:
         return math.prod(self.sizes[l] for l in self.out_labels)
 
+    def plan(self):
+        """(keep, free, contracted, new) label lists for every step."""
+        labels, out = list(self.in_labels), []
+        for i, core in enumerate(self.steps):
+            later = set(self.out_labels).union(*(c.labels for c in self.steps[i + 1:]))
+            keep, free, contracted, new = split_labels(labels, core.labels, later)
+            out.append((keep, free, contracted, new))
+            labels = keep + free + new
+        return out
+
     def macs_per_row(self) -> int:
-        """Multiply-adds to push one input row through the chain."""
-        labels, total = list(self.in_labels), 0
-        for core in self.steps:
-            free, contracted, new = split_labels(labels, core.labels)
-            total += math.prod(self.sizes[l] for l in free + contracted + new)
-            labels = free + new
-        return total
+        """Multiply-adds to push one input row through the network."""
+        return sum(math.prod(self.sizes[l] for l in k + f + c + n) for k, f, c, n in self.plan())
 
 
-def split_labels(state: list[str], core: tuple[str, ...]) -> tuple[list[str], list[str], list[str]]:
+def split_labels(state: list[str], core: tuple[str, ...], later: set[str]):
+    """keep: shared and still needed later; contracted: shared and done; free: the state's
+    other labels; new: the core's other labels."""
+    keep = [l for l in state if l in core and l in later]
+    contracted = [l for l in state if l in core and l not in later]
     free = [l for l in state if l not in core]
-    contracted = [l for l in state if l in core]
     new = [l for l in core if l not in state]
-    return free, contracted, new
+    return keep, free, contracted, new
 
 
 def run_chain(ops, x, chain: Chain, cores: dict):
-    """Evaluate `chain` on x (shape [*batch, N]) with backend `ops`; returns [*batch, M]."""
+    """Evaluate `chain` on x (shape [*batch, N]) with backend `ops`; returns [*batch, M].
+
+    Each step is Transpose -> Reshape -> MatMul with the core laid out as (C, N), or, when
+    labels are kept open, a batched MatMul (K, F, C) @ (K, C, N)."""
     sizes = chain.sizes
     labels = list(chain.in_labels)
     phys = [chain.in_features]  # the state's physical tail shape
@@ -81,16 +95,17 @@ def run_chain(ops, x, chain: Chain, cores: dict):
         return t
 
     state = x
-    for i, core in enumerate(chain.steps):
-        free, contracted, new = split_labels(labels, core.labels)
-        perm = [labels.index(l) for l in free + contracted]
+    for i, (core, (keep, free, contracted, new)) in enumerate(zip(chain.steps, chain.plan())):
+        order = keep + free + contracted
+        perm = [labels.index(l) for l in order]
         if perm != list(range(len(labels))):
             state = to_shape(state, [sizes[l] for l in labels])
             state = ops.transpose(state, perm)
-            phys = [sizes[l] for l in free + contracted]
-        state = to_shape(state, [_prod(sizes, free), _prod(sizes, contracted)])
-        state = ops.matmul(state, ops.core_matrix(cores[core.key], core.labels, contracted, new, sizes))
-        labels, phys = free + new, [_prod(sizes, free), _prod(sizes, new)]
+            phys = [sizes[l] for l in order]
+        lead = [_prod(sizes, keep)] if keep else []
+        state = to_shape(state, lead + [_prod(sizes, free), _prod(sizes, contracted)])
+        state = ops.matmul(state, ops.core_matrix(cores[core.key], core.labels, keep, contracted, new, sizes))
+        labels, phys = keep + free + new, lead + [_prod(sizes, free), _prod(sizes, new)]
         if chain.activation and i < len(chain.steps) - 1:
             state = ops.activation(state, chain.activation)
     perm = [labels.index(l) for l in chain.out_labels]
@@ -101,42 +116,54 @@ def run_chain(ops, x, chain: Chain, cores: dict):
     return to_shape(state, [chain.out_features])
 
 
-def core_matrix_np(core: np.ndarray, labels, contracted, new, sizes) -> np.ndarray:
-    """A core permuted and reshaped to (contracted, new): the right operand of a MatMul."""
-    perm = [labels.index(l) for l in contracted + new]
-    return np.transpose(core, perm).reshape(_prod(sizes, contracted), _prod(sizes, new))
+def core_matrix_np(core: np.ndarray, labels, keep, contracted, new, sizes) -> np.ndarray:
+    """A core permuted and reshaped to ([K,] C, N): the right operand of a MatMul."""
+    perm = [labels.index(l) for l in keep + contracted + new]
+    lead = [_prod(sizes, keep)] if keep else []
+    return np.transpose(core, perm).reshape(lead + [_prod(sizes, contracted), _prod(sizes, new)])
 
 
 def _prod(sizes: dict[str, int], labels) -> int:
     return math.prod(sizes[l] for l in labels)
 
 
-def best_chain_order(cores: list[Core], in_labels, sizes) -> list[Core]:
-    """The absorption order with the fewest MACs among orders that grow a contiguous
-    segment of a linear chain of cores (exhaustive: d * 2^(d-1) orders, d is small)."""
-    d = len(cores)
-    best, best_cost = list(cores), None
-    for start in range(d):
-        for sides in itertools.product((0, 1), repeat=d - 1):
-            lo = hi = start
-            order = [cores[start]]
-            ok = True
-            for s in sides:
-                if s == 0 and lo > 0:
-                    lo -= 1
-                    order.append(cores[lo])
-                elif s == 1 and hi < d - 1:
-                    hi += 1
-                    order.append(cores[hi])
-                else:
-                    ok = False
-                    break
-            if not ok:
-                continue
-            cost = Chain(tuple(in_labels), (), sizes, order).macs_per_row()
-            if best_cost is None or cost < best_cost:
-                best, best_cost = order, cost
-    return best
+def best_order(cores: list[Core], in_labels, out_labels, sizes: dict[str, int]) -> list[Core]:
+    """The absorption order with the fewest MACs: exact dynamic programming over subsets
+    of absorbed cores (a label is open while some but not all of its holders are absorbed),
+    greedy beyond 14 cores. The cost of every order scales with the rows, so the best
+    order does not depend on the batch size."""
+    n = len(cores)
+    holders = {}
+    for i, core in enumerate(cores):
+        for l in core.labels:
+            holders.setdefault(l, set()).add(i)
+    ins, outs = set(in_labels), set(out_labels)
+
+    def open_labels(absorbed: frozenset) -> set[str]:
+        return {l for l, h in holders.items()
+                if (l in ins or h & absorbed) and (l in outs or not h <= absorbed)} | (ins - set(holders))
+
+    def step_cost(absorbed: frozenset, i: int) -> int:
+        return math.prod(sizes[l] for l in open_labels(absorbed) | set(cores[i].labels))
+
+    if n > 14:
+        order, absorbed = [], frozenset()
+        for _ in range(n):
+            i = min((j for j in range(n) if j not in absorbed), key=lambda j: step_cost(absorbed, j))
+            order.append(i)
+            absorbed |= {i}
+        return [cores[i] for i in order]
+    best = {frozenset(): (0, [])}
+    for size in range(n):
+        for absorbed, (cost, order) in [kv for kv in best.items() if len(kv[0]) == size]:
+            for i in range(n):
+                if i in absorbed:
+                    continue
+                nxt = absorbed | {i}
+                total = cost + step_cost(absorbed, i)
+                if nxt not in best or total < best[nxt][0]:
+                    best[nxt] = (total, order + [i])
+    return [cores[i] for i in best[frozenset(range(n))][1]]
 
 
 # ---------------------------------------------------------------------------- backends
@@ -155,8 +182,8 @@ class NumpyOps:
         b = self.batch_rank
         return t.transpose(list(range(b)) + [p + b for p in perm])
 
-    def core_matrix(self, core, labels, contracted, new, sizes):
-        return core_matrix_np(core, labels, contracted, new, sizes)
+    def core_matrix(self, core, labels, keep, contracted, new, sizes):
+        return core_matrix_np(core, labels, keep, contracted, new, sizes)
 
     def matmul(self, t, m):
         return t @ m
@@ -179,9 +206,10 @@ class TorchOps(NumpyOps):
         b = self.batch_rank
         return t.permute(list(range(b)) + [p + b for p in perm])
 
-    def core_matrix(self, core, labels, contracted, new, sizes):
-        perm = [labels.index(l) for l in contracted + new]
-        return core.permute(perm).reshape(_prod(sizes, contracted), _prod(sizes, new))
+    def core_matrix(self, core, labels, keep, contracted, new, sizes):
+        perm = [labels.index(l) for l in keep + contracted + new]
+        lead = [_prod(sizes, keep)] if keep else []
+        return core.permute(perm).reshape(lead + [_prod(sizes, contracted), _prod(sizes, new)])
 
     def activation(self, t, name):
         import torch
@@ -204,9 +232,9 @@ class OnnxOps:
         k = self.batch_rank
         return self.b.op("Transpose", [t], "transpose", perm=list(range(k)) + [p + k for p in perm])
 
-    def core_matrix(self, core, labels, contracted, new, sizes):
+    def core_matrix(self, core, labels, keep, contracted, new, sizes):
         # permuted offline: same parameters, already in the layout MatMul wants
-        return self.b.weight(core_matrix_np(core, labels, contracted, new, sizes), "core")
+        return self.b.weight(core_matrix_np(core, labels, keep, contracted, new, sizes), "core")
 
     def matmul(self, t, m):
         return self.b.op("MatMul", [t, m], "matmul")
@@ -296,9 +324,8 @@ def emit_chain_einsum(builder: Builder, x: str, chain: Chain, cores: dict, batch
     ops = OnnxOps(builder, batch_rank)
     state = ops.reshape(x, [chain.sizes[l] for l in chain.in_labels])
     labels = list(chain.in_labels)
-    for i, core in enumerate(chain.steps):
-        free, _, new = split_labels(labels, core.labels)
-        out = free + new
+    for i, (core, (keep, free, _, new)) in enumerate(zip(chain.steps, chain.plan())):
+        out = keep + free + new
         if i == len(chain.steps) - 1 and sorted(out) == sorted(chain.out_labels):
             out = list(chain.out_labels)
         equation = f"...{word(labels)},{word(core.labels)}->...{word(out)}"

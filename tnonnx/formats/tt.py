@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ..emit import Chain, Core, best_chain_order
+from ..emit import Chain, Core, best_order
 from ..tensorize import choose_modes, factor_dims
 from .base import (ChainFactorization, ConvFactorization, ConvStage, RankSpec, merge_train, permute, pointwise,
                    truncation_rank)
@@ -85,9 +85,8 @@ def fit_dense(weight: np.ndarray, spec: RankSpec, *, modes=None, order: int | No
             shape, labels = shape + [c.shape[2]], labels + [f"r{k + 1}"]
         cores[f"G{k}"] = c.reshape(shape)
         chain_cores.append(Core(f"G{k}", tuple(labels)))
-    in_labels = tuple(f"n{k}" for k in range(d))
-    steps = best_chain_order(chain_cores, in_labels, sizes)
-    chain = Chain(in_labels, tuple(f"m{k}" for k in range(d)), sizes, steps)
+    in_labels, out_labels = tuple(f"n{k}" for k in range(d)), tuple(f"m{k}" for k in range(d))
+    chain = Chain(in_labels, out_labels, sizes, best_order(chain_cores, in_labels, out_labels, sizes))
     return ChainFactorization(NAME, chain, cores, tuple(ranks), modes=(tuple(ins), tuple(outs)))
 
 
