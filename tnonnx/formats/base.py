@@ -111,11 +111,24 @@ class ConvStage:
     """One Conv of a factorised conv: its weight is built from some cores (in numpy for
     fitting and torch, offline for ONNX) and it is either pointwise or the spatial stage."""
 
-    build: object  # callable(cores dict) -> weight (out, in, *kernel); numpy or torch alike
+    build: object  # callable(cores dict) -> weight (out, in/group, *kernel); numpy or torch alike
     spatial: bool
     # keys of a train of 3-way cores whose merge, reshaped, is the weight: the ONNX graph
     # then stores whichever is smaller, the cores (merged in-graph, folded at load) or the weight
     train: tuple[str, ...] = ()
+    group: int = 1
+    # the Conv attributes of this stage (strides, pads, ...); default: the original layer's
+    # for the spatial stage, none (stride 1, no padding) for pointwise stages
+    attrs: object = None  # callable(ConvGeometry) -> dict
+
+    def conv_attrs(self, geometry: ConvGeometry) -> dict:
+        if self.attrs is not None:
+            out = dict(self.attrs(geometry))
+        else:
+            out = geometry.spatial_attrs() if self.spatial else geometry.pointwise_attrs()
+        if self.group != 1:
+            out["group"] = self.group
+        return out
 
 
 @dataclass
@@ -140,7 +153,9 @@ class ConvFactorization(Factorization):
         return [stage.build(self.cores if cores is None else cores) for stage in self.stages]
 
     def to_dense(self) -> np.ndarray:
-        """Compose the stages into one T x S x k kernel (pointwise stages are matrices)."""
+        """Compose the stages into one T x S x k kernel: pointwise stages are matrices and
+        one ungrouped stage is spatial. Formats with grouped stages or several spatial
+        stages (CP-4) override this."""
         weights = self.stage_weights()
         out = None
         for w, stage in zip(weights, self.stages):
@@ -157,16 +172,11 @@ class ConvFactorization(Factorization):
         return out
 
     def macs(self, geometry: ConvGeometry) -> int:
-        """Per sample. Stages before the spatial one run at input resolution."""
-        in_px = math.prod(geometry.in_spatial or ())
-        out_px = math.prod(geometry.out_spatial or ())
-        total, seen_spatial = 0, False
+        """Per sample, following the spatial size through the stages."""
+        size, total = tuple(geometry.in_spatial), 0
         for w, stage in zip(self.stage_weights(), self.stages):
-            if stage.spatial:
-                seen_spatial = True
-                total += out_px * w.shape[0] * w.shape[1] * math.prod(w.shape[2:])
-            else:
-                total += (out_px if seen_spatial else in_px) * w.shape[0] * w.shape[1]
+            size = conv_output_size(size, tuple(w.shape[2:]), stage.conv_attrs(geometry))
+            total += math.prod(size) * w.shape[0] * w.shape[1] * math.prod(w.shape[2:])
         return total
 
     def emit(self, builder: Builder, x: str, geometry: ConvGeometry, bias: np.ndarray | None, output: str) -> str:
@@ -174,7 +184,7 @@ class ConvFactorization(Factorization):
         weights = self.stage_weights()
         for i, (w, stage) in enumerate(zip(weights, self.stages)):
             last = i == len(self.stages) - 1
-            attrs = geometry.spatial_attrs() if stage.spatial else geometry.pointwise_attrs()
+            attrs = stage.conv_attrs(geometry)
             if stage.train and self._stored_size(stage, w) < w.size:
                 w = self._merge_in_graph(builder, stage.train, w.shape)
             x = conv_node(builder, x, w, "conv", bias=bias if last else None, attrs=attrs,
@@ -195,6 +205,19 @@ class ConvFactorization(Factorization):
         from ..nn.modules import StagedConv
 
         return StagedConv(self, geometry, bias)
+
+
+def conv_output_size(size: tuple[int, ...], kernel: tuple[int, ...], attrs: dict) -> tuple[int, ...]:
+    """Spatial output size of an ONNX Conv (explicit pads or auto_pad)."""
+    n = len(size)
+    strides = attrs.get("strides", [1] * n)
+    dilations = attrs.get("dilations", [1] * n)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return tuple(-(-s // st) for s, st in zip(size, strides))
+    pads = [0] * 2 * n if auto_pad == "VALID" else attrs.get("pads", [0] * 2 * n)
+    return tuple((s + pads[i] + pads[i + n] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+                 for i, s in enumerate(size))
 
 
 def pointwise(matrix: np.ndarray, spatial_rank: int):

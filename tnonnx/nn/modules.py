@@ -32,34 +32,34 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class StagedConv(nn.Module):
-    """A factorised conv: its stage weights are rebuilt from the cores on every call."""
+    """A factorised conv: its stage weights are rebuilt from the cores on every call, and
+    each stage is a torch conv with the attributes (pads, strides, groups) of its ONNX Conv."""
 
     def __init__(self, factorization, geometry, bias: np.ndarray | None = None):
         super().__init__()
         self.factorization = factorization
         self.cores = _params(factorization.cores)
         self.bias = None if bias is None else nn.Parameter(torch.as_tensor(bias, dtype=torch.float32))
-        attrs = geometry.attrs
-        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            raise ValueError("torch module: auto_pad SAME_* is not supported, use explicit pads")
-        nsp = len(geometry.kernel)
-        pads = list(attrs.get("pads", [0] * 2 * nsp))
-        self.begin, self.end = pads[:nsp], pads[nsp:]
-        self.stride = list(attrs.get("strides", [1] * nsp))
-        self.dilation = list(attrs.get("dilations", [1] * nsp))
-        self.conv = _CONV[nsp]
+        self.conv = _CONV[len(geometry.kernel)]
+        self.stage_attrs = [_torch_attrs(stage.conv_attrs(geometry), len(geometry.kernel))
+                            for stage in factorization.stages]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.factorization.stage_weights(dict(self.cores))
-        stages = self.factorization.stages
-        for i, (w, stage) in enumerate(zip(weights, stages)):
-            b = self.bias if i == len(stages) - 1 else None
-            if stage.spatial:
-                if self.begin != self.end:  # asymmetric pads: pad explicitly, like ONNX
-                    pad = [p for pair in zip(reversed(self.begin), reversed(self.end)) for p in pair]
-                    x = self.conv(F.pad(x, pad), w, b, self.stride, 0, self.dilation)
-                else:
-                    x = self.conv(x, w, b, self.stride, self.begin, self.dilation)
-            else:
-                x = self.conv(x, w, b)
+        for i, (w, attrs) in enumerate(zip(weights, self.stage_attrs)):
+            b = self.bias if i == len(weights) - 1 else None
+            pad, stride, dilation, group = attrs
+            if any(pad):  # ONNX pads may be asymmetric: pad explicitly
+                x = F.pad(x, pad)
+            x = self.conv(x, w, b, stride, 0, dilation, group)
         return x
+
+
+def _torch_attrs(attrs: dict, nsp: int):
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise ValueError("torch module: auto_pad SAME_* is not supported, use explicit pads")
+    pads = list(attrs.get("pads", [0] * 2 * nsp)) if attrs.get("auto_pad", "NOTSET") != "VALID" else [0] * 2 * nsp
+    begin, end = pads[:nsp], pads[nsp:]
+    torch_pad = [p for pair in zip(reversed(begin), reversed(end)) for p in pair]  # last axis first
+    return (torch_pad, list(attrs.get("strides", [1] * nsp)), list(attrs.get("dilations", [1] * nsp)),
+            attrs.get("group", 1))
