@@ -16,7 +16,7 @@ from .emit import Builder
 from .errors import TnonnxError
 from .formats import FORMATS, Factorization
 from .graph import Layer, find_layers, replace_nodes
-from .plan import LayerPlan, Selection, make_plan, rank_spec
+from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, allocate_budget, choose_auto, make_plan, rank_spec
 from .report import InspectReport, LayerRow, RewriteReport, Totals
 from .tensorize import parse_modes
 from .validate import validate as compare_models
@@ -35,7 +35,8 @@ def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
 
 
 def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | None = None,
-            ratio: float | None = None, modes: str | tuple | None = None, order: int | None = None,
+            ratio: float | None = None, budget: float | None = None, modes: str | tuple | None = None,
+            order: int | None = None, format_options: dict | None = None,
             emit: str = "matmul", batch: int = 1, ops=("MatMul", "Gemm", "Conv"), include: str | None = None,
             exclude: str | None = None, min_params: int = 0, force: bool = False, validate: bool = True,
             inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None,
@@ -49,7 +50,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         raise TnonnxError(f"--emit {emit}: choose from {', '.join(EMIT_MODES)}")
     if batch < 1:
         raise TnonnxError(f"--batch {batch}: must be >= 1")
-    spec = rank_spec(rank, tol, ratio)
+    spec = rank_spec(rank, tol, ratio, budget)
     if isinstance(modes, str):
         modes = parse_modes(modes)
     original = model_io.load(model)
@@ -65,9 +66,19 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         raise TnonnxError("nothing to rewrite: no selected MatMul/Gemm/Conv layer with a constant weight"
                           + _reasons_summary(layers))
 
+    fitter = Fitter(format_options)
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
     with threadpool_limits(1, user_api="blas"):
-        replacements = _fit_and_emit(plans, force, emit, progress)
+        candidates = AUTO_FORMATS if format == "auto" else (format,)
+        if budget is not None:
+            # the target is the whole model's parameters; what is not selected stays as it is
+            total = macs.parameters(original)[0]
+            selected = sum({p.layer.weight_key: p.layer.params for p in plans}.values())
+            allocate_budget(plans, fitter, candidates, int(total / budget) - (total - selected))
+            plans = [p for p in plans if p.layer.reason is None]
+        elif format == "auto":
+            choose_auto(plans, fitter, candidates)
+        replacements = _fit_and_emit(plans, fitter, force, emit, progress)
     if not replacements:
         raise TnonnxError("nothing to rewrite: no layer gets smaller at this rank" + _reasons_summary(layers))
 
@@ -92,17 +103,14 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     return new, report
 
 
-def _fit_and_emit(plans: list[LayerPlan], force: bool, emit: str, progress: bool) -> dict:
+def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, emit: str, progress: bool) -> dict:
     """Fit each planned layer (once per shared weight) and emit its replacement nodes;
     returns the replacements keyed by id(node)."""
-    fitted, replacements, shared = {}, {}, {}
+    replacements, shared = {}, {}
     for plan in _progress(plans, progress):
         layer = plan.layer
         key = (layer.weight_key, plan.format, plan.spec, plan.modes, plan.order)
-        if key not in fitted:
-            fitted[key] = _fit(plan)
-        fact = fitted[key]
-        fact.weight_error = fact.relative_error(layer.weight)
+        fact = fitter.fit(layer, plan.format, plan.spec, plan.modes, plan.order)
         saved = fact.params() < layer.params or any(o.fact is fact for o in replacements.values())
         if not saved and not force:
             layer.reason = f"no saving at this rank ({fact.params()} >= {layer.params} parameters; --force rewrites anyway)"
@@ -117,14 +125,6 @@ def _fit_and_emit(plans: list[LayerPlan], force: bool, emit: str, progress: bool
 class _Replacement:
     def __init__(self, layer: Layer, plan: LayerPlan, fact: Factorization, builder: Builder):
         self.layer, self.plan, self.fact, self.builder = layer, plan, fact, builder
-
-
-def _fit(plan: LayerPlan) -> Factorization:
-    fmt = FORMATS[plan.format]
-    layer = plan.layer
-    if layer.kind == "conv":
-        return fmt.fit_conv(layer.weight, plan.spec)
-    return fmt.fit_dense(layer.weight, plan.spec, modes=plan.modes, order=plan.order)
 
 
 def emit_layer(builder: Builder, layer: Layer, fact: Factorization, emit: str = "matmul") -> None:

@@ -354,6 +354,18 @@ def symbolic_shapes(model, input_shapes) -> dict[str, Shape]:
 
 # ---------------------------------------------------------------- entry point
 
+def parameters(model: onnx.ModelProto) -> tuple[int, int]:
+    """(float parameters, bytes of all initializers and Constant tensors), subgraphs included."""
+    params = nbytes = 0
+    for g in _graphs(model.graph):
+        for t in _tensors(g):
+            n = math.prod(t.dims)
+            if t.data_type in _FLOATS:
+                params += n
+            nbytes += _nbytes(t, n)
+    return params, nbytes
+
+
 def count(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> ModelCost:
     """Parameters and MACs of ``model`` run once on inputs of ``input_shapes``.
 
@@ -361,12 +373,7 @@ def count(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> M
     symbolic dimensions; inputs not named keep the shapes the model declares).
     """
     cost = ModelCost()
-    for g in _graphs(model.graph):
-        for t in _tensors(g):
-            n = math.prod(t.dims)
-            if t.data_type in _FLOATS:
-                cost.params += n
-            cost.param_bytes += _nbytes(t, n)
+    cost.params, cost.param_bytes = parameters(model)
 
     m = _with_inputs(model, input_shapes, strip=True)
     for data_prop in (True, False):

@@ -10,6 +10,10 @@ from .formats import FORMATS, RankSpec
 from .graph import Layer
 
 
+# the formats `--format auto` chooses from (every data-free format that fits any layer)
+AUTO_FORMATS = tuple(f for f in FORMATS if f not in ("hybrid",))
+
+
 @dataclass
 class Selection:
     """Layer selection in the style of onnxruntime.quantization."""
@@ -40,10 +44,16 @@ class LayerPlan:
     order: int | None = None
 
 
-def rank_spec(rank: int | None = None, tol: float | None = None, ratio: float | None = None) -> RankSpec:
-    given = [v is not None for v in (rank, tol, ratio)]
+def rank_spec(rank: int | None = None, tol: float | None = None, ratio: float | None = None,
+              budget: float | None = None) -> RankSpec:
+    """The per-layer rank rule. With a whole-model --budget the allocator chooses ranks."""
+    given = [v is not None for v in (rank, tol, ratio, budget)]
     if sum(given) > 1:
-        raise TnonnxError("give one of --rank, --tol, --ratio")
+        raise TnonnxError("give one of --rank, --tol, --ratio, --budget")
+    if budget is not None:
+        if budget <= 1:
+            raise TnonnxError(f"--budget {budget}: must be > 1 (e.g. 3x)")
+        return RankSpec()
     if rank is not None and rank < 1:
         raise TnonnxError(f"--rank {rank}: must be >= 1")
     if tol is not None and not 0 < tol < 1:
@@ -58,8 +68,8 @@ def rank_spec(rank: int | None = None, tol: float | None = None, ratio: float | 
 def make_plan(layers: list[Layer], format: str, spec: RankSpec, selection: Selection,
               modes: tuple | None = None, order: int | None = None) -> list[LayerPlan]:
     """Plans for the selected rewritable layers; the others get their reason set."""
-    if format not in FORMATS:
-        raise TnonnxError(f"--format {format}: unknown (choose from {', '.join(FORMATS)})")
+    if format not in FORMATS and format != "auto":
+        raise TnonnxError(f"--format {format}: unknown (choose from {', '.join(list(FORMATS) + ['auto'])})")
     plans = []
     for layer in layers:
         if layer.reason is None:
@@ -82,3 +92,103 @@ def _prod(values) -> int:
     for v in values:
         out *= v
     return out
+
+
+# ------------------------------------------------------------------ fitting choices
+
+RANK_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+class Fitter:
+    """Fits layers, once per (weight, format, spec, modes, order): layers that share a
+    weight share the factorisation, and the budget allocator's many trials are reused."""
+
+    def __init__(self, options: dict | None = None):
+        self.options = options or {}
+        self.cache: dict = {}
+
+    def fit(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None):
+        key = (layer.weight_key, format, spec, modes, order)
+        if key not in self.cache:
+            module = FORMATS[format]
+            if layer.kind == "conv":
+                fact = module.fit_conv(layer.weight, spec, **self.options)
+            else:
+                fact = module.fit_dense(layer.weight, spec, modes=modes, order=order, **self.options)
+            fact.weight_error = fact.relative_error(layer.weight)
+            self.cache[key] = fact
+        return self.cache[key]
+
+
+def choose_auto(plans: list[LayerPlan], fitter: Fitter, formats: tuple[str, ...]) -> None:
+    """Per layer, the format with the lowest weight error under the same rank rule (with
+    --tol: the fewest parameters meeting it)."""
+    for plan in plans:
+        trials = [(f, fitter.fit(plan.layer, f, plan.spec, plan.modes, plan.order)) for f in formats]
+        if plan.spec.tol is not None:
+            best = min(trials, key=lambda t: (t[1].weight_error > plan.spec.tol, t[1].params()))
+        else:
+            best = min(trials, key=lambda t: (t[1].weight_error, t[1].params()))
+        plan.format = best[0]
+
+
+def allocate_budget(plans: list[LayerPlan], fitter: Fitter, formats: tuple[str, ...], available: int) -> None:
+    """Choose a format and rank per layer so that the selected layers hold at most
+    `available` parameters, minimising the sum of squared relative weight errors.
+
+    Each distinct weight gets a Pareto front of (parameters, error) candidates (rank caps
+    from RANK_LADDER in every allowed format, and keeping the layer dense). Starting from
+    the cheapest candidates, the allocator repeatedly takes the upgrade with the largest
+    error drop per parameter that still fits: large insensitive layers give up more than
+    small sensitive ones. Layers left dense get that reason."""
+    groups: dict[str, list[LayerPlan]] = {}
+    for plan in plans:
+        groups.setdefault(plan.layer.weight_key, []).append(plan)
+    fronts = {key: _front(group[0], fitter, formats) for key, group in groups.items()}
+    current = {key: 0 for key in fronts}
+    spent = sum(front[0][0] for front in fronts.values())
+    if spent > available:
+        raise TnonnxError(f"--budget: unreachable; the selected layers need at least {spent} parameters "
+                          f"at the lowest ranks, the budget leaves {max(available, 0)}")
+    while True:
+        best = None
+        for key, front in fronts.items():
+            p0, e0 = front[current[key]][:2]
+            for j in range(current[key] + 1, len(front)):
+                p1, e1 = front[j][:2]
+                if spent - p0 + p1 > available:
+                    break
+                slope = (e0 - e1) / max(p1 - p0, 1)
+                if best is None or slope > best[0]:
+                    best = (slope, key, j)
+        if best is None:
+            break
+        _, key, j = best
+        spent += fronts[key][j][0] - fronts[key][current[key]][0]
+        current[key] = j
+    for key, group in groups.items():
+        _, _, fmt, spec = fronts[key][current[key]]
+        for plan in group:
+            if fmt is None:
+                plan.layer.reason = "kept dense by the --budget allocator"
+            else:
+                plan.format, plan.spec = fmt, spec
+
+
+def _front(plan: LayerPlan, fitter: Fitter, formats) -> list[tuple]:
+    """(params, squared relative error, format, spec) on the lower Pareto front, by params."""
+    layer = plan.layer
+    candidates = [(layer.params, 0.0, None, None)]
+    for fmt in formats:
+        for cap in RANK_LADDER:
+            spec = RankSpec(rank=cap)
+            fact = fitter.fit(layer, fmt, spec, plan.modes, plan.order)
+            if fact.params() >= layer.params:
+                break
+            candidates.append((fact.params(), fact.weight_error**2, fmt, spec))
+    candidates.sort(key=lambda c: (c[0], c[1]))
+    front = []
+    for c in candidates:
+        if not front or c[1] < front[-1][1]:
+            front.append(c)
+    return front
