@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import functools
 import json
-import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
 import click
 from rich.console import Console
 
-from . import api, bench, calibrate, validate as validation
+from . import api, bench, calibrate, model as model_io
 from .errors import TnonnxError
 from .formats import FORMATS
 from .report import render_validation
+from .validate import validate as compare_models
 
 
 def _console() -> Console:
@@ -31,15 +33,16 @@ def handles_errors(fn):
         try:
             return fn(*args, **kwargs)
         except TnonnxError as exc:
-            if debug:
-                raise
+            if debug:  # the traceback, then the same exit code as without --debug
+                traceback.print_exc()
             click.echo(f"tnonnx: error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
             raise
         except Exception as exc:  # an internal error: still one line unless --debug
             if debug:
-                raise
+                traceback.print_exc()
+                sys.exit(3)
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             click.echo(f"tnonnx: internal error: {type(exc).__name__}: {first} (rerun with --debug)", err=True)
             sys.exit(3)
@@ -64,7 +67,38 @@ def threshold_options(fn):
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsageError(click.UsageError):
+    """Bad usage as one line on stderr (exit 2), pointing at --help instead of printing usage."""
+
+    def show(self, file=None):
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"tnonnx: error: {self.format_message()}{hint}", err=True)
+
+
+_KEEP_USAGE = (_OneLineUsageError, getattr(click.exceptions, "NoArgsIsHelpError", _OneLineUsageError))
+
+
+class _Main(click.Group):
+    """The group, with click's usage errors (bad option values, unknown options) in one line."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            if isinstance(exc, _KEEP_USAGE):
+                raise
+            raise _OneLineUsageError(exc.format_message(), exc.ctx) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            if isinstance(exc, _KEEP_USAGE):
+                raise
+            raise _OneLineUsageError(exc.format_message(), exc.ctx) from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tnonnx")
 def main():
     """Compress ONNX models by rewriting MatMul/Gemm/Conv layers as tensor networks."""
@@ -94,12 +128,12 @@ def inspect(model, batch, shapes, as_json):
 @click.option("--tol", type=float, default=None, help="Relative Frobenius error allowed per layer.")
 @click.option("--ratio", type=float, default=None, help="Parameter reduction per layer, e.g. 10.")
 @click.option("--modes", default=None, metavar="IN,OUT", help="Tensorization override, e.g. 8x8x6,4x8x12.")
-@click.option("--order", type=int, default=None, help="Number of cores per dense layer (default: automatic).")
+@click.option("--order", type=click.IntRange(min=1), default=None, help="Number of cores per dense layer (default: automatic).")
 @click.option("--emit", type=click.Choice(api.EMIT_MODES), default="matmul", show_default=True)
 @click.option("--ops", default="MatMul,Gemm,Conv", show_default=True, help="Op types to rewrite.")
 @click.option("--include", default=None, help="Regex: only nodes whose name matches.")
 @click.option("--exclude", default=None, help="Regex: skip nodes whose name matches.")
-@click.option("--min-params", type=int, default=0, show_default=True, help="Skip smaller weights.")
+@click.option("--min-params", type=click.IntRange(min=0), default=0, show_default=True, help="Skip smaller weights.")
 @click.option("--force", is_flag=True, help="Rewrite layers even where nothing is saved.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with the original.")
 @input_options
@@ -109,12 +143,17 @@ def inspect(model, batch, shapes, as_json):
 def rewrite(model, output, fmt, rank, tol, ratio, modes, order, emit, ops, include, exclude, min_params, force,
             validate, inputs, shapes, batch, atol, rtol, min_cosine, report_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
-    source = Path(model)
+    source = model_io.check_path(model)
     target = Path(output) if output else source.with_name(f"{source.stem}.{fmt}.onnx")
-    same = target.resolve() == source.resolve() or (
-        source.exists() and target.exists() and os.path.samefile(source, target))
-    if same:
+    if model_io.same_file(source, target):
         raise TnonnxError(f"output '{target}' is the input model; choose another path with -o")
+    model_io.check_output_path(target)
+    if report_path:
+        if model_io.same_file(report_path, source) or model_io.same_file(report_path, target):
+            raise TnonnxError(f"report '{report_path}' is the input or output model; choose another path")
+        model_io.check_output_path(report_path, "report")
+    for flag, pattern in (("--include", include), ("--exclude", exclude)):
+        _check_regex(flag, pattern)
     new, report = api.rewrite(
         model, format=fmt, rank=rank, tol=tol, ratio=ratio, modes=modes, order=order, emit=emit, batch=batch,
         ops=[o.strip() for o in ops.split(",") if o.strip()], include=include, exclude=exclude,
@@ -125,9 +164,27 @@ def rewrite(model, output, fmt, rank, tol, ratio, modes, order, emit, ops, inclu
     report.render(_console())
     click.echo(f"wrote {target}")
     if report_path:
-        report.write_json(report_path)
+        _write(report_path, "report", report.write_json)
     if report.validation is not None and not report.validation.ok:
         sys.exit(1)
+
+
+def _check_regex(flag: str, pattern: str | None) -> None:
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise TnonnxError(f"{flag} '{pattern}': not a valid regular expression ({exc})") from None
+
+
+def _write(path, what: str, write) -> None:
+    """Write a side file (report, JSON) with `write(path)`; its folders are created."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as exc:
+        raise TnonnxError(f"{what} '{path}': cannot write it ({exc.strerror or exc})") from None
 
 
 @main.command("validate")
@@ -144,12 +201,15 @@ def validate_cmd(reference, candidate, inputs, shapes, batch, atol, rtol, min_co
     With no threshold given, --min-cosine 0.99 applies."""
     if atol is None and rtol is None and min_cosine is None:
         min_cosine = 0.99
-    result = validation.validate(reference, candidate, inputs=inputs, shapes=calibrate.parse_shapes(shapes),
-                                 batch=batch, seed=seed, atol=atol, rtol=rtol, min_cosine=min_cosine)
+    if json_path:
+        if model_io.same_file(json_path, reference) or model_io.same_file(json_path, candidate):
+            raise TnonnxError(f"--json '{json_path}' is one of the models; choose another path")
+        model_io.check_output_path(json_path, "--json")
+    result = compare_models(reference, candidate, inputs=inputs, shapes=calibrate.parse_shapes(shapes),
+                            batch=batch, seed=seed, atol=atol, rtol=rtol, min_cosine=min_cosine)
     render_validation(result, _console())
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
+        _write(json_path, "--json", lambda p: Path(p).write_text(json.dumps(result.to_dict(), indent=2)))
     if not result.ok:
         sys.exit(1)
 

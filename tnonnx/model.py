@@ -48,28 +48,74 @@ def load(source, *, what: str = "model") -> onnx.ModelProto:
     """
     if isinstance(source, onnx.ModelProto):
         model = _copy(source)
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise TnonnxError(f"{what} '{path}': no such file")
-        if path.is_dir():
-            raise TnonnxError(f"{what} '{path}': is a directory, not an ONNX file")
-        if path.stat().st_size == 0:
-            raise TnonnxError(f"{what} '{path}': file is empty")
+        check_supported(model, what)
+        return model
+    path = check_path(source, what)
+    label = f"{what} '{path}'"
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except OSError as exc:
+        raise TnonnxError(f"{label}: cannot read it ({exc.strerror or _short(exc)})") from None
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise TnonnxError(f"{label}: not an ONNX model or truncated ({_short(exc)})") from None
+    if not model.graph.node and not model.graph.output:
+        raise TnonnxError(f"{label}: not an ONNX model (no graph found)")
+    if _uses_external_data(model):
         try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # protobuf raises DecodeError and friends
-            raise TnonnxError(f"{what} '{path}': not an ONNX model or truncated ({_short(exc)})") from None
-        if not model.graph.node and not model.graph.output:
-            raise TnonnxError(f"{what} '{path}': not an ONNX model (no graph found)")
-        if _uses_external_data(model):
-            try:
-                onnx.load_external_data_for_model(model, str(path.parent))
-            except Exception as exc:
-                raise TnonnxError(f"{what} '{path}': cannot read its external data ({_short(exc)})") from None
-            model.metadata_props.add(key="tnonnx.external_data", value="1")
-    check_supported(model, what)
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:
+            raise TnonnxError(f"{label}: cannot read its external data ({_short(exc)})") from None
+        model.metadata_props.add(key="tnonnx.external_data", value="1")
+    check_supported(model, label)
+    # A file cut at a field boundary can still parse (e.g. with an opset import or a
+    # function missing): the checker catches what the parser cannot.
+    if model.ByteSize() < _TWO_GB - 2**20:
+        try:
+            onnx.checker.check_model(model)
+        except Exception as exc:
+            raise TnonnxError(f"{label}: invalid or truncated ONNX model ({_short(exc)})") from None
     return model
+
+
+def check_path(source, what: str = "model") -> Path:
+    """The path of an existing, non-empty regular file, or TnonnxError saying what is wrong."""
+    path = Path(source)
+    if not path.exists():
+        raise TnonnxError(f"{what} '{path}': no such file")
+    if path.is_dir():
+        raise TnonnxError(f"{what} '{path}': is a directory, not an ONNX file")
+    if not path.is_file():
+        raise TnonnxError(f"{what} '{path}': not a regular file")
+    if path.stat().st_size == 0:
+        raise TnonnxError(f"{what} '{path}': file is empty")
+    return path
+
+
+def check_output_path(path, what: str = "output") -> Path:
+    """Fail early, before any work, when `path` cannot be written (missing folders are fine:
+    they are created when writing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise TnonnxError(f"{what} '{path}': is a directory")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise TnonnxError(f"{what} '{path}': '{folder}' is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TnonnxError(f"{what} '{path}': folder '{folder}' is not writable")
+    return path
+
+
+def same_file(a, b) -> bool:
+    """Whether two paths name the same file (through any spelling, link or hard link)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def check_supported(model: onnx.ModelProto, what: str = "model") -> None:
@@ -111,8 +157,15 @@ def save(model: onnx.ModelProto, path, *, external_data: bool | None = None) -> 
         if model.metadata_props[i].key == "tnonnx.external_data":
             del model.metadata_props[i]
     normalise_versions(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise TnonnxError(f"output '{path}': is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise TnonnxError(f"output '{path}': cannot write there ({exc.strerror or _short(exc)})") from None
+    # mkstemp creates the file 0600; give the model the permissions of an ordinary new file
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     data_tmp = None
     try:
@@ -134,12 +187,20 @@ def save(model: onnx.ModelProto, path, *, external_data: bool | None = None) -> 
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         for p in (tmp, data_tmp):
             if p is not None and os.path.exists(p):
                 os.unlink(p)
+        if isinstance(exc, OSError):  # disk full, permissions: the user's to fix
+            raise TnonnxError(f"output '{path}': cannot write it ({exc.strerror or _short(exc)})") from None
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -23,6 +23,14 @@ class Selection:
     exclude: str | None = None
     min_params: int = 0
 
+    def __post_init__(self):
+        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
+            if pattern:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise TnonnxError(f"{flag} '{pattern}': not a valid regular expression ({exc})") from None
+
     def reason_to_skip(self, layer: Layer) -> str | None:
         if layer.op_type not in self.ops:
             return f"op {layer.op_type} not selected (--ops)"
@@ -68,6 +76,8 @@ def rank_spec(rank: int | None = None, tol: float | None = None, ratio: float | 
 def make_plan(layers: list[Layer], format: str, spec: RankSpec, selection: Selection,
               modes: tuple | None = None, order: int | None = None) -> list[LayerPlan]:
     """Plans for the selected rewritable layers; the others get their reason set."""
+    if order is not None and not 1 <= order <= MAX_ORDER:
+        raise TnonnxError(f"--order {order}: must be between 1 and {MAX_ORDER}")
     if format not in FORMATS and format != "auto":
         raise TnonnxError(f"--format {format}: unknown (choose from {', '.join(list(FORMATS) + ['auto'])})")
     plans = []
@@ -96,6 +106,7 @@ def _prod(values) -> int:
 
 # ------------------------------------------------------------------ fitting choices
 
+MAX_ORDER = 8  # cores per dense layer; more only fragments the modes into 1s and 2s
 RANK_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
