@@ -96,7 +96,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch,
                                      atol=atol, rtol=rtol, min_cosine=min_cosine)
     report = RewriteReport(
-        format=format, spec=spec.describe(), emit=emit, batch=batch, rows=rows,
+        format=format, spec=f"budget {budget:g}x" if budget else spec.describe(), emit=emit, batch=batch, rows=rows,
         totals=Totals(before.params, after.params, original.ByteSize(), new.ByteSize(), before.total, after.total),
         validation=result, seconds=seconds,
     )

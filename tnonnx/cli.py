@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import sys
 import traceback
 from pathlib import Path
@@ -123,10 +122,16 @@ def inspect(model, batch, shapes, as_json):
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output path (default: <stem>.<format>.onnx beside the input).")
-@click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), default="tt", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(sorted(FORMATS) + ["auto"]), default="tt", show_default=True,
+              help="auto: per layer, the format with the lowest weight error under the rank rule.")
 @click.option("--rank", type=int, default=None, help="Rank cap (default 8 when no rank rule is given).")
 @click.option("--tol", type=float, default=None, help="Relative Frobenius error allowed per layer.")
 @click.option("--ratio", type=float, default=None, help="Parameter reduction per layer, e.g. 10.")
+@click.option("--budget", type=str, default=None, metavar="Nx",
+              help="Whole-model parameter reduction, e.g. 3x, allocated across layers by error per parameter.")
+@click.option("--conv-layout", type=click.Choice(["cp4", "cp3"]), default=None,
+              help="CP convolutions: 1x1, kh x 1, 1 x kw, 1x1 (cp4) or 1x1, depthwise, 1x1 (cp3).")
+@click.option("--stp-t", type=click.IntRange(min=1), default=None, help="Semi-tensor formats: the identity factor t (default 2).")
 @click.option("--modes", default=None, metavar="IN,OUT", help="Tensorization override, e.g. 8x8x6,4x8x12.")
 @click.option("--order", type=click.IntRange(min=1), default=None, help="Number of cores per dense layer (default: automatic).")
 @click.option("--emit", type=click.Choice(api.EMIT_MODES), default="matmul", show_default=True)
@@ -140,8 +145,8 @@ def inspect(model, batch, shapes, as_json):
 @threshold_options
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @handles_errors
-def rewrite(model, output, fmt, rank, tol, ratio, modes, order, emit, ops, include, exclude, min_params, force,
-            validate, inputs, shapes, batch, atol, rtol, min_cosine, report_path):
+def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, ops, include,
+            exclude, min_params, force, validate, inputs, shapes, batch, atol, rtol, min_cosine, report_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
     source = model_io.check_path(model)
     target = Path(output) if output else source.with_name(f"{source.stem}.{fmt}.onnx")
@@ -152,10 +157,9 @@ def rewrite(model, output, fmt, rank, tol, ratio, modes, order, emit, ops, inclu
         if model_io.same_file(report_path, source) or model_io.same_file(report_path, target):
             raise TnonnxError(f"report '{report_path}' is the input or output model; choose another path")
         model_io.check_output_path(report_path, "report")
-    for flag, pattern in (("--include", include), ("--exclude", exclude)):
-        _check_regex(flag, pattern)
+    options = {k: v for k, v in (("conv_layout", conv_layout), ("stp_t", stp_t)) if v is not None}
     new, report = api.rewrite(
-        model, format=fmt, rank=rank, tol=tol, ratio=ratio, modes=modes, order=order, emit=emit, batch=batch,
+        model, format=fmt, rank=rank, tol=tol, ratio=ratio, budget=_budget(budget), format_options=options, modes=modes, order=order, emit=emit, batch=batch,
         ops=[o.strip() for o in ops.split(",") if o.strip()], include=include, exclude=exclude,
         min_params=min_params, force=force, validate=validate, inputs=inputs,
         shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine, progress=True)
@@ -169,13 +173,13 @@ def rewrite(model, output, fmt, rank, tol, ratio, modes, order, emit, ops, inclu
         sys.exit(1)
 
 
-def _check_regex(flag: str, pattern: str | None) -> None:
-    if pattern is None:
-        return
+def _budget(text: str | None) -> float | None:
+    if text is None:
+        return None
     try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise TnonnxError(f"{flag} '{pattern}': not a valid regular expression ({exc})") from None
+        return float(text.lower().removesuffix("x"))
+    except ValueError:
+        raise TnonnxError(f"--budget '{text}': expected a reduction such as 3x") from None
 
 
 def _write(path, what: str, write) -> None:
