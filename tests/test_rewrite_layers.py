@@ -186,7 +186,29 @@ def test_conv(fmt, x_shape, k_shape, attrs, with_bias):
     check_equal(m, {"x": randn(*x_shape, seed=20)}, fmt)
 
 
-def test_grouped_depthwise_and_quantized_layers_are_left_alone_with_reasons():
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("group", [2, 4])
+def test_grouped_conv_is_factorised_group_by_group(fmt, group):
+    k = randn(16, 16 // group, 3, 3, seed=25)
+    nodes = [helper.make_node("Conv", ["x", "K", "B"], ["y"], name="conv", group=group, pads=[1, 1, 1, 1], strides=[2, 2])]
+    m = make_model(nodes, [value("x", [1, 16, 9, 9])], [value("y", [1, 16, 5, 5])], [init("K", k), init("B", randn(16, seed=26))])
+    new, report = check_equal(m, {"x": randn(1, 16, 9, 9, seed=27)}, fmt)
+    assert report.rows[0].format == fmt
+    layer = find_layers(m)[0]
+    from tnonnx.plan import Fitter
+    from tnonnx.formats import RankSpec
+    import torch
+
+    fact = Fitter().fit(layer, fmt, RankSpec(rank=2))
+    assert fact.relative_error(layer.weight) < 1
+    x = randn(1, 16, 9, 9, seed=28)
+    with torch.no_grad():
+        y_torch = fact.torch_module(layer.geometry, layer.bias)(torch.from_numpy(x)).numpy()
+    small, _ = tnonnx.rewrite(m, format=fmt, rank=2, force=True, validate=False)
+    np.testing.assert_allclose(run(small, {"x": x})[0], y_torch, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_and_quantized_layers_are_left_alone_with_reasons():
     nodes = [
         helper.make_node("Conv", ["x", "Kg"], ["g"], name="grouped", group=2),
         helper.make_node("Conv", ["g", "Kd"], ["d"], name="depthwise", group=8),
@@ -199,10 +221,10 @@ def test_grouped_depthwise_and_quantized_layers_are_left_alone_with_reasons():
              init("zero", np.array(0, dtype=np.int8))]
     m = make_model(nodes, [value("x", [1, 8, 8, 8])], [value("y", [1, 10])], inits)
     reasons = {l.name: l.reason for l in find_layers(m)}
-    assert "grouped" in reasons["grouped"] and "depthwise" in reasons["depthwise"]
+    assert reasons["grouped"] is None and "depthwise" in reasons["depthwise"]
     assert "quantized" in reasons["quantized"]
     with pytest.raises(tnonnx.TnonnxError, match="nothing to rewrite"):
-        tnonnx.rewrite(m, format="tt", rank=4)
+        tnonnx.rewrite(m, format="tt", rank=4, exclude="grouped")
 
 
 def test_untouched_nodes_stay_byte_identical_and_input_is_not_modified():

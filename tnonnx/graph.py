@@ -47,6 +47,7 @@ class Layer:
     bias_input: str | None = None  # computed Gemm C
     beta: float = 1.0
     geometry: ConvGeometry | None = None
+    groups: int = 1  # conv group count; each group is factorised on its own
     weight_path: list[str] = field(default_factory=list)  # tensors between the constant and the node
 
     @property
@@ -208,6 +209,8 @@ def _describe(layer: Layer, scope: Scope, shapes: dict) -> None:
     if layer.weight is not None and layer.reason is None:
         if np.dtype(layer.compute_dtype) not in [np.dtype(t) for t in FLOAT_TYPES]:
             layer.reason = f"weight dtype {layer.compute_dtype} is not float16/32/64"
+        elif layer.kind == "conv" and min(layer.weight.shape[0] // layer.groups, layer.weight.shape[1]) < 2:
+            layer.reason = "conv with a single input or output channel per group: nothing to factorise"
         elif min(layer.weight.shape[:2]) < 2:
             layer.reason = "weight has a dimension of size 1"
 
@@ -269,10 +272,9 @@ def _describe_conv(layer: Layer, consts, shapes) -> None:
     if not isinstance(found, tuple):
         layer.reason = "conv weight is computed, not constant"
         return
-    group = _attr(node, "group", 1)
-    if group != 1:
-        kind = "depthwise" if found[0].shape[1] == 1 else "grouped"
-        layer.reason = f"{kind} conv (group={group}) is not rewritten yet"
+    layer.groups = _attr(node, "group", 1)
+    if layer.groups != 1 and found[0].shape[1] == 1:
+        layer.reason = f"depthwise conv (group={layer.groups}): one input channel per filter, nothing to factorise"
         return
     if len(node.input) > 2 and node.input[2]:
         if not isinstance(consts[2], tuple):

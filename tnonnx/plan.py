@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .errors import TnonnxError
 from .formats import FORMATS, RankSpec
+from .formats.base import GroupedConvFactorization
 from .graph import Layer
 
 
@@ -122,7 +123,12 @@ class Fitter:
         key = (layer.weight_key, format, spec, modes, order)
         if key not in self.cache:
             module = FORMATS[format]
-            if layer.kind == "conv":
+            if layer.kind == "conv" and layer.groups > 1:
+                per = layer.weight.shape[0] // layer.groups
+                fact = GroupedConvFactorization(format, [
+                    module.fit_conv(layer.weight[i * per:(i + 1) * per], spec, **self.options)
+                    for i in range(layer.groups)])
+            elif layer.kind == "conv":
                 fact = module.fit_conv(layer.weight, spec, **self.options)
             else:
                 fact = module.fit_dense(layer.weight, spec, modes=modes, order=order, **self.options)

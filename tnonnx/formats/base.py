@@ -252,3 +252,48 @@ def merge_train(cores: list):
         r0, n, r = out.shape
         out = (out.reshape(r0 * n, r) @ core.reshape(r, -1)).reshape(r0, n * core.shape[1], core.shape[2])
     return out
+
+
+@dataclass
+class GroupedConvFactorization(Factorization):
+    """A grouped conv (group g > 1) factorised group by group: its input channels are
+    sliced into g parts, each part goes through its own factorised conv, the outputs are
+    concatenated."""
+
+    format: str
+    groups: list[ConvFactorization]
+
+    @property
+    def cores(self) -> dict[str, np.ndarray]:
+        return {f"g{i}.{k}": v for i, g in enumerate(self.groups) for k, v in g.cores.items()}
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.groups[0].ranks
+
+    def params(self) -> int:
+        return sum(g.params() for g in self.groups)
+
+    def to_dense(self) -> np.ndarray:
+        """The grouped kernel, T x S/g x k, as ONNX stores it."""
+        return np.concatenate([g.to_dense() for g in self.groups], axis=0)
+
+    def macs(self, geometry: ConvGeometry) -> int:
+        return sum(g.macs(geometry) for g in self.groups)
+
+    def emit(self, builder: Builder, x: str, geometry: ConvGeometry, bias: np.ndarray | None, output: str) -> str:
+        per_in, per_out = self.groups[0].channels[1], self.groups[0].channels[0]
+        outs = []
+        for i, group in enumerate(self.groups):
+            part = builder.op("Slice", [x, builder.int64s([i * per_in]), builder.int64s([(i + 1) * per_in]),
+                                        builder.int64s([1])], "group")
+            part_bias = None if bias is None else bias[i * per_out:(i + 1) * per_out]
+            outs.append(group.emit(builder, part, geometry, part_bias, builder.fresh("group_out")))
+        return builder.op("Concat", outs, "concat", output=output, axis=1)
+
+    def torch_module(self, geometry: ConvGeometry, bias: np.ndarray | None = None):
+        from ..nn.modules import GroupedConv
+
+        per_out = self.groups[0].channels[0]
+        return GroupedConv([g.torch_module(geometry, None if bias is None else bias[i * per_out:(i + 1) * per_out])
+                            for i, g in enumerate(self.groups)])

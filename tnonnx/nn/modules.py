@@ -63,3 +63,15 @@ def _torch_attrs(attrs: dict, nsp: int):
     torch_pad = [p for pair in zip(reversed(begin), reversed(end)) for p in pair]  # last axis first
     return (torch_pad, list(attrs.get("strides", [1] * nsp)), list(attrs.get("dilations", [1] * nsp)),
             attrs.get("group", 1))
+
+
+class GroupedConv(nn.Module):
+    """Input channels split into equal groups, one factorised conv per group, concatenated."""
+
+    def __init__(self, groups: list[nn.Module]):
+        super().__init__()
+        self.groups = nn.ModuleList(groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.chunk(x, len(self.groups), dim=1)
+        return torch.cat([g(p) for g, p in zip(self.groups, parts)], dim=1)
