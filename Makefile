@@ -32,6 +32,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PIP) -e '.[torch,test,bench]'
 	$(PY) bench/rewrite_bench.py
 
 clean:
