@@ -2,9 +2,9 @@
 
 from types import ModuleType
 
-from . import svd, tt
+from . import ht, hybrid, svd, tt
 from .base import ChainFactorization, ConvFactorization, ConvGeometry, Factorization, RankSpec
 
-FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (svd, tt)}
+FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (svd, tt, ht, hybrid)}
 
 __all__ = ["FORMATS", "ChainFactorization", "ConvFactorization", "ConvGeometry", "Factorization", "RankSpec"]
