@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_limits
 from . import calibrate, macs
 from . import model as model_io
 from .emit import Builder
-from .errors import TnonnxError
+from .errors import NotApplicable, TnonnxError
 from .formats import FORMATS, Factorization
 from .graph import Layer, find_layers, replace_nodes
 from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, allocate_budget, choose_auto, make_plan, rank_spec
@@ -78,6 +78,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             plans = [p for p in plans if p.layer.reason is None]
         elif format == "auto":
             choose_auto(plans, fitter, candidates)
+            plans = [p for p in plans if p.layer.reason is None]
         replacements = _fit_and_emit(plans, fitter, force, emit, progress)
     if not replacements:
         raise TnonnxError("nothing to rewrite: no layer gets smaller at this rank" + _reasons_summary(layers))
@@ -110,7 +111,11 @@ def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, emit: str
     for plan in _progress(plans, progress):
         layer = plan.layer
         key = (layer.weight_key, plan.format, plan.spec, plan.modes, plan.order)
-        fact = fitter.fit(layer, plan.format, plan.spec, plan.modes, plan.order)
+        try:
+            fact = fitter.fit(layer, plan.format, plan.spec, plan.modes, plan.order)
+        except NotApplicable as exc:
+            layer.reason = str(exc)
+            continue
         saved = fact.params() < layer.params or any(o.fact is fact for o in replacements.values())
         if not saved and not force:
             layer.reason = f"no saving at this rank ({fact.params()} >= {layer.params} parameters; --force rewrites anyway)"

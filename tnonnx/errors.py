@@ -7,6 +7,11 @@ class TnonnxError(Exception):
     exit_code = 2
 
 
+class NotApplicable(TnonnxError):
+    """A format cannot represent this layer (its shape, or the requested tolerance or
+    ratio): the layer is left alone with this message as its reason."""
+
+
 class ValidationFailed(Exception):
     """Two models disagree beyond the requested thresholds (exit code 1)."""
 

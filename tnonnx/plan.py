@@ -5,14 +5,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import TnonnxError
+from .errors import NotApplicable, TnonnxError
 from .formats import FORMATS, RankSpec
 from .formats.base import GroupedConvFactorization
 from .graph import Layer
 
 
-# the formats `--format auto` chooses from (every data-free format that fits any layer)
-AUTO_FORMATS = tuple(f for f in FORMATS if f not in ("hybrid",))
+# the formats `--format auto` chooses from: those that can represent any weight (hybrid is
+# a fixed pairing of two of them; the semi-tensor formats only fit weights of their structure)
+AUTO_FORMATS = tuple(f for f in FORMATS if f not in ("hybrid",) and not getattr(FORMATS[f], "STRUCTURED", False))
 
 
 @dataclass
@@ -141,7 +142,15 @@ def choose_auto(plans: list[LayerPlan], fitter: Fitter, formats: tuple[str, ...]
     """Per layer, the format with the lowest weight error under the same rank rule (with
     --tol: the fewest parameters meeting it)."""
     for plan in plans:
-        trials = [(f, fitter.fit(plan.layer, f, plan.spec, plan.modes, plan.order)) for f in formats]
+        trials = []
+        for f in formats:
+            try:
+                trials.append((f, fitter.fit(plan.layer, f, plan.spec, plan.modes, plan.order)))
+            except NotApplicable:
+                continue
+        if not trials:
+            plan.layer.reason = "no format applies to this layer"
+            continue
         if plan.spec.tol is not None:
             best = min(trials, key=lambda t: (t[1].weight_error > plan.spec.tol, t[1].params()))
         else:
@@ -199,7 +208,10 @@ def _front(plan: LayerPlan, fitter: Fitter, formats) -> list[tuple]:
     for fmt in formats:
         for cap in RANK_LADDER:
             spec = RankSpec(rank=cap)
-            fact = fitter.fit(layer, fmt, spec, plan.modes, plan.order)
+            try:
+                fact = fitter.fit(layer, fmt, spec, plan.modes, plan.order)
+            except NotApplicable:
+                break
             if fact.params() >= layer.params:
                 break
             candidates.append((fact.params(), fact.weight_error**2, fmt, spec))
