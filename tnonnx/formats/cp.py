@@ -3,20 +3,26 @@
 Dense: CP of the tensorized matrix (modes n_1..n_d, m_1..m_d), a Chain whose rank label is
 shared by every factor (a hyperedge, kept open as a batched MatMul). Conv: CP-4 (Lebedev et
 al. 2015: 1x1 S -> R, kh x 1 and 1 x kw convs with group=R, 1x1 R -> T) for 2-D kernels,
-CP-3 (1x1, one depthwise k-sized conv, 1x1) for any kernel. See ALGORITHMS.md section 5.
+CP-3 (1x1, one depthwise k-sized conv, 1x1) for any kernel; `conv_layout="cp4"|"cp3"`.
+See ALGORITHMS.md section 5.
 
-Fitting is ALS, which has no optimality or monotonicity guarantee across ranks on its own.
-Three rules make the format behave like the others:
+Fitting is ALS (own implementation, see `als`), which alone guarantees nothing across
+ranks. The rules that make the format behave like the others:
 - ranks are walked up a ladder (1, 2, 3, 4, 6, 8, 12, ...): the fit at rank R starts from
   the fit at the rung below plus new components (zero in the first factor, so the start
   is exactly the lower rung's approximation) and keeps the better of that start and its
-  ALS result (an SVD-initialised restart too), so the error never grows along the ladder;
+  ALS result, so the error never grows along the ladder (rungs are cached, so walking the
+  ladder costs about 2-3 fits at the final rank). Seeds are fixed: fits are reproducible.
 - a rank >= prod(dims) / max(dims) (the slice bound, an upper bound on the CP rank of any
   tensor of that shape) returns the exact slice decomposition: one term per fibre along
-  the largest mode. `--rank` huge therefore means exact (with more parameters than dense);
-- `--tol` searches the ladder (then bisects) up to the rank where CP stops saving
-  parameters (and at most `cp_max_rank`); if ALS cannot reach the tolerance there, the
-  exact slice decomposition is returned, which the rewrite then skips as "no saving".
+  the largest mode. `--rank` huge therefore means exact (with more parameters than dense).
+  A tensor built at CP rank R is recovered to round-off by ALS at rank R.
+- `--ratio`: the largest rank within the budget, at most `cp_max_rank` (ALS cost).
+- `--tol`: the ladder is searched, then bisected, up to the last rank with fewer
+  parameters than dense (and `cp_max_rank`); the smallest rank whose ALS fit meets the
+  tolerance is returned, or NotApplicable (the layer is left alone with that reason).
+- `--rank vbmf` (RankSpec(rank="vbmf")): the EVBMF rank of the matrix (dense) or the larger
+  of the two channel-unfolding ranks (conv): a lower bound on the CP rank of the signal.
 """
 
 from __future__ import annotations
@@ -24,19 +30,18 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 
 from ..emit import Chain, Core, best_order
-from ..errors import TnonnxError
+from ..errors import NotApplicable, TnonnxError
 from ..tensorize import choose_modes
 from .base import ConvFactorization, ConvStage, RankSpec, ChainFactorization, pointwise
 
 NAME = "cp"
 SUPPORTS_VBMF = True
-MAX_RANK = 1024  # default bound of the --tol search (ALS cost grows like R^2 to R^3)
-MAX_EXACT_PARAMS = 2**26  # the exact slice fallback is refused beyond this size
 
 
 # ------------------------------------------------------------------ fitting
@@ -88,31 +93,51 @@ def cp_error(tensor: np.ndarray, factors: list[np.ndarray]) -> float:
     return float(np.linalg.norm(tensor - reconstruct(factors)))
 
 
-def als(tensor: np.ndarray, factors: list[np.ndarray], iters: int, rtol: float = 1e-6) -> list[np.ndarray]:
-    """Alternating least squares. The modes are split in two halves: the MTTKRPs of one
-    half all come from one GEMM of the unfolded tensor with the other half's Khatri-Rao
-    product, which costs one half-sweep what the textbook MTTKRP costs per mode."""
+@dataclass(frozen=True)
+class ALSOptions:
+    """`format_options` of this format: cp_iters (ALS sweeps per rung), cp_restarts (extra
+    SVD/random-initialised runs per rung), cp_max_rank (largest rank --ratio, --tol and
+    vbmf may choose: ALS costs about R^3 + R * size per sweep; an explicit --rank is obeyed),
+    cp_l2 (ridge on every solve, relative to the Gram's mean diagonal: damps degenerate,
+    mutually cancelling terms at some cost in error; 0 keeps exact recovery)."""
+
+    iters: int = 200
+    restarts: int = 0
+    max_rank: int = 256
+    l2: float = 0.0
+
+    @classmethod
+    def from_options(cls, options: dict) -> "ALSOptions":
+        return cls(**{f: options.get(f"cp_{f}", getattr(cls, f)) for f in ("iters", "restarts", "max_rank", "l2")})
+
+
+def als(tensor: np.ndarray, factors: list[np.ndarray], iters: int, l2: float = 0.0, rtol: float = 1e-6
+        ) -> list[np.ndarray]:
+    """Alternating least squares (each step an exact least-squares solve, so the error never
+    grows). The modes are split in two halves: the MTTKRPs of a half all come from one GEMM
+    of the unfolded tensor with the Khatri-Rao product of the other half's factors."""
     dims, d = tensor.shape, tensor.ndim
     h = max(1, d // 2)
     halves = [list(range(h)), list(range(h, d))]
     mat = tensor.reshape(math.prod(dims[:h]), -1)
     factors = [f.copy() for f in factors]
+    grams = [f.T @ f for f in factors]
     norm2, last = float(np.sum(tensor**2)), None
     for _ in range(iters):
         for side, other in (halves, halves[::-1]):
             y = (mat if side[0] == 0 else mat.T) @ khatri_rao([factors[l] for l in other])
             y = y.reshape([dims[l] for l in side] + [-1])
-            gram_other = np.prod([factors[l].T @ factors[l] for l in other], axis=0)
+            gram_other = np.prod([grams[l] for l in other], axis=0)
             for k in side:
-                rest = [l for l in side if l != k]
-                ops = [y, list(range(len(side) + 1))]
-                for l in rest:
-                    ops += [factors[l], [side.index(l), len(side)]]
-                z = np.einsum(*ops, [side.index(k), len(side)], optimize="greedy")
-                v = gram_other * np.prod([factors[l].T @ factors[l] for l in rest] or [1.0], axis=0)
-                factors[k] = _solve(v, z)
+                z = y
+                for l in reversed([l for l in side if l != k]):  # contract the rest of this half
+                    z = np.moveaxis(np.sum(np.moveaxis(z, side.index(l), -2) * factors[l], axis=-2), -1, -1)
+                z = z.reshape(dims[k], -1)
+                v = gram_other * np.prod([grams[l] for l in side if l != k] or [1.0], axis=0)
+                factors[k] = _solve(v + (l2 * np.trace(v) / len(v)) * np.eye(len(v)) if l2 else v, z)
+                grams[k] = factors[k].T @ factors[k]
         # after the last solve: ||T - T~||^2 = ||T||^2 - 2 <T, T~> + ||T~||^2
-        err2 = norm2 - 2 * np.sum(factors[k] * z) + np.sum(v * (factors[k].T @ factors[k]))
+        err2 = norm2 - 2 * np.sum(factors[k] * z) + np.sum(v * grams[k])
         if err2 < 1e-10 * norm2:  # near exact: the formula above is all cancellation
             err2 = cp_error(tensor, factors) ** 2
         if last is not None and last - err2 <= rtol * last:
@@ -139,81 +164,72 @@ def hosvd_init(tensor: np.ndarray, rank: int, rng: np.random.Generator) -> list[
     return out
 
 
-_CACHE: OrderedDict = OrderedDict()
+_CACHE: OrderedDict = OrderedDict()  # (tensor digest, options, rank) -> (factors, error)
 
 
-def _digest(tensor: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(tensor).tobytes(), digest_size=16).hexdigest() + str(tensor.shape)
-
-
-def fit_rank(tensor: np.ndarray, rank: int, iters: int = 200) -> tuple[list[np.ndarray], float]:
-    """(factors, absolute error) at `rank`, by continuation up the ladder (cached)."""
+def fit_rank(tensor: np.ndarray, rank: int, opts: ALSOptions = ALSOptions()) -> tuple[list[np.ndarray], float]:
+    """(factors, absolute error) at `rank`: continuation up the ladder, every rung the best
+    of its start (the rung below plus new components, zero in the first factor) and ALS
+    from it (and from `restarts` SVD/random starts). Rungs are cached across calls."""
     tensor = np.asarray(tensor, dtype=np.float64)
     if rank >= slice_bound(tensor.shape):
         return slice_cp(tensor), 0.0
-    key = (_digest(tensor), iters)
+    digest = hashlib.blake2b(np.ascontiguousarray(tensor).tobytes(), digest_size=16).hexdigest()
     best = None
     for r in ladder(rank):
-        if (key, r) in _CACHE:
-            _CACHE.move_to_end((key, r))
-            best = _CACHE[(key, r)]
-            continue
-        rng = np.random.default_rng(r)
-        inits, fits = [hosvd_init(tensor, r, rng)], []
-        if best is not None:  # the rung below plus new components, zero in the first factor
-            new = r - best[0][0].shape[1]
-            start = [np.hstack([f, np.zeros((f.shape[0], new)) if k == 0 else rng.standard_normal((f.shape[0], new))])
-                     for k, f in enumerate(best[0])]
-            inits, fits = [start] + inits, [(start, best[1])]
-        for init in inits:
-            f = als(tensor, init, iters)
-            fits.append((f, cp_error(tensor, f)))
-        best = min(fits, key=lambda fe: fe[1])
-        _CACHE[(key, r)] = best
-        while len(_CACHE) > 256:
-            _CACHE.popitem(last=False)
+        key = (digest, tensor.shape, opts, r)
+        if key not in _CACHE:
+            rng = np.random.default_rng(r)
+            inits = [hosvd_init(tensor, r, rng) if i == 0 else [rng.standard_normal((n, r)) for n in tensor.shape]
+                     for i in range(opts.restarts + (best is None))]
+            fits = []
+            if best is not None:
+                new = r - best[0][0].shape[1]
+                start = [np.hstack([f, rng.standard_normal((f.shape[0], new)) * (k > 0)]) for k, f in enumerate(best[0])]
+                inits, fits = [start] + inits, [(start, best[1])]
+            for init in inits:
+                f = als(tensor, init, opts.iters, opts.l2)
+                fits.append((f, cp_error(tensor, f)))
+            _CACHE[key] = min(fits, key=lambda fe: fe[1])
+            while len(_CACHE) > 256:
+                _CACHE.popitem(last=False)
+        _CACHE.move_to_end(key)
+        best = _CACHE[key]
     return best
 
 
 def balance(factors: list[np.ndarray]) -> list[np.ndarray]:
     """Unit-norm columns scaled by lambda^(1/D): the same magnitude in every factor."""
     norms = [np.linalg.norm(f, axis=0) for f in factors]
-    lam = np.prod(norms, axis=0)
-    scale = lam ** (1.0 / len(factors))
-    return [np.where(n > 0, f / np.where(n > 0, n, 1) * scale, 0.0) for f, n in zip(factors, norms)]
+    scale = np.prod(norms, axis=0) ** (1.0 / len(factors))
+    return [f / np.where(n > 0, n, 1) * scale for f, n in zip(factors, norms)]
 
 
-def _cap_rank(tensor: np.ndarray, spec: RankSpec, vbmf_rank) -> int:
-    dims = tensor.shape
-    if spec.rank == "vbmf":
-        return vbmf_rank()
-    if spec.ratio is not None:
-        return max(1, int(math.prod(dims) / (spec.ratio * sum(dims))))
-    return int(spec.rank)
-
-
-def decompose(tensor: np.ndarray, spec: RankSpec, vbmf_rank, *, cp_iters: int = 200,
-              cp_max_rank: int = MAX_RANK) -> list[np.ndarray]:
+def decompose(tensor: np.ndarray, spec: RankSpec, vbmf_rank, opts: ALSOptions) -> list[np.ndarray]:
     """Balanced factors of `tensor` under `spec` (see the module notes for the rules)."""
     tensor = np.asarray(tensor, dtype=np.float64)
     dims, bound = tensor.shape, slice_bound(tensor.shape)
     if spec.tol is None:
-        return balance(fit_rank(tensor, min(_cap_rank(tensor, spec, vbmf_rank), bound), cp_iters)[0])
+        if spec.rank == "vbmf":
+            rank = min(vbmf_rank(), opts.max_rank)
+        elif spec.ratio is not None:
+            rank = min(max(1, int(math.prod(dims) / (spec.ratio * sum(dims)))), opts.max_rank)
+        else:
+            rank = bound if spec.rank is None else int(spec.rank)
+        return balance(fit_rank(tensor, min(rank, bound), opts)[0])
     target = spec.tol * float(np.linalg.norm(tensor))
-    limit = min(bound - 1, cp_max_rank, (math.prod(dims) - 1) // sum(dims))
+    limit = min(bound - 1, opts.max_rank, (math.prod(dims) - 1) // sum(dims))  # below: fewer params than dense
     lo = 0
     for r in ladder(limit) if limit >= 1 else []:
-        if fit_rank(tensor, r, cp_iters)[1] <= target:
+        if fit_rank(tensor, r, opts)[1] <= target:
             hi = r
             while hi - lo > 1:  # bisect between the failing rung below and this one
                 mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if fit_rank(tensor, mid, cp_iters)[1] <= target else (mid, hi)
-            return balance(fit_rank(tensor, hi, cp_iters)[0])
+                lo, hi = (lo, mid) if fit_rank(tensor, mid, opts)[1] <= target else (mid, hi)
+            return balance(fit_rank(tensor, hi, opts)[0])
         lo = r
-    if bound * sum(dims) > MAX_EXACT_PARAMS:
-        raise TnonnxError(f"cp: --tol {spec.tol:g} not reached by ALS up to rank {limit} on a {dims} tensor, "
-                          "and the exact CP is too large; use a larger --tol, a --rank, or another format")
-    return balance(slice_cp(tensor))
+    raise NotApplicable(f"cp: --tol {spec.tol:g} not reached by ALS with fewer parameters than the dense "
+                        f"weight (tried ranks up to {limit}, cp_max_rank {opts.max_rank})")
 
 
 # ------------------------------------------------------------------ dense
@@ -226,7 +242,7 @@ def fit_dense(weight: np.ndarray, spec: RankSpec, *, modes=None, order: int | No
     ins = tuple(v for v in ins if v > 1) or (1,)  # CP pairs no in-mode with an out-mode:
     outs = tuple(v for v in outs if v > 1) or (1,)  # size-1 modes are simply dropped
     factors = decompose(np.asarray(weight, dtype=np.float64).reshape(ins + outs), spec,
-                        lambda: _vbmf(weight), **_als_options(options))
+                        lambda: _vbmf(weight), ALSOptions.from_options(options))
     r = factors[0].shape[1]
     d = len(ins)
     sizes = {f"n{k}": v for k, v in enumerate(ins)} | {f"m{k}": v for k, v in enumerate(outs)} | {"r": r}
@@ -241,10 +257,6 @@ def _vbmf(matrix):
     from .vbmf import vbmf_rank_for_matrix
 
     return vbmf_rank_for_matrix(matrix)  # the matrix rank: a lower bound on the CP rank
-
-
-def _als_options(options: dict) -> dict:
-    return {k: options[k] for k in ("cp_iters", "cp_max_rank") if k in options}
 
 
 # ------------------------------------------------------------------ conv
@@ -284,8 +296,10 @@ def fit_conv(kernel: np.ndarray, spec: RankSpec, *, conv_layout: str | None = No
     ks = tuple(kernel.shape[2:])
     nsp = len(ks)
     layout = conv_layout or ("cp4" if nsp == 2 else "cp3")
-    if layout not in ("cp3", "cp4") or (layout == "cp4" and nsp != 2):
-        raise TnonnxError(f"cp: conv_layout {layout!r} needs to be 'cp3' or, for 2-D kernels, 'cp4'")
+    if layout not in ("cp3", "cp4"):
+        raise TnonnxError(f"cp: conv_layout {layout!r}: choose 'cp4' (2-D kernels) or 'cp3'")
+    if layout == "cp4" and nsp != 2:
+        raise NotApplicable(f"cp: conv_layout cp4 needs a 2-D kernel, this one is {nsp}-D (use cp3)")
     k = np.asarray(kernel, dtype=np.float64)
     tensor = k if layout == "cp4" else k.reshape(t, s, math.prod(ks))
 
@@ -294,7 +308,7 @@ def fit_conv(kernel: np.ndarray, spec: RankSpec, *, conv_layout: str | None = No
 
         return max(vbmf_ranks_for_conv(k))  # each multilinear rank bounds the CP rank below
 
-    factors = decompose(tensor, spec, vbmf_rank, **_als_options(options))
+    factors = decompose(tensor, spec, vbmf_rank, ALSOptions.from_options(options))
     r = factors[0].shape[1]
     cores = {"A": factors[0], "B": factors[1]} | {f"C{i}": f for i, f in enumerate(factors[2:])}
     first = ConvStage(lambda c: pointwise(c["B"].T, nsp), spatial=False)
