@@ -55,7 +55,7 @@ def input_options(fn):
     fn = click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
                       help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224.")(fn)
     fn = click.option("--batch", type=int, default=1, show_default=True,
-                      help="Deployment batch size: MACs, contraction order, random feeds.")(fn)
+                      help="Deployment batch size: MACs in the report and random feeds (the cheapest contraction order does not depend on it).")(fn)
     return fn
 
 
