@@ -71,10 +71,10 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     with threadpool_limits(1, user_api="blas"):
         candidates = AUTO_FORMATS if format == "auto" else (format,)
         if budget is not None:
-            # the target is the whole model's parameters; what is not selected stays as it is
-            total = macs.parameters(original)[0]
+            # the target covers the selected layers together (embeddings, norms and the like
+            # cannot be factorised); how it is spread across them is the allocator's choice
             selected = sum({p.layer.weight_key: p.layer.params for p in plans}.values())
-            allocate_budget(plans, fitter, candidates, int(total / budget) - (total - selected))
+            allocate_budget(plans, fitter, candidates, int(selected / budget))
             plans = [p for p in plans if p.layer.reason is None]
         elif format == "auto":
             choose_auto(plans, fitter, candidates)

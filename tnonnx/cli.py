@@ -128,7 +128,7 @@ def inspect(model, batch, shapes, as_json):
 @click.option("--tol", type=float, default=None, help="Relative Frobenius error allowed per layer.")
 @click.option("--ratio", type=float, default=None, help="Parameter reduction per layer, e.g. 10.")
 @click.option("--budget", type=str, default=None, metavar="Nx",
-              help="Whole-model parameter reduction, e.g. 3x, allocated across layers by error per parameter.")
+              help="Parameter reduction of all selected layers together, e.g. 3x, allocated across layers by error per parameter.")
 @click.option("--conv-layout", type=click.Choice(["cp4", "cp3"]), default=None,
               help="CP convolutions: 1x1, kh x 1, 1 x kw, 1x1 (cp4) or 1x1, depthwise, 1x1 (cp3).")
 @click.option("--stp-t", type=click.IntRange(min=1), default=None, help="Semi-tensor formats: the identity factor t (default 2).")

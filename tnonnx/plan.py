@@ -56,7 +56,7 @@ class LayerPlan:
 
 def rank_spec(rank: int | None = None, tol: float | None = None, ratio: float | None = None,
               budget: float | None = None) -> RankSpec:
-    """The per-layer rank rule. With a whole-model --budget the allocator chooses ranks."""
+    """The per-layer rank rule. With --budget the allocator chooses ranks across layers."""
     given = [v is not None for v in (rank, tol, ratio, budget)]
     if sum(given) > 1:
         raise TnonnxError("give one of --rank, --tol, --ratio, --budget")

@@ -1,0 +1,67 @@
+"""Whole-model --budget against a uniform per-layer --ratio at the same reduction: the
+trained LeNet-5 (Fashion-MNIST accuracy) and all-MiniLM-L6-v2 (sentence-embedding
+cosine to the original on 64 sentences of gensim's lee_background.cor).
+
+    .venv/bin/python bench/budget.py [--formats svd,tt] [--reduction 2] [--out docs/bench_budget.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import tnonnx  # noqa: E402
+from formats import models  # noqa: E402  (bench/formats.py: the same models and feeds)
+
+
+def run(path, feeds, shapes, fmt, **rule) -> dict:
+    t0 = time.perf_counter()
+    _, report = tnonnx.rewrite(path, format=fmt, inputs=feeds, shapes=shapes, **rule)
+    v = report.validation
+    per_sample = None
+    return {
+        "format": fmt, "rule": rule, "seconds": round(time.perf_counter() - t0, 1),
+        "params_before": report.totals.params_before, "params_after": report.totals.params_after,
+        "reduction": report.totals.params_before / report.totals.params_after,
+        "cosine": v.outputs[0].cosine, "rel_error": v.outputs[0].rel_l2,
+        "accuracy": v.accuracy_test, "accuracy_ref": v.accuracy_ref, "per_sample": per_sample,
+        "layers": [(r.name, r.weight_shape, r.ranks, r.params_before, r.params_after, r.weight_error, r.reason)
+                   for r in report.rows],
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", default="svd,tt")
+    parser.add_argument("--reduction", type=float, default=2.0)
+    parser.add_argument("--models", default="lenet5_fashion,minilm")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench_budget.json"))
+    args = parser.parse_args(argv)
+    results = []
+    print("| model | format | rule | model params | reduction | output cosine | accuracy (original) |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (path, feeds, shapes) in models(Path(tmp), args.models.split(",")).items():
+            for fmt in args.formats.split(","):
+                for rule in ({"ratio": args.reduction}, {"budget": args.reduction}):
+                    r = run(path, feeds, shapes, fmt, **rule)
+                    r["model"] = name
+                    results.append(r)
+                    acc = f"{r['accuracy']:.4f} ({r['accuracy_ref']:.4f})" if r["accuracy"] is not None else "-"
+                    label = f"--ratio {rule['ratio']:g}" if "ratio" in rule else f"--budget {rule['budget']:g}x"
+                    print(f"| {name} | {fmt} | {label} | {r['params_before']} → {r['params_after']} | "
+                          f"{r['reduction']:.2f}x | {r['cosine']:.4f} | {acc} |", flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
