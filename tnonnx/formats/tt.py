@@ -73,7 +73,7 @@ def cap_for_ratio(dims: list[int], ratio: float) -> int:
         if train_params(dims, ranks) > budget:
             break
         best = cap
-        if max(ranks) < cap:  # ranks saturated: a larger cap changes nothing
+        if not ranks or max(ranks) < cap:  # ranks saturated (or one core): a larger cap changes nothing
             break
     return best
 
