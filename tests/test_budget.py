@@ -66,3 +66,10 @@ def test_auto_picks_the_lowest_error_format_per_layer():
         for row in auto.rewritten:
             if by_name[row.name].format:
                 assert row.weight_error <= by_name[row.name].weight_error + 1e-12
+
+
+def test_rank_vbmf_for_the_formats_that_support_it():
+    _, report = tnonnx.rewrite(LENET, format="svd", rank="vbmf", validate=False)
+    assert report.rewritten and all(r.ranks[0] >= 1 for r in report.rewritten)
+    with pytest.raises(tnonnx.TnonnxError, match="vbmf"):
+        tnonnx.rewrite(LENET, format="tt", rank="vbmf", validate=False)

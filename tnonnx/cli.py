@@ -124,7 +124,8 @@ def inspect(model, batch, shapes, as_json):
               help="Output path (default: <stem>.<format>.onnx beside the input).")
 @click.option("--format", "fmt", type=click.Choice(sorted(FORMATS) + ["auto"]), default="tt", show_default=True,
               help="auto: per layer, the format with the lowest weight error under the rank rule.")
-@click.option("--rank", type=int, default=None, help="Rank cap (default 8 when no rank rule is given).")
+@click.option("--rank", type=str, default=None, callback=lambda ctx, param, v: _rank(v),
+              help="Rank cap (default 8 when no rank rule is given), or vbmf (svd, tucker, cp).")
 @click.option("--tol", type=float, default=None, help="Relative Frobenius error allowed per layer.")
 @click.option("--ratio", type=float, default=None, help="Parameter reduction per layer, e.g. 10.")
 @click.option("--budget", type=str, default=None, metavar="Nx",
@@ -171,6 +172,15 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         _write(report_path, "report", report.write_json)
     if report.validation is not None and not report.validation.ok:
         sys.exit(1)
+
+
+def _rank(text: str | None):
+    if text is None or text == "vbmf":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not a whole number or 'vbmf'") from None
 
 
 def _budget(text: str | None) -> float | None:

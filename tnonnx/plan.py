@@ -11,9 +11,11 @@ from .formats.base import GroupedConvFactorization
 from .graph import Layer
 
 
-# the formats `--format auto` chooses from: those that can represent any weight (hybrid is
-# a fixed pairing of two of them; the semi-tensor formats only fit weights of their structure)
-AUTO_FORMATS = tuple(f for f in FORMATS if f not in ("hybrid",) and not getattr(FORMATS[f], "STRUCTURED", False))
+# the formats `--format auto` and `--budget` choose from: those that represent any weight
+# (hybrid is a fixed pairing of two of them; the semi-tensor formats only fit weights of
+# their structure; CP's ALS takes minutes per layer at the ranks the budget ladder tries)
+AUTO_FORMATS = tuple(f for f in FORMATS
+                     if f not in ("hybrid", "cp") and not getattr(FORMATS[f], "STRUCTURED", False))
 
 
 @dataclass
@@ -64,6 +66,8 @@ def rank_spec(rank: int | None = None, tol: float | None = None, ratio: float | 
         if budget <= 1:
             raise TnonnxError(f"--budget {budget}: must be > 1 (e.g. 3x)")
         return RankSpec()
+    if rank == "vbmf":
+        return RankSpec(rank="vbmf")
     if rank is not None and rank < 1:
         raise TnonnxError(f"--rank {rank}: must be >= 1")
     if tol is not None and not 0 < tol < 1:
@@ -82,6 +86,9 @@ def make_plan(layers: list[Layer], format: str, spec: RankSpec, selection: Selec
         raise TnonnxError(f"--order {order}: must be between 1 and {MAX_ORDER}")
     if format not in FORMATS and format != "auto":
         raise TnonnxError(f"--format {format}: unknown (choose from {', '.join(list(FORMATS) + ['auto'])})")
+    if spec.rank == "vbmf" and not getattr(FORMATS.get(format), "SUPPORTS_VBMF", False):
+        supported = ", ".join(f for f, m in FORMATS.items() if getattr(m, "SUPPORTS_VBMF", False))
+        raise TnonnxError(f"--rank vbmf: only for {supported}, not --format {format}")
     plans = []
     for layer in layers:
         if layer.reason is None:

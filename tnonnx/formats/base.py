@@ -20,7 +20,7 @@ from ..emit import Builder, Chain, NumpyOps, conv_node, emit_chain, emit_chain_e
 class RankSpec:
     """How to choose ranks: a cap, a relative Frobenius tolerance, or a compression ratio."""
 
-    rank: int | None = None
+    rank: int | str | None = None  # a cap, or "vbmf" (formats with SUPPORTS_VBMF)
     tol: float | None = None
     ratio: float | None = None
 

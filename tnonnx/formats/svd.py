@@ -9,12 +9,16 @@ from __future__ import annotations
 import numpy as np
 
 from ..emit import Chain, Core
+from . import vbmf
 from .base import ChainFactorization, ConvFactorization, ConvStage, RankSpec, pointwise, truncation_rank
 
 NAME = "svd"
+SUPPORTS_VBMF = True  # --rank vbmf: the rank estimated from the singular spectrum
 
 
 def svd_rank(s: np.ndarray, n: int, m: int, spec: RankSpec) -> int:
+    if spec.rank == "vbmf":
+        return max(1, vbmf.vbmf_rank_from_singular_values(s, n, m))
     if spec.tol is not None:
         return truncation_rank(s, delta=spec.tol * float(np.sqrt(np.sum(s**2))))
     if spec.ratio is not None:

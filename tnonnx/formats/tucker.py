@@ -9,42 +9,49 @@ See ALGORITHMS.md section 5.
 Fitting: truncated HOSVD, refined by HOOI (tensorly `partial_tucker`); the better of the
 two is kept. A mode kept at full size needs no factor (an orthogonal square factor can be
 absorbed in the core), so it is not stored and, at full rank, the layer is its own core.
-- `--rank R` caps every mode rank. Caps are walked up a ladder (1, 2, 3, 4, 6, 8, ...): the
-  fit at cap R also tries HOOI from the fit at the rung below with its factors extended
-  (nested subspaces, so never worse), which keeps the error non-increasing in R.
-- `--tol eps`: each of the D modes is truncated at delta = eps ||W|| / sqrt(D); truncated
-  HOSVD guarantees ||W - W_hosvd|| <= sqrt(sum of discarded energies) <= eps ||W||, and
-  HOOI is kept only when it is better.
-- `--ratio`: the largest uniform cap that fits, then single-mode increments (largest
-  singular energy gained per parameter first) while the budget allows.
+- `--rank R` caps every mode rank. Caps are walked up a ladder (1, 2, 3, 4, 6, 8, 12, ...,
+  shared with cp): the fit at cap R also tries HOOI from the fit at the rung below with its
+  factors extended (nested subspaces, so never worse), and keeps the best, so the error
+  never grows along the ladder nor from any cap to the rungs below it (rungs are cached).
+- `--tol eps`: truncated HOSVD guarantees ||W - W_hosvd||^2 <= the energy of the singular
+  directions dropped in all D modes. The ranks are the fewest parameters whose dropped
+  energy is at most eps^2 ||W||^2 (never more than the textbook per-mode rule delta =
+  eps ||W|| / sqrt(D)); HOOI is kept only when it is better, so the error is <= eps ||W||.
+- `--ratio`: the dropped energy is a loose proxy when several modes are cut, so two
+  candidates within the parameter budget are compared by their actual HOSVD error: the
+  largest uniform cap that fits grown one mode step at a time (most energy per parameter),
+  and the ranks of least dropped energy.
+  Both searches over rank tuples are exhaustive when there are at most 2^21 tuples (always
+  for Tucker-2 and order-2 dense layers up to ~2048 x 2048), greedy otherwise.
 - `--rank vbmf` (RankSpec(rank="vbmf")): EVBMF on each mode unfolding (Kim et al.).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 
 import numpy as np
 from tensorly.decomposition import partial_tucker
 from tensorly.tenalg import multi_mode_dot
 
 from ..emit import Chain, Core, best_order
+from ..errors import NotApplicable
 from ..tensorize import choose_modes
 from .base import ChainFactorization, ConvFactorization, ConvStage, RankSpec, pointwise, truncation_rank
+from .cp import ladder
 
 NAME = "tucker"
 SUPPORTS_VBMF = True
-HOOI_ITERS = 50
+DEFAULT_ORDER = 2  # (n1, n2, m1, m2): the core of 3-4 small mode pairs costs more than it gives
+HOOI_ITERS = 25
+HOOI_TOL = 1e-7  # stop when the relative error moves less than this in a sweep
+_CACHE: OrderedDict = OrderedDict()  # (tensor digest, shape, modes, cap) -> (factors, squared error)
 
 
 def unfold(tensor: np.ndarray, mode: int) -> np.ndarray:
     return np.moveaxis(tensor, mode, 0).reshape(tensor.shape[mode], -1)
-
-
-def ladder(cap: int) -> list[int]:
-    """Rungs 1, 2, 3, 4, 6, 8, 12, ... (2^j and 3 2^j) below `cap`, then `cap`."""
-    rungs = sorted({1, 2} | {b << j for b in (2, 3) for j in range(max(1, cap.bit_length()))})
-    return [r for r in rungs if r < cap] + [cap]
 
 
 class Tucker:
@@ -53,82 +60,102 @@ class Tucker:
     def __init__(self, tensor: np.ndarray, modes: list[int]):
         self.tensor = np.asarray(tensor, dtype=np.float64)
         self.modes = modes
+        self.dims = [self.tensor.shape[k] for k in modes]
+        self.rest = self.tensor.size // math.prod(self.dims)  # core axes never factored (conv kernel)
         self.svds = [np.linalg.svd(unfold(self.tensor, k), full_matrices=False)[:2] for k in modes]
         self.numerical = [truncation_rank(s) for _, s in self.svds]
         self.norm2 = float(np.sum(self.tensor**2))
 
-    def ranks_for(self, spec: RankSpec, budget_params) -> list[int]:
-        """Per-mode ranks (same order as self.modes) under a rank rule."""
-        if spec.tol is not None:
-            delta = spec.tol * math.sqrt(self.norm2) / math.sqrt(len(self.modes))
-            uniform = [truncation_rank(s, delta=delta) for _, s in self.svds]
-            return min(uniform, self.ranks_for_energy(spec.tol**2 * self.norm2, budget_params), key=budget_params)
+    def params(self, ranks) -> int:
+        """Core plus the factors of the modes kept below full size (full ones need none)."""
+        return self.rest * math.prod(ranks) + sum(d * r for d, r in zip(self.dims, ranks) if r < d)
+
+    def discarded(self, ranks) -> float:
+        """The truncated-HOSVD error bound: the energy of the dropped singular directions."""
+        return sum(float(np.sum(s[r:] ** 2)) for (_, s), r in zip(self.svds, ranks))
+
+    def ranks_for(self, spec: RankSpec) -> list[int]:
+        """Per-mode ranks (in the order of self.modes) under a tol, ratio or vbmf rule."""
         if spec.rank == "vbmf":
             from .vbmf import vbmf_rank_from_singular_values
 
-            return [min(vbmf_rank_from_singular_values(s, self.tensor.shape[k], self.tensor.size // self.tensor.shape[k]),
-                        n) for (_, s), k, n in zip(self.svds, self.modes, self.numerical)]
-        if spec.ratio is not None:
-            return self.ranks_for_budget(self.tensor.size / spec.ratio, budget_params)
-        return [min(spec.rank, n) for n in self.numerical]
+            return [min(vbmf_rank_from_singular_values(s, d, self.tensor.size // d), n)
+                    for (_, s), d, n in zip(self.svds, self.dims, self.numerical)]
+        if spec.tol is not None:
+            allowed = spec.tol**2 * self.norm2
+            delta = spec.tol * math.sqrt(self.norm2 / len(self.modes))
+            uniform = [truncation_rank(s, delta=delta) for _, s in self.svds]  # the textbook rule
+            return min(uniform, self.search(allowed=allowed) or uniform, key=self.params)
+        budget = self.tensor.size / spec.ratio
+        candidates = [r for r in (self.grow(budget), self.search(budget=budget)) if r and self.params(r) <= budget]
+        if not candidates:
+            raise NotApplicable(f"tucker: ratio {spec.ratio:g}x out of reach (rank 1 everywhere keeps "
+                                f"{self.params([1] * len(self.modes))} of {self.tensor.size} parameters)")
+        return min(candidates, key=lambda r: self.error2(self.hosvd(r)))  # the bound alone misleads
 
-    def ranks_for_budget(self, budget: float, params) -> list[int]:
-        """The largest uniform cap within `budget` parameters, then greedy single-mode steps."""
+    def grow(self, budget: float) -> list[int]:
+        """The largest uniform cap within `budget`, then single-mode steps (most singular
+        energy per added parameter first) while they fit."""
         ranks = [1] * len(self.modes)
         for cap in range(2, max(self.numerical) + 1):
-            trial = [min(cap, n) for n in self.numerical]
-            if params(trial) > budget:
+            if self.params([min(cap, n) for n in self.numerical]) > budget:
                 break
-            ranks = trial
+            ranks = [min(cap, n) for n in self.numerical]
         while True:
-            steps = []
-            for i, (r, (_, s)) in enumerate(zip(ranks, self.svds)):
-                if r < self.numerical[i]:
-                    trial = ranks[:i] + [r + 1] + ranks[i + 1:]
-                    cost = params(trial)
-                    if cost <= budget:
-                        steps.append((s[r] ** 2 / max(cost - params(ranks), 1), i))
+            steps = [(s[r] ** 2 / max(self.params(t) - self.params(ranks), 1), i, t)
+                     for i, (r, (_, s)) in enumerate(zip(ranks, self.svds))
+                     if r < self.numerical[i] and self.params(t := ranks[:i] + [r + 1] + ranks[i + 1:]) <= budget]
             if not steps:
                 return ranks
-            ranks[max(steps)[1]] += 1
+            ranks = max(steps)[2]
 
-    def ranks_for_energy(self, allowed: float, params) -> list[int]:
-        """Greedy: drop the singular direction saving the most parameters per unit of energy
-        while the discarded energies sum to at most `allowed` (the HOSVD error bound)."""
+    def hosvd(self, ranks) -> dict:
+        return {k: u[:, :r] for k, (u, _), r, d in zip(self.modes, self.svds, ranks, self.dims) if r < d}
+
+    def search(self, *, budget: float | None = None, allowed: float | None = None) -> list[int] | None:
+        """With `budget`: the ranks of least discarded energy within `budget` parameters; with
+        `allowed`: the fewest parameters discarding at most `allowed`. Exhaustive over all
+        rank tuples when there are at most 2^21 of them; beyond, greedy for `allowed` and
+        None for `budget`."""
+        if math.prod(self.numerical) <= 2**21:
+            grids = np.meshgrid(*[np.arange(1, n + 1) for n in self.numerical], indexing="ij", sparse=True)
+            params = self.rest * math.prod(grids) + sum(np.where(g < d, d * g, 0) for g, d in zip(grids, self.dims))
+            tails = [np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]]) for _, s in self.svds]
+            energy = sum(tail[g] for g, tail in zip(grids, tails))
+            ok = params <= budget if budget is not None else energy <= allowed
+            if not ok.any():
+                return None
+            score = np.where(ok, energy if budget is not None else params, np.inf)
+            return [int(i) + 1 for i in np.unravel_index(np.argmin(score), score.shape)]
+        if budget is not None:
+            return None  # grow() covers large grids
         ranks = list(self.numerical)
-        spent = sum(float(np.sum(s[n:] ** 2)) for (_, s), n in zip(self.svds, ranks))
-        while True:
-            steps = []
-            for i, (r, (_, s)) in enumerate(zip(ranks, self.svds)):
-                if r > 1 and spent + s[r - 1] ** 2 <= allowed:
-                    trial = ranks[:i] + [r - 1] + ranks[i + 1:]
-                    steps.append(((params(ranks) - params(trial)) / max(s[r - 1] ** 2, 1e-300), i))
+        while True:  # greedy: drop the direction saving most parameters per unit of energy
+            steps = [((self.params(ranks) - self.params(t)) / max(s[r - 1] ** 2, 1e-300), i, t)
+                     for i, (r, (_, s)) in enumerate(zip(ranks, self.svds))
+                     if r > 1 and self.discarded(t := ranks[:i] + [r - 1] + ranks[i + 1:]) <= allowed]
             if not steps:
                 return ranks
-            i = max(steps)[1]
-            spent += self.svds[i][1][ranks[i] - 1] ** 2
-            ranks[i] -= 1
+            ranks = max(steps)[2]
 
     def fit(self, ranks: list[int], warm: dict | None = None) -> tuple[dict, float]:
         """({mode: factor} for the modes kept below full size, squared error): the best of
-        truncated HOSVD, HOOI from it, and HOOI from `warm` factors extended to `ranks`."""
+        truncated HOSVD, `warm` factors extended to `ranks`, and HOOI from the better of them."""
         dims = self.tensor.shape
         modes = [k for k, r in zip(self.modes, ranks) if r < dims[k]]
         rank_of = dict(zip(self.modes, ranks))
-        hosvd = {k: u[:, : rank_of[k]] for k, (u, _) in zip(self.modes, self.svds) if k in modes}
+        hosvd = self.hosvd(ranks)
         fits = [(hosvd, self.error2(hosvd))]
         if not modes:
             return fits[0]
-        inits = [hosvd]
         if warm is not None:
             start = self.extend(warm, rank_of)
-            inits.append(start)
             fits.append((start, self.error2(start)))
-        for init in inits:
-            (_, factors), _ = partial_tucker(self.tensor, [rank_of[k] for k in modes], modes=modes,
-                                             init=[init[k] for k in modes], n_iter_max=HOOI_ITERS, tol=1e-10)
-            f = dict(zip(modes, factors))
-            fits.append((f, self.error2(f)))
+        init = min(fits, key=lambda fe: fe[1])[0]  # HOOI from the better start
+        (_, factors), _ = partial_tucker(self.tensor, [rank_of[k] for k in modes], modes=modes,
+                                         init=[init[k] for k in modes], n_iter_max=HOOI_ITERS, tol=HOOI_TOL)
+        hooi = dict(zip(modes, factors))
+        fits.append((hooi, self.error2(hooi)))
         return min(fits, key=lambda fe: fe[1])
 
     def extend(self, warm: dict, rank_of: dict) -> dict:
@@ -162,15 +189,21 @@ class Tucker:
             err2 = float(np.sum((self.tensor - approx) ** 2))
         return max(err2, 0.0)
 
-    def decompose(self, spec: RankSpec, budget_params) -> tuple[dict, np.ndarray]:
+    def decompose(self, spec: RankSpec) -> tuple[dict, np.ndarray]:
         """(factors, core) under `spec`."""
         if spec.tol is None and spec.ratio is None and spec.rank != "vbmf":
-            best = None
-            top = max(self.numerical)
+            best, top = None, max(self.numerical)
+            digest = hashlib.blake2b(np.ascontiguousarray(self.tensor).tobytes(), digest_size=16).hexdigest()
             for cap in ladder(top if spec.rank is None else min(int(spec.rank), top)):
-                best = self.fit([min(cap, n) for n in self.numerical], None if best is None else best[0])
+                key = (digest, self.tensor.shape, tuple(self.modes), cap)
+                if key not in _CACHE:  # a rung depends only on the tensor and the rungs below it
+                    _CACHE[key] = self.fit([min(cap, n) for n in self.numerical], None if best is None else best[0])
+                    while len(_CACHE) > 256:
+                        _CACHE.popitem(last=False)
+                _CACHE.move_to_end(key)
+                best = _CACHE[key]
         else:
-            best = self.fit(self.ranks_for(spec, budget_params))
+            best = self.fit(self.ranks_for(spec))
         return best[0], self.core(best[0])
 
 
@@ -179,16 +212,12 @@ class Tucker:
 
 def fit_dense(weight: np.ndarray, spec: RankSpec, *, modes=None, order: int | None = None, **_) -> ChainFactorization:
     n, m = weight.shape
-    ins, outs = modes if modes else choose_modes(n, m, order)
+    ins, outs = modes if modes else choose_modes(n, m, order or DEFAULT_ORDER)
     ins = tuple(v for v in ins if v > 1) or (1,)  # a size-1 mode carries nothing
     outs = tuple(v for v in outs if v > 1) or (1,)
     dims = ins + outs
     tucker = Tucker(np.asarray(weight, dtype=np.float64).reshape(dims), list(range(len(dims))))
-
-    def params(ranks):
-        return math.prod(ranks) + sum(d * r for d, r in zip(dims, ranks) if r < d)
-
-    factors, core = tucker.decompose(spec, params)
+    factors, core = tucker.decompose(spec)
     d = len(ins)
     names = [f"n{k}" for k in range(d)] + [f"m{k}" for k in range(len(outs))]
     bonds = [f"p{k}" for k in range(d)] + [f"q{k}" for k in range(len(outs))]
@@ -215,14 +244,7 @@ def fit_dense(weight: np.ndarray, spec: RankSpec, *, modes=None, order: int | No
 def fit_conv(kernel: np.ndarray, spec: RankSpec, **_) -> ConvFactorization:
     t, s = kernel.shape[:2]
     ks = tuple(kernel.shape[2:])
-    k = math.prod(ks)
-    tucker = Tucker(np.asarray(kernel, dtype=np.float64), [0, 1])
-
-    def params(ranks):
-        r_out, r_in = ranks
-        return r_in * r_out * k + (t * r_out if r_out < t else 0) + (s * r_in if r_in < s else 0)
-
-    factors, core = tucker.decompose(spec, params)
+    factors, core = Tucker(np.asarray(kernel, dtype=np.float64), [0, 1]).decompose(spec)
     nsp = len(ks)
     cores, stages = {"C": core}, []
     if 1 in factors:
