@@ -18,13 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # the trained LeNet-5: a tensor train at rank 8 (large compression, data-free accuracy cost shown),
-# then an SVD within a 30% weight-error tolerance, checked against a cosine threshold
+# then a 2x budget spread across the layers by error per parameter, checked against a cosine threshold
 demo: $(STAMP)
 	@mkdir -p build
 	$(VENV)/bin/tnonnx inspect models/lenet5_fashion.onnx
 	$(VENV)/bin/tnonnx rewrite models/lenet5_fashion.onnx --format tt --rank 8 --inputs models/fashion_test.npz \
 	    -o build/lenet5_fashion.tt.onnx --report build/lenet5_fashion.tt.json
-	$(VENV)/bin/tnonnx rewrite models/lenet5_fashion.onnx --format svd --tol 0.3 --inputs models/fashion_test.npz \
+	$(VENV)/bin/tnonnx rewrite models/lenet5_fashion.onnx --format svd --budget 2x --inputs models/fashion_test.npz \
 	    -o build/lenet5_fashion.svd.onnx --min-cosine 0.99
 	$(VENV)/bin/tnonnx bench models/lenet5_fashion.onnx build/lenet5_fashion.tt.onnx --batch 32 --threads 2
 

@@ -169,7 +169,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench_formats.json"))
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--plot", default=str(ROOT / "docs" / "formats_error_vs_compression.png"))
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="Combine the results of earlier runs (e.g. formats run in parallel) into one table and plot.")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args)
     names = ["lenet5_fashion", "mlp"] if args.quick else args.models.split(",")
     formats = args.formats.split(",")
     results, dense = [], {}
@@ -192,6 +196,26 @@ def main(argv=None) -> int:
     print(text)
     summary = claims(results)
     print(json.dumps(summary, indent=1))
+    Path(args.out).write_text(json.dumps({"results": results, "dense_latency_ms": dense, "claims": summary},
+                                         indent=1, default=str))
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    plot(results, Path(args.plot))
+    return 0
+
+
+def merge(args) -> int:
+    results, dense = [], {}
+    for path in args.merge:
+        data = json.loads(Path(path).read_text())
+        results += data["results"]
+        dense.update(data["dense_latency_ms"])
+    order = {f: i for i, f in enumerate(FORMATS)}
+    models_seen = list(dict.fromkeys(r["model"] for r in results))
+    results.sort(key=lambda r: (models_seen.index(r["model"]), order.get(r["format"], 99), r["ratio"]))
+    text = table(results, dense)
+    print(text)
+    summary = claims(results)
     Path(args.out).write_text(json.dumps({"results": results, "dense_latency_ms": dense, "claims": summary},
                                          indent=1, default=str))
     if args.markdown:
