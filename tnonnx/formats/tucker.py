@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -152,8 +153,10 @@ class Tucker:
             start = self.extend(warm, rank_of)
             fits.append((start, self.error2(start)))
         init = min(fits, key=lambda fe: fe[1])[0]  # HOOI from the better start
-        (_, factors), _ = partial_tucker(self.tensor, [rank_of[k] for k in modes], modes=modes,
-                                         init=[init[k] for k in modes], n_iter_max=HOOI_ITERS, tol=HOOI_TOL)
+        with warnings.catch_warnings():  # tensorly clamps a rank above a projected unfolding's size, loudly
+            warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs", category=UserWarning)
+            (_, factors), _ = partial_tucker(self.tensor, [rank_of[k] for k in modes], modes=modes,
+                                             init=[init[k] for k in modes], n_iter_max=HOOI_ITERS, tol=HOOI_TOL)
         hooi = dict(zip(modes, factors))
         fits.append((hooi, self.error2(hooi)))
         return min(fits, key=lambda fe: fe[1])
