@@ -160,6 +160,29 @@ def claims(results: list[dict]) -> dict:
             for kind, fmts in out.items()}
 
 
+def claims_table(summary: dict) -> str:
+    """Mean relative weight error of the rewritten layers, per kind of layer and format."""
+    lines = ["| layers | format | 2x | 5x | 10x | 20x |", "|---|---|---|---|---|---|"]
+    for kind in ("dense", "conv"):
+        for fmt, by in summary.get(kind, {}).items():
+            cells = [f"{by[k]:.3f}" if k in by else "-" for k in (str(r) for r in RATIOS)]
+            lines.append(f"| {kind} | {fmt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def best_table(results: list[dict]) -> str:
+    """Per model and target, the format with the lowest output error (and its error)."""
+    lines = ["| model | " + " | ".join(f"{r}x" for r in RATIOS) + " |", "|---|" + "---|" * len(RATIOS)]
+    for name in dict.fromkeys(r["model"] for r in results):
+        cells = []
+        for ratio in RATIOS:
+            ok = [r for r in results if r["model"] == name and r["ratio"] == ratio and "error" not in r]
+            best = min(ok, key=lambda r: r["rel_error"]) if ok else None
+            cells.append(f"{best['format']} {best['rel_error']:.3f} ({best['reduction']:.0f}x)" if best else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -210,12 +233,14 @@ def merge(args) -> int:
         data = json.loads(Path(path).read_text())
         results += data["results"]
         dense.update(data["dense_latency_ms"])
+    # a (model, format, ratio) measured by several runs keeps the first run's result
+    results = list({(r["model"], r["format"], r["ratio"]): r for r in reversed(results)}.values())
     order = {f: i for i, f in enumerate(FORMATS)}
     models_seen = list(dict.fromkeys(r["model"] for r in results))
     results.sort(key=lambda r: (models_seen.index(r["model"]), order.get(r["format"], 99), r["ratio"]))
-    text = table(results, dense)
-    print(text)
     summary = claims(results)
+    text = "\n\n".join([table(results, dense), claims_table(summary), best_table(results)])
+    print(text)
     Path(args.out).write_text(json.dumps({"results": results, "dense_latency_ms": dense, "claims": summary},
                                          indent=1, default=str))
     if args.markdown:
