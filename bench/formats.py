@@ -128,13 +128,17 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.ticker
 
     names = sorted({r["model"] for r in results})
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        for fmt in sorted({r["format"] for r in results}):
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
+        for i, fmt in enumerate(FORMATS):  # one colour per format across the panels
             pts = sorted((r["reduction"], r["rel_error"]) for r in results
                          if r["model"] == name and r["format"] == fmt and "error" not in r and r["reduction"])
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=fmt)
+                ax.plot(*zip(*pts), marker="o", label=fmt, color=plt.cm.tab10(i % 10))
         ax.set_xscale("log")
         ax.set_xticks(RATIOS, [f"{r}x" for r in RATIOS])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
@@ -142,7 +146,8 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_xlabel("parameter reduction of rewritten layers")
         ax.set_ylabel("relative output error")
         ax.grid(True, alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+    axes.flat[0].legend(handles.values(), handles.keys(), fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -165,7 +170,8 @@ def claims_table(summary: dict) -> str:
     lines = ["| layers | format | 2x | 5x | 10x | 20x |", "|---|---|---|---|---|---|"]
     for kind in ("dense", "conv"):
         for fmt, by in summary.get(kind, {}).items():
-            cells = [f"{by[k]:.3f}" if k in by else "-" for k in (str(r) for r in RATIOS)]
+            values = [by.get(r, by.get(str(r))) for r in RATIOS]  # int keys, or str keys after JSON
+            cells = [f"{v:.3f}" if v is not None else "-" for v in values]
             lines.append(f"| {kind} | {fmt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -234,7 +240,10 @@ def merge(args) -> int:
         results += data["results"]
         dense.update(data["dense_latency_ms"])
     # a (model, format, ratio) measured by several runs keeps the first run's result
-    results = list({(r["model"], r["format"], r["ratio"]): r for r in reversed(results)}.values())
+    first: dict = {}
+    for r in results:
+        first.setdefault((r["model"], r["format"], r["ratio"]), r)
+    results = list(first.values())
     order = {f: i for i, f in enumerate(FORMATS)}
     models_seen = list(dict.fromkeys(r["model"] for r in results))
     results.sort(key=lambda r: (models_seen.index(r["model"]), order.get(r["format"], 99), r["ratio"]))
