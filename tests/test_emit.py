@@ -1,14 +1,13 @@
 """The contraction engine on networks of every shape the formats use: a ring (TR), a
 hyperedge (CP's rank held by every factor), a central core (Tucker), a tree (HT)."""
 
-import math
 
 import numpy as np
 import pytest
 import torch
 
 from tnonnx import macs
-from tnonnx.emit import Builder, Chain, Core, NumpyOps, TorchOps, best_order, emit_chain, emit_chain_einsum, run_chain
+from tnonnx.emit import Builder, Chain, Core, TorchOps, best_order, emit_chain, emit_chain_einsum, run_chain
 from tnonnx.formats.base import ChainFactorization
 
 from onnx_builders import make_model, run, value
@@ -69,7 +68,7 @@ def test_onnx_emission_matches_and_macs_are_counted(name, emitter):
     fact, _ = _factorization(name)
     n, m = fact.chain.in_features, fact.chain.out_features
     b = Builder("layer", np.float32, np.float32)
-    y = emitter(b, "x", fact.chain, fact.cores, 2)
+    emitter(b, "x", fact.chain, fact.cores, 2)
     b.rename_output("y")
     model = make_model(b.nodes, [value("x", [2, 3, n])], [value("y", [2, 3, m])], b.initializers)
     x = np.random.default_rng(2).standard_normal((2, 3, n)).astype(np.float32)

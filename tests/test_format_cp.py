@@ -6,20 +6,16 @@ and an end-to-end rewrite through onnxruntime."""
 import math
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import helper
 
 import tnonnx
 from tnonnx import macs
-from tnonnx.api import emit_layer
-from tnonnx.emit import Builder
 from tnonnx.errors import NotApplicable, TnonnxError
 from tnonnx.formats import FORMATS, ConvGeometry, RankSpec, cp
-from tnonnx.graph import find_layers
 
-from onnx_builders import init, make_model, randn, rel_err, run, value
+from onnx_builders import emit_alone, init, make_model, randn, rel_err, run, single_layer_model, value
 
 
 @pytest.fixture(autouse=True)
@@ -168,36 +164,14 @@ def test_size_one_modes_are_dropped():
     np.testing.assert_allclose(fact.apply(x), x @ fact.to_dense(), rtol=1e-10, atol=1e-10)
 
 
-def _single_layer_model(shape, attrs, seed):
-    w = randn(*shape, seed=seed)
-    if len(shape) == 2:
-        nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="layer")]
-        return make_model(nodes, [value("x", ["b", 5, shape[0]])], [value("y", ["b", 5, shape[1]])], [init("W", w)])
-    nsp = len(shape) - 2
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], name="layer", **attrs)]
-    return make_model(nodes, [value("x", ["b", shape[1]] + [None] * nsp)], [value("y", ["b", shape[0]] + [None] * nsp)],
-                      [init("W", w), init("B", randn(shape[0], seed=seed + 1))])
-
-
 def _emit_alone(model, spec, emit="matmul", **options):
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
-    layer = find_layers(new)[0]
-    fact = (cp.fit_conv(layer.weight, spec, **options) if layer.kind == "conv"
-            else cp.fit_dense(layer.weight, spec, **options))
-    b = Builder("layer/cp", np.float32, np.float32)
-    emit_layer(b, layer, fact, emit)
-    del new.graph.node[:]
-    new.graph.node.extend(b.nodes)
-    del new.graph.initializer[:]
-    new.graph.initializer.extend(b.initializers)
-    return new, fact, layer
+    return emit_alone(model, cp, spec, emit, dense_options=options, conv_options=options)
 
 
 @pytest.mark.parametrize("emit", ["matmul", "einsum"])
 @pytest.mark.parametrize("rank", [1, 6, 40])
 def test_dense_onnx_equals_torch_and_counts(emit, rank):
-    model = _single_layer_model((48, 60), {}, 13)
+    model = single_layer_model((48, 60), {}, 13)
     new, fact, _ = _emit_alone(model, RankSpec(rank=rank), emit)
     x = randn(3, 5, 48, seed=14)
     (y,) = run(new, {"x": x})
@@ -227,7 +201,7 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("kshape,attrs,layout", CONV_CASES)
 def test_conv_onnx_equals_torch_and_counts(kshape, attrs, layout):
-    model = _single_layer_model(kshape, attrs, 15)
+    model = single_layer_model(kshape, attrs, 15)
     new, fact, layer = _emit_alone(model, RankSpec(rank=5), conv_layout=layout)
     spatial = (9,) * (len(kshape) - 2)
     x = randn(2, kshape[1], *spatial, seed=16)
@@ -239,7 +213,7 @@ def test_conv_onnx_equals_torch_and_counts(kshape, attrs, layout):
             y_torch = fact.torch_module(layer.geometry, layer.bias)(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(y, y_torch, rtol=1e-5, atol=1e-5)
     # the factorised conv computes the conv of its own dense kernel
-    dense = _single_layer_model(kshape, attrs, 15)
+    dense = single_layer_model(kshape, attrs, 15)
     dense.graph.initializer[0].CopyFrom(init("W", fact.to_dense().astype(np.float32)))
     np.testing.assert_allclose(y, run(dense, {"x": x})[0], rtol=1e-4, atol=1e-4)
     cost = macs.count(new, {"x": x.shape})

@@ -5,7 +5,6 @@ numpy == ONNX, counted params and MACs == the emitted graph's, end to end rewrit
 import math
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import helper
@@ -13,12 +12,9 @@ from threadpoolctl import threadpool_limits
 
 import tnonnx
 from tnonnx import macs
-from tnonnx.api import emit_layer
-from tnonnx.emit import Builder
 from tnonnx.formats import FORMATS, ConvGeometry, RankSpec, hybrid, ht, tt
-from tnonnx.graph import find_layers
 
-from onnx_builders import init, make_model, randn, rel_err, run, value
+from onnx_builders import emit_alone, init, make_model, randn, rel_err, run, single_layer_model, value
 
 FULL = RankSpec(rank=10**6)
 MODULES = {"ht": ht, "hybrid": hybrid}
@@ -171,28 +167,11 @@ def test_conv_tolerance_and_ratio(tol):
 
 
 def _single_layer_model(kind, shape, attrs, seed):
-    w = randn(*shape, seed=seed)
-    if kind == "dense":
-        nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="layer")]
-        return make_model(nodes, [value("x", ["b", 5, shape[0]])], [value("y", ["b", 5, shape[1]])], [init("W", w)])
-    nsp = len(shape) - 2
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], name="layer", **attrs)]
-    return make_model(nodes, [value("x", ["b", shape[1]] + [None] * nsp)], [value("y", ["b", shape[0]] + [None] * nsp)],
-                      [init("W", w), init("B", randn(shape[0], seed=seed + 1))])
+    return single_layer_model(shape, attrs, seed)
 
 
 def _emit_alone(model, module, spec, emit="matmul", **kw):
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
-    layer = find_layers(new)[0]
-    fit = module.fit_conv(layer.weight, spec) if layer.kind == "conv" else module.fit_dense(layer.weight, spec, **kw)
-    b = Builder("layer/" + module.NAME, np.float32, np.float32)
-    emit_layer(b, layer, fit, emit)
-    del new.graph.node[:]
-    new.graph.node.extend(b.nodes)
-    del new.graph.initializer[:]
-    new.graph.initializer.extend(b.initializers)
-    return new, fit, layer
+    return emit_alone(model, module, spec, emit, dense_options=kw)
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

@@ -5,19 +5,15 @@ params/MACs == the emitted graph's, and an end-to-end rewrite through onnxruntim
 import math
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import helper
 
 import tnonnx
 from tnonnx import macs
-from tnonnx.api import emit_layer
-from tnonnx.emit import Builder
 from tnonnx.formats import FORMATS, ConvGeometry, RankSpec, tr, tr_fit
-from tnonnx.graph import find_layers
 
-from onnx_builders import init, make_model, randn, rel_err, run, value
+from onnx_builders import emit_alone, init, make_model, randn, rel_err, run, single_layer_model, value
 
 FULL = RankSpec(rank=10**6)
 
@@ -142,28 +138,11 @@ def test_dense_torch_module_equals_reference(batch_shape):
 
 
 def _single_layer_model(kind, shape, attrs, seed):
-    w = randn(*shape, seed=seed)
-    if kind == "dense":
-        nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="layer")]
-        return make_model(nodes, [value("x", ["b", 5, shape[0]])], [value("y", ["b", 5, shape[1]])], [init("W", w)])
-    nsp = len(shape) - 2
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], name="layer", **attrs)]
-    return make_model(nodes, [value("x", ["b", shape[1]] + [None] * nsp)], [value("y", ["b", shape[0]] + [None] * nsp)],
-                      [init("W", w), init("B", randn(shape[0], seed=seed + 1))])
+    return single_layer_model(shape, attrs, seed)
 
 
 def _emit_alone(model, spec, emit="matmul"):
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
-    layer = find_layers(new)[0]
-    fit = tr.fit_conv(layer.weight, spec) if layer.kind == "conv" else tr.fit_dense(layer.weight, spec, order=3)
-    b = Builder("layer/tr", np.float32, np.float32)
-    emit_layer(b, layer, fit, emit)
-    del new.graph.node[:]
-    new.graph.node.extend(b.nodes)
-    del new.graph.initializer[:]
-    new.graph.initializer.extend(b.initializers)
-    return new, fit, layer
+    return emit_alone(model, tr, spec, emit, dense_options={"order": 3})
 
 
 @pytest.mark.parametrize("emit", ["matmul", "einsum"])

@@ -6,19 +6,15 @@ and an end-to-end rewrite through onnxruntime."""
 import math
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import helper
 
 import tnonnx
 from tnonnx import macs
-from tnonnx.api import emit_layer
-from tnonnx.emit import Builder
 from tnonnx.formats import FORMATS, ConvGeometry, RankSpec, tucker
-from tnonnx.graph import find_layers
 
-from onnx_builders import init, make_model, randn, rel_err, run, value
+from onnx_builders import emit_alone, init, make_model, randn, rel_err, run, single_layer_model, value
 
 FULL = RankSpec(rank=10**6)
 
@@ -141,35 +137,14 @@ def test_vbmf_ranks_dense():
     assert fact.ranks == (3, 4, 3, 5)
 
 
-def _single_layer_model(shape, attrs, seed):
-    w = randn(*shape, seed=seed)
-    if len(shape) == 2:
-        nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="layer")]
-        return make_model(nodes, [value("x", ["b", 5, shape[0]])], [value("y", ["b", 5, shape[1]])], [init("W", w)])
-    nsp = len(shape) - 2
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], name="layer", **attrs)]
-    return make_model(nodes, [value("x", ["b", shape[1]] + [None] * nsp)], [value("y", ["b", shape[0]] + [None] * nsp)],
-                      [init("W", w), init("B", randn(shape[0], seed=seed + 1))])
-
-
 def _emit_alone(model, spec, emit="matmul"):
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
-    layer = find_layers(new)[0]
-    fact = tucker.fit_conv(layer.weight, spec) if layer.kind == "conv" else tucker.fit_dense(layer.weight, spec)
-    b = Builder("layer/tucker", np.float32, np.float32)
-    emit_layer(b, layer, fact, emit)
-    del new.graph.node[:]
-    new.graph.node.extend(b.nodes)
-    del new.graph.initializer[:]
-    new.graph.initializer.extend(b.initializers)
-    return new, fact, layer
+    return emit_alone(model, tucker, spec, emit)
 
 
 @pytest.mark.parametrize("emit", ["matmul", "einsum"])
 @pytest.mark.parametrize("spec", [RankSpec(rank=1), RankSpec(rank=3), RankSpec(ratio=3)])
 def test_dense_onnx_equals_torch_and_counts(emit, spec):
-    model = _single_layer_model((48, 60), {}, 9)
+    model = single_layer_model((48, 60), {}, 9)
     new, fact, _ = _emit_alone(model, spec, emit)
     x = randn(3, 5, 48, seed=10)
     (y,) = run(new, {"x": x})
@@ -204,7 +179,7 @@ def test_conv_exact_at_full_rank(kshape, attrs):
 
 @pytest.mark.parametrize("kshape,attrs", CONV_CASES)
 def test_conv_onnx_equals_torch_and_counts(kshape, attrs):
-    model = _single_layer_model(kshape, attrs, 12)
+    model = single_layer_model(kshape, attrs, 12)
     new, fact, layer = _emit_alone(model, RankSpec(rank=4))
     spatial = (9,) * (len(kshape) - 2)
     x = randn(2, kshape[1], *spatial, seed=13)

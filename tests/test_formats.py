@@ -1,21 +1,15 @@
 """Every format: exact at full rank, error non-increasing in rank, rank rules honoured,
 torch module == numpy reference == ONNX subgraph, counted params/MACs == the graph's."""
 
-import math
 
 import numpy as np
-import onnx
 import pytest
 import torch
 
 from tnonnx import macs
-from tnonnx.api import emit_layer
-from tnonnx.emit import Builder
 from tnonnx.formats import FORMATS, ConvGeometry, RankSpec
-from tnonnx.graph import find_layers
 
-from onnx_builders import init, make_model, randn, rel_err, run, value
-from onnx import helper
+from onnx_builders import emit_alone, randn, run, single_layer_model
 
 FULL = RankSpec(rank=10**6)
 # formats that represent any weight; the semi-tensor ones have their own tests (test_format_stp.py)
@@ -104,30 +98,11 @@ def test_conv_error_non_increasing_in_rank(fmt):
 
 
 def _single_layer_model(kind, shape, attrs, seed):
-    if kind == "dense":
-        w = randn(*shape, seed=seed)
-        nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="layer")]
-        return make_model(nodes, [value("x", ["b", 5, shape[0]])], [value("y", ["b", 5, shape[1]])], [init("W", w)])
-    w = randn(*shape, seed=seed)
-    nsp = len(shape) - 2
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], name="layer", **attrs)]
-    return make_model(nodes, [value("x", ["b", shape[1]] + [None] * nsp)], [value("y", ["b", shape[0]] + [None] * nsp)],
-                      [init("W", w), init("B", randn(shape[0], seed=seed + 1))])
+    return single_layer_model(shape, attrs, seed)
 
 
 def _emit_alone(model, fmt, spec, emit="matmul"):
-    """Rewrite the one layer of `model`; returns (new model, factorization, builder)."""
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
-    layer = find_layers(new)[0]
-    fit = FORMATS[fmt].fit_conv(layer.weight, spec) if layer.kind == "conv" else FORMATS[fmt].fit_dense(layer.weight, spec)
-    b = Builder("layer/" + fmt, np.float32, np.float32)
-    emit_layer(b, layer, fit, emit)
-    del new.graph.node[:]
-    new.graph.node.extend(b.nodes)
-    del new.graph.initializer[:]
-    new.graph.initializer.extend(b.initializers)
-    return new, fit, layer
+    return emit_alone(model, FORMATS[fmt], spec, emit)
 
 
 @pytest.mark.parametrize("fmt", UNIVERSAL)

@@ -14,7 +14,7 @@ from . import calibrate, macs
 from . import model as model_io
 from .emit import Builder
 from .errors import NotApplicable, TnonnxError
-from .formats import FORMATS, Factorization
+from .formats import Factorization
 from .graph import Layer, find_layers, replace_nodes
 from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, allocate_budget, choose_auto, make_plan, rank_spec
 from .report import InspectReport, LayerRow, RewriteReport, Totals

@@ -14,7 +14,6 @@ Leading axes of the input (batch, sequence, ...) are carried untouched as "batch
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..emit import Chain, best_order
-from ..errors import NotApplicable, TnonnxError
+from ..errors import NotApplicable
 from ..tensorize import choose_modes, default_order
 from .base import ChainFactorization, RankSpec
 
