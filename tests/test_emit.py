@@ -83,3 +83,22 @@ def test_best_order_is_no_worse_than_the_listed_order(name):
     fact, cores = _factorization(name)
     listed = Chain(fact.chain.in_labels, fact.chain.out_labels, fact.chain.sizes, cores)
     assert fact.chain.macs_per_row() <= listed.macs_per_row()
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
+def test_activation_between_steps_is_the_same_in_every_backend(activation):
+    fact, _ = _factorization("ring")
+    fact.chain.activation = activation
+    n, m = fact.chain.in_features, fact.chain.out_features
+    x = np.random.default_rng(3).standard_normal((4, n))
+    ref = fact.apply(x)
+    assert not np.allclose(ref, x @ fact.to_dense())  # nonlinear: no longer the dense product
+    with torch.no_grad():
+        y = run_chain(TorchOps(1), torch.from_numpy(x), fact.chain, {k: torch.from_numpy(v) for k, v in fact.cores.items()})
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-10, atol=1e-10)
+    b = Builder("layer", np.float32, np.float32)
+    emit_chain(b, "x", fact.chain, fact.cores, 1)
+    b.rename_output("y")
+    model = make_model(b.nodes, [value("x", [4, n])], [value("y", [4, m])], b.initializers)
+    (out,) = run(model, {"x": x.astype(np.float32)})
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
