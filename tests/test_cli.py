@@ -439,3 +439,18 @@ def test_inspect_json(good):
 def test_no_command_prints_help():
     result = cli()
     assert "Usage:" in result.output and "rewrite" in result.output
+
+
+def test_inspect_says_when_there_is_nothing_to_rewrite(tmp_path):
+    from onnx_builders import make_model, value
+    from onnx import helper
+
+    path = tmp_path / "relu.onnx"
+    onnx.save(make_model([helper.make_node("Relu", ["x"], ["y"])], [value("x", [2, 3])], [value("y", [2, 3])]), path)
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0 and "nothing tnonnx can rewrite" in result.output
+
+
+def test_bench_rejects_zero_repeats(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "a.onnx", "b.onnx", "--repeats", "0"])
+    assert result.exit_code == 2

@@ -234,8 +234,8 @@ def validate_cmd(reference, candidate, inputs, shapes, batch, atol, rtol, min_co
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS")
 @click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's).")
-@click.option("--repeats", type=int, default=50, show_default=True)
-@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
 @handles_errors
 def bench_cmd(reference, candidate, batch, shapes, threads, repeats, warmup):
     """Latency of two models side by side on the same random feeds."""

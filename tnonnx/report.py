@@ -52,6 +52,8 @@ class InspectReport:
 
     def render(self, console: Console) -> None:
         t = self.totals
+        if not self.rows:
+            console.print("no MatMul, Gemm or Conv layers in this model: nothing tnonnx can rewrite")
         table = Table(title=f"candidate layers (MACs at batch {self.batch})", show_lines=False)
         for col in ("layer", "op", "weight", "params", "MACs", "% MACs", "note"):
             table.add_column(col, justify="right" if col in ("params", "MACs", "% MACs") else "left")
