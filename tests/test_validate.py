@@ -155,8 +155,9 @@ def test_validate_errors(tmp_path):
         validation.validate(classifier(), classifier(input_name="input"))
     with pytest.raises(TnonnxError, match="candidate '.*missing.onnx': no such file"):
         validation.validate(classifier(), tmp_path / "missing.onnx")
-    with pytest.raises(TnonnxError, match="expected None, an .npz path"):
-        validation.validate(classifier(), classifier(), inputs=42)
+    with pytest.raises(TnonnxError, match="expected None, a number of random samples, an .npz path"):
+        validation.validate(classifier(), classifier(), inputs=[42])
+    assert validation.validate(classifier(), classifier(), inputs=42).samples == 42
 
 
 def test_session_errors_are_one_line():

@@ -22,6 +22,7 @@ from .tensorize import parse_modes
 from .validate import validate as compare_models
 
 EMIT_MODES = ("matmul", "einsum")
+FIT_MODES = ("data-free", "aware")
 
 
 def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
@@ -40,7 +41,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             emit: str = "matmul", batch: int = 1, ops=("MatMul", "Gemm", "Conv"), include: str | None = None,
             exclude: str | None = None, min_params: int = 0, force: bool = False, validate: bool = True,
             inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None,
-            min_cosine: float | None = None, progress: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
+            min_cosine: float | None = None, fit: str = "data-free", calib=None,
+            progress: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
 
     Returns the new model and its report. The input is never modified.
@@ -66,7 +68,14 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         raise TnonnxError("nothing to rewrite: no selected MatMul/Gemm/Conv layer with a constant weight"
                           + _reasons_summary(layers))
 
-    fitter = Fitter(format_options)
+    if fit not in FIT_MODES:
+        raise TnonnxError(f"--fit {fit}: choose from {', '.join(FIT_MODES)}")
+    grams = None
+    if fit == "aware":
+        # each layer's input Gram matrix on the calibration data, from the original model
+        batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes)
+        grams = calibrate.capture_grams(original, [p.layer.x for p in plans if p.layer.kind == "dense"], batches)
+    fitter = Fitter(format_options, grams)
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
     with threadpool_limits(1, user_api="blas"):
         candidates = AUTO_FORMATS if format == "auto" else (format,)
@@ -110,7 +119,6 @@ def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, emit: str
     replacements, shared = {}, {}
     for plan in _progress(plans, progress):
         layer = plan.layer
-        key = (layer.weight_key, plan.format, plan.spec, plan.modes, plan.order)
         try:
             fact = fitter.fit(layer, plan.format, plan.spec, plan.modes, plan.order)
         except NotApplicable as exc:
@@ -120,8 +128,9 @@ def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, emit: str
         if not saved and not force:
             layer.reason = f"no saving at this rank ({fact.params()} >= {layer.params} parameters; --force rewrites anyway)"
             continue
+        # layers given the same factorisation object (one weight, one fit) share its cores
         builder = Builder(f"{layer.name}/{plan.format}", layer.store_dtype, layer.compute_dtype,
-                          shared=shared, share_key="|".join(map(str, key)))
+                          shared=shared, share_key=str(id(fact)))
         emit_layer(builder, layer, fact, emit)
         replacements[id(layer.node)] = _Replacement(layer, plan, fact, builder)
     return replacements

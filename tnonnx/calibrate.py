@@ -331,3 +331,55 @@ def _is_fixed(dim) -> bool:
 
 def _fmt_shape(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def feed_batches(inputs, model: onnx.ModelProto, *, batch: int = 1, shapes=None, seed: int = 0,
+                 chunk: int = 64) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """(feed batches, extras such as labels) from what a user gives as inputs: None (random
+    feeds from the model's shapes), a number of random samples, an .npz path, a dict of
+    arrays, or a reader with get_next()."""
+    extras: dict[str, np.ndarray] = {}
+    if inputs is None:
+        return [random_feeds(model, batch, shapes, seed)], extras
+    if isinstance(inputs, int) and not isinstance(inputs, bool):  # that many random samples
+        if inputs < 1:
+            raise TnonnxError(f"--calib-random {inputs}: must be >= 1")
+        return [random_feeds(model, min(chunk, inputs - i), shapes, seed + i) for i in range(0, inputs, chunk)], extras
+    if isinstance(inputs, (str, os.PathLike)):
+        feeds, extras = load_npz(inputs, model)
+    elif isinstance(inputs, Mapping):
+        feeds, extras = split_feeds(inputs, model)
+    elif hasattr(inputs, "get_next"):
+        return feeds_from_reader(inputs), extras
+    else:
+        raise TnonnxError(
+            f"inputs: expected None, a number of random samples, an .npz path, a dict of arrays or a data reader, "
+            f"not {type(inputs).__name__}"
+        )
+    return list(iter_batches(feeds, model, max(batch, chunk))), extras
+
+
+def capture_grams(model: onnx.ModelProto, names: list[str], batches) -> dict[str, tuple[np.ndarray, int]]:
+    """For each tensor name (main graph), the Gram matrix X^T X of its rows over the last
+    axis and the number of rows, accumulated batch by batch: memory stays N x N per layer
+    however much calibration data there is. Tensors inside subgraphs are not captured."""
+    from . import runtime
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in (*inferred.graph.value_info, *inferred.graph.input)}
+    produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    wanted = [n for n in dict.fromkeys(names) if n in produced and types.get(n)]
+    if not wanted:
+        return {}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    known = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in wanted if n not in known)
+    sess = runtime.session(m)
+    grams: dict[str, tuple[np.ndarray, int]] = {}
+    for feeds in batches:
+        for name, value in zip(wanted, sess.run(wanted, dict(feeds))):
+            rows = np.asarray(value, dtype=np.float64).reshape(-1, value.shape[-1])
+            gram, count = grams.get(name, (0.0, 0))
+            grams[name] = (gram + rows.T @ rows, count + rows.shape[0])
+    return grams

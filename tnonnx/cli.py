@@ -141,13 +141,20 @@ def inspect(model, batch, shapes, as_json):
 @click.option("--exclude", default=None, help="Regex: skip nodes whose name matches.")
 @click.option("--min-params", type=click.IntRange(min=0), default=0, show_default=True, help="Skip smaller weights.")
 @click.option("--force", is_flag=True, help="Rewrite layers even where nothing is saved.")
+@click.option("--fit", "fit_mode", type=click.Choice(api.FIT_MODES), default="data-free", show_default=True,
+              help="aware: fit to what each layer sees on calibration data (whitened SVD for svd dense layers).")
+@click.option("--calib", type=click.Path(dir_okay=False), default=None,
+              help="Calibration feeds (.npz named after the model inputs) for --fit aware.")
+@click.option("--calib-random", type=click.IntRange(min=1), default=None, metavar="N",
+              help="N random calibration samples from the model's input shapes.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with the original.")
 @input_options
 @threshold_options
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @handles_errors
 def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, ops, include,
-            exclude, min_params, force, validate, inputs, shapes, batch, atol, rtol, min_cosine, report_path):
+            exclude, min_params, force, fit_mode, calib, calib_random, validate, inputs, shapes, batch, atol, rtol,
+            min_cosine, report_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
     source = model_io.check_path(model)
     target = Path(output) if output else source.with_name(f"{source.stem}.{fmt}.onnx")
@@ -163,7 +170,8 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         model, format=fmt, rank=rank, tol=tol, ratio=ratio, budget=_budget(budget), format_options=options, modes=modes, order=order, emit=emit, batch=batch,
         ops=[o.strip() for o in ops.split(",") if o.strip()], include=include, exclude=exclude,
         min_params=min_params, force=force, validate=validate, inputs=inputs,
-        shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine, progress=True)
+        shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine, fit=fit_mode,
+        calib=_calibration(calib, calib_random), progress=True)
     api.save(new, target)
     report.output_path = str(target)
     report.render(_console())
@@ -172,6 +180,12 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         _write(report_path, "report", report.write_json)
     if report.validation is not None and not report.validation.ok:
         sys.exit(1)
+
+
+def _calibration(path: str | None, random_samples: int | None):
+    if path is not None and random_samples is not None:
+        raise TnonnxError("give one of --calib, --calib-random")
+    return path if path is not None else random_samples
 
 
 def _rank(text: str | None):

@@ -123,12 +123,25 @@ class Fitter:
     """Fits layers, once per (weight, format, spec, modes, order): layers that share a
     weight share the factorisation, and the budget allocator's many trials are reused."""
 
-    def __init__(self, options: dict | None = None):
+    def __init__(self, options: dict | None = None, grams: dict | None = None):
         self.options = options or {}
+        self.grams = grams or {}  # input name -> X^T X on calibration data (--fit aware)
         self.cache: dict = {}
 
+    def gram_for(self, layer: Layer, format: str):
+        """The calibration Gram matrix a data-aware fit of this layer uses, if any: dense
+        layers whose rows are the input's last axis, in formats that take one."""
+        if layer.kind != "dense" or layer.side != "right" or layer.trans_x:
+            return None
+        if not getattr(FORMATS[format], "SUPPORTS_GRAM", False):
+            return None
+        entry = self.grams.get(layer.x)
+        return None if entry is None else entry[0]
+
     def fit(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None):
-        key = (layer.weight_key, format, spec, modes, order)
+        gram = self.gram_for(layer, format)
+        # a data-aware fit depends on the layer's inputs, not only on its weight
+        key = (layer.weight_key, format, spec, modes, order, layer.x if gram is not None else None)
         if key not in self.cache:
             module = FORMATS[format]
             if layer.kind == "conv" and layer.groups > 1:
@@ -138,6 +151,8 @@ class Fitter:
                     for i in range(layer.groups)])
             elif layer.kind == "conv":
                 fact = module.fit_conv(layer.weight, spec, **self.options)
+            elif gram is not None:
+                fact = module.fit_dense(layer.weight, spec, modes=modes, order=order, gram=gram, **self.options)
             else:
                 fact = module.fit_dense(layer.weight, spec, modes=modes, order=order, **self.options)
             fact.weight_error = fact.relative_error(layer.weight)

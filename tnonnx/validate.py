@@ -181,21 +181,7 @@ def validate(
     cand = _model.load(candidate, what="candidate")
     runtime.check_same_inputs(ref, cand)
 
-    extras: dict[str, np.ndarray] = {}
-    if inputs is None:
-        batches = [calibrate.random_feeds(ref, batch, shapes, seed)]
-    elif isinstance(inputs, (str, os.PathLike)):
-        feeds, extras = calibrate.load_npz(inputs, ref)
-        batches = list(calibrate.iter_batches(feeds, ref, max(batch, RUN_CHUNK)))
-    elif isinstance(inputs, Mapping):
-        feeds, extras = calibrate.split_feeds(inputs, ref)
-        batches = list(calibrate.iter_batches(feeds, ref, max(batch, RUN_CHUNK)))
-    elif hasattr(inputs, "get_next"):
-        batches = calibrate.feeds_from_reader(inputs)
-    else:
-        raise TnonnxError(
-            f"inputs: expected None, an .npz path, a dict of arrays or a data reader, not {type(inputs).__name__}"
-        )
+    batches, extras = calibrate.feed_batches(inputs, ref, batch=batch, shapes=shapes, seed=seed, chunk=RUN_CHUNK)
 
     ref_out = run(ref, batches, what="reference")
     test_out = run(cand, batches, what="candidate")

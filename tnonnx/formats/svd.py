@@ -14,6 +14,7 @@ from .base import ChainFactorization, ConvFactorization, ConvStage, RankSpec, po
 
 NAME = "svd"
 SUPPORTS_VBMF = True  # --rank vbmf: the rank estimated from the singular spectrum
+SUPPORTS_GRAM = True  # --fit aware: whitened by the layer's input Gram matrix
 
 
 def svd_rank(s: np.ndarray, n: int, m: int, spec: RankSpec) -> int:
@@ -34,9 +35,24 @@ def balanced_factors(w: np.ndarray, spec: RankSpec) -> tuple[np.ndarray, np.ndar
     return u[:, :r] * root, root[:, None] * vt[:r]
 
 
-def fit_dense(weight: np.ndarray, spec: RankSpec, **_) -> ChainFactorization:
+def whitened_factors(w: np.ndarray, spec: RankSpec, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rank-r factors minimising ||X W - X U V|| for inputs X with X^T X = gram
+    (ALGORITHMS.md section 11): with gram = L L^T, the truncated SVD of L^T W mapped back
+    through L^{-T}. A small ridge keeps L invertible when some input directions are unused.
+    With a tolerance, it bounds the relative output error on the calibration inputs."""
+    n = gram.shape[0]
+    ridge = 1e-6 * max(np.trace(gram) / n, 1e-30)
+    chol = np.linalg.cholesky(gram + ridge * np.eye(n))
+    u, s, vt = np.linalg.svd(chol.T @ w, full_matrices=False)
+    r = svd_rank(s, *w.shape, spec)
+    root = np.sqrt(s[:r])
+    left = np.linalg.solve(chol.T, u[:, :r] * root)
+    return left, root[:, None] * vt[:r]
+
+
+def fit_dense(weight: np.ndarray, spec: RankSpec, *, gram: np.ndarray | None = None, **_) -> ChainFactorization:
     n, m = weight.shape
-    u, v = balanced_factors(weight, spec)
+    u, v = balanced_factors(weight, spec) if gram is None else whitened_factors(weight, spec, gram)
     r = u.shape[1]
     chain = Chain(("n",), ("m",), {"n": n, "m": m, "r": r}, [Core("U", ("n", "r")), Core("V", ("r", "m"))])
     return ChainFactorization(NAME, chain, {"U": u, "V": v}, (r,))
