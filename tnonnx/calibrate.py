@@ -365,16 +365,9 @@ def capture_grams(model: onnx.ModelProto, names: list[str], batches) -> dict[str
     however much calibration data there is. Tensors inside subgraphs are not captured."""
     from . import runtime
 
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in (*inferred.graph.value_info, *inferred.graph.input)}
-    produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-    wanted = [n for n in dict.fromkeys(names) if n in produced and types.get(n)]
+    m, wanted = runtime.with_outputs(model, names)
     if not wanted:
         return {}
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    known = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in wanted if n not in known)
     sess = runtime.session(m)
     grams: dict[str, tuple[np.ndarray, int]] = {}
     for feeds in batches:

@@ -11,7 +11,6 @@ with a `reason`.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from .formats.base import ConvGeometry
+from .macs import all_graphs, iter_nodes, subgraphs
 
 CANDIDATE_OPS = ("MatMul", "Gemm", "Conv")
 QUANTIZED_OPS = ("MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul")
@@ -128,15 +128,6 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def subgraphs(node: onnx.NodeProto):
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.name, a.g
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            for i, g in enumerate(a.graphs):
-                yield f"{a.name}[{i}]", g
-
-
 def value_shapes(model: onnx.ModelProto, needed: set[str] = frozenset()) -> dict[str, list]:
     """Shapes known after onnx shape inference (dims are ints, names or None). Where a
     `needed` tensor is left without one (old-opset Shape->Concat->Reshape patterns defeat
@@ -147,7 +138,7 @@ def value_shapes(model: onnx.ModelProto, needed: set[str] = frozenset()) -> dict
     except Exception:
         inferred = model
     shapes: dict[str, list] = {}
-    for graph in _all_graphs(inferred.graph):
+    for graph in all_graphs(inferred.graph):
         for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
             t = vi.type.tensor_type
             if t.HasField("shape"):
@@ -166,8 +157,6 @@ def value_shapes(model: onnx.ModelProto, needed: set[str] = frozenset()) -> dict
 def find_layers(model: onnx.ModelProto) -> list[Layer]:
     """Every MatMul/Gemm/Conv (and quantized or unsupported linear op) in the model, named
     as tnonnx.macs names nodes (so per-node costs line up)."""
-    from .macs import iter_nodes
-
     nodes = list(iter_nodes(model))
     shapes = value_shapes(model, {n.input[0] for _, n, _ in nodes if n.op_type in CANDIDATE_OPS and n.input})
     scopes: dict[int, Scope] = {}
@@ -319,7 +308,7 @@ def replace_nodes(model: onnx.ModelProto, replacements: dict[int, tuple[onnx.Gra
 def _used_names(graph: onnx.GraphProto, acc: set) -> set:
     for n in graph.node:
         acc.update(n.input)
-        for _, g in subgraphs(n):
+        for g in subgraphs(n):
             _used_names(g, acc)
             acc.update(o.name for o in g.output)
     acc.update(o.name for o in graph.output)
@@ -334,7 +323,7 @@ def _remove_unused(root: onnx.GraphProto, candidates: set[str]) -> None:
         if not dead:
             return
         changed = False
-        for graph in _all_graphs(root):
+        for graph in all_graphs(root):
             keep = [t for t in graph.initializer if t.name not in dead]
             if len(keep) != len(graph.initializer):
                 del graph.initializer[:]
@@ -352,18 +341,3 @@ def _remove_unused(root: onnx.GraphProto, candidates: set[str]) -> None:
         candidates = candidates - dead
         if not changed:
             return
-
-
-def _all_graphs(graph: onnx.GraphProto):
-    yield graph
-    for n in graph.node:
-        for _, g in subgraphs(n):
-            yield from _all_graphs(g)
-
-
-def rows_per_sample(layer: Layer) -> int:
-    """How many vectors a dense layer multiplies per sample (sequence length, etc.)."""
-    if not layer.x_shape or len(layer.x_shape) < 2:
-        return 1
-    dims = layer.x_shape[1:-1]
-    return math.prod(d if isinstance(d, int) and d > 0 else 1 for d in dims)

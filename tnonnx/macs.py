@@ -157,7 +157,7 @@ def _attr(node, name, default):
     return default
 
 
-def _subgraphs(node) -> list[onnx.GraphProto]:
+def subgraphs(node) -> list[onnx.GraphProto]:
     return [g for a in node.attribute
             for g in ([a.g] if a.type == AttributeProto.GRAPH else
                       list(a.graphs) if a.type == AttributeProto.GRAPHS else [])]
@@ -167,13 +167,13 @@ def _walk(graph, chain=()) -> Iterator[tuple[onnx.NodeProto, tuple[onnx.GraphPro
     chain = chain + (graph,)
     for node in graph.node:
         yield node, chain
-        for g in _subgraphs(node):
+        for g in subgraphs(node):
             yield from _walk(g, chain)
 
 
-def _graphs(graph) -> list[onnx.GraphProto]:
+def all_graphs(graph) -> list[onnx.GraphProto]:
     """``graph`` and all its subgraphs, at any depth."""
-    return [graph] + [g for node, _ in _walk(graph) for g in _subgraphs(node)]
+    return [graph] + [g for node, _ in _walk(graph) for g in subgraphs(node)]
 
 
 def iter_nodes(model: onnx.ModelProto):
@@ -252,7 +252,7 @@ class _Scope:
 
 def _foldable(node, scope: _Scope) -> bool:
     return (node.domain in _FOLDABLE_DOMAINS and node.op_type not in _NONDETERMINISTIC
-            and not _subgraphs(node) and all(scope.is_const(i) for i in node.input))
+            and not subgraphs(node) and all(scope.is_const(i) for i in node.input))
 
 
 def _count_macs(model, fallback: dict[str, Shape], cost: ModelCost) -> list[str]:
@@ -297,7 +297,7 @@ def _with_inputs(model, input_shapes, strip: bool) -> onnx.ModelProto:
         for d in dims:
             shape.dim.add().dim_value = int(d)
     if strip:  # shape inference needs only the dims of big float tensors; stays under 2 GB
-        for g in _graphs(m.graph):
+        for g in all_graphs(m.graph):
             for t in [*g.initializer, *(a.t for n in g.node for a in n.attribute if a.name == "value")]:
                 if t.data_type in _FLOATS and math.prod(t.dims) > _STRIP_ABOVE:
                     for f in ("raw_data", "float_data", "double_data", "int32_data"):
@@ -312,16 +312,10 @@ def probed_shapes(model, input_shapes, inferred: onnx.ModelProto, names: set[str
     unknown dim); empty if the run fails."""
     from . import calibrate, runtime
 
-    types = {vi.name: vi.type.tensor_type.elem_type
-             for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
-    produced = {o for n in model.graph.node for o in n.output}
-    wanted = [n for n in sorted(names) if n in produced and types.get(n)]
+    # graph inputs keep the shapes the caller gave (a symbolic one stays unknown, not guessed)
+    m, wanted = runtime.with_outputs(model, sorted(names), inferred, inputs=False)
     if not wanted:
         return {}
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    known = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in wanted if n not in known)
     try:
         sess = runtime.session(m, optimize=False)
         outputs = sess.run(wanted, calibrate.random_feeds(model, shapes=input_shapes))
@@ -343,7 +337,7 @@ def symbolic_shapes(model, input_shapes) -> dict[str, Shape]:
         return {}
     shapes: dict[str, Shape] = {}
     clashes = set()
-    for g in _graphs(inferred.graph):
+    for g in all_graphs(inferred.graph):
         for vi in (*g.input, *g.output, *g.value_info):
             s = _shape(vi.type)
             if vi.name in shapes and shapes[vi.name] != s:
@@ -357,7 +351,7 @@ def symbolic_shapes(model, input_shapes) -> dict[str, Shape]:
 def parameters(model: onnx.ModelProto) -> tuple[int, int]:
     """(float parameters, bytes of all initializers and Constant tensors), subgraphs included."""
     params = nbytes = 0
-    for g in _graphs(model.graph):
+    for g in all_graphs(model.graph):
         for t in _tensors(g):
             n = math.prod(t.dims)
             if t.data_type in _FLOATS:

@@ -164,3 +164,21 @@ def _after_signature(text: str) -> str:
             if depth == 0:
                 return text[i + 1:].strip()
     return text
+
+
+def with_outputs(model: onnx.ModelProto, names, inferred: onnx.ModelProto | None = None, *, inputs: bool = True):
+    """(copy of the model with main-graph tensors `names` added as graph outputs, the names
+    that could be exposed). Dtypes come from `inferred` (shape-inferred) or onnx's inference;
+    graph inputs count as exposable when `inputs`; tensors inside subgraphs cannot be."""
+    inferred = inferred if inferred is not None else onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in (*graph.value_info, *graph.input, *graph.output)}
+    available = {o for n in model.graph.node for o in n.output}
+    if inputs:
+        available |= {i.name for i in model.graph.input}
+    wanted = [n for n in dict.fromkeys(names) if n in available and types.get(n)]
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    known = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in wanted if n not in known)
+    return m, wanted
