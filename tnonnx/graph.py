@@ -131,8 +131,8 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
 def value_shapes(model: onnx.ModelProto, needed: set[str] = frozenset()) -> dict[str, list]:
     """Shapes known after onnx shape inference (dims are ints, names or None). Where a
     `needed` tensor is left without one (old-opset Shape->Concat->Reshape patterns defeat
-    onnx's inference), ONNX Runtime's symbolic shape inference fills it in, run on the
-    model's inputs made concrete."""
+    onnx's inference), one ONNX Runtime run on the model's inputs made concrete fills it
+    in, and ONNX Runtime's symbolic shape inference after that."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
@@ -146,10 +146,15 @@ def value_shapes(model: onnx.ModelProto, needed: set[str] = frozenset()) -> dict
                                    for d in t.shape.dim]
     for t in model.graph.initializer:
         shapes.setdefault(t.name, list(t.dims))
-    if any(n not in shapes for n in needed):
+    missing = {n for n in needed if n not in shapes}
+    if missing:  # the same fallbacks as MAC counting: one ORT run, then symbolic inference
         from . import calibrate, macs
 
-        for name, shape in macs.symbolic_shapes(model, calibrate.concrete_shapes(model)).items():
+        concrete = calibrate.concrete_shapes(model)
+        found = macs.probed_shapes(model, concrete, inferred, missing)
+        if missing - set(found):
+            found = {**macs.symbolic_shapes(model, concrete), **found}
+        for name, shape in found.items():
             shapes.setdefault(name, list(shape))
     return shapes
 
