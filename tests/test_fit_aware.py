@@ -9,6 +9,8 @@ from onnx import helper
 
 import tnonnx
 from tnonnx import calibrate
+from tnonnx import fit as fitting
+from tnonnx.graph import Layer
 from tnonnx.cli import main
 from tnonnx.formats import RankSpec, svd
 
@@ -29,7 +31,7 @@ def test_whitened_svd_never_has_a_larger_calibration_output_error(rank):
     w = randn(64, 48, seed=1).astype(np.float64)
     x = _correlated_inputs(64, 500, seed=2)
     plain = svd.fit_dense(w, RankSpec(rank=rank))
-    aware = svd.fit_dense(w, RankSpec(rank=rank), gram=x.T @ x)
+    aware = svd.fit_dense(w, RankSpec(rank=rank), data=_data(x, w))
     error = lambda f: np.linalg.norm(x @ w - f.apply(x)) / np.linalg.norm(x @ w)
     assert aware.params() == plain.params()
     assert error(aware) <= error(plain) + 1e-9
@@ -38,19 +40,26 @@ def test_whitened_svd_never_has_a_larger_calibration_output_error(rank):
 def test_whitened_svd_is_exact_at_full_rank():
     w = randn(32, 24, seed=3).astype(np.float64)
     x = _correlated_inputs(32, 200, seed=4)
-    fact = svd.fit_dense(w, RankSpec(rank=10**6), gram=x.T @ x)
+    fact = svd.fit_dense(w, RankSpec(rank=10**6), data=_data(x, w))
     assert fact.relative_error(w) < 1e-8
 
 
-def test_capture_grams_accumulates_over_batches():
+def _data(x: np.ndarray, w: np.ndarray) -> fitting.LayerData:
+    layer = Layer("mm", "MatMul", None, None, kind="dense", weight=w)
+    return fitting.layer_data(layer, calibrate.Capture(x.T @ x, x.shape[0]))
+
+
+def test_capture_accumulates_over_batches():
     nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["y"], name="mm")]
     m = make_model(nodes, [value("x", ["b", 3, 8])], [value("y", ["b", 3, 4])], [init("W", randn(8, 4, seed=5))])
     xs = [randn(2, 3, 8, seed=s) for s in (6, 7, 8)]
-    grams = calibrate.capture_grams(m, ["h"], [{"x": x} for x in xs])
+    probe = calibrate.Probe("dense")
+    captures = calibrate.capture(m, {"h": [probe]}, [{"x": x} for x in xs])
     rows = np.concatenate([np.maximum(x, 0).reshape(-1, 8) for x in xs]).astype(np.float64)
-    gram, count = grams["h"]
-    assert count == 18
-    np.testing.assert_allclose(gram, rows.T @ rows, rtol=1e-5, atol=1e-5)
+    cap = captures[("h", probe.key)]
+    assert cap.count == 18 and cap.cross is None
+    np.testing.assert_allclose(cap.gram, rows.T @ rows, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cap.samples, rows, rtol=1e-6)  # fewer rows than the sample bound: all kept
 
 
 def test_aware_svd_keeps_more_of_lenet_on_held_out_images():

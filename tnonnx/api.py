@@ -11,18 +11,20 @@ import onnx
 from threadpoolctl import threadpool_limits
 
 from . import calibrate, macs
+from . import fit as fitting
 from . import model as model_io
 from .emit import Builder
 from .errors import NotApplicable, TnonnxError
 from .formats import Factorization
 from .graph import Layer, find_layers, replace_nodes
+from .macs import all_graphs
 from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, allocate_budget, choose_auto, make_plan, rank_spec
 from .report import InspectReport, LayerRow, RewriteReport, Totals
 from .tensorize import parse_modes
 from .validate import validate as compare_models
 
-EMIT_MODES = ("matmul", "einsum")
-FIT_MODES = ("data-free", "aware")
+EMIT_MODES = ("matmul", "einsum", "custom")
+FIT_MODES = ("data-free", "aware", "sequential")
 
 
 def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
@@ -70,12 +72,14 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
 
     if fit not in FIT_MODES:
         raise TnonnxError(f"--fit {fit}: choose from {', '.join(FIT_MODES)}")
-    grams = None
-    if fit == "aware":
-        # each layer's input Gram matrix on the calibration data, from the original model
+    batches = None
+    if fit != "data-free":
         batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes)
-        grams = calibrate.capture_grams(original, [p.layer.x for p in plans if p.layer.kind == "dense"], batches)
-    fitter = Fitter(format_options, grams)
+    data = {}
+    if fit == "aware" or (fit == "sequential" and (budget is not None or format == "auto")):
+        # every layer's inputs in the original model (sequential: for choosing ranks only)
+        data = layer_data(original, [p.layer for p in plans], batches)
+    fitter = Fitter(format_options, data)
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
     with threadpool_limits(1, user_api="blas"):
         candidates = AUTO_FORMATS if format == "auto" else (format,)
@@ -88,7 +92,10 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         elif format == "auto":
             choose_auto(plans, fitter, candidates)
             plans = [p for p in plans if p.layer.reason is None]
-        replacements = _fit_and_emit(plans, fitter, force, emit, progress)
+        if fit == "sequential":
+            replacements = _fit_sequential(original, new, plans, fitter, batches, force, emit, progress)
+        else:
+            replacements = _fit_and_emit(plans, fitter, force, emit, progress)
     if not replacements:
         raise TnonnxError("nothing to rewrite: no layer gets smaller at this rank" + _reasons_summary(layers))
 
@@ -113,10 +120,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     return new, report
 
 
-def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, emit: str, progress: bool) -> dict:
+def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, emit: str, progress: bool,
+                  shared: dict | None = None, replacements: dict | None = None) -> dict:
     """Fit each planned layer (once per shared weight) and emit its replacement nodes;
-    returns the replacements keyed by id(node)."""
-    replacements, shared = {}, {}
+    returns the replacements keyed by id(node) (added to `replacements` when given)."""
+    replacements = {} if replacements is None else replacements
+    shared = {} if shared is None else shared
     for plan in _progress(plans, progress):
         layer = plan.layer
         try:
@@ -136,6 +145,58 @@ def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, emit: str
     return replacements
 
 
+def layer_data(model: onnx.ModelProto, layers: list[Layer], batches, reference: onnx.ModelProto | None = None) -> dict:
+    """LayerData per layer name from one pass of the calibration batches through `model`
+    (with `reference`: the original model alongside, for sequential fitting). Layers data-aware
+    fitting does not apply to (see fit.probe_for), or whose input cannot be exposed, get none."""
+    probes: dict[str, list] = {}
+    for layer in layers:
+        probe = fitting.probe_for(layer)
+        if probe is not None and probe.key not in [p.key for p in probes.get(layer.x, [])]:
+            probes.setdefault(layer.x, []).append(probe)
+    captures = calibrate.capture(model, probes, batches, reference=reference)
+    data, bases = {}, {}
+    for layer in layers:
+        probe = fitting.probe_for(layer)
+        capture = captures.get((layer.x, probe.key)) if probe is not None else None
+        if capture is not None:
+            data[layer.name] = fitting.layer_data(layer, capture, bases)
+    return data
+
+
+def _fit_sequential(original, new, plans, fitter, batches, force, emit, progress) -> dict:
+    """Fit level by level (fit.levels): each level's layers see, on the calibration data,
+    the outputs of the levels before it already rewritten, and fit the original layer's
+    outputs. Layers inside subgraphs are fitted last, on their weights."""
+    replacements, shared = {}, {}
+    groups = fitting.levels(new.graph, [p.layer for p in plans])
+    by_node = {id(p.layer.node): p for p in plans}
+    for group in _progress(groups, progress, "fitting levels"):
+        current = _partial(new, replacements) if replacements else original
+        data = layer_data(current, group, batches, reference=original if replacements else None)
+        for layer in group:
+            fitter.data[layer.name] = data.get(layer.name)
+        _fit_and_emit([by_node[id(l.node)] for l in group], fitter, force, emit, False, shared, replacements)
+    placed = {id(l.node) for g in groups for l in g}
+    rest = [p for p in plans if id(p.layer.node) not in placed]
+    for plan in rest:
+        fitter.data.pop(plan.layer.name, None)
+    return _fit_and_emit(rest, fitter, force, emit, False, shared, replacements)
+
+
+def _partial(base: onnx.ModelProto, replacements: dict) -> onnx.ModelProto:
+    """A copy of `base` (still unmodified) with the replacements made so far in place."""
+    out = onnx.ModelProto()
+    out.CopyFrom(base)
+    nodes, graphs = {}, {}
+    for g0, g1 in zip(all_graphs(base.graph), all_graphs(out.graph)):
+        graphs[id(g0)] = g1
+        nodes.update({id(n0): n1 for n0, n1 in zip(g0.node, g1.node)})
+    replace_nodes(out, {id(nodes[k]): (graphs[id(r.layer.graph)], r.builder.nodes, r.builder.initializers)
+                        for k, r in replacements.items()}, [])
+    return out
+
+
 class _Replacement:
     def __init__(self, layer: Layer, plan: LayerPlan, fact: Factorization, builder: Builder):
         self.layer, self.plan, self.fact, self.builder = layer, plan, fact, builder
@@ -153,7 +214,12 @@ def emit_layer(builder: Builder, layer: Layer, fact: Factorization, emit: str = 
     swap = list(range(batch_rank - 1)) + [batch_rank, batch_rank - 1]
     if layer.side == "left":  # W @ x  ==  (x^T W^T)^T over the last two axes
         x = builder.op("Transpose", [x], "transpose", perm=swap)
-    y = fact.emit(builder, x, batch_rank) if emit == "matmul" else fact.emit_einsum(builder, x, batch_rank)
+    if emit == "einsum":
+        y = fact.emit_einsum(builder, x, batch_rank)
+    elif emit == "custom":  # one fused operator from the tnonnx custom-op library
+        y = fact.emit_custom(builder, x, batch_rank)
+    else:
+        y = fact.emit(builder, x, batch_rank)
     if layer.side == "left":
         y = builder.op("Transpose", [y], "transpose", perm=swap)
     if layer.bias is not None:
@@ -185,6 +251,7 @@ def _rows(layers, replacements, before, after) -> list[LayerRow]:
             row.shared_with = None if shared_with == layer.name else shared_with
             row.macs_after = sum(after.per_node.get(n.name, 0) for n in rep.builder.nodes)
             row.weight_error = fact.weight_error
+            row.output_error = fact.output_error
             row.reason = None
         rows.append(row)
     return rows
@@ -195,12 +262,12 @@ def _reasons_summary(layers: list[Layer]) -> str:
     return f" ({'; '.join(reasons[:3])})" if reasons else ""
 
 
-def _progress(items, enabled: bool):
+def _progress(items, enabled: bool, description: str = "fitting layers"):
     if not enabled or not sys.stderr.isatty():
         return items
     from rich.progress import track
 
-    return track(items, description="fitting layers", transient=True, console=_stderr_console())
+    return track(items, description=description, transient=True, console=_stderr_console())
 
 
 def _stderr_console():

@@ -1,7 +1,6 @@
-"""Calibration data: feeds for a model (random, from an .npz, from a data reader), batched.
-
-Activation capture (running a model with layer inputs exposed) will live here too.
-"""
+"""Calibration data: feeds for a model (random, from an .npz, from a data reader), batched;
+and activation capture: running a model with layer inputs exposed, accumulating what
+data-aware fitting needs in bounded memory."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ import os
 import re
 import zipfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -359,20 +359,160 @@ def feed_batches(inputs, model: onnx.ModelProto, *, batch: int = 1, shapes=None,
     return list(iter_batches(feeds, model, max(batch, chunk))), extras
 
 
-def capture_grams(model: onnx.ModelProto, names: list[str], batches) -> dict[str, tuple[np.ndarray, int]]:
-    """For each tensor name (main graph), the Gram matrix X^T X of its rows over the last
-    axis and the number of rows, accumulated batch by batch: memory stays N x N per layer
-    however much calibration data there is. Tensors inside subgraphs are not captured."""
+# --- activation capture ---------------------------------------------------------------
+
+# Bounds on what capture keeps per layer besides its Gram matrix: sampled input rows (dense)
+# or sampled input maps (conv) for the fits that need real samples (nonlinear chains, conv
+# refinement), and the largest Gram matrix accumulated (a conv's S*k patch length).
+MAX_SAMPLE_ROWS = 8192
+MAX_SAMPLE_BYTES = 64 << 20
+MAX_GRAM_SIZE = 8192
+
+
+@dataclass
+class Probe:
+    """What to capture for one tensor: rows of its last axis (dense layers), or the patches
+    a conv with this kernel and these attributes reads (im2col rows, channel-major)."""
+
+    kind: str  # "dense" or "conv"
+    kernel: tuple[int, ...] = ()
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple:
+        return (self.kind, self.kernel, tuple(sorted((k, str(v)) for k, v in self.attrs.items())))
+
+
+@dataclass
+class Capture:
+    """A layer input seen on calibration data, in bounded memory: the Gram matrix of its rows
+    (patches for convs), the cross Gram with the original model's rows when the inputs come
+    from a partly rewritten model (sequential fitting), and a uniform sample of inputs."""
+
+    gram: np.ndarray | None  # X~^T X~ (None: patch length above MAX_GRAM_SIZE)
+    count: int  # rows behind the Gram matrix
+    cross: np.ndarray | None = None  # X~^T X, sequential fitting only
+    samples: np.ndarray | None = None  # dense: (R, N) rows; conv: (B, S, *spatial) maps
+    reference: np.ndarray | None = None  # the original model's inputs at the same samples
+
+
+class _Accumulator:
+    def __init__(self, probe: Probe, paired: bool, seed: int):
+        self.probe, self.paired = probe, paired
+        self.rng = np.random.default_rng(seed)
+        self.gram = self.cross = None
+        self.count = self.seen = 0
+        self.samples = self.reference = None
+        self.capacity = None
+
+    def add(self, value: np.ndarray, original: np.ndarray | None) -> None:
+        value = np.asarray(value, dtype=np.float32)
+        original = None if original is None else np.asarray(original, dtype=np.float32)
+        if self.probe.kind == "dense":
+            units, ref_units = value.reshape(-1, value.shape[-1]), None if original is None else original.reshape(-1, original.shape[-1])
+        else:
+            units, ref_units = value, original
+        self._sample(units, ref_units)
+        rows = self._rows(value)
+        if rows is None:
+            return
+        # one batch's sum in float32 (twice as fast), the running sum in float64
+        gram = (rows.T @ rows).astype(np.float64)
+        self.gram = gram if self.gram is None else self.gram + gram
+        if original is not None:
+            cross = (rows.T @ self._rows(original)).astype(np.float64)
+            self.cross = cross if self.cross is None else self.cross + cross
+        self.count += rows.shape[0]
+
+    def _rows(self, value: np.ndarray) -> np.ndarray | None:
+        if self.probe.kind == "dense":
+            return value.reshape(-1, value.shape[-1])
+        length = value.shape[1] * int(np.prod(self.probe.kernel))
+        return None if length > MAX_GRAM_SIZE else im2col(value, self.probe.kernel, self.probe.attrs)
+
+    def _sample(self, units: np.ndarray, ref_units: np.ndarray | None) -> None:
+        """Reservoir sampling (Algorithm R) of rows or maps, the same draws for both models."""
+        if self.capacity is None:
+            per_unit = units[0].nbytes * (2 if ref_units is not None else 1)
+            limit = MAX_SAMPLE_ROWS if self.probe.kind == "dense" else 1 << 30
+            self.capacity = max(1, min(limit, MAX_SAMPLE_BYTES // max(per_unit, 1)))
+            self.samples = np.empty((self.capacity,) + units.shape[1:], np.float32)
+            if ref_units is not None:
+                self.reference = np.empty_like(self.samples)
+        n = units.shape[0]
+        index = self.seen + np.arange(n)
+        slots = np.where(index < self.capacity, index, self.rng.integers(0, index + 1))
+        take = slots < self.capacity
+        self.samples[slots[take]] = units[take]
+        if ref_units is not None:
+            self.reference[slots[take]] = ref_units[take]
+        self.seen += n
+
+    def result(self) -> Capture:
+        kept = min(self.seen, self.capacity or 0)
+        return Capture(self.gram, self.count, self.cross,
+                       None if self.samples is None else self.samples[:kept],
+                       None if self.reference is None else self.reference[:kept])
+
+
+def capture(model: onnx.ModelProto, probes: Mapping[str, list[Probe]], batches, *,
+            reference: onnx.ModelProto | None = None, seed: int = 0) -> dict[tuple, Capture]:
+    """Run `model` on the calibration batches with the probed tensors (main graph) exposed
+    and accumulate a Capture per (tensor name, probe key). With `reference` (the original
+    model, same input tensor names), it runs too and supplies the cross Gram matrices and
+    the paired samples that sequential fitting needs. Tensors inside subgraphs, or that
+    onnxruntime cannot expose, are left out of the result."""
     from . import runtime
 
-    m, wanted = runtime.with_outputs(model, names)
+    m, wanted = runtime.with_outputs(model, list(probes))
     if not wanted:
         return {}
     sess = runtime.session(m)
-    grams: dict[str, tuple[np.ndarray, int]] = {}
+    ref_sess = None
+    if reference is not None:
+        ref_model, ref_wanted = runtime.with_outputs(reference, wanted)
+        wanted = [w for w in wanted if w in ref_wanted]
+        ref_sess = runtime.session(ref_model)
+    acc = {(name, p.key): _Accumulator(p, reference is not None, seed) for name in wanted for p in probes[name]}
     for feeds in batches:
-        for name, value in zip(wanted, sess.run(wanted, dict(feeds))):
-            rows = np.asarray(value, dtype=np.float64).reshape(-1, value.shape[-1])
-            gram, count = grams.get(name, (0.0, 0))
-            grams[name] = (gram + rows.T @ rows, count + rows.shape[0])
-    return grams
+        values = dict(zip(wanted, sess.run(wanted, dict(feeds))))
+        originals = dict(zip(wanted, ref_sess.run(wanted, dict(feeds)))) if ref_sess is not None else {}
+        for (name, _), a in acc.items():
+            a.add(values[name], originals.get(name))
+    return {key: a.result() for key, a in acc.items()}
+
+
+def im2col(x: np.ndarray, kernel: tuple[int, ...], attrs: Mapping) -> np.ndarray:
+    """The patches an ONNX Conv (group 1) with this kernel and these attributes multiplies
+    with its weight: (B * output positions, S * prod(kernel)) rows, channel-major like
+    weight.reshape(T, -1). Pads (explicit or auto_pad), strides and dilations as ONNX."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    n = len(kernel)
+    size = x.shape[2:]
+    strides = list(attrs.get("strides", [1] * n))
+    dilations = list(attrs.get("dilations", [1] * n))
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        total = [max((-(-s // st) - 1) * st + sp - s, 0) for s, st, sp in zip(size, strides, span)]
+        small = [t // 2 for t in total]
+        begin = small if auto_pad == "SAME_UPPER" else [t - h for t, h in zip(total, small)]
+        end = [t - b for t, b in zip(total, begin)]
+    elif auto_pad == "VALID":
+        begin = end = [0] * n
+    else:
+        pads = list(attrs.get("pads", [0] * 2 * n))
+        begin, end = pads[:n], pads[n:]
+    padded = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)))
+    windows = sliding_window_view(padded, span, axis=tuple(range(2, 2 + n)))
+    # windows: (B, S, *positions, *span): subsample positions by stride, span by dilation
+    index = (slice(None), slice(None)) + tuple(slice(None, None, st) for st in strides) \
+        + tuple(slice(None, None, d) for d in dilations)
+    windows = windows[index]
+    b, s = x.shape[:2]
+    positions = windows.shape[2:2 + n]
+    order = [0] + list(range(2, 2 + n)) + [1] + list(range(2 + n, 2 + 2 * n))
+    return windows.transpose(order).reshape(b * int(np.prod(positions)), s * int(np.prod(kernel)))

@@ -191,10 +191,20 @@ class NumpyOps:
         return ACTIVATIONS_NUMPY[name](t)
 
 
+def _gelu_np(t):
+    from scipy.special import erf
+
+    return 0.5 * t * (1 + erf(t / math.sqrt(2)))
+
+
+# the activations a nonlinear chain may use (Chain.activation), the same in every backend
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
+
 ACTIVATIONS_NUMPY = {
     "relu": lambda t: np.maximum(t, 0),
     "tanh": np.tanh,
     "sigmoid": lambda t: 1 / (1 + np.exp(-t)),
+    "gelu": _gelu_np,  # exact (erf) form
 }
 
 
@@ -213,7 +223,9 @@ class TorchOps(NumpyOps):
     def activation(self, t, name):
         import torch
 
-        return getattr(torch, name)(t) if name != "relu" else torch.relu(t)
+        if name == "gelu":
+            return torch.nn.functional.gelu(t)  # exact (erf) form
+        return getattr(torch, name)(t)
 
 
 class OnnxOps:
@@ -239,10 +251,30 @@ class OnnxOps:
         return self.b.op("MatMul", [t, m], "matmul")
 
     def activation(self, t, name):
-        return self.b.op(ONNX_ACTIVATIONS[name], [t], name)
+        return onnx_activation(self.b, t, name)
 
 
 ONNX_ACTIVATIONS = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}
+
+
+def onnx_activation(builder: "Builder", t: str, name: str) -> str:
+    """An activation's nodes. GELU (exact) is spelled with standard ops of every opset the
+    project emits, x * (1 + Erf(x / sqrt 2)) * 0.5 (the pattern ONNX Runtime fuses into its
+    own Gelu kernel). Its constants are made from integer tensors (1, 2) by a Cast to the
+    compute dtype and Sqrt/Div, all folded when the session loads: they hold exactly the
+    compute dtype's values and add no float parameters to the graph."""
+    if name in ONNX_ACTIVATIONS:
+        return builder.op(ONNX_ACTIVATIONS[name], [t], name)
+    if name != "gelu":
+        raise ValueError(f"activation '{name}': choose from {', '.join(ACTIVATIONS)}")
+    to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(builder.compute_dtype))
+    one = builder.op("Cast", [builder.int64s(1)], "gelu_const", to=to)
+    two = builder.op("Cast", [builder.int64s(2)], "gelu_const", to=to)
+    root2 = builder.op("Sqrt", [two], "gelu_const")
+    half = builder.op("Div", [one, two], "gelu_const")
+    e = builder.op("Erf", [builder.op("Div", [t, root2], "gelu")], "gelu")
+    y = builder.op("Mul", [t, builder.op("Add", [e, one], "gelu")], "gelu")
+    return builder.op("Mul", [y, half], "gelu")
 
 
 # ---------------------------------------------------------------------------- builder

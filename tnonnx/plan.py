@@ -120,69 +120,77 @@ RANK_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384,
 
 
 class Fitter:
-    """Fits layers, once per (weight, format, spec, modes, order): layers that share a
-    weight share the factorisation, and the budget allocator's many trials are reused."""
+    """Fits layers, once per (weight, format, spec, modes, order, data): layers that share a
+    weight share the factorisation, and the budget allocator's many trials are reused.
 
-    def __init__(self, options: dict | None = None, grams: dict | None = None):
+    With calibration data for a layer (tnonnx.fit.LayerData, keyed by layer name): formats
+    with SUPPORTS_DATA take it in their closed form (svd's whitened SVD), formats with
+    NEEDS_DATA fit to it (the nonlinear chains), and the other linear formats are refined on
+    it from their data-free decomposition in the final fit (`final=True`); the budget
+    allocator's trials skip that refinement and are ranked by their measured output error."""
+
+    def __init__(self, options: dict | None = None, data: dict | None = None):
         self.options = options or {}
-        self.grams = grams or {}  # input name -> X^T X on calibration data (--fit aware)
+        self.data = data if data is not None else {}
         self.cache: dict = {}
 
-    def gram_for(self, layer: Layer, format: str):
-        """The calibration Gram matrix a data-aware fit of this layer uses, if any: dense
-        layers whose rows are the input's last axis, in formats that take one."""
-        if layer.kind != "dense" or layer.side != "right" or layer.trans_x:
-            return None
-        if not getattr(FORMATS[format], "SUPPORTS_GRAM", False):
-            return None
-        entry = self.grams.get(layer.x)
-        return None if entry is None else entry[0]
-
-    def fit(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None):
-        gram = self.gram_for(layer, format)
-        # a data-aware fit depends on the layer's inputs, not only on its weight
-        key = (layer.weight_key, format, spec, modes, order, layer.x if gram is not None else None)
+    def fit(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None, *, final: bool = True):
+        module = FORMATS[format]
+        data = self.data.get(layer.name)
+        takes_data = getattr(module, "SUPPORTS_DATA", False) or getattr(module, "NEEDS_DATA", False)
+        refine = data is not None and final and not takes_data
+        key = (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine)
         if key not in self.cache:
-            module = FORMATS[format]
+            options = dict(self.options, data=data) if takes_data and data is not None else self.options
             if layer.kind == "conv" and layer.groups > 1:
                 per = layer.weight.shape[0] // layer.groups
                 fact = GroupedConvFactorization(format, [
-                    module.fit_conv(layer.weight[i * per:(i + 1) * per], spec, **self.options)
+                    module.fit_conv(layer.weight[i * per:(i + 1) * per], spec, **options)
                     for i in range(layer.groups)])
             elif layer.kind == "conv":
-                fact = module.fit_conv(layer.weight, spec, **self.options)
-            elif gram is not None:
-                fact = module.fit_dense(layer.weight, spec, modes=modes, order=order, gram=gram, **self.options)
+                fact = module.fit_conv(layer.weight, spec, **options)
             else:
-                fact = module.fit_dense(layer.weight, spec, modes=modes, order=order, **self.options)
-            fact.weight_error = fact.relative_error(layer.weight)
+                fact = module.fit_dense(layer.weight, spec, modes=modes, order=order, **options)
+            if refine:
+                from .fit import refine as refine_on_data
+
+                refine_on_data(fact, data)
+            fact.weight_error = fact.relative_error(layer.weight) if fact.linear else None
+            fact.output_error = data.output_error(fact) if data is not None else None
             self.cache[key] = fact
         return self.cache[key]
 
 
+def fit_error(fact) -> float:
+    """The error a choice between candidates minimises: the output error on calibration data
+    when measured, else the weight error."""
+    return fact.output_error if fact.output_error is not None else fact.weight_error
+
+
 def choose_auto(plans: list[LayerPlan], fitter: Fitter, formats: tuple[str, ...]) -> None:
-    """Per layer, the format with the lowest weight error under the same rank rule (with
-    --tol: the fewest parameters meeting it)."""
+    """Per layer, the format with the lowest error (fit_error) under the same rank rule
+    (with --tol: the fewest parameters meeting it)."""
     for plan in plans:
         trials = []
         for f in formats:
             try:
-                trials.append((f, fitter.fit(plan.layer, f, plan.spec, plan.modes, plan.order)))
+                trials.append((f, fitter.fit(plan.layer, f, plan.spec, plan.modes, plan.order, final=False)))
             except NotApplicable:
                 continue
         if not trials:
             plan.layer.reason = "no format applies to this layer"
             continue
         if plan.spec.tol is not None:
-            best = min(trials, key=lambda t: (t[1].weight_error > plan.spec.tol, t[1].params()))
+            best = min(trials, key=lambda t: (fit_error(t[1]) > plan.spec.tol, t[1].params()))
         else:
-            best = min(trials, key=lambda t: (t[1].weight_error, t[1].params()))
+            best = min(trials, key=lambda t: (fit_error(t[1]), t[1].params()))
         plan.format = best[0]
 
 
 def allocate_budget(plans: list[LayerPlan], fitter: Fitter, formats: tuple[str, ...], available: int) -> None:
     """Choose a format and rank per layer so that the selected layers hold at most
-    `available` parameters, minimising the sum of squared relative weight errors.
+    `available` parameters, minimising the sum of squared relative errors (output errors on
+    calibration data when there is some, else weight errors).
 
     Each distinct weight gets a Pareto front of (parameters, error) candidates (rank caps
     from RANK_LADDER in every allowed format, and keeping the layer dense). Starting from
@@ -231,12 +239,12 @@ def _front(plan: LayerPlan, fitter: Fitter, formats) -> list[tuple]:
         for cap in RANK_LADDER:
             spec = RankSpec(rank=cap)
             try:
-                fact = fitter.fit(layer, fmt, spec, plan.modes, plan.order)
+                fact = fitter.fit(layer, fmt, spec, plan.modes, plan.order, final=False)
             except NotApplicable:
                 break
             if fact.params() >= layer.params:
                 break
-            candidates.append((fact.params(), fact.weight_error**2, fmt, spec))
+            candidates.append((fact.params(), fit_error(fact)**2, fmt, spec))
     candidates.sort(key=lambda c: (c[0], c[1]))
     front = []
     for c in candidates:

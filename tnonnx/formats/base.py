@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..emit import Builder, Chain, NumpyOps, conv_node, emit_chain, emit_chain_einsum, run_chain
+from ..emit import Builder, Chain, NumpyOps, conv_node, emit_chain, emit_chain_einsum, onnx_activation, run_chain
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ class Factorization:
     format: str
     cores: dict[str, np.ndarray]
     ranks: tuple[int, ...]
+    linear = True  # False for nonlinear chains (NTT, NTR): no dense weight to rebuild
+    weight_error: float | None = None  # set by the fitter
+    output_error: float | None = None  # on calibration data, set by the fitter when it has some
 
     def params(self) -> int:
         return int(sum(c.size for c in self.cores.values()))
@@ -66,9 +69,16 @@ class Factorization:
 # ---------------------------------------------------------------------- dense (chains)
 
 
+def _no_dense_weight(fact, activation: str):
+    return ValueError(f"{fact.format}: a nonlinear factorisation ({activation} between its cores) has no dense "
+                      "weight; compare outputs instead (LayerData.output_error)")
+
+
 @dataclass
 class ChainFactorization(Factorization):
-    """A dense layer evaluated as a chain of cores (svd, tt, and later tr/ht/...)."""
+    """A dense layer evaluated as a chain of cores (svd, tt, tr, ht, ...). With an activation
+    on the chain (ntt, ntr) the layer is nonlinear: the order of `chain.steps` is then part
+    of the function, and there is no dense weight."""
 
     format: str
     chain: Chain
@@ -76,9 +86,15 @@ class ChainFactorization(Factorization):
     ranks: tuple[int, ...]
     modes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
+    @property
+    def linear(self) -> bool:
+        return self.chain.activation is None
+
     def to_dense(self) -> np.ndarray:
         """Contract the cores with each other (cheaper than pushing an identity through)."""
         chain = self.chain
+        if chain.activation is not None:
+            raise _no_dense_weight(self, chain.activation)
         ids = {label: i for i, label in enumerate(chain.sizes)}
         operands = [x for core in chain.steps for x in (self.cores[core.key], [ids[l] for l in core.labels])]
         out = [ids[l] for l in chain.in_labels + chain.out_labels]
@@ -96,6 +112,11 @@ class ChainFactorization(Factorization):
 
     def emit_einsum(self, builder: Builder, x: str, batch_rank: int) -> str:
         return emit_chain_einsum(builder, x, self.chain, self.cores, batch_rank)
+
+    def emit_custom(self, builder: Builder, x: str, batch_rank: int) -> str:
+        from ..custom_ops import emit_chain_custom
+
+        return emit_chain_custom(builder, x, self.chain, self.cores, batch_rank)
 
     def torch_module(self):
         from ..nn.modules import ChainLinear
@@ -133,12 +154,20 @@ class ConvStage:
 
 @dataclass
 class ConvFactorization(Factorization):
+    """A conv as a sequence of Convs (stages). With an `activation` it is applied after every
+    stage but the last (ntt, ntr): the layer is then nonlinear and has no dense kernel."""
+
     format: str
     stages: list[ConvStage]
     cores: dict[str, np.ndarray]
     ranks: tuple[int, ...]
     kernel: tuple[int, ...] = ()
     channels: tuple[int, int] = (0, 0)  # (T out, S in)
+    activation: str | None = None
+
+    @property
+    def linear(self) -> bool:
+        return self.activation is None
 
     def params(self) -> int:
         """What the emitted graph stores (see ConvStage.train)."""
@@ -156,6 +185,8 @@ class ConvFactorization(Factorization):
         """Compose the stages into one T x S x k kernel: pointwise stages are matrices and
         one ungrouped stage is spatial. Formats with grouped stages or several spatial
         stages (CP-4) override this."""
+        if self.activation is not None:
+            raise _no_dense_weight(self, self.activation)
         weights = self.stage_weights()
         out = None
         for w, stage in zip(weights, self.stages):
@@ -189,6 +220,8 @@ class ConvFactorization(Factorization):
                 w = self._merge_in_graph(builder, stage.train, w.shape)
             x = conv_node(builder, x, w, "conv", bias=bias if last else None, attrs=attrs,
                           output=output if last else None)
+            if self.activation is not None and not last:
+                x = onnx_activation(builder, x, self.activation)
         return x
 
     def _merge_in_graph(self, builder: Builder, keys: tuple[str, ...], shape) -> str:
@@ -270,6 +303,10 @@ class GroupedConvFactorization(Factorization):
     @property
     def ranks(self) -> tuple[int, ...]:
         return self.groups[0].ranks
+
+    @property
+    def linear(self) -> bool:
+        return all(g.linear for g in self.groups)
 
     def params(self) -> int:
         return sum(g.params() for g in self.groups)

@@ -14,7 +14,7 @@ from .base import ChainFactorization, ConvFactorization, ConvStage, RankSpec, po
 
 NAME = "svd"
 SUPPORTS_VBMF = True  # --rank vbmf: the rank estimated from the singular spectrum
-SUPPORTS_GRAM = True  # --fit aware: whitened by the layer's input Gram matrix
+SUPPORTS_DATA = True  # --fit aware: closed form whitened by the layer's input Gram matrix
 
 
 def svd_rank(s: np.ndarray, n: int, m: int, spec: RankSpec) -> int:
@@ -35,33 +35,37 @@ def balanced_factors(w: np.ndarray, spec: RankSpec) -> tuple[np.ndarray, np.ndar
     return u[:, :r] * root, root[:, None] * vt[:r]
 
 
-def whitened_factors(w: np.ndarray, spec: RankSpec, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rank-r factors minimising ||X W - X U V|| for inputs X with X^T X = gram
-    (ALGORITHMS.md section 11): with gram = L L^T, the truncated SVD of L^T W mapped back
-    through L^{-T}. A small ridge keeps L invertible when some input directions are unused.
-    With a tolerance, it bounds the relative output error on the calibration inputs."""
-    n = gram.shape[0]
-    ridge = 1e-6 * max(np.trace(gram) / n, 1e-30)
-    chol = np.linalg.cholesky(gram + ridge * np.eye(n))
-    u, s, vt = np.linalg.svd(chol.T @ w, full_matrices=False)
-    r = svd_rank(s, *w.shape, spec)
+def whitened_factors(basis: np.ndarray, target: np.ndarray, spec: RankSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The rank-r (U, V) minimising ||A U V - B|| (ALGORITHMS.md section 11; A = L^T and B as
+    in tnonnx/fit.py): the truncated SVD of B mapped back through A^{-1}. With a tolerance,
+    it bounds the relative output error on the calibration inputs."""
+    u, s, vt = np.linalg.svd(target, full_matrices=False)
+    r = svd_rank(s, basis.shape[1], target.shape[1], spec)
     root = np.sqrt(s[:r])
-    left = np.linalg.solve(chol.T, u[:, :r] * root)
-    return left, root[:, None] * vt[:r]
+    return np.linalg.solve(basis, u[:, :r] * root), root[:, None] * vt[:r]
 
 
-def fit_dense(weight: np.ndarray, spec: RankSpec, *, gram: np.ndarray | None = None, **_) -> ChainFactorization:
+def fit_dense(weight: np.ndarray, spec: RankSpec, *, data=None, **_) -> ChainFactorization:
+    """data: a tnonnx.fit.LayerData with a Gram basis, for the closed-form data-aware fit."""
     n, m = weight.shape
-    u, v = balanced_factors(weight, spec) if gram is None else whitened_factors(weight, spec, gram)
+    if data is not None and data.basis is not None:
+        u, v = whitened_factors(data.basis, data.target, spec)
+    else:
+        u, v = balanced_factors(weight, spec)
     r = u.shape[1]
     chain = Chain(("n",), ("m",), {"n": n, "m": m, "r": r}, [Core("U", ("n", "r")), Core("V", ("r", "m"))])
     return ChainFactorization(NAME, chain, {"U": u, "V": v}, (r,))
 
 
-def fit_conv(kernel: np.ndarray, spec: RankSpec, **_) -> ConvFactorization:
+def fit_conv(kernel: np.ndarray, spec: RankSpec, *, data=None, **_) -> ConvFactorization:
+    """data: as for fit_dense, on the conv's im2col patches (weight matrix S*k x T)."""
     t, s = kernel.shape[:2]
     ks = kernel.shape[2:]
-    u, v = balanced_factors(kernel.reshape(t, -1), spec)
+    if data is not None and data.basis is not None:
+        left, right = whitened_factors(data.basis, data.target, spec)  # (S*k x r), (r x T)
+        u, v = right.T, left.T
+    else:
+        u, v = balanced_factors(kernel.reshape(t, -1), spec)
     r = u.shape[1]
     stages = [
         ConvStage(lambda c: c["V"].reshape((c["V"].shape[0], s) + ks), spatial=True),

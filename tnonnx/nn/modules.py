@@ -11,7 +11,7 @@ from ..emit import Chain, TorchOps, run_chain
 
 
 def _params(cores: dict[str, np.ndarray], dtype=torch.float32) -> nn.ParameterDict:
-    return nn.ParameterDict({k: nn.Parameter(torch.as_tensor(np.asarray(v), dtype=dtype)) for k, v in cores.items()})
+    return nn.ParameterDict({k: nn.Parameter(torch.as_tensor(np.ascontiguousarray(v), dtype=dtype)) for k, v in cores.items()})
 
 
 class ChainLinear(nn.Module):
@@ -33,7 +33,8 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 class StagedConv(nn.Module):
     """A factorised conv: its stage weights are rebuilt from the cores on every call, and
-    each stage is a torch conv with the attributes (pads, strides, groups) of its ONNX Conv."""
+    each stage is a torch conv with the attributes (pads, strides, groups) of its ONNX Conv,
+    followed (all but the last) by the factorisation's activation, if it has one."""
 
     def __init__(self, factorization, geometry, bias: np.ndarray | None = None):
         super().__init__()
@@ -43,6 +44,7 @@ class StagedConv(nn.Module):
         self.conv = _CONV[len(geometry.kernel)]
         self.stage_attrs = [_torch_attrs(stage.conv_attrs(geometry), len(geometry.kernel))
                             for stage in factorization.stages]
+        self.activation = getattr(factorization, "activation", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.factorization.stage_weights(dict(self.cores))
@@ -52,6 +54,8 @@ class StagedConv(nn.Module):
             if any(pad):  # ONNX pads may be asymmetric: pad explicitly
                 x = F.pad(x, pad)
             x = self.conv(x, w, b, stride, 0, dilation, group)
+            if self.activation is not None and i < len(weights) - 1:
+                x = TorchOps(batch_rank=0).activation(x, self.activation)
         return x
 
 

@@ -1,0 +1,292 @@
+"""Data-aware fitting (ALGORITHMS.md section 11): fit each layer to what it computes on
+calibration data instead of to its weight.
+
+A dense layer's calibration inputs X~ (rows of its last axis) enter a linear fit only
+through their Gram matrix G = X~^T X~ = L L^T (Cholesky, with a small ridge so that input
+directions the data never uses do not make it singular). With the *basis* A = L^T (N x N),
+||X~ V||_F = ||A V||_F for every V, so the output error of a candidate W~ is
+||A W~ - B||_F with the *target* B = A W: N rows instead of the whole data set. Sequential
+fitting feeds the layer the outputs of the already rewritten layers (X~) while asking for
+the original layer's outputs (X W): then B = L^{-1} C W with the cross Gram C = X~^T X, whose
+distance to A W~ differs from ||X~ W~ - X W||_F^2 only by a constant.
+Convolutions use the same algebra on their im2col patches.
+
+Linear chain formats are refined from their data-free decomposition by L-BFGS on these
+rows (their torch modules run the same chain as the ONNX subgraph); convolutions, and the
+nonlinear formats, fit to sampled inputs and the original layer's outputs on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .calibrate import Capture, Probe, im2col
+from .formats.base import ChainFactorization, ConvFactorization, ConvGeometry, conv_output_size
+from .graph import Layer
+
+# ridge added to the Gram matrix, relative to its mean diagonal: directions the calibration
+# data never excites are then fitted as the weight would be, not arbitrarily
+RIDGE = 1e-6
+REFINE_ITERATIONS = 150
+
+
+@dataclass
+class LayerData:
+    """What a data-aware fit knows about one layer (see the module docstring)."""
+
+    kind: str  # "dense" or "conv"
+    basis: np.ndarray | None  # A = L^T (N x N, upper triangular; conv: N = S * prod(kernel)), or None
+    target: np.ndarray | None  # B (N x M; conv: M = T)
+    inputs: np.ndarray | None  # sampled inputs the layer sees: rows (R x N) or maps (B x S x ...)
+    outputs: np.ndarray | None  # the original layer's outputs for those samples, without bias
+    geometry: ConvGeometry | None = None
+
+    def output_error(self, fact) -> float | None:
+        """Relative output error on the calibration data: exact (all rows, through the Gram
+        basis) for linear factorisations, on the samples for the others."""
+        if getattr(fact, "linear", True) and self.basis is not None:
+            if self.kind == "dense":
+                approx = fact.apply(self.basis)
+            else:
+                approx = self.basis @ fact.to_dense().reshape(fact.to_dense().shape[0], -1).T
+            return _relative(approx, self.target)
+        if self.inputs is None or not len(self.inputs):
+            return None
+        return _relative(_evaluate(fact, self), self.outputs)
+
+
+def _relative(approx: np.ndarray, target: np.ndarray) -> float:
+    return float(np.linalg.norm(approx - target) / max(np.linalg.norm(target), 1e-300))
+
+
+def probe_for(layer: Layer) -> Probe | None:
+    """What to capture for a layer, or None when data-aware fitting does not apply to it
+    (dense layers whose weight acts on the left or on a transposed input; grouped convs)."""
+    if layer.kind == "dense" and layer.side == "right" and not layer.trans_x:
+        return Probe("dense")
+    if layer.kind == "conv" and layer.groups == 1:
+        return Probe("conv", tuple(layer.geometry.kernel), dict(layer.geometry.attrs))
+    return None
+
+
+def layer_data(layer: Layer, capture: Capture, bases: dict | None = None) -> LayerData:
+    """The fit data of one layer from the capture of its input. `bases` caches the
+    Cholesky factor per capture (layers reading one input share it)."""
+    if layer.kind == "dense":
+        matrix = layer.weight  # N x M, y = x W
+    else:
+        matrix = layer.weight.reshape(layer.weight.shape[0], -1).T  # S*k x T
+    basis = target = None
+    if capture.gram is not None:
+        cache = bases if bases is not None else {}
+        if id(capture) not in cache:
+            cache[id(capture)] = _cholesky(capture.gram)
+        chol = cache[id(capture)]
+        basis = chol.T
+        if capture.cross is None:
+            target = basis @ matrix
+        else:
+            target = np.linalg.solve(chol, capture.cross @ matrix)
+    inputs, outputs = capture.samples, None
+    if inputs is not None:
+        source = capture.reference if capture.reference is not None else inputs
+        if layer.kind == "dense":
+            outputs = source.astype(np.float64) @ matrix
+        else:
+            outputs = conv_apply(source, matrix, layer.geometry)
+    return LayerData(layer.kind, basis, target, inputs, outputs, layer.geometry if layer.kind == "conv" else None)
+
+
+def _cholesky(gram: np.ndarray) -> np.ndarray:
+    """L with L L^T = gram + ridge I; the ridge grows when float32 round-off in the
+    accumulated Gram matrix leaves it indefinite."""
+    n = gram.shape[0]
+    mean = max(np.trace(gram) / n, 1e-300)
+    sym = (gram + gram.T) / 2
+    for ridge in RIDGE * 10.0 ** np.arange(6):
+        try:
+            return np.linalg.cholesky(sym + ridge * mean * np.eye(n))
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError("calibration Gram matrix far from positive semi-definite")
+
+
+def conv_apply(maps: np.ndarray, matrix: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """An ONNX Conv (group 1) with weight matrix (S*k x T) on maps (B x S x ...), no bias."""
+    kernel = tuple(geometry.kernel)
+    rows = im2col(maps, kernel, geometry.attrs).astype(np.float64) @ matrix
+    out = conv_output_size(tuple(maps.shape[2:]), kernel, geometry.attrs)
+    y = rows.reshape((maps.shape[0],) + tuple(out) + (matrix.shape[1],))
+    return np.moveaxis(y, -1, 1)
+
+
+# ------------------------------------------------------------------ refinement
+
+
+def refine(fact, data: LayerData, *, iterations: int = REFINE_ITERATIONS) -> tuple[float, float]:
+    """Fit the cores of a linear factorisation to the layer's calibration outputs, starting
+    from their current values; returns the relative output error before and after. Dense
+    chains and convs (through their composed kernel, see KernelProbe) train on the Gram
+    basis: exact for all calibration rows. Refinement never makes the error worse: the
+    start is kept if nothing improves."""
+    if data.basis is None:
+        return (np.nan, np.nan)
+    if isinstance(fact, ChainFactorization) and data.kind == "dense":
+        module, inputs = fact.torch_module(), data.basis
+    elif isinstance(fact, ConvFactorization) and data.kind == "conv":
+        probe = KernelProbe(fact, data.geometry)
+        if not probe.exact:
+            return (np.nan, np.nan)
+        module, inputs = probe, data.basis
+    else:
+        return (np.nan, np.nan)
+    before, after = train(module, inputs, data.target, iterations=iterations)
+    cores = module.conv.cores if isinstance(module, KernelProbe) else module.cores
+    fact.cores = {k: v.detach().numpy().astype(np.float64) for k, v in cores.items()}
+    return before, after
+
+
+class KernelProbe:
+    """A factorised conv as a differentiable map from im2col rows to outputs: the rows
+    times its composed kernel (S*k x T). The kernel is read off the torch module run with
+    pads, strides and dilations removed on S*k one-hot probe images of the kernel's size
+    (every stage then shrinks the image, ending at one position). `exact` says whether that
+    agrees with the factorisation's own dense kernel; when not, the conv is not refined."""
+
+    def __init__(self, fact: ConvFactorization, geometry: ConvGeometry):
+        import torch
+
+        kernel = tuple(geometry.kernel)
+        self.conv = fact.torch_module(ConvGeometry(kernel, {}))
+        s, k = fact.channels[1], int(np.prod(kernel))
+        self.images = torch.eye(s * k, dtype=torch.float64).reshape((s * k, s) + kernel)
+        self.exact = False
+        try:
+            with torch.no_grad():
+                got = self.kernel_matrix(torch.float32).numpy()
+            want = fact.to_dense().reshape(fact.channels[0], -1).T
+            self.exact = got.shape == want.shape and np.allclose(got, want, rtol=1e-4,
+                                                                 atol=1e-5 * np.abs(want).max())
+        except (RuntimeError, ValueError):
+            pass
+
+    def kernel_matrix(self, dtype=None):
+        images = self.images if dtype is None else self.images.to(dtype)
+        out = self.conv(images)
+        return out.reshape(out.shape[0], -1)
+
+    # the part of the nn.Module interface fit.train uses
+    def double(self):
+        self.conv.double()
+        return self
+
+    def parameters(self):
+        return self.conv.parameters()
+
+    def __call__(self, rows):
+        return rows @ self.kernel_matrix()
+
+
+def train(module, inputs: np.ndarray, targets: np.ndarray, *, iterations: int = REFINE_ITERATIONS,
+          batch: int | None = None, seed: int = 0) -> tuple[float, float]:
+    """Minimise ||module(inputs) - targets||^2 / ||targets||^2 over the module's parameters
+    in float64: full-batch L-BFGS with strong-Wolfe line search, or Adam on minibatches of
+    `batch` samples when given (large sample sets, nonsmooth activations). The parameters
+    end at the best point seen. Returns the relative error before and after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small problems: threads only add synchronisation
+    try:
+        return _train(module, inputs, targets, iterations, batch, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(module, inputs, targets, iterations, batch, seed):
+    import torch
+
+    torch.manual_seed(seed)
+    module.double()
+    x = torch.as_tensor(np.asarray(inputs), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(targets), dtype=torch.float64)
+    scale = float((y**2).sum()) or 1.0
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            return float(((module(x) - y) ** 2).sum()) / scale
+
+    start = [p.detach().clone() for p in params]
+    before = best = full_loss()
+    best_params = start
+    if batch is None:
+        opt = torch.optim.LBFGS(params, lr=1, max_iter=iterations, history_size=20,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
+
+        def closure():
+            opt.zero_grad()
+            loss = ((module(x) - y) ** 2).sum() / scale
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    else:
+        opt = torch.optim.Adam(params, lr=1e-3)
+        generator = torch.Generator().manual_seed(seed)
+        for step in range(iterations):
+            index = torch.randint(0, x.shape[0], (min(batch, x.shape[0]),), generator=generator)
+            opt.zero_grad()
+            loss = ((module(x[index]) - y[index]) ** 2).sum() / float((y[index] ** 2).sum() or 1.0)
+            loss.backward()
+            opt.step()
+            if (step + 1) % 50 == 0 or step == iterations - 1:
+                current = full_loss()
+                if current < best:
+                    best, best_params = current, [p.detach().clone() for p in params]
+    after = full_loss()
+    if not np.isfinite(after) or after > best:
+        after = best
+        with torch.no_grad():
+            for p, v in zip(params, best_params):
+                p.copy_(v)
+    return float(np.sqrt(before)), float(np.sqrt(after))
+
+
+def _evaluate(fact, data: LayerData) -> np.ndarray:
+    """The factorisation's outputs on the sampled inputs (numpy reference for chains, the
+    torch module for convs)."""
+    if data.kind == "dense":
+        return fact.apply(data.inputs.astype(np.float64))
+    import torch
+
+    module = fact.torch_module(data.geometry).double()
+    with torch.no_grad():
+        return module(torch.as_tensor(data.inputs, dtype=torch.float64)).numpy()
+
+
+# ------------------------------------------------------------------ sequential order
+
+
+def levels(graph, layers: list[Layer]) -> list[list[Layer]]:
+    """Group the main graph's `layers` by how many of them lie on the longest path before
+    each one: the layers of one level see no output of each other, so they are fitted
+    together, each level on the outputs of the levels before it (rewritten)."""
+    depth: dict[str, int] = {}
+    by_node = {id(layer.node): layer for layer in layers}
+    level_of: dict[int, int] = {}
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        d = max((depth.get(i, 0) for i in node.input if i), default=0)
+        layer = by_node.get(id(node))
+        if layer is not None:
+            level_of[id(node)] = d
+            d += 1
+        for o in node.output:
+            depth[o] = d
+    grouped: dict[int, list[Layer]] = {}
+    for layer in layers:
+        if id(layer.node) in level_of:
+            grouped.setdefault(level_of[id(layer.node)], []).append(layer)
+    return [grouped[k] for k in sorted(grouped)]
