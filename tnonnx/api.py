@@ -74,6 +74,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         raise TnonnxError(f"--fit {fit}: choose from {', '.join(FIT_MODES)}")
     batches = None
     if fit != "data-free":
+        if calib is None:
+            raise TnonnxError(f"--fit {fit} needs calibration data: give --calib FILE.npz or --calib-random N")
         batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes)
     data = {}
     if fit == "aware" or (fit == "sequential" and (budget is not None or format == "auto")):
@@ -115,7 +117,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     report = RewriteReport(
         format=format, spec=f"budget {budget:g}x" if budget else spec.describe(), emit=emit, batch=batch, rows=rows,
         totals=Totals(before.params, after.params, original.ByteSize(), new.ByteSize(), before.total, after.total),
-        validation=result, seconds=seconds,
+        validation=result, seconds=seconds, fit=fit,
     )
     return new, report
 

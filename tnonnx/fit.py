@@ -142,10 +142,19 @@ def refine(fact, data: LayerData, *, iterations: int = REFINE_ITERATIONS) -> tup
         module, inputs = probe, data.basis
     else:
         return (np.nan, np.nan)
-    before, after = train(module, inputs, data.target, iterations=iterations)
     cores = module.conv.cores if isinstance(module, KernelProbe) else module.cores
+    _load_float64(cores, fact.cores)
+    before, after = train(module, inputs, data.target, iterations=iterations)
     fact.cores = {k: v.detach().numpy().astype(np.float64) for k, v in cores.items()}
     return before, after
+
+
+def _load_float64(parameters, cores: dict) -> None:
+    """Torch modules are built in float32 (what ONNX runs); fitting starts from the exact cores."""
+    import torch
+
+    for key, p in parameters.items():
+        p.data = torch.as_tensor(np.ascontiguousarray(cores[key]), dtype=torch.float64)
 
 
 class KernelProbe:

@@ -78,6 +78,7 @@ class RewriteReport:
     seconds: float = 0.0
     output_path: str | None = None
     notes: list[str] = field(default_factory=list)
+    fit: str = "data-free"
 
     @property
     def rewritten(self) -> list[LayerRow]:
@@ -85,7 +86,7 @@ class RewriteReport:
 
     def to_dict(self) -> dict:
         return {
-            "format": self.format, "rank_rule": self.spec, "emit": self.emit, "batch": self.batch,
+            "format": self.format, "rank_rule": self.spec, "emit": self.emit, "fit": self.fit, "batch": self.batch,
             "seconds": round(self.seconds, 3), "output": self.output_path, "notes": self.notes,
             "totals": asdict(self.totals),
             "validation": self.validation.to_dict() if self.validation is not None else None,
@@ -97,18 +98,24 @@ class RewriteReport:
             json.dump(self.to_dict(), f, indent=2, allow_nan=False, default=str)
 
     def render(self, console: Console) -> None:
-        table = Table(title=f"tnonnx rewrite: {self.format}, {self.spec}, emit {self.emit}")
-        cols = ("layer", "op", "weight", "ranks", "params", "→", "MACs", "→ ", "weight err", "note")
+        fit = "" if self.fit == "data-free" else f", fit {self.fit}"
+        table = Table(title=f"tnonnx rewrite: {self.format}, {self.spec}, emit {self.emit}{fit}")
+        # the output error on calibration data, when fitted to some; the weight error always
+        # (none for nonlinear formats)
+        with_output = any(r.output_error is not None for r in self.rows)
+        cols = ("layer", "op", "weight", "ranks", "params", "→", "MACs", "→ ", "weight err") \
+            + (("output err",) if with_output else ()) + ("note",)
         for col in cols:
             table.add_column(col, justify="left" if col in ("layer", "op", "weight", "ranks", "note") else "right")
         for r in self.rows:
             if r.format:
                 note = f"shares {r.shared_with}" if r.shared_with else ""
+                errors = (_err(r.weight_error),) + ((_err(r.output_error),) if with_output else ())
                 table.add_row(r.name, r.op, _shape(r.weight_shape), _ranks(r.ranks), _n(r.params_before),
-                              _n(r.params_after), _n(r.macs_before), _n(r.macs_after), f"{r.weight_error:.2e}", note)
+                              _n(r.params_after), _n(r.macs_before), _n(r.macs_after), *errors, note)
             else:
                 table.add_row(r.name, r.op, _shape(r.weight_shape), "-", _n(r.params_before), "-",
-                              _n(r.macs_before), "-", "-", f"left alone: {r.reason}")
+                              _n(r.macs_before), "-", "-", *(("-",) if with_output else ()), f"left alone: {r.reason}")
         console.print(table)
         t = self.totals
         console.print(
@@ -141,6 +148,10 @@ def render_validation(result, console: Console) -> None:
             console.print(f"[red]FAIL[/red] {f}")
     elif any(v is not None for v in (result.atol, result.rtol, result.min_cosine)):
         console.print("[green]validation passed[/green]")
+
+
+def _err(v) -> str:
+    return "-" if v is None else f"{v:.2e}"
 
 
 def _n(v) -> str:
