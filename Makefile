@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench models clean
+.PHONY: demo test bench models clean ops
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 	$(VENV)/bin/tnonnx rewrite models/lenet5_fashion.onnx --format svd --budget 2x --inputs models/fashion_test.npz \
 	    -o build/lenet5_fashion.svd.onnx --min-cosine 0.99
 	$(VENV)/bin/tnonnx bench models/lenet5_fashion.onnx build/lenet5_fashion.tt.onnx --batch 32 --threads 2
+
+# the C++ custom-op library for --emit custom models (build/custom_ops/libtnonnx_ops.so)
+ops: $(STAMP)
+	$(VENV)/bin/tnonnx build-ops
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 
 from . import api, bench, calibrate, model as model_io
+from .emit import ACTIVATIONS
 from .errors import TnonnxError
 from .formats import FORMATS
 from .report import render_validation
@@ -142,9 +143,12 @@ def inspect(model, batch, shapes, as_json):
 @click.option("--min-params", type=click.IntRange(min=0), default=0, show_default=True, help="Skip smaller weights.")
 @click.option("--force", is_flag=True, help="Rewrite layers even where nothing is saved.")
 @click.option("--fit", "fit_mode", type=click.Choice(api.FIT_MODES), default="data-free", show_default=True,
-              help="aware: fit to what each layer sees on calibration data (whitened SVD for svd dense layers).")
+              help="aware: fit each layer's outputs on calibration data (closed form for svd, refined cores for the "
+                   "other formats); sequential: the same, each layer fed the outputs of the layers already rewritten.")
+@click.option("--act", type=click.Choice(ACTIVATIONS), default=None,
+              help="Nonlinear formats (ntt, ntr): the activation between cores (default relu).")
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
-              help="Calibration feeds (.npz named after the model inputs) for --fit aware.")
+              help="Calibration feeds (.npz named after the model inputs) for --fit aware/sequential.")
 @click.option("--calib-random", type=click.IntRange(min=1), default=None, metavar="N",
               help="N random calibration samples from the model's input shapes.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with the original.")
@@ -153,7 +157,7 @@ def inspect(model, batch, shapes, as_json):
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @handles_errors
 def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, ops, include,
-            exclude, min_params, force, fit_mode, calib, calib_random, validate, inputs, shapes, batch, atol, rtol,
+            exclude, min_params, force, fit_mode, act, calib, calib_random, validate, inputs, shapes, batch, atol, rtol,
             min_cosine, report_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
     source = model_io.check_path(model)
@@ -165,7 +169,10 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         if model_io.same_file(report_path, source) or model_io.same_file(report_path, target):
             raise TnonnxError(f"report '{report_path}' is the input or output model; choose another path")
         model_io.check_output_path(report_path, "report")
-    options = {k: v for k, v in (("conv_layout", conv_layout), ("stp_t", stp_t)) if v is not None}
+    if act is not None and not getattr(FORMATS.get(fmt), "NONLINEAR", False):
+        raise TnonnxError(f"--act applies to the nonlinear formats ({', '.join(_nonlinear_formats())}), "
+                          f"not --format {fmt}")
+    options = {k: v for k, v in (("conv_layout", conv_layout), ("stp_t", stp_t), ("act", act)) if v is not None}
     new, report = api.rewrite(
         model, format=fmt, rank=rank, tol=tol, ratio=ratio, budget=_budget(budget), format_options=options, modes=modes, order=order, emit=emit, batch=batch,
         ops=[o.strip() for o in ops.split(",") if o.strip()], include=include, exclude=exclude,
@@ -180,6 +187,10 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         _write(report_path, "report", report.write_json)
     if report.validation is not None and not report.validation.ok:
         sys.exit(1)
+
+
+def _nonlinear_formats() -> list[str]:
+    return [name for name, module in FORMATS.items() if getattr(module, "NONLINEAR", False)]
 
 
 def _calibration(path: str | None, random_samples: int | None):
@@ -261,6 +272,23 @@ def bench_cmd(reference, candidate, batch, shapes, threads, repeats, warmup):
         console.print(f"{key:9s} p50 {r['p50_ms']:.3f} ms  p90 {r['p90_ms']:.3f} ms  mean {r['mean_ms']:.3f} ms "
                       f"({r['runs']} runs, batch {batch})")
     console.print(f"speed-up (p50): {result['speedup']:.2f}x")
+
+
+@main.command("build-ops")
+@click.option("--include-dir", type=click.Path(file_okay=False), default=None,
+              help="ONNX Runtime C/C++ headers (default: $ORT_INCLUDE_DIR, else Debian's libonnxruntime-dev, downloaded).")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Where to build (default: build/custom_ops of the checkout).")
+@click.option("--force", is_flag=True, help="Rebuild even if the library is up to date.")
+@click.option("--native", is_flag=True, help="Optimise for this machine's CPU (-march=native; not portable).")
+@handles_errors
+def build_ops(include_dir, out_dir, force, native):
+    """Build the C++ custom-op library that --emit custom models need; print its path."""
+    from . import custom_ops
+
+    path = custom_ops.build(include_dir=include_dir, out_dir=out_dir, force=force, native=native,
+                            log=lambda message: click.echo(message, err=True))
+    click.echo(str(path))
 
 
 if __name__ == "__main__":

@@ -308,6 +308,17 @@ def replace_nodes(model: onnx.ModelProto, replacements: dict[int, tuple[onnx.Gra
         graph.node.extend(new_nodes)
     orphans = {t for layer in layers if id(layer.node) in replacements for t in layer.weight_path}
     _remove_unused(model.graph, orphans)
+    _declare_domains(model, [n for _, nodes, _ in replacements.values() for n in nodes])
+
+
+def _declare_domains(model: onnx.ModelProto, nodes) -> None:
+    """An opset import (version 1) for each custom domain the new nodes use and the model
+    does not import yet (tnonnx's custom ops, --emit custom)."""
+    known = {imp.domain for imp in model.opset_import}
+    for node in nodes:
+        if node.domain not in known and node.domain not in ("", "ai.onnx"):
+            model.opset_import.add(domain=node.domain, version=1)
+            known.add(node.domain)
 
 
 def _used_names(graph: onnx.GraphProto, acc: set) -> set:

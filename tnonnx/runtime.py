@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import custom_ops
 from . import model as _model
 from .errors import TnonnxError
 
@@ -126,11 +127,17 @@ def ort_message(exc: Exception) -> str:
 
 
 def _custom_op_libraries(model: onnx.ModelProto | str | os.PathLike) -> list[str]:
-    """Paths of the custom-op libraries a model needs (model as given to session()).
-
-    Hook point: none yet. Models using the "tnonnx" domain will register one here.
-    """
-    return []
+    """Paths of the custom-op libraries a model needs (model as given to session()): the
+    tnonnx library for models with nodes of its domain (built here if it is missing and a
+    compiler and headers are at hand; otherwise a TnonnxError saying to run `tnonnx build-ops`)."""
+    if not isinstance(model, onnx.ModelProto):
+        try:
+            model = onnx.load(str(model), load_external_data=False)
+        except Exception:  # noqa: BLE001 - onnxruntime reports an unreadable model itself
+            return []
+    if not custom_ops.needs_library(model):
+        return []
+    return [str(custom_ops.ensure_library())]
 
 
 def _serialize_for_runtime(model: onnx.ModelProto) -> bytes:

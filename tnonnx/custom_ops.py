@@ -1,0 +1,503 @@
+"""tnonnx's C++ custom operators for ONNX Runtime: build the library, find it, emit its node.
+
+One operator, ``ai.tnonnx::ContractionChain``, runs a whole factorised dense layer (any
+`Chain` that `run_chain` executes: svd, tt, tr, ntt with its activations, ...) in a single
+node. It interprets the same plan as `run_chain`, step by step, so it computes what the
+standard-op chain computes (see custom_ops/README.md for the attributes).
+
+The library is compiled from ``custom_ops/tnonnx_ops.cc`` against the ONNX Runtime C/C++
+headers, which the PyPI wheel does not ship. They come from, in order: the folder given to
+`build`, the ``ORT_INCLUDE_DIR`` environment variable, or Debian's ``libonnxruntime-dev``
+package (a pinned version, checked by sha256), downloaded with ``apt-get`` run on a private
+sources list and state folder (no root, the system's apt configuration is not touched).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from . import macs
+from .emit import Builder, Chain, core_matrix_np
+from .errors import TnonnxError
+
+DOMAIN = "ai.tnonnx"
+OP_TYPE = "ContractionChain"
+OP_VERSION = 1
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
+
+ENV_LIBRARY = "TNONNX_CUSTOM_OPS"  # path of a built library, used as is
+ENV_INCLUDE = "ORT_INCLUDE_DIR"  # a folder with onnxruntime_cxx_api.h
+
+# The headers: Debian trixie's libonnxruntime-dev. They are the same for every
+# architecture, so the amd64 package is fetched everywhere and one hash pins it.
+ORT_DEV_PACKAGE = "libonnxruntime-dev"
+ORT_DEV_VERSION = "1.21.0+dfsg-1"
+ORT_DEV_ARCH = "amd64"
+ORT_DEV_SHA256 = "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_SUITE = "trixie"
+_DEB_NAME = f"{ORT_DEV_PACKAGE}_{ORT_DEV_VERSION}_{ORT_DEV_ARCH}.deb"
+_POOL_URL = f"{DEBIAN_MIRROR}/pool/main/o/onnxruntime/{_DEB_NAME}"
+
+_REPO = Path(__file__).resolve().parents[1]
+SOURCE = _REPO / "custom_ops" / "tnonnx_ops.cc"
+SOURCES = (SOURCE, SOURCE.with_name("tnonnx_kernels.h"))  # what the library is built from
+LIBRARY_NAME = "libtnonnx_ops" + (".dylib" if sys.platform == "darwin" else ".so")
+# -fno-trapping-math lets the activations vectorise; -ffp-contract=fast fuses multiply-adds
+CXXFLAGS = ["-std=c++17", "-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-ffp-contract=fast",
+            "-fno-trapping-math", "-fno-math-errno"]
+_HEADER = "onnxruntime_cxx_api.h"
+
+
+class NoCompiler(TnonnxError):
+    """No C++ compiler on this machine."""
+
+
+class HeadersUnavailable(TnonnxError):
+    """The ONNX Runtime headers are neither given nor usable from the download."""
+
+
+class HeadersUnreachable(HeadersUnavailable):
+    """The download of the headers failed (no network, mirror unreachable)."""
+
+
+# ------------------------------------------------------------------------- emission
+
+
+def chain_attributes(chain: Chain) -> dict:
+    """The node attributes encoding `run_chain`'s plan of `chain` (see custom_ops/README.md)."""
+    if chain.activation is not None and chain.activation not in ACTIVATIONS:
+        raise TnonnxError(f"--emit custom: activation '{chain.activation}' is not supported "
+                          f"(supported: {', '.join(ACTIVATIONS)})")
+    sizes, labels = chain.sizes, list(chain.in_labels)
+    ranks, dims, perms, splits, new_sizes = [], [], [], [], []
+    for keep, free, contracted, new in chain.plan():
+        ranks.append(len(labels))
+        dims += [sizes[l] for l in labels]
+        perms += [labels.index(l) for l in keep + free + contracted]
+        splits += [len(keep), len(free), len(contracted)]
+        new_sizes.append(math.prod(sizes[l] for l in new))
+        labels = keep + free + new
+    return dict(activation=chain.activation or "none", in_features=chain.in_features,
+                out_features=chain.out_features, ranks=ranks, dims=dims, perms=perms, splits=splits,
+                new_sizes=new_sizes, out_dims=[sizes[l] for l in labels],
+                out_perm=[labels.index(l) for l in chain.out_labels])
+
+
+def emit_chain_custom(builder: Builder, x: str, chain: Chain, cores: dict, batch_rank: int) -> str:
+    """One ContractionChain node computing `run_chain(chain)` on x [*batch, N] -> [*batch, M].
+
+    The cores go in as weights laid out like OnnxOps' MatMul operands (shared between layers
+    that share a weight, stored in the replaced weight's dtype). The kernel computes in
+    float32: layers of another dtype get Casts around the node."""
+    attrs = chain_attributes(chain)
+    weights = [builder.weight(core_matrix_np(cores[core.key], core.labels, keep, contracted, new, chain.sizes), "core")
+               for core, (keep, free, contracted, new) in zip(chain.steps, chain.plan())]
+    compute = np.dtype(builder.compute_dtype)
+    if compute != np.float32:
+        f32 = onnx.TensorProto.FLOAT
+        x = builder.op("Cast", [x], "cast", to=f32)
+        weights = [builder.op("Cast", [w], "cast", to=f32) for w in weights]
+    y = builder.op(OP_TYPE, [x, *weights], "chain", domain=DOMAIN, **attrs)
+    if compute != np.float32:
+        y = builder.op("Cast", [y], "cast", to=helper.np_dtype_to_tensor_dtype(compute))
+    return y
+
+
+def needs_library(model) -> bool:
+    """Whether `model` (ModelProto) has a node of the tnonnx custom-op domain (subgraphs too)."""
+    return any(node.domain == DOMAIN for _, node, _ in macs.iter_nodes(model))
+
+
+def _step_products(node) -> list[tuple[int, int, int, int]]:
+    """(K, F, C, N) of every step of a ContractionChain node, from its attributes."""
+    a = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
+    out, at = [], 0
+    for i, rank in enumerate(a["ranks"]):
+        dims, perm = a["dims"][at:at + rank], a["perms"][at:at + rank]
+        nk, nf, _ = a["splits"][3 * i:3 * i + 3]
+        size = [dims[p] for p in perm]
+        out.append((math.prod(size[:nk]), math.prod(size[nk:nk + nf]), math.prod(size[nk + nf:]), a["new_sizes"][i]))
+        at += rank
+    return out
+
+
+def _count(node, ins, outs):
+    """MACs of a ContractionChain node: rows x sum over steps of K F C N."""
+    x = ins[0] if ins else None
+    if x is None or len(x) == 0:
+        return None
+    return math.prod(x[:-1]) * sum(k * f * c * n for k, f, c, n in _step_products(node))
+
+
+macs.COUNTERS[(DOMAIN, OP_TYPE)] = _count
+
+_ATTRIBUTES = {"activation": "STRING", "in_features": "INT", "out_features": "INT", "ranks": "INTS", "dims": "INTS",
+               "perms": "INTS", "splits": "INTS", "new_sizes": "INTS", "out_dims": "INTS", "out_perm": "INTS"}
+
+
+def _infer(ctx) -> None:
+    """onnx shape inference for ContractionChain: x's shape, last axis out_features."""
+    x = ctx.get_input_type(0)
+    out_features = ctx.get_attribute("out_features")
+    if x is None or not x.tensor_type.HasField("shape") or out_features is None:
+        ctx.set_output_type(0, helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None))
+        return
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in x.tensor_type.shape.dim]
+    ctx.set_output_type(0, helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, dims[:-1] + [out_features.i]))
+
+
+def _register_schema() -> None:
+    """Tell onnx about the op (checker, shape inference: the MAC count of the layers after
+    a custom node needs their shapes). Needs onnx >= 1.16; skipped on older versions."""
+    defs = onnx.defs
+    schema_class = getattr(defs, "OpSchema", None)
+    if not hasattr(defs, "register_schema") or not hasattr(schema_class, "set_type_and_shape_inference_function"):
+        return
+    try:
+        defs.get_schema(OP_TYPE, OP_VERSION, DOMAIN)
+        return  # registered already
+    except defs.SchemaError:
+        pass
+    param = schema_class.FormalParameter
+    schema = schema_class(
+        OP_TYPE, DOMAIN, OP_VERSION, "A factorised dense layer as one contraction chain (custom_ops/README.md).",
+        inputs=[param("x", "T", "input, last axis in_features"),
+                param("cores", "T", "one core per step, ([K,] C, N)",
+                      param_option=schema_class.FormalParameterOption.Variadic, min_arity=1)],
+        outputs=[param("y", "T", "output, last axis out_features")],
+        type_constraints=[("T", ["tensor(float)"], "float32 only")],
+        attributes=[schema_class.Attribute(name, getattr(schema_class.AttrType, kind), "", required=True)
+                    for name, kind in _ATTRIBUTES.items()])
+    schema.set_type_and_shape_inference_function(_infer)
+    defs.register_schema(schema)
+
+
+_register_schema()
+
+
+# ------------------------------------------------------------------------- locating
+
+
+def default_build_dir() -> Path:
+    """`build/custom_ops` of a source checkout, else the user's cache folder."""
+    if SOURCE.is_file():
+        return _REPO / "build" / "custom_ops"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "tnonnx" / "custom_ops"
+
+
+def library_path() -> Path | None:
+    """Where a built library is: $TNONNX_CUSTOM_OPS if set, else the default build
+    location; None when nothing is built there."""
+    env = os.environ.get(ENV_LIBRARY)
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise TnonnxError(f"{ENV_LIBRARY}='{env}': no such file")
+        return path
+    path = default_build_dir() / LIBRARY_NAME
+    return path if path.is_file() else None
+
+
+def ensure_library() -> Path:
+    """The library to load for a model that uses the custom ops. Built here when it is
+    missing or older than its source, if a compiler and local headers allow it (nothing is
+    downloaded); otherwise a one-line TnonnxError saying to run `tnonnx build-ops`."""
+    path = library_path()
+    if os.environ.get(ENV_LIBRARY):
+        return path
+    if path is not None and _stamp(path).get("source") == _source_digest():
+        return path
+    if SOURCE.is_file() and _compiler() and _local_headers(default_build_dir()):
+        return build()
+    if path is not None:
+        return path
+    raise TnonnxError(f"this model uses tnonnx custom ops (domain {DOMAIN}) and their library is not built: "
+                      f"run `tnonnx build-ops` (or set {ENV_LIBRARY} to a built library)")
+
+
+# ------------------------------------------------------------------------- building
+
+
+def build(include_dir=None, out_dir=None, force: bool = False, native: bool = False, log=None) -> Path:
+    """Compile the custom-op library; returns its path.
+
+    Headers: `include_dir`, else $ORT_INCLUDE_DIR, else headers fetched earlier into
+    `out_dir`, else Debian's package downloaded there. The library is rebuilt only when the
+    source, the headers or the flags change (or with `force`). `native` adds
+    -march=native (faster, not portable to other CPUs). `log(message)` reports progress."""
+    log = log or (lambda message: None)
+    if not SOURCE.is_file():
+        raise TnonnxError(f"the C++ source '{SOURCE}' is not there: build the custom ops from a tnonnx source checkout")
+    cxx = _compiler()
+    if cxx is None:
+        raise NoCompiler("no C++ compiler found (install g++ or clang++, or set CXX)")
+    out = Path(out_dir) if out_dir else default_build_dir()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TnonnxError(f"--out-dir '{out}': cannot create it ({exc.strerror or exc})") from None
+    include = find_headers(include_dir, out, log)
+    flags = CXXFLAGS + (["-march=native"] if native else [])
+    key = _digest(_source_digest().encode(), (include / "onnxruntime_c_api.h").read_bytes(),
+                  " ".join([cxx, *flags]).encode())
+    lib = out / LIBRARY_NAME
+    if not force and lib.is_file() and _stamp(lib).get("key") == key:
+        return lib
+    log(f"compiling {SOURCE.name} with {cxx}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{LIBRARY_NAME}.", suffix=".tmp", dir=out)
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *flags, f"-I{include}", str(SOURCE), "-o", tmp],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise TnonnxError(f"compiling {SOURCE.name} failed: {_first_error(done.stderr)}")
+        os.chmod(tmp, 0o755 & ~_umask())
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _write_atomic(_stamp_path(lib), json.dumps({"key": key, "source": _source_digest(), "include": str(include),
+                                                "flags": flags, "compiler": cxx}, indent=1).encode())
+    return lib
+
+
+def find_headers(include_dir=None, build_dir=None, log=None) -> Path:
+    """The folder holding onnxruntime_cxx_api.h (see `build` for the order searched)."""
+    log = log or (lambda message: None)
+    for given, what in ((include_dir, "--include-dir"), (os.environ.get(ENV_INCLUDE), ENV_INCLUDE)):
+        if given:
+            found = _header_dir(Path(given))
+            if found is None:
+                raise HeadersUnavailable(f"{what} '{given}': no {_HEADER} there "
+                                         "(nor in its include/ or onnxruntime/ subfolders)")
+            return found
+    build_dir = Path(build_dir) if build_dir else default_build_dir()
+    return _local_headers(build_dir) or fetch_headers(build_dir, log)
+
+
+def fetch_headers(build_dir, log=None) -> Path:
+    """Download Debian's libonnxruntime-dev (pinned version, sha256 checked) into
+    `build_dir`/ort-headers and unpack its headers there; returns the include folder."""
+    log = log or (lambda message: None)
+    root = Path(build_dir) / "ort-headers"
+    root.mkdir(parents=True, exist_ok=True)
+    deb = root / _DEB_NAME
+    if not (deb.is_file() and _file_sha256(deb) == ORT_DEV_SHA256):
+        log(f"fetching the onnxruntime headers ({ORT_DEV_PACKAGE} {ORT_DEV_VERSION} from Debian {DEBIAN_SUITE})")
+        problems, corrupt = [], False
+        for method in (_apt_download, _direct_download):
+            try:
+                method(root, deb)
+            except _FetchFailed as exc:
+                problems.append(str(exc))
+                continue
+            digest = _file_sha256(deb)
+            if digest == ORT_DEV_SHA256:
+                break
+            problems.append(f"{deb.name} has sha256 {digest}, expected {ORT_DEV_SHA256}")
+            corrupt = True
+            deb.unlink()
+        else:
+            error = HeadersUnavailable if corrupt else HeadersUnreachable
+            raise error(f"cannot fetch the onnxruntime headers ({'; '.join(problems)}); set {ENV_INCLUDE} "
+                        f"to a folder with {_HEADER} or pass --include-dir")
+    # unpack beside, then move into place: a concurrent build never sees half a tree
+    tree, tmp = root / "tree", Path(tempfile.mkdtemp(prefix=".tree.", dir=root))
+    try:
+        os.chmod(tmp, 0o755 & ~_umask())
+        _extract(deb, tmp)
+        if _header_dir(tmp / "usr" / "include") is None:
+            raise HeadersUnavailable(f"{deb.name} holds no {_HEADER}")
+        shutil.rmtree(tree, ignore_errors=True)
+        try:
+            os.rename(tmp, tree)
+        except OSError:  # another build put its tree there first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _write_atomic(root / "verified", (ORT_DEV_SHA256 + "\n").encode())
+    return _header_dir(tree / "usr" / "include")
+
+
+class _FetchFailed(Exception):
+    pass
+
+
+def _apt_download(root: Path, deb: Path) -> None:
+    """apt-get update + download on a private sources list, lists and cache under `root`."""
+    apt = shutil.which("apt-get")
+    if apt is None:
+        raise _FetchFailed("apt-get not found")
+    state = root / "apt"
+    for d in ("lists/partial", "cache/archives/partial", "etc"):
+        (state / d).mkdir(parents=True, exist_ok=True)
+    sources = state / "etc" / "sources.list"
+    # trusted=yes: no Debian keyring is needed on the host; the pinned sha256 checks the file
+    sources.write_text(f"deb [trusted=yes arch={ORT_DEV_ARCH}] {DEBIAN_MIRROR} {DEBIAN_SUITE} main\n")
+    options = [
+        f"Dir::Etc::SourceList={sources}", "Dir::Etc::SourceParts=/dev/null",
+        "Dir::Etc::Preferences=/dev/null", "Dir::Etc::PreferencesParts=/dev/null",
+        f"Dir::State::Lists={state / 'lists'}", f"Dir::Cache={state / 'cache'}", "Dir::State::status=/dev/null",
+        "Debug::NoLocking=1", f"APT::Sandbox::User={_user()}", "Acquire::Languages=none",
+        f"APT::Architecture={ORT_DEV_ARCH}", f"APT::Architectures={ORT_DEV_ARCH}",
+        "Acquire::http::Timeout=30", "Acquire::Retries=2", "APT::Update::Error-Mode=any",
+    ]
+    args = [a for o in options for a in ("-o", o)]
+    env = dict(os.environ, LC_ALL="C", DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["update"], ["download", f"{ORT_DEV_PACKAGE}={ORT_DEV_VERSION}"]):
+        try:
+            done = subprocess.run([apt, "-q", *args, *cmd], cwd=root, capture_output=True, text=True, env=env,
+                                  timeout=600)
+        except subprocess.TimeoutExpired:
+            raise _FetchFailed(f"apt-get {cmd[0]} timed out") from None
+        output = (done.stderr + done.stdout).splitlines()
+        failed = [l for l in output if l.startswith(("E:", "Err")) or l.startswith("W: Failed to fetch")]
+        if done.returncode != 0 or failed:
+            detail = (failed or [l for l in output if l.startswith("W:")] or [f"exit status {done.returncode}"])[0]
+            raise _FetchFailed(f"apt-get {cmd[0]}: {detail.strip()}")
+    if not deb.is_file():
+        raise _FetchFailed(f"apt-get download left no {deb.name}")
+
+
+def _direct_download(root: Path, deb: Path) -> None:
+    """The same file straight from the mirror's pool (for hosts without apt-get)."""
+    tmp = deb.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(_POOL_URL, timeout=60) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f)
+        os.replace(tmp, deb)
+    except OSError as exc:
+        raise _FetchFailed(f"{_POOL_URL}: {getattr(exc, 'reason', None) or exc}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _extract(deb: Path, dest: Path) -> None:
+    """dpkg-deb -x, or (without dpkg) the data member of the ar archive read in Python."""
+    dest.mkdir(parents=True, exist_ok=True)
+    dpkg = shutil.which("dpkg-deb")
+    if dpkg is not None:
+        done = subprocess.run([dpkg, "-x", str(deb), str(dest)], capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+    data = deb.read_bytes()
+    if not data.startswith(b"!<arch>\n"):
+        raise HeadersUnavailable(f"{deb.name} is not a Debian package")
+    at = 8
+    while at + 60 <= len(data):
+        name, size = data[at:at + 16].decode().strip().rstrip("/"), int(data[at + 48:at + 58].decode().strip())
+        body = data[at + 60:at + 60 + size]
+        if name.startswith("data.tar"):
+            with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+                members = [m for m in tar.getmembers() if m.name.lstrip("./").startswith("usr/include/")]
+                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(dest, members=members, **kwargs)
+            return
+        at += 60 + size + (size % 2)
+    raise HeadersUnavailable(f"{deb.name}: no data member")
+
+
+_HEADER_SUBDIRS = ("", "include", "onnxruntime", "include/onnxruntime", "usr/include/onnxruntime",
+                   "include/onnxruntime/core/session")  # as given, release archives, Debian, source trees
+
+
+def _header_dir(path: Path) -> Path | None:
+    for candidate in (path / sub if sub else path for sub in _HEADER_SUBDIRS):
+        if (candidate / _HEADER).is_file() and (candidate / "onnxruntime_c_api.h").is_file():
+            return candidate
+    return None
+
+
+def _local_headers(build_dir: Path) -> Path | None:
+    """Headers available without downloading: $ORT_INCLUDE_DIR or fetched earlier."""
+    env = os.environ.get(ENV_INCLUDE)
+    if env:
+        return _header_dir(Path(env))
+    root = Path(build_dir) / "ort-headers"
+    if (root / "verified").is_file():
+        return _header_dir(root / "tree" / "usr" / "include")
+    return None
+
+
+def _compiler() -> str | None:
+    env = os.environ.get("CXX")
+    if env:
+        return shutil.which(env)
+    for name in ("g++", "c++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _first_error(stderr: str) -> str:
+    lines = [l.strip() for l in stderr.splitlines() if l.strip()]
+    errors = [l for l in lines if "error" in l]
+    return (errors or lines or ["no output"])[0][:300]
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return os.environ.get("USER", "root")
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(hashlib.sha256(p).digest())
+    return h.hexdigest()
+
+
+def _source_digest() -> str:
+    return _digest(*(p.read_bytes() for p in SOURCES if p.is_file()))
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _stamp_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".json")
+
+
+def _stamp(lib: Path) -> dict:
+    try:
+        return json.loads(_stamp_path(lib).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o644 & ~_umask())
+    os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
