@@ -18,7 +18,8 @@ from .errors import NotApplicable, TnonnxError
 from .formats import Factorization
 from .graph import Layer, find_layers, replace_nodes
 from .macs import all_graphs
-from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, allocate_budget, choose_auto, make_plan, rank_spec
+from .plan import (AUTO_FORMATS, Fitter, LayerPlan, Selection, allocate_budget, choose_auto, fit_error, make_plan,
+                   rank_spec)
 from .report import InspectReport, LayerRow, RewriteReport, Totals
 from .tensorize import parse_modes
 from .validate import validate as compare_models
@@ -43,7 +44,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             emit: str = "matmul", batch: int = 1, ops=("MatMul", "Gemm", "Conv"), include: str | None = None,
             exclude: str | None = None, min_params: int = 0, force: bool = False, validate: bool = True,
             inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None,
-            min_cosine: float | None = None, fit: str = "data-free", calib=None,
+            min_cosine: float | None = None, fit: str = "data-free", calib=None, finetune: int = 0,
             progress: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
 
@@ -73,9 +74,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     if fit not in FIT_MODES:
         raise TnonnxError(f"--fit {fit}: choose from {', '.join(FIT_MODES)}")
     batches = None
-    if fit != "data-free":
+    if finetune < 0:
+        raise TnonnxError(f"--finetune {finetune}: must be >= 0 epochs")
+    if fit != "data-free" or finetune:
         if calib is None:
-            raise TnonnxError(f"--fit {fit} needs calibration data: give --calib FILE.npz or --calib-random N")
+            what = f"--fit {fit}" if fit != "data-free" else "--finetune"
+            raise TnonnxError(f"{what} needs calibration data: give --calib FILE.npz or --calib-random N")
         batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes)
     data = {}
     if fit == "aware" or (fit == "sequential" and (budget is not None or format == "auto")):
@@ -89,7 +93,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             # the target covers the selected layers together (embeddings, norms and the like
             # cannot be factorised); how it is spread across them is the allocator's choice
             selected = sum({p.layer.weight_key: p.layer.params for p in plans}.values())
-            allocate_budget(plans, fitter, candidates, int(selected / budget))
+            sensitivity = _sensitivity(original, new, fitter, batches, emit) if data else None
+            allocate_budget(plans, fitter, candidates, int(selected / budget), sensitivity)
             plans = [p for p in plans if p.layer.reason is None]
         elif format == "auto":
             choose_auto(plans, fitter, candidates)
@@ -104,6 +109,15 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     replace_nodes(new, {k: (r.layer.graph, r.builder.nodes, r.builder.initializers)
                         for k, r in replacements.items()}, layers)
     model_io.normalise_versions(new)
+    notes = []
+    if finetune:
+        from .finetune import finetune as distill
+
+        trainable = {t.name for r in replacements.values() for t in r.builder.initializers
+                     if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)}
+        before_ft, after_ft = distill(new, original, batches, trainable, epochs=finetune)
+        notes.append(f"finetune: relative output error on the calibration data {before_ft:.4g} -> {after_ft:.4g} "
+                     f"after {finetune} epoch(s) of end-to-end distillation")
     _check(new)
     seconds = time.perf_counter() - started
 
@@ -117,7 +131,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     report = RewriteReport(
         format=format, spec=f"budget {budget:g}x" if budget else spec.describe(), emit=emit, batch=batch, rows=rows,
         totals=Totals(before.params, after.params, original.ByteSize(), new.ByteSize(), before.total, after.total),
-        validation=result, seconds=seconds, fit=fit,
+        validation=result, seconds=seconds, fit=fit, notes=notes,
     )
     return new, report
 
@@ -184,6 +198,45 @@ def _fit_sequential(original, new, plans, fitter, batches, force, emit, progress
     for plan in rest:
         fitter.data.pop(plan.layer.name, None)
     return _fit_and_emit(rest, fitter, force, emit, False, shared, replacements)
+
+
+SENSITIVITY_SAMPLES = 128
+
+
+def _sensitivity(original, new, fitter, batches, emit):
+    """sensitivity(plan, format, spec): the model's squared relative output error on (part
+    of) the calibration data with this one layer rewritten, per unit of the layer's own
+    squared output error. Layers whose errors the rest of the network amplifies (or damps)
+    are weighted accordingly by the budget allocator."""
+    from . import runtime
+
+    subset, rows = [], 0
+    for feeds in batches:
+        if rows >= SENSITIVITY_SAMPLES:
+            break
+        subset.append(feeds)
+        rows += max((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), default=1)
+    reference = _outputs(runtime.session(original), subset)
+
+    def measure(plan, fmt, spec) -> float:
+        fact = fitter.fit(plan.layer, fmt, spec, plan.modes, plan.order, final=False)
+        builder = Builder(f"{plan.layer.name}/{fmt}", plan.layer.store_dtype, plan.layer.compute_dtype)
+        emit_layer(builder, plan.layer, fact, emit)
+        single = _partial(new, {id(plan.layer.node): _Replacement(plan.layer, plan, fact, builder)})
+        got = _outputs(runtime.session(single), subset)
+        model_error = sum(float(np.sum((g - r) ** 2)) for g, r in zip(got, reference)) / max(
+            sum(float(np.sum(r**2)) for r in reference), 1e-300)
+        layer_error = fit_error(fact) ** 2
+        return model_error / layer_error if layer_error > 1e-12 else 1.0
+
+    return measure
+
+
+def _outputs(sess, batches) -> list[np.ndarray]:
+    """The float outputs of a session over the batches, flattened and concatenated."""
+    names = [o.name for o in sess.get_outputs() if "float" in o.type]
+    runs = [sess.run(names, dict(feeds)) for feeds in batches]
+    return [np.concatenate([np.asarray(r[i], np.float64).ravel() for r in runs]) for i in range(len(names))]
 
 
 def _partial(base: onnx.ModelProto, replacements: dict) -> onnx.ModelProto:

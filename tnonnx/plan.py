@@ -13,9 +13,11 @@ from .graph import Layer
 
 # the formats `--format auto` and `--budget` choose from: those that represent any weight
 # (hybrid is a fixed pairing of two of them; the semi-tensor formats only fit weights of
-# their structure; CP's ALS takes minutes per layer at the ranks the budget ladder tries)
+# their structure; CP's ALS takes minutes per layer at the ranks the budget ladder tries;
+# the nonlinear chains are distilled per layer, too slow for the allocator's many trials)
 AUTO_FORMATS = tuple(f for f in FORMATS
-                     if f not in ("hybrid", "cp") and not getattr(FORMATS[f], "STRUCTURED", False))
+                     if f not in ("hybrid", "cp") and not getattr(FORMATS[f], "STRUCTURED", False)
+                     and not getattr(FORMATS[f], "NONLINEAR", False))
 
 
 @dataclass
@@ -187,10 +189,13 @@ def choose_auto(plans: list[LayerPlan], fitter: Fitter, formats: tuple[str, ...]
         plan.format = best[0]
 
 
-def allocate_budget(plans: list[LayerPlan], fitter: Fitter, formats: tuple[str, ...], available: int) -> None:
+def allocate_budget(plans: list[LayerPlan], fitter: Fitter, formats: tuple[str, ...], available: int,
+                    sensitivity=None) -> None:
     """Choose a format and rank per layer so that the selected layers hold at most
     `available` parameters, minimising the sum of squared relative errors (output errors on
-    calibration data when there is some, else weight errors).
+    calibration data when there is some, else weight errors), each weighted by the layer's
+    `sensitivity(plan, format, spec)` when given: how much of a layer's error reaches the
+    model's outputs, measured at the candidate nearest the layer's proportional share.
 
     Each distinct weight gets a Pareto front of (parameters, error) candidates (rank caps
     from RANK_LADDER in every allowed format, and keeping the layer dense). Starting from
@@ -201,6 +206,13 @@ def allocate_budget(plans: list[LayerPlan], fitter: Fitter, formats: tuple[str, 
     for plan in plans:
         groups.setdefault(plan.layer.weight_key, []).append(plan)
     fronts = {key: _front(group[0], fitter, formats) for key, group in groups.items()}
+    if sensitivity is not None:
+        share = available / max(sum(group[0].layer.params for group in groups.values()), 1)
+        for key, front in fronts.items():
+            layer = groups[key][0].layer
+            probe = min(front[1:] or front, key=lambda c: abs(c[0] - share * layer.params))
+            weight = sensitivity(groups[key][0], probe[2], probe[3]) if probe[2] is not None else 1.0
+            fronts[key] = [(p, e * weight, f, spec) for p, e, f, spec in front]
     current = {key: 0 for key in fronts}
     spent = sum(front[0][0] for front in fronts.values())
     if spent > available:

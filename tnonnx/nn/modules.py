@@ -55,8 +55,11 @@ class StagedConv(nn.Module):
                 x = F.pad(x, pad)
             x = self.conv(x, w, b, stride, 0, dilation, group)
             if self.activation is not None and i < len(weights) - 1:
-                x = TorchOps(batch_rank=0).activation(x, self.activation)
+                x = self.activate(x)
         return x
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        return TorchOps(batch_rank=0).activation(x, self.activation)
 
 
 def _torch_attrs(attrs: dict, nsp: int):

@@ -1,0 +1,80 @@
+"""End-to-end distillation (--finetune): the torch interpreter of ONNX graphs, and the
+training of the rewritten layers' cores on calibration data."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import tnonnx
+from tnonnx.cli import main
+from tnonnx.errors import TnonnxError
+from tnonnx.finetune import GraphModule
+from tnonnx.validate import run
+
+from onnx_builders import make_model, value
+from onnx import helper
+
+torch = pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parents[1]
+LENET, FASHION = ROOT / "models" / "lenet5_fashion.onnx", ROOT / "models" / "fashion_test.npz"
+
+
+def _interpret(model, feeds):
+    graph = GraphModule(model, set())
+    with torch.no_grad():
+        return [t.numpy() for t in graph({k: torch.as_tensor(v) for k, v in feeds.items()})]
+
+
+@pytest.mark.parametrize("name", ["lenet5", "transformer_block", "small_resnet", "conv_zoo"])
+def test_interpreter_matches_onnxruntime_on_reference_models(name, tmp_path):
+    from models.export import export
+    from tnonnx.calibrate import random_feeds
+
+    model = onnx.load(export(name, tmp_path / f"{name}.onnx"))
+    feeds = random_feeds(model, 2, None, 0)
+    want = run(model, [feeds])
+    got = _interpret(model, feeds)
+    for g, (key, w) in zip(got, want.items()):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(w).max())), err_msg=key)
+
+
+@pytest.mark.parametrize("emit", ["matmul", "einsum"])
+def test_interpreter_runs_the_emitted_chains(emit):
+    small, _ = tnonnx.rewrite(LENET, format="tt", rank=4, emit=emit, validate=False)
+    feeds = {"input": np.load(FASHION)["input"][:16]}
+    (want,) = run(small, [feeds]).values()
+    (got,) = _interpret(small, feeds)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_ops_are_refused_in_one_line():
+    nodes = [helper.make_node("Hardmax", ["x"], ["y"])]
+    m = make_model(nodes, [value("x", [2, 3])], [value("y", [2, 3])])
+    with pytest.raises(TnonnxError, match="Hardmax"):
+        GraphModule(m, set())
+
+
+def test_finetune_lowers_the_output_error_on_held_out_data():
+    data = np.load(FASHION)
+    calib = {"input": data["input"][:1000]}
+    held_out = {"input": data["input"][1000:], "labels": data["labels"][1000:]}
+    _, plain = tnonnx.rewrite(LENET, format="svd", rank=4, fit="aware", calib=calib, inputs=held_out)
+    _, tuned = tnonnx.rewrite(LENET, format="svd", rank=4, fit="aware", calib=calib, inputs=held_out, finetune=3)
+    assert tuned.totals.params_after == plain.totals.params_after
+    assert tuned.validation.outputs[0].rel_l2 < plain.validation.outputs[0].rel_l2
+    assert tuned.validation.accuracy_test > plain.validation.accuracy_test
+    assert any(n.startswith("finetune:") for n in tuned.notes)
+
+
+def test_cli_finetune_needs_calibration_data(tmp_path):
+    result = CliRunner().invoke(main, ["rewrite", str(LENET), "--finetune", "2", "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2 and "needs calibration data" in result.output
+    out = tmp_path / "y.onnx"
+    result = CliRunner().invoke(main, ["rewrite", str(LENET), "--format", "svd", "--rank", "4", "--finetune", "1",
+                                       "--calib-random", "32", "-o", str(out), "--no-validate"])
+    assert result.exit_code == 0, result.output
+    assert "finetune:" in result.output and out.exists()

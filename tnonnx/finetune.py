@@ -1,0 +1,375 @@
+"""End-to-end distillation of a rewritten model (--finetune EPOCHS).
+
+Layer-by-layer fitting (tnonnx/fit.py) makes each layer match the original's outputs; what
+the user cares about is the model's outputs. After the rewrite, the emitted ONNX graph
+itself is executed in torch (an interpreter of the standard ops that exporters and tnonnx
+emit), the factor cores and biases the rewrite created become trainable, and Adam
+minimises the relative squared error of all float outputs to the original model's (run
+in onnxruntime) on the calibration batches. What is trained is exactly the graph that is
+saved: no separate torch model to keep in sync. The best epoch on the calibration data is
+kept, and the start if no epoch improves on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import TnonnxError
+
+LEARNING_RATE = 1e-2  # Adam, relative: each tensor's step is scaled by its RMS
+
+
+def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainable: set[str], *, epochs: int,
+             seed: int = 0, log=None) -> tuple[float, float]:
+    """Train the initializers named in `trainable` (in place in `model`); returns the relative
+    output error on the calibration batches before and after."""
+    import torch
+
+    from . import runtime
+
+    torch.manual_seed(seed)
+    sess = runtime.session(original)
+    names = [o.name for o in original.graph.output]
+    float_outputs = [i for i, o in enumerate(sess.get_outputs()) if "float" in o.type]
+    targets = [[torch.as_tensor(np.asarray(v)) for v in _select(sess.run(names, dict(f)), float_outputs)]
+               for f in batches]
+    graph = GraphModule(model, trainable)
+    feeds = [{k: torch.as_tensor(np.asarray(v)) for k, v in f.items()} for f in batches]
+    scales = {name: float(p.detach().pow(2).mean().sqrt()) or 1.0 for name, p in graph.params.items()}
+    groups = [{"params": [p], "lr": LEARNING_RATE * scales[name]} for name, p in graph.params.items()]
+    opt = torch.optim.Adam(groups)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small steps: more threads only contend (and collapse on a busy machine)
+
+    def error() -> float:
+        with torch.no_grad():
+            num = den = 0.0
+            for f, t in zip(feeds, targets):
+                got = _select(graph(f), float_outputs)
+                num += sum(float(((g - r) ** 2).sum()) for g, r in zip(got, t))
+                den += sum(float((r**2).sum()) for r in t)
+            return math.sqrt(num / max(den, 1e-300))
+
+    before = best = error()
+    best_state = {k: v.detach().clone() for k, v in graph.params.items()}
+    order = np.random.default_rng(seed)
+    for epoch in range(epochs):
+        for i in order.permutation(len(feeds)):
+            opt.zero_grad()
+            got = _select(graph(feeds[i]), float_outputs)
+            loss = sum(((g - r) ** 2).sum() for g, r in zip(got, targets[i])) / sum((r**2).sum() for r in targets[i])
+            loss.backward()
+            opt.step()
+        current = error()
+        if log:
+            log(f"finetune epoch {epoch + 1}/{epochs}: relative output error {current:.4g}")
+        if current < best:
+            best, best_state = current, {k: v.detach().clone() for k, v in graph.params.items()}
+    torch.set_num_threads(threads)
+    by_name = {t.name: t for t in model.graph.initializer}
+    for name, value in best_state.items():
+        old = by_name[name]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
+        old.CopyFrom(numpy_helper.from_array(value.numpy().astype(dtype), name))
+    return before, best
+
+
+def _select(values, indices):
+    return [values[i] for i in indices]
+
+
+# ---------------------------------------------------------------------------- interpreter
+
+
+class GraphModule:
+    """Runs an ONNX model's main graph on torch tensors. Initializers named in `trainable`
+    are float32 leaf tensors with gradients; the others are constants."""
+
+    def __init__(self, model: onnx.ModelProto, trainable: set[str]):
+        import torch
+
+        self.graph = model.graph
+        self.constants, self.params = {}, {}
+        for t in model.graph.initializer:
+            array = numpy_helper.to_array(t)
+            if t.name in trainable:
+                self.params[t.name] = torch.tensor(array.astype(np.float32), requires_grad=True)
+            else:
+                self.constants[t.name] = torch.as_tensor(np.array(array))
+        unknown = sorted({n.op_type for n in model.graph.node if n.op_type not in OPS or n.domain not in ("", "ai.onnx")})
+        if unknown:
+            raise TnonnxError(f"--finetune: the graph uses ops the torch interpreter does not run: {', '.join(unknown)}")
+
+    def __call__(self, feeds: dict) -> list:
+        env = dict(self.constants)
+        env.update(self.params)
+        env.update(feeds)
+        for node in self.graph.node:
+            inputs = [env[i] if i else None for i in node.input]
+            attrs = {a.name: _decoded(helper.get_attribute_value(a)) for a in node.attribute}
+            outs = OPS[node.op_type](inputs, attrs)
+            if not isinstance(outs, (list, tuple)):
+                outs = [outs]
+            env.update(zip(node.output, outs))
+        return [env[o.name] for o in self.graph.output]
+
+
+def _decoded(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _ints(t) -> list[int]:
+    return [int(v) for v in t.reshape(-1).tolist()]
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _dtype(onnx_type: int):
+    torch = _torch()
+    return {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
+            onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.INT64: torch.int64,
+            onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.BOOL: torch.bool,
+            onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.UINT8: torch.uint8}[onnx_type]
+
+
+def _constant(inputs, a):
+    torch = _torch()
+    if "value" in a:
+        return torch.as_tensor(np.array(numpy_helper.to_array(a["value"])))
+    for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32), ("value_int", torch.int64),
+                       ("value_ints", torch.int64)):
+        if key in a:
+            return torch.tensor(a[key], dtype=dtype)
+    raise TnonnxError("--finetune: Constant without a supported value attribute")
+
+
+def _gather(inputs, a):
+    data, idx = inputs
+    axis = _axis(a.get("axis", 0), data.dim())
+    flat = idx.reshape(-1).long() % data.shape[axis]
+    out = data.index_select(axis, flat)
+    return out.reshape(tuple(data.shape[:axis]) + tuple(idx.shape) + tuple(data.shape[axis + 1:]))
+
+
+def _unsqueeze(inputs, a):
+    x = inputs[0]
+    axes = _ints(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else list(a["axes"])
+    rank = x.dim() + len(axes)
+    for axis in sorted(_axis(v, rank) for v in axes):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def _squeeze(inputs, a):
+    x = inputs[0]
+    axes = _ints(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else a.get("axes")
+    if axes is None:
+        return x.squeeze()
+    for axis in sorted((_axis(v, x.dim()) for v in axes), reverse=True):
+        x = x.squeeze(axis)
+    return x
+
+
+def _slice(inputs, a):
+    x = inputs[0]
+    starts, ends = _ints(inputs[1]), _ints(inputs[2])
+    axes = _ints(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else list(range(len(starts)))
+    steps = _ints(inputs[4]) if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
+    index = [slice(None)] * x.dim()
+    for s, e, ax, st in zip(starts, ends, axes, steps):
+        if st < 0:
+            raise TnonnxError("--finetune: Slice with a negative step is not supported")
+        dim = x.shape[_axis(ax, x.dim())]
+        index[_axis(ax, x.dim())] = slice(max(min(s, dim), -dim), max(min(e, dim), -dim - 1) if e < 0 else min(e, dim), st)
+    return x[tuple(index)]
+
+
+def _reshape(inputs, a):
+    x, shape = inputs[0], _ints(inputs[1])
+    if not a.get("allowzero", 0):
+        shape = [x.shape[i] if v == 0 else v for i, v in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _div(inputs, a):
+    x, y = inputs
+    if not x.is_floating_point():
+        return _torch().div(x, y, rounding_mode="trunc")
+    return x / y
+
+
+def _reduce(fn):
+    def run(inputs, a):
+        x = inputs[0]
+        axes = _ints(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else a.get("axes")
+        keep = bool(a.get("keepdims", 1))
+        if not axes:
+            if a.get("noop_with_empty_axes", 0):
+                return x
+            axes = list(range(x.dim()))
+        return fn(x, dim=[_axis(v, x.dim()) for v in axes], keepdim=keep)
+    return run
+
+
+def _gemm(inputs, a):
+    x, w = inputs[0], inputs[1]
+    if a.get("transA", 0):
+        x = x.t()
+    if a.get("transB", 0):
+        w = w.t()
+    y = a.get("alpha", 1.0) * (x @ w)
+    if len(inputs) > 2 and inputs[2] is not None:
+        y = y + a.get("beta", 1.0) * inputs[2]
+    return y
+
+
+def _conv(inputs, a):
+    from torch.nn import functional as F
+
+    from .nn.modules import _torch_attrs
+
+    x, w = inputs[0], inputs[1]
+    b = inputs[2] if len(inputs) > 2 else None
+    nsp = w.dim() - 2
+    pad, stride, dilation, group = _torch_attrs(a, nsp)
+    if any(pad):
+        x = F.pad(x, pad)
+    return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nsp](x, w, b, stride, 0, dilation, group)
+
+
+def _maxpool(inputs, a):
+    from torch.nn import functional as F
+
+    from .nn.modules import _torch_attrs
+
+    x = inputs[0]
+    kernel = list(a["kernel_shape"])
+    nsp = len(kernel)
+    pad, stride, dilation, _ = _torch_attrs(dict(a, strides=a.get("strides", [1] * nsp)), nsp)
+    if any(pad):
+        x = F.pad(x, pad, value=float("-inf"))
+    return {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nsp](
+        x, kernel, stride, 0, dilation, ceil_mode=bool(a.get("ceil_mode", 0)))
+
+
+def _layer_norm(inputs, a):
+    from torch.nn import functional as F
+
+    x, scale = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    axis = _axis(a.get("axis", -1), x.dim())
+    return F.layer_norm(x, tuple(x.shape[axis:]), scale, bias, a.get("epsilon", 1e-5))
+
+
+def _expand(inputs, a):
+    x, shape = inputs[0], _ints(inputs[1])
+    return x.expand(_torch().broadcast_shapes(tuple(x.shape), tuple(shape)))
+
+
+def _clip(inputs, a):
+    x = inputs[0]
+    low = inputs[1] if len(inputs) > 1 and inputs[1] is not None else a.get("min")
+    high = inputs[2] if len(inputs) > 2 and inputs[2] is not None else a.get("max")
+    return _torch().clamp(x, low, high)
+
+
+def _flatten(inputs, a):
+    x = inputs[0]
+    axis = _axis(a.get("axis", 1), x.dim())
+    return x.reshape(math.prod(x.shape[:axis]), -1)
+
+
+def _shape(inputs, a):
+    shape = list(inputs[0].shape)
+    start, end = a.get("start", 0), a.get("end", len(shape))
+    return _torch().tensor(shape[start:end], dtype=_torch().int64)
+
+
+def _constant_of_shape(inputs, a):
+    torch = _torch()
+    value = torch.as_tensor(np.array(numpy_helper.to_array(a["value"]))) if "value" in a else torch.tensor([0.0])
+    return torch.full(_ints(inputs[0]), value.reshape(-1)[0].item(), dtype=value.dtype)
+
+
+def _transpose(inputs, a):
+    x = inputs[0]
+    return x.permute(list(a.get("perm", range(x.dim() - 1, -1, -1))))
+
+
+def _softmax(inputs, a):
+    return _torch().softmax(inputs[0], dim=a.get("axis", -1))
+
+
+def _global_pool(reduce):
+    return lambda inputs, a: reduce(inputs[0], dim=list(range(2, inputs[0].dim())), keepdim=True)
+
+
+def _average_pool(inputs, a):
+    from torch.nn import functional as F
+
+    from .nn.modules import _torch_attrs
+
+    x = inputs[0]
+    kernel = list(a["kernel_shape"])
+    nsp = len(kernel)
+    pad, stride, _, _ = _torch_attrs(dict(a, strides=a.get("strides", [1] * nsp)), nsp)
+    if any(pad) and not a.get("count_include_pad", 0):
+        raise TnonnxError("--finetune: padded AveragePool without count_include_pad is not supported")
+    if any(pad):
+        x = F.pad(x, pad)
+    return {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nsp](x, kernel, stride, 0, bool(a.get("ceil_mode", 0)))
+
+
+def _batch_norm(inputs, a):
+    x, scale, bias, mean, var = inputs[:5]
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    inv = scale / _torch().sqrt(var + a.get("epsilon", 1e-5))
+    return (x - mean.reshape(shape)) * inv.reshape(shape) + bias.reshape(shape)
+
+
+def _binary(name):
+    return lambda inputs, a: getattr(_torch(), name)(inputs[0], inputs[1])
+
+
+def _unary(name):
+    return lambda inputs, a: getattr(_torch(), name)(inputs[0])
+
+
+OPS = {
+    "Add": lambda i, a: i[0] + i[1], "Sub": lambda i, a: i[0] - i[1], "Mul": lambda i, a: i[0] * i[1],
+    "Div": _div, "Pow": _binary("pow"), "MatMul": _binary("matmul"), "Equal": _binary("eq"),
+    "Greater": _binary("gt"), "Less": _binary("lt"), "GreaterOrEqual": _binary("ge"), "LessOrEqual": _binary("le"),
+    "And": _binary("logical_and"), "Or": _binary("logical_or"), "Not": _unary("logical_not"),
+    "Sqrt": _unary("sqrt"), "Erf": _unary("erf"), "Exp": _unary("exp"), "Log": _unary("log"), "Neg": _unary("neg"),
+    "Abs": _unary("abs"), "Tanh": _unary("tanh"), "Sigmoid": _unary("sigmoid"), "Relu": _unary("relu"),
+    "Reciprocal": _unary("reciprocal"), "Identity": lambda i, a: i[0],
+    "Where": lambda i, a: _torch().where(i[0], i[1], i[2]),
+    "Cast": lambda i, a: i[0].to(_dtype(a["to"])), "Constant": _constant, "Shape": _shape,
+    "ConstantOfShape": _constant_of_shape, "Gather": _gather, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze,
+    "Slice": _slice, "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose,
+    "Concat": lambda i, a: _torch().cat(list(i), dim=a["axis"]),
+    "Range": lambda i, a: _torch().arange(i[0].item(), i[1].item(), i[2].item(), dtype=i[0].dtype),
+    "Expand": _expand, "Softmax": _softmax, "ReduceSum": _reduce(lambda x, **k: x.sum(**k)),
+    "ReduceMean": _reduce(lambda x, **k: x.mean(**k)), "Clip": _clip, "LayerNormalization": _layer_norm,
+    "Gemm": _gemm, "Conv": _conv, "MaxPool": _maxpool,
+    "Einsum": lambda i, a: _torch().einsum(a["equation"], *i),
+    "Gelu": lambda i, a: _torch().nn.functional.gelu(i[0]),
+    "GlobalAveragePool": _global_pool(lambda x, **k: x.mean(**k)),
+    "GlobalMaxPool": _global_pool(lambda x, **k: x.amax(**k)), "AveragePool": _average_pool,
+    "BatchNormalization": _batch_norm, "Dropout": lambda i, a: i[0],
+    "LeakyRelu": lambda i, a: _torch().nn.functional.leaky_relu(i[0], a.get("alpha", 0.01)),
+    "HardSigmoid": lambda i, a: _torch().clamp(a.get("alpha", 0.2) * i[0] + a.get("beta", 0.5), 0, 1),
+    "HardSwish": lambda i, a: i[0] * _torch().clamp(i[0] / 6 + 0.5, 0, 1),
+}
