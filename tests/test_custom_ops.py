@@ -303,6 +303,7 @@ def test_rewrite_emit_custom_declares_the_domain_and_matches_the_matmul_emission
     assert (custom_ops.DOMAIN, 1) in [(i.domain, i.version) for i in custom.opset_import]
     assert sum(n.domain == custom_ops.DOMAIN for n in custom.graph.node) == 3
     assert report.validation is not None
+    assert any("custom-op library" in n for n in report.notes) and not report_mm.notes
     x = randn(6, 784, seed=35)
     assert rel_err(run_model(matmul, x), run_model(custom, x)) < TOL
     # the report counts the custom nodes' MACs like the MatMul chains'

@@ -110,6 +110,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                         for k, r in replacements.items()}, layers)
     model_io.normalise_versions(new)
     notes = []
+    if emit == "custom":
+        from .custom_ops import DOMAIN, needs_library
+
+        if needs_library(new):
+            notes.append(f"the output uses tnonnx's custom-op library (domain {DOMAIN}): build it with `tnonnx build-ops`; "
+                         "`tnonnx validate`/`bench` load it, other runtimes need register_custom_ops_library")
     if finetune:
         from .finetune import finetune as distill
 
