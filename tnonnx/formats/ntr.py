@@ -12,7 +12,6 @@ the fold and unfold are reshapes, which commute with an elementwise activation.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..emit import onnx_activation
 from . import tr
@@ -49,7 +48,7 @@ class NonlinearRingConvFactorization(tr.RingConvFactorization):
         return super().emit(_ActivatedConvs(builder, self.activation), x, geometry, bias, output)
 
     def torch_module(self, geometry, bias: np.ndarray | None = None):
-        return NonlinearRingConv(self, geometry, bias)
+        return RingConv(self, geometry, bias)
 
 
 class _ActivatedConvs:
@@ -67,32 +66,3 @@ class _ActivatedConvs:
         if op_type == "Conv" and output is None:
             out = onnx_activation(self._builder, out, self._activation)
         return out
-
-
-class NonlinearRingConv(RingConv):
-    """tr_torch.RingConv with the activation after the first two convs."""
-
-    def __init__(self, factorization, geometry, bias=None):
-        super().__init__(factorization, geometry, bias)
-        self.activation = factorization.activation
-
-    def activate(self, x: torch.Tensor) -> torch.Tensor:
-        from ..emit import TorchOps
-
-        return TorchOps(batch_rank=0).activation(x, self.activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.nn import functional as F
-
-        weights = self.factorization.stage_weights(dict(self.cores))
-        for i, (w, (pad, stride, dilation, group)) in enumerate(zip(weights, self.stage_attrs)):
-            if i == 1:  # (B, r0 r_m, ...) -> (B r0, r_m, ...)
-                x = x.reshape((-1, self.rm) + tuple(x.shape[2:]))
-            if any(pad):
-                x = F.pad(x, pad)
-            x = self.conv(x, w, self.bias if i == 2 else None, stride, 0, dilation, group)
-            if i == 1:  # (B r0, r_{m+1}, ...) -> (B, r0 r_{m+1}, ...)
-                x = x.reshape((-1, self.r0 * self.rn) + tuple(x.shape[2:]))
-            if i < 2:
-                x = self.activate(x)
-        return x

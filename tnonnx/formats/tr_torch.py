@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..emit import TorchOps
 from ..nn.modules import _CONV, _params, _torch_attrs
 
 
@@ -20,6 +21,7 @@ class RingConv(nn.Module):
         self.stage_attrs = [_torch_attrs(stage.conv_attrs(geometry), len(geometry.kernel))
                             for stage in factorization.stages]
         self.r0, self.rm, self.rn = factorization.bonds
+        self.activation = getattr(factorization, "activation", None)  # ntr: after the first two convs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.factorization.stage_weights(dict(self.cores))
@@ -31,4 +33,9 @@ class RingConv(nn.Module):
             x = self.conv(x, w, self.bias if i == 2 else None, stride, 0, dilation, group)
             if i == 1:  # (B r0, r_{m+1}, ...) -> (B, r0 r_{m+1}, ...)
                 x = x.reshape((-1, self.r0 * self.rn) + tuple(x.shape[2:]))
+            if self.activation is not None and i < 2:
+                x = self.activate(x)
         return x
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        return TorchOps(batch_rank=0).activation(x, self.activation)
