@@ -4,24 +4,17 @@ subgraph computes, the ring bond r0 folded into the batch around the spatial con
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from ..emit import TorchOps
-from ..nn.modules import _CONV, _params, _torch_attrs
+from ..nn.modules import StagedConv
 
 
-class RingConv(nn.Module):
+class RingConv(StagedConv):
+    """StagedConv's stages with the ring bond r0 moved into the batch around the spatial one."""
+
     def __init__(self, factorization, geometry, bias=None):
-        super().__init__()
-        self.factorization = factorization
-        self.cores = _params(factorization.cores)
-        self.bias = None if bias is None else nn.Parameter(torch.as_tensor(bias, dtype=torch.float32))
-        self.conv = _CONV[len(geometry.kernel)]
-        self.stage_attrs = [_torch_attrs(stage.conv_attrs(geometry), len(geometry.kernel))
-                            for stage in factorization.stages]
+        super().__init__(factorization, geometry, bias)
         self.r0, self.rm, self.rn = factorization.bonds
-        self.activation = getattr(factorization, "activation", None)  # ntr: after the first two convs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.factorization.stage_weights(dict(self.cores))
@@ -36,6 +29,3 @@ class RingConv(nn.Module):
             if self.activation is not None and i < 2:
                 x = self.activate(x)
         return x
-
-    def activate(self, x: torch.Tensor) -> torch.Tensor:
-        return TorchOps(batch_rank=0).activation(x, self.activation)
