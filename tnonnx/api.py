@@ -22,6 +22,7 @@ from .plan import (AUTO_FORMATS, Fitter, LayerPlan, Selection, allocate_budget, 
                    rank_spec)
 from .report import InspectReport, LayerRow, RewriteReport, Totals
 from .tensorize import parse_modes
+from .validate import run as run_model
 from .validate import validate as compare_models
 
 EMIT_MODES = ("matmul", "einsum", "custom")
@@ -214,22 +215,20 @@ def _sensitivity(original, new, fitter, batches, emit):
     of) the calibration data with this one layer rewritten, per unit of the layer's own
     squared output error. Layers whose errors the rest of the network amplifies (or damps)
     are weighted accordingly by the budget allocator."""
-    from . import runtime
-
     subset, rows = [], 0
     for feeds in batches:
         if rows >= SENSITIVITY_SAMPLES:
             break
         subset.append(feeds)
         rows += max((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), default=1)
-    reference = _outputs(runtime.session(original), subset)
+    reference = _float_outputs(original, subset)
 
     def measure(plan, fmt, spec) -> float:
         fact = fitter.fit(plan.layer, fmt, spec, plan.modes, plan.order, final=False)
         builder = Builder(f"{plan.layer.name}/{fmt}", plan.layer.store_dtype, plan.layer.compute_dtype)
         emit_layer(builder, plan.layer, fact, emit)
         single = _partial(new, {id(plan.layer.node): _Replacement(plan.layer, plan, fact, builder)})
-        got = _outputs(runtime.session(single), subset)
+        got = _float_outputs(single, subset)
         model_error = sum(float(np.sum((g - r) ** 2)) for g, r in zip(got, reference)) / max(
             sum(float(np.sum(r**2)) for r in reference), 1e-300)
         layer_error = fit_error(fact) ** 2
@@ -238,11 +237,10 @@ def _sensitivity(original, new, fitter, batches, emit):
     return measure
 
 
-def _outputs(sess, batches) -> list[np.ndarray]:
-    """The float outputs of a session over the batches, flattened and concatenated."""
-    names = [o.name for o in sess.get_outputs() if "float" in o.type]
-    runs = [sess.run(names, dict(feeds)) for feeds in batches]
-    return [np.concatenate([np.asarray(r[i], np.float64).ravel() for r in runs]) for i in range(len(names))]
+def _float_outputs(model, batches) -> list[np.ndarray]:
+    """The model's float outputs over the batches (validate.run), as float64."""
+    return [np.asarray(v, np.float64) for v in run_model(model, batches).values()
+            if np.issubdtype(v.dtype, np.floating)]
 
 
 def _partial(base: onnx.ModelProto, replacements: dict) -> onnx.ModelProto:
