@@ -78,3 +78,35 @@ def test_cli_finetune_needs_calibration_data(tmp_path):
                                        "--calib-random", "32", "-o", str(out), "--no-validate"])
     assert result.exit_code == 0, result.output
     assert "finetune:" in result.output and out.exists()
+
+
+def _hidden_error(model, original, names, feeds) -> float:
+    from tnonnx.runtime import with_outputs
+
+    got = run(with_outputs(model, names)[0], [feeds])
+    want = run(with_outputs(original, names)[0], [feeds])
+    return float(np.mean([np.linalg.norm(got[n] - want[n]) / np.linalg.norm(want[n]) for n in names]))
+
+
+def test_matching_the_rewritten_layers_inputs_lowers_their_error_on_held_out_data():
+    from tnonnx.finetune import finetune
+    from tnonnx.graph import find_layers
+
+    data = np.load(FASHION)
+    calib = [{"input": data["input"][i:i + 100]} for i in range(0, 1000, 100)]
+    held_out = {"input": data["input"][1000:]}
+    original = onnx.load(LENET)
+    small, _ = tnonnx.rewrite(original, format="svd", rank=4, fit="aware", calib={"input": data["input"][:1000]},
+                              validate=False)
+    inputs = {i.name for i in original.graph.input}
+    hidden = [layer.x for layer in find_layers(original) if layer.kind and layer.x not in inputs]
+    assert len(hidden) >= 2
+    trainable = {t.name for t in small.graph.initializer} - {t.name for t in original.graph.initializer}
+    errors = {}
+    for label, names in (("outputs only", ()), ("with hidden", hidden)):
+        tuned = onnx.ModelProto()
+        tuned.CopyFrom(small)
+        finetune(tuned, original, calib, trainable, epochs=3, hidden=names)
+        errors[label] = _hidden_error(tuned, original, hidden, held_out)
+    start = _hidden_error(small, original, hidden, held_out)
+    assert errors["with hidden"] < errors["outputs only"] and errors["with hidden"] < start, (start, errors)

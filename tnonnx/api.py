@@ -122,9 +122,10 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
 
         trainable = {t.name for r in replacements.values() for t in r.builder.initializers
                      if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)}
-        before_ft, after_ft = distill(new, original, batches, trainable, epochs=finetune)
+        hidden = [r.layer.x for r in replacements.values()]  # what each rewritten layer is fed
+        before_ft, after_ft = distill(new, original, batches, trainable, epochs=finetune, hidden=hidden)
         notes.append(f"finetune: relative output error on the calibration data {before_ft:.4g} -> {after_ft:.4g} "
-                     f"after {finetune} epoch(s) of end-to-end distillation")
+                     f"after {finetune} epoch(s) of end-to-end distillation (outputs and the rewritten layers' inputs)")
     _check(new)
     seconds = time.perf_counter() - started
 

@@ -21,20 +21,30 @@ from onnx import helper, numpy_helper
 from .errors import TnonnxError
 
 LEARNING_RATE = 1e-2  # Adam, relative: each tensor's step is scaled by its RMS
+HIDDEN_WEIGHT = 1.0  # weight of the matched hidden tensors against the model outputs in the loss
 
 
 def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainable: set[str], *, epochs: int,
-             seed: int = 0, log=None) -> tuple[float, float]:
+             hidden=(), hidden_weight: float = HIDDEN_WEIGHT, seed: int = 0, log=None) -> tuple[float, float]:
     """Train the initializers named in `trainable` (in place in `model`); returns the relative
-    output error on the calibration batches before and after."""
+    output error on the calibration batches before and after.
+
+    `hidden` names tensors that both graphs compute (tnonnx passes the rewritten layers'
+    inputs): their values are pulled towards the original's as well, each by its relative
+    squared error, averaged and weighted by `hidden_weight`. Matching what every layer is
+    fed gives each layer a signal of its own, not only what survives to the outputs
+    (through a LayerNorm or a mean pooling, say), and learns much more per sample."""
     import torch
 
     from . import runtime
 
     torch.manual_seed(seed)
-    sess = runtime.session(original)
     names = [o.name for o in original.graph.output]
-    float_outputs = [i for i, o in enumerate(sess.get_outputs()) if "float" in o.type]
+    computed = {o for n in model.graph.node for o in n.output}
+    teacher_model, hidden = runtime.with_outputs(original, [h for h in hidden if h in computed], inputs=False)
+    hidden = [h for h in hidden if h not in names]
+    sess = runtime.session(teacher_model)
+    float_outputs = [i for i, o in enumerate(sess.get_outputs()[:len(names)]) if "float" in o.type]
     targets = [[torch.as_tensor(np.asarray(v)) for v in _select(sess.run(names, dict(f)), float_outputs)]
                for f in batches]
     graph = GraphModule(model, trainable)
@@ -54,15 +64,24 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
                 den += sum(float((r**2).sum()) for r in t)
             return math.sqrt(num / max(den, 1e-300))
 
+    def loss(i: int):
+        values = graph(feeds[i], names + hidden)
+        total = _relative(_select(values[:len(names)], float_outputs), targets[i])
+        if hidden:
+            # the original's hidden tensors are recomputed per step: stored for the whole
+            # calibration set they would take far more memory than the data itself
+            wanted = sess.run(hidden, dict(batches[i]))
+            total = total + hidden_weight / len(hidden) * sum(
+                _relative([g], [torch.as_tensor(w)]) for g, w in zip(values[len(names):], wanted))
+        return total
+
     before = best = error()
     best_state = {k: v.detach().clone() for k, v in graph.params.items()}
     order = np.random.default_rng(seed)
     for epoch in range(epochs):
         for i in order.permutation(len(feeds)):
             opt.zero_grad()
-            got = _select(graph(feeds[i]), float_outputs)
-            loss = sum(((g - r) ** 2).sum() for g, r in zip(got, targets[i])) / sum((r**2).sum() for r in targets[i])
-            loss.backward()
+            loss(i).backward()
             opt.step()
         current = error()
         if log:
@@ -76,6 +95,11 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
         dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
         old.CopyFrom(numpy_helper.from_array(value.numpy().astype(dtype), name))
     return before, best
+
+
+def _relative(got, want):
+    """Relative squared error of a list of tensors against their targets."""
+    return sum(((g - w) ** 2).sum() for g, w in zip(got, want)) / sum((w**2).sum() for w in want).clamp_min(1e-30)
 
 
 def _select(values, indices):
@@ -104,7 +128,8 @@ class GraphModule:
         if unknown:
             raise TnonnxError(f"--finetune: the graph uses ops the torch interpreter does not run: {', '.join(unknown)}")
 
-    def __call__(self, feeds: dict) -> list:
+    def __call__(self, feeds: dict, names=None) -> list:
+        """The graph outputs, or the tensors `names` (any the main graph computes)."""
         env = dict(self.constants)
         env.update(self.params)
         env.update(feeds)
@@ -115,7 +140,7 @@ class GraphModule:
             if not isinstance(outs, (list, tuple)):
                 outs = [outs]
             env.update(zip(node.output, outs))
-        return [env[o.name] for o in self.graph.output]
+        return [env[n] for n in (names if names is not None else [o.name for o in self.graph.output])]
 
 
 def _decoded(value):
