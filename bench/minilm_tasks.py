@@ -178,7 +178,7 @@ class LeeCalibrationReader:
     padding rows out of the calibration statistics as far as possible. ``rewind()``
     starts over."""
 
-    def __init__(self, tokenizer=None, n: int = 512, seq: int = 128, batch: int = 32, sentences=None):
+    def __init__(self, tokenizer=None, n: int | None = 512, seq: int = 128, batch: int = 32, sentences=None):
         self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
         self.sentences = list(sentences) if sentences is not None else lee_sentences(n)
         self.seq, self.batch = seq, batch
@@ -361,7 +361,7 @@ def _model_row(label: str, model, reference: dict, original_totals: tuple[int, i
     return {"label": label, "kept": kept, "params": params, "bytes": size, "rewrite_s": None, **metrics}
 
 
-def compare_configs(configs, *, original=None, models=(), n_calib: int = 512, seq: int = 128, batch: int = 32,
+def compare_configs(configs, *, original=None, models=(), n_calib: int | None = 512, seq: int = 128, batch: int = 32,
                     tokenizer=None, log=None) -> list[dict]:
     """Rewrite the original MiniLM with each ``(label, kwargs)`` (or CONFIGS name, or
     key=value spec) and evaluate it; also evaluate the ONNX files in *models*. Returns the
@@ -439,11 +439,13 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="*", default=None,
                         help=f"rewrite configs: names ({', '.join(CONFIGS)}) or key=value,... specs; "
                              f"no value: {' '.join(DEFAULT_CONFIGS)}")
-    parser.add_argument("--calib", type=int, default=512, help="calibration sentences of lee_background.cor")
+    parser.add_argument("--calib", type=int, default=512,
+                        help="calibration sentences of lee_background.cor (the first N; 0: all 2,682)")
     parser.add_argument("--seq", type=int, default=128, help="calibration truncation length (tokens)")
     args = parser.parse_args(argv)
     configs = [] if args.configs is None else (args.configs or list(DEFAULT_CONFIGS))
-    rows = compare_configs(configs, original=args.original, models=args.models, n_calib=args.calib, seq=args.seq)
+    rows = compare_configs(configs, original=args.original, models=args.models, n_calib=args.calib or None,
+                           seq=args.seq)
     print(format_table(rows))
     return 0
 

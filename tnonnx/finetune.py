@@ -3,11 +3,12 @@
 Layer-by-layer fitting (tnonnx/fit.py) makes each layer match the original's outputs; what
 the user cares about is the model's outputs. After the rewrite, the emitted ONNX graph
 itself is executed in torch (an interpreter of the standard ops that exporters and tnonnx
-emit), the factor cores and biases the rewrite created become trainable, and Adam
-minimises the relative squared error of all float outputs to the original model's (run
-in onnxruntime) on the calibration batches. What is trained is exactly the graph that is
-saved: no separate torch model to keep in sync. The best epoch on the calibration data is
-kept, and the start if no epoch improves on it.
+emit), the factor cores and biases the rewrite created become trainable, and Adam, under a
+one-cycle learning-rate schedule, minimises the relative squared error to the original
+model (run in onnxruntime) on the calibration batches: of all float outputs, and of the
+tensors each rewritten layer is fed (hidden-state distillation). What is trained is
+exactly the graph that is saved: no separate torch model to keep in sync. The best epoch
+on the calibration data is kept, and the start if no epoch improves on it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from onnx import helper, numpy_helper
 from .errors import TnonnxError
 
 LEARNING_RATE = 1e-2  # Adam, relative: each tensor's step is scaled by its RMS
-HIDDEN_WEIGHT = 1.0  # weight of the matched hidden tensors against the model outputs in the loss
+HIDDEN_WEIGHT = 4.0  # of the mean hidden-tensor error against the output error; MiniLM: 4 > 1 (docs/RESULTS.md)
 
 
 def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainable: set[str], *, epochs: int,
@@ -52,6 +53,10 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
     scales = {name: float(p.detach().pow(2).mean().sqrt()) or 1.0 for name, p in graph.params.items()}
     groups = [{"params": [p], "lr": LEARNING_RATE * scales[name]} for name, p in graph.params.items()]
     opt = torch.optim.Adam(groups)
+    # warm up over the first tenth of the steps, then anneal (cosine) to almost nothing:
+    # a constant rate stalls at the noise level of single batches
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
+                                                   total_steps=max(1, epochs * len(feeds)), pct_start=0.1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small steps: more threads only contend (and collapse on a busy machine)
 
@@ -83,6 +88,7 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
             opt.zero_grad()
             loss(i).backward()
             opt.step()
+            schedule.step()
         current = error()
         if log:
             log(f"finetune epoch {epoch + 1}/{epochs}: relative output error {current:.4g}")
