@@ -78,6 +78,14 @@ def test_cli_finetune_needs_calibration_data(tmp_path):
                                        "--calib-random", "32", "-o", str(out), "--no-validate"])
     assert result.exit_code == 0, result.output
     assert "finetune:" in result.output and out.exists()
+    result = CliRunner().invoke(main, ["rewrite", str(LENET), "--format", "svd", "--rank", "4", "--finetune", "1",
+                                       "--finetune-hidden", "0", "--calib-random", "32", "-o", str(out),
+                                       "--no-validate"])
+    assert result.exit_code == 0, result.output
+    assert "outputs only" in result.output
+    result = CliRunner().invoke(main, ["rewrite", str(LENET), "--finetune", "1", "--finetune-hidden", "-1",
+                                       "--calib-random", "8", "-o", str(tmp_path / "z.onnx")])
+    assert result.exit_code == 2 and "--finetune-hidden" in result.output
 
 
 def _hidden_error(model, original, names, feeds) -> float:

@@ -15,6 +15,7 @@ from . import fit as fitting
 from . import model as model_io
 from .emit import Builder
 from .errors import NotApplicable, TnonnxError
+from .finetune import HIDDEN_WEIGHT
 from .formats import Factorization
 from .graph import Layer, find_layers, replace_nodes
 from .macs import all_graphs
@@ -46,6 +47,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             exclude: str | None = None, min_params: int = 0, force: bool = False, validate: bool = True,
             inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None,
             min_cosine: float | None = None, fit: str = "data-free", calib=None, finetune: int = 0,
+            finetune_hidden: float = HIDDEN_WEIGHT,
             progress: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
 
@@ -77,6 +79,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     batches = None
     if finetune < 0:
         raise TnonnxError(f"--finetune {finetune}: must be >= 0 epochs")
+    if finetune_hidden < 0:
+        raise TnonnxError(f"--finetune-hidden {finetune_hidden:g}: must be >= 0")
     if fit != "data-free" or finetune:
         if calib is None:
             what = f"--fit {fit}" if fit != "data-free" else "--finetune"
@@ -123,9 +127,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         trainable = {t.name for r in replacements.values() for t in r.builder.initializers
                      if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)}
         hidden = [r.layer.x for r in replacements.values()]  # what each rewritten layer is fed
-        before_ft, after_ft = distill(new, original, batches, trainable, epochs=finetune, hidden=hidden)
+        before_ft, after_ft = distill(new, original, batches, trainable, epochs=finetune, hidden=hidden,
+                                      hidden_weight=finetune_hidden)
         notes.append(f"finetune: relative output error on the calibration data {before_ft:.4g} -> {after_ft:.4g} "
-                     f"after {finetune} epoch(s) of end-to-end distillation (outputs and the rewritten layers' inputs)")
+                     f"after {finetune} epoch(s) of end-to-end distillation ("
+                     + (f"outputs and the rewritten layers' inputs, weight {finetune_hidden:g})" if finetune_hidden
+                        else "outputs only)"))
     _check(new)
     seconds = time.perf_counter() - started
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from . import api, bench, calibrate, model as model_io
 from .emit import ACTIVATIONS
 from .errors import TnonnxError
+from .finetune import HIDDEN_WEIGHT
 from .formats import FORMATS
 from .report import render_validation
 from .validate import validate as compare_models
@@ -146,8 +147,11 @@ def inspect(model, batch, shapes, as_json):
               help="aware: fit each layer's outputs on calibration data (closed form for svd, refined cores for the "
                    "other formats); sequential: the same, each layer fed the outputs of the layers already rewritten.")
 @click.option("--finetune", type=click.IntRange(min=0), default=0, metavar="EPOCHS",
-              help="Then train the rewritten layers' cores end to end to the original model's outputs on the "
-                   "calibration data for EPOCHS epochs.")
+              help="Then train the rewritten layers' cores end to end to the original model's outputs and the "
+                   "inputs of the rewritten layers on the calibration data for EPOCHS epochs.")
+@click.option("--finetune-hidden", type=click.FloatRange(min=0), default=HIDDEN_WEIGHT, show_default=True,
+              metavar="WEIGHT", help="Weight of the rewritten layers' inputs against the outputs in --finetune "
+                                     "(0: outputs only).")
 @click.option("--act", type=click.Choice(ACTIVATIONS), default=None,
               help="Nonlinear formats (ntt, ntr): the activation between cores (default relu).")
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
@@ -160,7 +164,7 @@ def inspect(model, batch, shapes, as_json):
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @handles_errors
 def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, ops, include,
-            exclude, min_params, force, fit_mode, finetune, act, calib, calib_random, validate, inputs, shapes, batch, atol, rtol,
+            exclude, min_params, force, fit_mode, finetune, finetune_hidden, act, calib, calib_random, validate, inputs, shapes, batch, atol, rtol,
             min_cosine, report_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
     source = model_io.check_path(model)
@@ -181,7 +185,8 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         ops=[o.strip() for o in ops.split(",") if o.strip()], include=include, exclude=exclude,
         min_params=min_params, force=force, validate=validate, inputs=inputs,
         shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine, fit=fit_mode,
-        calib=_calibration(calib, calib_random), finetune=finetune, progress=True)
+        calib=_calibration(calib, calib_random), finetune=finetune, finetune_hidden=finetune_hidden,
+        progress=True)
     api.save(new, target)
     report.output_path = str(target)
     report.render(_console())
