@@ -1,6 +1,6 @@
 """The trained LeNet-5 at --budget 5x: test accuracy by fitting mode.
 
-    .venv/bin/python bench/lenet_budget.py [--budget 5] [--calib 4000] [--finetune 30]
+    .venv/bin/python bench/lenet_budget.py [--budget 5] [--calib 4000] [--finetune 30] [--finetune-hidden W ...]
 
 Calibration: --calib images drawn (seed 0) from the Fashion-MNIST *training* split;
 evaluation: the full 10,000-image test split. Both come from Debian's
@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import tnonnx  # noqa: E402
+from tnonnx.finetune import HIDDEN_WEIGHT  # noqa: E402
 from models.train_lenet import DEFAULT_DATA_DIR, load_split, normalise  # noqa: E402
 
 MODEL = ROOT / "models" / "lenet5_fashion.onnx"
@@ -31,7 +32,10 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=5)
     parser.add_argument("--calib", type=int, default=4000)
     parser.add_argument("--finetune", type=int, default=30)
+    parser.add_argument("--finetune-hidden", type=float, nargs="+", default=[HIDDEN_WEIGHT],
+                        help="weights of the hidden tensors in the finetune loss (one row each)")
     parser.add_argument("--format", default="svd")
+    parser.add_argument("--only-finetune", action="store_true", help="only the finetune rows")
     parser.add_argument("--data", default=DEFAULT_DATA_DIR)
     args = parser.parse_args(argv)
     x_train, _ = load_split(Path(args.data), "train")
@@ -40,11 +44,12 @@ def main(argv=None) -> int:
     calib = {"input": normalise(x_train[pick])}
     test = {"input": normalise(x_test), "labels": y_test}
     configs = [("data-free", {}), ("aware", {"fit": "aware"}), ("sequential", {"fit": "sequential"}),
-               (f"sequential + finetune {args.finetune}", {"fit": "sequential", "finetune": args.finetune})]
+               *((f"sequential + finetune {args.finetune} (hidden {w:g})",
+                  {"fit": "sequential", "finetune": args.finetune, "finetune_hidden": w}) for w in args.finetune_hidden)]
     print(f"| fit ({args.format}, budget {args.budget:g}x) | params | test accuracy | original | difference | "
           "output cosine | ranks | rewrite s |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, kwargs in configs:
+    for label, kwargs in configs[3 if args.only_finetune else 0:]:
         started = time.perf_counter()
         _, report = tnonnx.rewrite(MODEL, format=args.format, budget=args.budget, calib=calib, inputs=test, **kwargs)
         seconds = time.perf_counter() - started
