@@ -43,13 +43,15 @@ def main(argv=None) -> int:
     pick = np.random.default_rng(0).choice(len(x_train), args.calib, replace=False)
     calib = {"input": normalise(x_train[pick])}
     test = {"input": normalise(x_test), "labels": y_test}
-    configs = [("data-free", {}), ("aware", {"fit": "aware"}), ("sequential", {"fit": "sequential"}),
-               *((f"sequential + finetune {args.finetune} (hidden {w:g})",
-                  {"fit": "sequential", "finetune": args.finetune, "finetune_hidden": w}) for w in args.finetune_hidden)]
+    fits = [] if args.only_finetune else [("data-free", {}), ("aware", {"fit": "aware"}),
+                                          ("sequential", {"fit": "sequential"})]
+    configs = fits + [(f"sequential + finetune {args.finetune} (hidden {w:g})",
+                       {"fit": "sequential", "finetune": args.finetune, "finetune_hidden": w})
+                      for w in args.finetune_hidden]
     print(f"| fit ({args.format}, budget {args.budget:g}x) | params | test accuracy | original | difference | "
           "output cosine | ranks | rewrite s |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, kwargs in configs[3 if args.only_finetune else 0:]:
+    for label, kwargs in configs:
         started = time.perf_counter()
         _, report = tnonnx.rewrite(MODEL, format=args.format, budget=args.budget, calib=calib, inputs=test, **kwargs)
         seconds = time.perf_counter() - started

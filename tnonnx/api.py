@@ -129,10 +129,10 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         hidden = [r.layer.x for r in replacements.values()]  # what each rewritten layer is fed
         before_ft, after_ft = distill(new, original, batches, trainable, epochs=finetune, hidden=hidden,
                                       hidden_weight=finetune_hidden)
+        matched = (f"outputs and the rewritten layers' inputs, weight {finetune_hidden:g}" if finetune_hidden
+                   else "outputs only")
         notes.append(f"finetune: relative output error on the calibration data {before_ft:.4g} -> {after_ft:.4g} "
-                     f"after {finetune} epoch(s) of end-to-end distillation ("
-                     + (f"outputs and the rewritten layers' inputs, weight {finetune_hidden:g})" if finetune_hidden
-                        else "outputs only)"))
+                     f"after {finetune} epoch(s) of end-to-end distillation ({matched})")
     _check(new)
     seconds = time.perf_counter() - started
 
