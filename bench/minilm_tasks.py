@@ -46,6 +46,13 @@ each batch only to its longest sentence (truncated at *seq* tokens), so that the
 calibration statistics come from real tokens, with little padding; ``calibration_feeds``
 returns one dict padded to exactly *seq* tokens.
 
+Words (``lee_words``, ``--calib-words N``): most evaluation texts are single words, which
+news sentences represent badly ([CLS] and [SEP] are two of a single word's three or four
+tokens). The first *N* distinct words of lee_background.cor in order of first appearance
+(``[A-Za-z]`` runs with inner ``'`` or ``-``, as written) can be added as texts of their
+own; every word that is also a WordSim/SimLex word (case-insensitively) is skipped, so
+calibration and evaluation texts stay disjoint (6,648 words remain).
+
 ``compare_configs`` rewrites the original with each (label, kwargs for tnonnx.rewrite)
 pair, calibrated on a fresh reader, and tabulates the metrics with the share of MatMul
 parameters kept and the rewrite time. Named configs live in ``CONFIGS``; ``--configs``
@@ -139,6 +146,25 @@ def split_sentences(text: str, min_words: int = 3) -> list[str]:
     return [" ".join(p.split()) for p in pieces if len(p.split()) >= min_words]
 
 
+_WORD = re.compile(r"[A-Za-z](?:[A-Za-z'-]*[A-Za-z])?")
+
+
+def lee_words(n: int | None = None, path=None, exclude=()) -> list[str]:
+    """The first *n* distinct words (all with None) of lee_background.cor in order of first
+    appearance, as written (letters, inner ``'`` and ``-``); words equal to one in
+    *exclude* up to case are skipped (calibration passes the evaluation words)."""
+    path = Path(path) if path is not None else gensim_data("lee_background.cor")
+    seen = {w.lower() for w in exclude}
+    out = []
+    for word in _WORD.findall(path.read_text(encoding=ENCODING)):
+        if word.lower() not in seen:
+            seen.add(word.lower())
+            out.append(word)
+            if n is not None and len(out) >= n:
+                break
+    return out
+
+
 def lee_sentences(n: int | None = None, path=None, min_words: int = 3) -> list[str]:
     """The first *n* sentences (all with None) of lee_background.cor, in document order."""
     path = Path(path) if path is not None else gensim_data("lee_background.cor")
@@ -171,16 +197,20 @@ def calibration_feeds(tokenizer, n: int = 512, seq: int = 128) -> dict[str, np.n
 
 
 class LeeCalibrationReader:
-    """onnxruntime.quantization-style reader over the first *n* lee_background sentences:
+    """onnxruntime.quantization-style reader over the first *n* lee_background sentences
+    (and the first *words* of its words, each a text of its own):
     ``get_next()`` returns a feed dict (``input_ids``, ``attention_mask``, int64) of up
-    to *batch* sentences, or None when they are exhausted. Sentences are sorted by token
+    to *batch* texts, or None when they are exhausted. Sentences are sorted by token
     count and each batch is padded to its longest one (truncated at *seq*), which keeps
     padding rows out of the calibration statistics as far as possible. ``rewind()``
     starts over."""
 
-    def __init__(self, tokenizer=None, n: int | None = 512, seq: int = 128, batch: int = 32, sentences=None):
+    def __init__(self, tokenizer=None, n: int | None = 512, seq: int = 128, batch: int = 32, sentences=None,
+                 words: int = 0):
         self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
         self.sentences = list(sentences) if sentences is not None else lee_sentences(n)
+        if words:
+            self.sentences += lee_words(words, exclude=evaluation_data()["words"])
         self.seq, self.batch = seq, batch
         lengths = [len(ids) for ids in self.tokenizer(self.sentences, truncation=True, max_length=seq)["input_ids"]]
         self._order = np.argsort(lengths, kind="stable")
@@ -361,14 +391,14 @@ def _model_row(label: str, model, reference: dict, original_totals: tuple[int, i
     return {"label": label, "kept": kept, "params": params, "bytes": size, "rewrite_s": None, **metrics}
 
 
-def compare_configs(configs, *, original=None, models=(), n_calib: int | None = 512, seq: int = 128, batch: int = 32,
-                    tokenizer=None, log=None) -> list[dict]:
+def compare_configs(configs, *, original=None, models=(), n_calib: int | None = 512, n_words: int = 0, seq: int = 128,
+                    batch: int = 32, tokenizer=None, log=None) -> list[dict]:
     """Rewrite the original MiniLM with each ``(label, kwargs)`` (or CONFIGS name, or
     key=value spec) and evaluate it; also evaluate the ONNX files in *models*. Returns the
     rows, the original's first (``format_table`` prints them).
 
     Each rewrite is ``tnonnx.rewrite(original, **kwargs, calib=LeeCalibrationReader(n_calib,
-    seq, batch), validate=False)`` (kwargs may override calib/validate). "kept" is
+    seq, batch, words=n_words), validate=False)`` (kwargs may override calib/validate). "kept" is
     sum(params_after) / sum(params_before) over the rewritten layers; "rewrite_s" the time
     of the rewrite call. A config that fails gets a row with its error.
     """
@@ -389,7 +419,8 @@ def compare_configs(configs, *, original=None, models=(), n_calib: int | None = 
             log(f"{model}: {_summary(rows[-1])}")
         for config in configs:
             label, kwargs = parse_config(config) if isinstance(config, str) else (config[0], dict(config[1]))
-            kwargs.setdefault("calib", LeeCalibrationReader(tokenizer, n=n_calib, seq=seq, batch=batch))
+            kwargs.setdefault("calib", LeeCalibrationReader(tokenizer, n=n_calib, seq=seq, batch=batch,
+                                                           words=n_words))
             kwargs.setdefault("validate", False)
             started = time.perf_counter()
             try:
@@ -441,11 +472,14 @@ def main(argv=None) -> int:
                              f"no value: {' '.join(DEFAULT_CONFIGS)}")
     parser.add_argument("--calib", type=int, default=512,
                         help="calibration sentences of lee_background.cor (the first N; 0: all 2,682)")
+    parser.add_argument("--calib-words", type=int, default=0,
+                        help="also calibrate on the first N distinct words of lee_background.cor, each alone "
+                             "(evaluation words excluded; 6,648 in all)")
     parser.add_argument("--seq", type=int, default=128, help="calibration truncation length (tokens)")
     args = parser.parse_args(argv)
     configs = [] if args.configs is None else (args.configs or list(DEFAULT_CONFIGS))
     rows = compare_configs(configs, original=args.original, models=args.models, n_calib=args.calib or None,
-                           seq=args.seq)
+                           n_words=args.calib_words, seq=args.seq)
     print(format_table(rows))
     return 0
 

@@ -63,6 +63,17 @@ def test_lee_sentences_from_a_file(tmp_path):
     assert mt.lee_sentences(2, path=path) == ["One two three four.", "Five six seven eight."]
 
 
+def test_lee_words_distinct_in_order_without_excluded(tmp_path):
+    path = tmp_path / "lee.cor"
+    path.write_text("The fire's spread, the FIRE-fighters said: 4 dead.\nFire again; x-ray it's\n", encoding="latin-1")
+    assert mt.lee_words(path=path) == ["The", "fire's", "spread", "FIRE-fighters", "said", "dead", "Fire", "again",
+                                       "x-ray", "it's"]
+    assert mt.lee_words(3, path=path) == ["The", "fire's", "spread"]
+    assert mt.lee_words(path=path, exclude=["the", "FIRE", "Said"]) == ["fire's", "spread", "FIRE-fighters", "dead",
+                                                                       "again", "x-ray", "it's"]
+    assert mt.lee_words(path=path, exclude=["fire"])[:3] == ["The", "fire's", "spread"]
+
+
 # --------------------------------------------------------------------------- metric helpers
 
 def test_spearman_and_cosines():
@@ -155,6 +166,9 @@ def test_gensim_files_parse():
     assert len(sentences) == 2682
     assert not set(sentences) & set(texts) and not set(sentences) & set(data["words"])
     assert all(len(s.split()) >= 3 for s in sentences)
+    words = mt.lee_words(exclude=data["words"])
+    assert len(words) == 6648 and len({w.lower() for w in words}) == 6648
+    assert not {w.lower() for w in words} & {w.lower() for w in data["words"]}
 
 
 @pytest.mark.slow
