@@ -118,3 +118,23 @@ def test_matching_the_rewritten_layers_inputs_lowers_their_error_on_held_out_dat
         errors[label] = _hidden_error(tuned, original, hidden, held_out)
     start = _hidden_error(small, original, hidden, held_out)
     assert errors["with hidden"] < errors["outputs only"] and errors["with hidden"] < start, (start, errors)
+
+
+def test_small_models_train_on_one_thread_and_the_thread_count_is_restored(monkeypatch):
+    from tnonnx import finetune as ft
+
+    data = np.load(FASHION)
+    original = onnx.load(LENET)
+    small, _ = tnonnx.rewrite(original, format="svd", rank=4, validate=False)
+    trainable = {t.name for t in small.graph.initializer} - {t.name for t in original.graph.initializer}
+    calib = [{"input": data["input"][:50]}]
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for limit, want in ((ft.SMALL_MODEL_PARAMS, 1), (0, 2)):  # LeNet's cores are far below the limit
+            monkeypatch.setattr(ft, "SMALL_MODEL_PARAMS", limit)
+            seen = []
+            ft.finetune(small, original, calib, trainable, epochs=1, log=lambda _: seen.append(torch.get_num_threads()))
+            assert seen == [want] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(outer)

@@ -22,6 +22,9 @@ from onnx import helper, numpy_helper
 from .errors import TnonnxError
 
 LEARNING_RATE = 1e-2  # Adam, relative: each tensor's step is scaled by its RMS
+# below this many trainable parameters a step is too small to share among threads; above
+# it (MiniLM at half its MatMul parameters: 4.9M) torch's own thread count is kept (2 threads: 1.5x faster there)
+SMALL_MODEL_PARAMS = 1_000_000
 HIDDEN_WEIGHT = 4.0  # of the mean hidden-tensor error against the output error; MiniLM: 4 > 1 (docs/RESULTS.md)
 
 
@@ -58,7 +61,8 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
                                                    total_steps=max(1, epochs * len(feeds)), pct_start=0.1)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small steps: more threads only contend (and collapse on a busy machine)
+    if sum(p.numel() for p in graph.params.values()) < SMALL_MODEL_PARAMS:
+        torch.set_num_threads(1)  # small steps: more threads only contend (and collapse on a busy machine)
 
     def error() -> float:
         with torch.no_grad():
@@ -80,21 +84,23 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
                 _relative([g], [torch.as_tensor(w)]) for g, w in zip(values[len(names):], wanted))
         return total
 
-    before = best = error()
-    best_state = {k: v.detach().clone() for k, v in graph.params.items()}
-    order = np.random.default_rng(seed)
-    for epoch in range(epochs):
-        for i in order.permutation(len(feeds)):
-            opt.zero_grad()
-            loss(i).backward()
-            opt.step()
-            schedule.step()
-        current = error()
-        if log:
-            log(f"finetune epoch {epoch + 1}/{epochs}: relative output error {current:.4g}")
-        if current < best:
-            best, best_state = current, {k: v.detach().clone() for k, v in graph.params.items()}
-    torch.set_num_threads(threads)
+    try:
+        before = best = error()
+        best_state = {k: v.detach().clone() for k, v in graph.params.items()}
+        order = np.random.default_rng(seed)
+        for epoch in range(epochs):
+            for i in order.permutation(len(feeds)):
+                opt.zero_grad()
+                loss(i).backward()
+                opt.step()
+                schedule.step()
+            current = error()
+            if log:
+                log(f"finetune epoch {epoch + 1}/{epochs}: relative output error {current:.4g}")
+            if current < best:
+                best, best_state = current, {k: v.detach().clone() for k, v in graph.params.items()}
+    finally:
+        torch.set_num_threads(threads)
     by_name = {t.name: t for t in model.graph.initializer}
     for name, value in best_state.items():
         old = by_name[name]
