@@ -200,7 +200,7 @@ class LeeCalibrationReader:
     """onnxruntime.quantization-style reader over the first *n* lee_background sentences
     (and the first *words* of its words, each a text of its own):
     ``get_next()`` returns a feed dict (``input_ids``, ``attention_mask``, int64) of up
-    to *batch* texts, or None when they are exhausted. Sentences are sorted by token
+    to *batch* texts, or None when they are exhausted. Texts are sorted by token
     count and each batch is padded to its longest one (truncated at *seq*), which keeps
     padding rows out of the calibration statistics as far as possible. ``rewind()``
     starts over."""
