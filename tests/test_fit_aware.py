@@ -310,3 +310,18 @@ def test_cli_fit_sequential_and_its_errors(tmp_path):
     result = CliRunner().invoke(main, ["rewrite", str(LENET), "--format", "tt", "--act", "tanh",
                                        "-o", str(tmp_path / "y.onnx")])
     assert result.exit_code == 2 and "--act applies to the nonlinear formats" in result.output
+
+
+def test_torch_threads_sets_the_count_and_restores_it_even_on_error():
+    import torch
+
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    with pytest.raises(RuntimeError):
+        with fitting.torch_threads(target):
+            assert torch.get_num_threads() == target
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    with fitting.torch_threads(None):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before

@@ -20,6 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import TnonnxError
+from .fit import torch_threads
 
 LEARNING_RATE = 1e-2  # Adam, relative: each tensor's step is scaled by its RMS
 # below this many trainable parameters a step is too small to share among threads; above
@@ -60,9 +61,8 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
     # a constant rate stalls at the noise level of single batches
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
                                                    total_steps=max(1, epochs * len(feeds)), pct_start=0.1)
-    threads = torch.get_num_threads()
-    if sum(p.numel() for p in graph.params.values()) < SMALL_MODEL_PARAMS:
-        torch.set_num_threads(1)  # small steps: more threads only contend (and collapse on a busy machine)
+    # small steps: more threads only contend (and collapse on a busy machine)
+    small = sum(p.numel() for p in graph.params.values()) < SMALL_MODEL_PARAMS
 
     def error() -> float:
         with torch.no_grad():
@@ -84,7 +84,7 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
                 _relative([g], [torch.as_tensor(w)]) for g, w in zip(values[len(names):], wanted))
         return total
 
-    try:
+    with torch_threads(1 if small else None):
         before = best = error()
         best_state = {k: v.detach().clone() for k, v in graph.params.items()}
         order = np.random.default_rng(seed)
@@ -99,8 +99,6 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
                 log(f"finetune epoch {epoch + 1}/{epochs}: relative output error {current:.4g}")
             if current < best:
                 best, best_state = current, {k: v.detach().clone() for k, v in graph.params.items()}
-    finally:
-        torch.set_num_threads(threads)
     by_name = {t.name: t for t in model.graph.initializer}
     for name, value in best_state.items():
         old = by_name[name]

@@ -18,6 +18,7 @@ nonlinear formats, fit to sampled inputs and the original layer's outputs on the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -205,12 +206,21 @@ def train(module, inputs: np.ndarray, targets: np.ndarray, *, iterations: int = 
     of what ONNX runs): full-batch L-BFGS with strong-Wolfe line search, or Adam on
     minibatches of `batch` samples when given (large sample sets, nonsmooth activations).
     The parameters end at the best point seen. Returns the relative error before and after."""
+    with torch_threads(1):  # small problems: threads only add synchronisation
+        return _train(module, inputs, targets, iterations, batch, seed, dtype)
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """Run the block with torch on `count` threads (None: leave it as it is), and restore
+    the caller's thread count afterwards, also when the block raises."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small problems: threads only add synchronisation
+    if count is not None:
+        torch.set_num_threads(count)
     try:
-        return _train(module, inputs, targets, iterations, batch, seed, dtype)
+        yield
     finally:
         torch.set_num_threads(threads)
 
