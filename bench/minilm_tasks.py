@@ -146,6 +146,12 @@ def split_sentences(text: str, min_words: int = 3) -> list[str]:
     return [" ".join(p.split()) for p in pieces if len(p.split()) >= min_words]
 
 
+def lee_text(path=None) -> str:
+    """The text of lee_background.cor (gensim's copy unless *path* is given)."""
+    path = Path(path) if path is not None else gensim_data("lee_background.cor")
+    return path.read_text(encoding=ENCODING)
+
+
 _WORD = re.compile(r"[A-Za-z](?:[A-Za-z'-]*[A-Za-z])?")
 
 
@@ -153,10 +159,9 @@ def lee_words(n: int | None = None, path=None, exclude=()) -> list[str]:
     """The first *n* distinct words (all with None) of lee_background.cor in order of first
     appearance, as written (letters, inner ``'`` and ``-``); words equal to one in
     *exclude* up to case are skipped (calibration passes the evaluation words)."""
-    path = Path(path) if path is not None else gensim_data("lee_background.cor")
     seen = {w.lower() for w in exclude}
     out = []
-    for word in _WORD.findall(path.read_text(encoding=ENCODING)):
+    for word in _WORD.findall(lee_text(path)):
         if word.lower() not in seen:
             seen.add(word.lower())
             out.append(word)
@@ -167,9 +172,8 @@ def lee_words(n: int | None = None, path=None, exclude=()) -> list[str]:
 
 def lee_sentences(n: int | None = None, path=None, min_words: int = 3) -> list[str]:
     """The first *n* sentences (all with None) of lee_background.cor, in document order."""
-    path = Path(path) if path is not None else gensim_data("lee_background.cor")
     out = []
-    for doc in path.read_text(encoding=ENCODING).splitlines():
+    for doc in lee_text(path).splitlines():
         out.extend(split_sentences(doc, min_words))
         if n is not None and len(out) >= n:
             break
