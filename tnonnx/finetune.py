@@ -23,8 +23,9 @@ from .errors import TnonnxError
 from .fit import torch_threads
 
 LEARNING_RATE = 1e-2  # Adam, relative: each tensor's step is scaled by its RMS
-# below this many trainable parameters a step is too small to share among threads; above
-# it (MiniLM at half its MatMul parameters: 4.9M) torch's own thread count is kept (2 threads: 1.5x faster there)
+# below this many trainable parameters a step is too small to share among threads (they only
+# contend, and collapse on a busy machine): training runs on one; above it (MiniLM at half its
+# MatMul parameters: 4.9M) torch's own thread count is kept (2 threads: 1.5x faster there)
 SMALL_MODEL_PARAMS = 1_000_000
 HIDDEN_WEIGHT = 4.0  # of the mean hidden-tensor error against the output error; MiniLM: 4 > 1 (docs/RESULTS.md)
 
@@ -61,7 +62,6 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
     # a constant rate stalls at the noise level of single batches
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
                                                    total_steps=max(1, epochs * len(feeds)), pct_start=0.1)
-    # small steps: more threads only contend (and collapse on a busy machine)
     small = sum(p.numel() for p in graph.params.values()) < SMALL_MODEL_PARAMS
 
     def error() -> float:
