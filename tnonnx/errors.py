@@ -16,3 +16,8 @@ class ValidationFailed(Exception):
     """Two models disagree beyond the requested thresholds (exit code 1)."""
 
     exit_code = 1
+
+
+class MissingCalibrationWarning(UserWarning):
+    """A layer was fitted in a way that only makes sense with calibration data (the
+    nonlinear formats ntt, ntr), but none reached it."""

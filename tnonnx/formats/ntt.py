@@ -40,7 +40,9 @@ Fitting (there is no closed form):
    the kernel's size, one output position each): for a linear chain E||x (W - W~)||^2 is
    proportional to ||W - W~||_F^2, so this is fitting the weight. The number of samples
    follows a compute budget (FIT_MACS per pass, between MIN_SAMPLES and MAX_SAMPLES rows;
-   option `samples`). `fact.distillation` records the held-out errors at the start and at
+   option `samples`); tnonnx then warns (MissingCalibrationWarning: the result is at best
+   the linear format's and the activations are tuned to inputs the model never sees).
+   `fact.distillation` records the held-out errors at the start and at
    the kept point, the start's RMS (None: unscaled) and the sample counts.
 
 Options (format_options, also given to the other formats, which ignore them):
@@ -58,11 +60,12 @@ outputs of an NTT teacher, where TT's best is several times worse).
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
 from ..emit import ACTIVATIONS, NumpyOps, run_chain
-from ..errors import NotApplicable, TnonnxError
+from ..errors import MissingCalibrationWarning, NotApplicable, TnonnxError
 from . import tt
 from .base import ChainFactorization, ConvFactorization, ConvGeometry, RankSpec
 
@@ -114,6 +117,7 @@ def nonlinear_dense(linear, name: str, weight: np.ndarray, spec: RankSpec, *, mo
     if _has_samples(data):
         sets = _split(data.inputs, data.outputs, rows, rng)
     else:
+        warn_no_calibration(name)
         x = rng.standard_normal((2 * max(rows, min(2 * weight.shape[0], MAX_SAMPLES)), weight.shape[0]))
         sets = _split(x, x @ weight, len(x) // 2, rng)
     units = [[core.key] for core in fact.chain.steps]
@@ -143,6 +147,7 @@ def nonlinear_conv(linear, name: str, kernel: np.ndarray, spec: RankSpec, *, dat
         n = samples if samples is not None else min(FIT_MACS // max(per_map, 1), FIT_POSITIONS // max(positions, 1))
         sets = _split(data.inputs, data.outputs, max(1, int(n)), rng)
     else:  # Gaussian patches of the kernel's size: one output position each
+        warn_no_calibration(name)
         ks = tuple(kernel.shape[2:])
         geometry = ConvGeometry(ks, {}, ks)
         n = 2 * max(_count(samples, fact.macs(geometry)), min(2 * math.prod(kernel.shape[1:]), MAX_SAMPLES))
@@ -155,6 +160,27 @@ def nonlinear_conv(linear, name: str, kernel: np.ndarray, spec: RankSpec, *, dat
     if not all(units):
         raise NotApplicable(f"{name}: a stage of this conv has no core of its own to scale")
     return _distil(fact, units, lambda f: f.torch_module(geometry), _conv_rms(geometry), sets, iters)
+
+
+_LINEAR = {"ntt": "tt", "ntr": "tr"}
+_warned: set[str] = set()  # the formats warn_no_calibration has warned about in this process
+
+
+def warn_no_calibration(name: str) -> None:
+    """Warn (MissingCalibrationWarning) that a nonlinear layer is being fitted to Gaussian
+    inputs: with no calibration data it only imitates the weight, at best about as well as
+    the linear format would, and its activations are tuned to inputs the model never sees.
+    Once per format and process, not once per layer (torch resets Python's own once-only
+    bookkeeping whenever it touches the warning filters)."""
+    if name in _warned:
+        return
+    _warned.add(name)
+    warnings.warn(
+        f"--format {name} needs calibration data to be meaningful: without it, its layers are fitted to Gaussian "
+        "random inputs, not to the inputs they see in the model, so the activations between the cores are tuned to "
+        f"nothing real and the result is at best about what the linear format ({_LINEAR.get(name, 'linear')}) "
+        "gives. Give --calib FILE.npz with --fit aware or --fit sequential (from Python: calib=..., fit=\"aware\").",
+        MissingCalibrationWarning, stacklevel=2)
 
 
 def _refine(fact, data) -> None:
