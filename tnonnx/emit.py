@@ -122,6 +122,14 @@ def core_matrix_np(core: np.ndarray, labels, keep, contracted, new, sizes) -> np
     return np.transpose(core, perm).reshape(lead + [_prod(sizes, contracted), _prod(sizes, new)])
 
 
+def core_left_np(core: np.ndarray, labels, keep, contracted, new, sizes, lead: bool = False) -> np.ndarray:
+    """A core permuted and reshaped to ([K, [1,]] N, C): the left operand of a MatMul
+    (features-first layout, emit_layout.py); the 1 broadcasts over the state's lead axis."""
+    perm = [labels.index(l) for l in keep + new + contracted]
+    k = [_prod(sizes, keep)] + [1] * lead if keep else []
+    return np.transpose(core, perm).reshape(k + [_prod(sizes, new), _prod(sizes, contracted)])
+
+
 def _prod(sizes: dict[str, int], labels) -> int:
     return math.prod(sizes[l] for l in labels)
 
@@ -190,6 +198,22 @@ class NumpyOps:
     def activation(self, t, name):
         return ACTIVATIONS_NUMPY[name](t)
 
+    # features-first layout (emit_layout.py): whole-tensor reshapes and permutations
+    def to_columns(self, x, n):
+        return x.reshape(-1, n).T
+
+    def from_columns(self, t, x, m):
+        return t.T.reshape(tuple(x.shape[: self.batch_rank]) + (m,))
+
+    def reshape_all(self, t, shape):
+        return t.reshape(shape)
+
+    def permute_all(self, t, perm):
+        return t.transpose(perm)
+
+    def left_core(self, core, labels, keep, contracted, new, sizes, lead):
+        return core_left_np(core, labels, keep, contracted, new, sizes, lead)
+
 
 def _gelu_np(t):
     from scipy.special import erf
@@ -219,6 +243,14 @@ class TorchOps(NumpyOps):
         perm = [labels.index(l) for l in keep + contracted + new]
         lead = [_prod(sizes, keep)] if keep else []
         return core.permute(perm).reshape(lead + [_prod(sizes, contracted), _prod(sizes, new)])
+
+    def permute_all(self, t, perm):
+        return t.permute(perm)
+
+    def left_core(self, core, labels, keep, contracted, new, sizes, lead):
+        perm = [labels.index(l) for l in keep + new + contracted]
+        k = [_prod(sizes, keep)] + [1] * lead if keep else []
+        return core.permute(perm).reshape(k + [_prod(sizes, new), _prod(sizes, contracted)])
 
     def activation(self, t, name):
         import torch
@@ -252,6 +284,29 @@ class OnnxOps:
 
     def activation(self, t, name):
         return onnx_activation(self.b, t, name)
+
+    def to_columns(self, x, n):
+        if self.batch_rank > 1:
+            x = self.b.op("Reshape", [x, self.b.int64s([-1, n])], "reshape")
+        return self.b.op("Transpose", [x], "transpose", perm=[1, 0])
+
+    def from_columns(self, t, x, m):
+        y = self.b.op("Transpose", [t], "transpose", perm=[1, 0])
+        if self.batch_rank == 1:
+            return y
+        batch = self.b.op("Slice", [self.b.op("Shape", [x], "shape"), self.b.int64s([0]),
+                                    self.b.int64s([self.batch_rank])], "batch_shape")
+        shape = self.b.op("Concat", [batch, self.b.int64s([m])], "out_shape", axis=0)
+        return self.b.op("Reshape", [y, shape], "reshape")
+
+    def reshape_all(self, t, shape):
+        return self.b.op("Reshape", [t, self.b.int64s([int(v) for v in shape])], "reshape")
+
+    def permute_all(self, t, perm):
+        return self.b.op("Transpose", [t], "transpose", perm=list(perm))
+
+    def left_core(self, core, labels, keep, contracted, new, sizes, lead):
+        return self.b.weight(core_left_np(core, labels, keep, contracted, new, sizes, lead), "core")
 
 
 ONNX_ACTIVATIONS = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}
