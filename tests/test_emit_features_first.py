@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tnonnx.emit import Builder, Chain, Core, NumpyOps, TorchOps, best_order, run_chain
-from tnonnx.emit_layout import plan_features_first, run_chain_features_first
+from tnonnx.emit_layout import layout_candidates, plan_features_first, run_chain_features_first
 from tnonnx.formats import FORMATS, RankSpec
 from tnonnx.formats.base import ChainFactorization
 
@@ -114,3 +114,14 @@ def test_batch_rank_one_needs_no_shape_arithmetic():
     _, model = _onnx(fact, 1, _x(1))
     ops = [n.op_type for n in model.graph.node]
     assert "Shape" not in ops and ops.count("Transpose") == 2  # in and out, none between the cores
+
+
+@pytest.mark.parametrize("name", ["tt", "tucker", "cp"])
+def test_every_candidate_layout_is_exact(name):
+    fact, _ = _fit(name)
+    x = _x(2)
+    layouts = layout_candidates(fact.chain)
+    assert len(layouts) >= 1 and layouts[0] is not None
+    for layout in layouts:
+        y = run_chain_features_first(NumpyOps(2), x, fact.chain, fact.cores, layout)
+        np.testing.assert_allclose(y, x @ fact.to_dense(), rtol=1e-9, atol=1e-9)

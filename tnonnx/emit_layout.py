@@ -29,9 +29,14 @@ from dataclasses import dataclass
 
 from .emit import Chain, Core, OnnxOps, split_labels
 
-# A moved value costs about this many multiply-adds (ONNX Runtime CPU, fp32): a Transpose
-# moves a few values per cycle, a GEMM does tens of multiply-adds per cycle and core.
+# The cost model, in multiply-adds (ONNX Runtime CPU, fp32, measured roughly on a busy
+# 2-core machine: a guide to rank candidates, not a timing). A moved value costs about
+# MOVE_COST (a Transpose moves a few values per cycle, a GEMM does tens of multiply-adds);
+# every GEMM of a batched MatMul costs about BATCH_COST (calls, packing, short rows),
+# which makes a few permutations worth it when they replace hundreds of small GEMMs.
 MOVE_COST = 8
+BATCH_COST = 25_000
+ROWS = 128  # the rows the cost is estimated at, unless told
 
 
 @dataclass
@@ -57,10 +62,10 @@ class LayoutStep:
 class Layout:
     steps: list[LayoutStep]
     out_perm: list[int] | None  # the final permutation to the chain's out-labels
-    cost: float  # per row: multiply-adds + MOVE_COST x moved values
+    cost: float  # per call at `rows` rows: multiply-adds + MOVE_COST x moved + BATCH_COST x GEMMs
 
 
-def plan_layout(chain: Chain, order: list[Core], new_first: str) -> Layout:
+def plan_layout(chain: Chain, order: list[Core], new_first: str, rows: int = ROWS) -> Layout:
     """The features-first layout of `chain` absorbed in `order`. New modes are put in
     the state as `new_first` says: "out" (output modes first, then the others, the one
     needed soonest last, next to the modes it will be contracted with) or "bond" (bond
@@ -80,7 +85,7 @@ def plan_layout(chain: Chain, order: list[Core], new_first: str) -> Layout:
         target = keep + lead + contracted + tail
         perm = None if target == labels else [labels.index(l) for l in target]
         if perm is not None:
-            cost += MOVE_COST * _prod(sizes, labels)
+            cost += rows * MOVE_COST * _prod(sizes, labels)
         next_use = {l: next((j for j, c in enumerate(rest) if l in c.labels), len(rest)) for l in new}
 
         def key(l):
@@ -89,24 +94,35 @@ def plan_layout(chain: Chain, order: list[Core], new_first: str) -> Layout:
             return (1, outs.index(l)) if l in outs else (0, next_use[l])
 
         new = sorted(new, key=key)
-        cost += _prod(sizes, keep + lead + contracted + tail + new)
+        cost += rows * _prod(sizes, keep + lead + contracted + tail + new) + BATCH_COST * _prod(sizes, keep + lead)
         steps.append(LayoutStep(core, perm, labels, keep, lead, contracted, tail, new))
         labels = steps[-1].after
     out_perm = None if labels == outs else [labels.index(l) for l in outs]
     if out_perm is not None:
-        cost += MOVE_COST * _prod(sizes, outs)
+        cost += rows * MOVE_COST * _prod(sizes, outs)
     return Layout(steps, out_perm, cost)
 
 
-def plan_features_first(chain: Chain) -> Layout:
-    """The cheapest of a few candidate layouts. A linear chain may be absorbed in any
-    order: its own (fewest MACs, best_order) and the reverse are tried; a nonlinear chain
-    keeps its order."""
+def layout_candidates(chain: Chain, rows: int = ROWS) -> list[Layout]:
+    """Distinct candidate layouts, cheapest first by the cost model (a planner that times
+    layers may time several). A linear chain may be absorbed in any order: its own (fewest
+    MACs, best_order) and the reverse are tried; a nonlinear chain keeps its order."""
     orders = [list(chain.steps)]
     if chain.activation is None and len(chain.steps) > 1:
         orders.append(list(reversed(chain.steps)))
-    candidates = [plan_layout(chain, order, new_first) for order in orders for new_first in ("out", "bond")]
-    return min(candidates, key=lambda layout: layout.cost)
+    out, seen = [], set()
+    for layout in sorted((plan_layout(chain, order, new_first, rows) for order in orders
+                          for new_first in ("out", "bond")), key=lambda layout: layout.cost):
+        key = tuple((s.core.key, tuple(s.perm or ()), tuple(s.new)) for s in layout.steps)
+        if key not in seen:
+            seen.add(key)
+            out.append(layout)
+    return out
+
+
+def plan_features_first(chain: Chain, rows: int = ROWS) -> Layout:
+    """The cheapest candidate layout by the cost model."""
+    return layout_candidates(chain, rows)[0]
 
 
 def run_chain_features_first(ops, x, chain: Chain, cores: dict, layout: Layout | None = None):
@@ -145,8 +161,9 @@ def run_chain_features_first(ops, x, chain: Chain, cores: dict, layout: Layout |
     return ops.from_columns(state, x, chain.out_features)
 
 
-def emit_chain_features_first(builder, x: str, chain: Chain, cores: dict, batch_rank: int) -> str:
-    return run_chain_features_first(OnnxOps(builder, batch_rank), x, chain, cores)
+def emit_chain_features_first(builder, x: str, chain: Chain, cores: dict, batch_rank: int,
+                              layout: Layout | None = None) -> str:
+    return run_chain_features_first(OnnxOps(builder, batch_rank), x, chain, cores, layout)
 
 
 def _group(sizes: dict[str, int], labels) -> list[int]:

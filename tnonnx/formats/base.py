@@ -110,12 +110,13 @@ class ChainFactorization(Factorization):
     def emit(self, builder: Builder, x: str, batch_rank: int) -> str:
         return emit_chain(builder, x, self.chain, self.cores, batch_rank)
 
-    def emit_features_first(self, builder: Builder, x: str, batch_rank: int) -> str:
+    def emit_features_first(self, builder: Builder, x: str, batch_rank: int, layout=None) -> str:
         """Rows trailing, cores multiplied from the left (emit_layout.py): fewer Transposes
-        at many rows; which emission is faster for a layer is measured, not assumed."""
+        at many rows; which emission is faster for a layer is measured, not assumed.
+        `layout`: one of emit_layout.layout_candidates(self.chain), else the cheapest."""
         from ..emit_layout import emit_chain_features_first
 
-        return emit_chain_features_first(builder, x, self.chain, self.cores, batch_rank)
+        return emit_chain_features_first(builder, x, self.chain, self.cores, batch_rank, layout)
 
     def emit_einsum(self, builder: Builder, x: str, batch_rank: int) -> str:
         return emit_chain_einsum(builder, x, self.chain, self.cores, batch_rank)
