@@ -17,7 +17,8 @@ LENET, FASHION = ROOT / "models" / "lenet5_fashion.onnx", ROOT / "models" / "fas
 
 @pytest.mark.parametrize("fmt", ["svd", "tt"])
 def test_budget_meets_the_target_and_beats_a_uniform_ratio_on_lenet(fmt):
-    small, report = tnonnx.rewrite(LENET, format=fmt, budget=2, inputs=FASHION)
+    # the allocator's quality on errors alone (the never-slower rule is tested in test_latency.py)
+    small, report = tnonnx.rewrite(LENET, format=fmt, budget=2, inputs=FASHION, allow_slower=True)
     uniform, uniform_report = tnonnx.rewrite(LENET, format=fmt, ratio=2, inputs=FASHION)
     selected_before = sum(r.params_before for r in report.rows if r.reason is None or r.format or "budget" in r.reason)
     selected_after = sum(r.params_after if r.format else r.params_before for r in report.rows

@@ -332,7 +332,7 @@ def test_bad_inputs_file(tmp_path, good, feeds, command, which, fragment):
 def test_output_in_missing_folder_is_created(tmp_path, good):
     out = tmp_path / "new" / "deeper" / "small.onnx"
     report = tmp_path / "reports" / "r.json"
-    result = cli("rewrite", good, "-o", out, "--report", report)
+    result = cli("rewrite", good, "-o", out, "--report", report, "--min-cosine", "0")  # writing, not accuracy
     assert result.exit_code == 0, result.stderr
     assert out.is_file() and report.is_file()
     json.loads(report.read_text())
@@ -371,7 +371,7 @@ def test_debug_shows_traceback(tmp_path):
 def test_rewrite_success(tmp_path, good):
     original = snapshot(tmp_path)
     report = tmp_path / "report.json"
-    result = cli("rewrite", good, "--rank", "4", "--report", report)
+    result = cli("rewrite", good, "--rank", "4", "--report", report, "--min-cosine", "0")  # writing, not accuracy
     assert result.exit_code == 0, result.stderr
     out = tmp_path / "model.tt.onnx"  # the default: <stem>.<format>.onnx beside the input
     assert f"wrote {out}" in result.stdout

@@ -278,7 +278,7 @@ def test_budget_with_calibration_spends_where_the_output_error_is():
              "b": rng.standard_normal((300, 48)).astype(np.float32)}
     ranks = {}
     for fit in ("data-free", "aware"):
-        _, report = tnonnx.rewrite(m, format="svd", budget=3, fit=fit, calib=calib, validate=False)
+        _, report = tnonnx.rewrite(m, format="svd", budget=3, fit=fit, calib=calib, validate=False, allow_slower=True)
         ranks[fit] = {r.name: r.ranks[0] for r in report.rewritten}
         if fit == "aware":
             assert all(r.output_error is not None for r in report.rewritten)

@@ -3,8 +3,10 @@ validate -> report. The CLI and the Python API both call these functions."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -19,14 +21,16 @@ from .finetune import HIDDEN_WEIGHT
 from .formats import Factorization
 from .graph import Layer, find_layers, replace_nodes
 from .macs import all_graphs
-from .plan import (AUTO_FORMATS, Fitter, LayerPlan, Selection, allocate_budget, choose_auto, fit_error, make_plan,
-                   rank_spec)
-from .report import InspectReport, LayerRow, RewriteReport, Totals
+from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer
+from .plan import (AUTO_FORMATS, Fitter, LayerPlan, Option, Selection, Unreachable, apply_floor, candidate_options, choose,
+                   emissions_for, fit_error, ladder, make_plan, pareto, rank_spec, time_options)
+from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals
 from .tensorize import parse_modes
 from .validate import run as run_model
 from .validate import validate as compare_models
 
-EMIT_MODES = ("matmul", "einsum", "custom")
+DEFAULT_MIN_COSINE = 0.99  # validation threshold when none is given, in rewrite as in validate
+EMIT_MODES = ("auto", "matmul", "features-first", "einsum", "custom")
 FIT_MODES = ("data-free", "aware", "sequential")
 
 
@@ -43,12 +47,13 @@ def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
 def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | None = None,
             ratio: float | None = None, budget: float | None = None, modes: str | tuple | None = None,
             order: int | None = None, format_options: dict | None = None,
-            emit: str = "matmul", batch: int = 1, ops=("MatMul", "Gemm", "Conv"), include: str | None = None,
+            emit: str = "auto", batch: int = 1, ops=("MatMul", "Gemm", "Conv"), include: str | None = None,
             exclude: str | None = None, min_params: int = 0, force: bool = False, validate: bool = True,
             inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None,
             min_cosine: float | None = None, fit: str = "data-free", calib=None, finetune: int = 0,
-            finetune_hidden: float = HIDDEN_WEIGHT,
-            progress: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
+            finetune_hidden: float = HIDDEN_WEIGHT, threads: int | None = None, speedup: float | None = None,
+            allow_slower: bool = False, keep_best: bool = False, timing: bool = True, timing_cache: bool = True,
+            timer=None, progress: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
 
     Returns the new model and its report. The input is never modified.
@@ -58,6 +63,11 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         raise TnonnxError(f"--emit {emit}: choose from {', '.join(EMIT_MODES)}")
     if batch < 1:
         raise TnonnxError(f"--batch {batch}: must be >= 1")
+    if threads is not None and threads < 1:
+        raise TnonnxError(f"--threads {threads}: must be >= 1")
+    if speedup is not None and not speedup > 0:
+        raise TnonnxError(f"--speedup {speedup:g}: must be > 0 (e.g. 1.5)")
+    budget = parse_budget(budget)
     spec = rank_spec(rank, tol, ratio, budget)
     if isinstance(modes, str):
         modes = parse_modes(modes)
@@ -91,30 +101,48 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         # every layer's inputs in the original model (sequential: for choosing ranks only)
         data = layer_data(original, [p.layer for p in plans], batches)
     fitter = Fitter(format_options, data)
+    deployment = Deployment.of(batch, shapes, threads)
+    clock = Clock(timer if timer is not None else (default_timer() if timing else CostModelTimer()),
+                  TimingCache(enabled=timing and timing_cache), threads)
+    layer_timer = LayerTimer(original, [p.layer for p in plans], deployment, clock, emit_layer,
+                             model_io.default_opset(original))
+    speed_feeds = calibrate.random_feeds(original, batch, shapes, seed=0)
+    rules = _SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
+                        emit=emit, keep_best=keep_best)
+    notes = []
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
     with threadpool_limits(1, user_api="blas"):
         candidates = AUTO_FORMATS if format == "auto" else (format,)
-        if budget is not None:
-            # the target covers the selected layers together (embeddings, norms and the like
-            # cannot be factorised); how it is spread across them is the allocator's choice
-            selected = sum({p.layer.weight_key: p.layer.params for p in plans}.values())
-            sensitivity = _sensitivity(original, new, fitter, batches, emit) if data else None
-            allocate_budget(plans, fitter, candidates, int(selected / budget), sensitivity)
-            plans = [p for p in plans if p.layer.reason is None]
-        elif format == "auto":
-            choose_auto(plans, fitter, candidates)
-            plans = [p for p in plans if p.layer.reason is None]
-        if fit == "sequential":
-            replacements = _fit_sequential(original, new, plans, fitter, batches, force, emit, progress)
-        else:
-            replacements = _fit_and_emit(plans, fitter, force, emit, progress)
+        sensitivity = None
+        if budget is not None and data:
+            sensitivity = _sensitivity(original, new, fitter, batches, emit)
+        before_ms = clock.time([original], speed_feeds, cache=False)[0] if speedup else None
+        planner = _Planner(plans, fitter, candidates, budget, rules, layer_timer, sensitivity, before_ms)
+
+        def build(slack: float) -> dict:
+            active = planner.plan(slack)
+            if fit == "sequential":
+                return _fit_sequential(original, new, active, fitter, batches, force, layer_timer, rules, progress)
+            return _fit_and_emit(active, fitter, force, layer_timer, rules, progress)
+
+        replacements, slack = build(0.0), 0.0
+        for _ in range(MAX_REPLANS if speedup else 0):
+            after_ms = clock.time([_partial(new, replacements)], speed_feeds, cache=False)[0] if replacements else 0
+            target = before_ms / speedup
+            if not replacements or after_ms <= target:
+                break
+            try:  # the layers must give up what the whole model missed by
+                replacements, slack = build(slack + after_ms - target), slack + after_ms - target
+            except TnonnxError:  # no tighter plan exists: keep the last one
+                replacements = build(slack)
+                break
+        notes.extend(planner.notes)
     if not replacements:
         raise TnonnxError("nothing to rewrite: no layer gets smaller at this rank" + _reasons_summary(layers))
 
     replace_nodes(new, {k: (r.layer.graph, r.builder.nodes, r.builder.initializers)
                         for k, r in replacements.items()}, layers)
     model_io.normalise_versions(new)
-    notes = []
     if emit == "custom":
         from .custom_ops import DOMAIN, needs_library
 
@@ -134,6 +162,16 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         notes.append(f"finetune: relative output error on the calibration data {before_ft:.4g} -> {after_ft:.4g} "
                      f"after {finetune} epoch(s) of end-to-end distillation ({matched})")
     _check(new)
+    before_ms, after_ms = clock.time([original, new], speed_feeds, cache=False)
+    speed = before_ms / after_ms if after_ms > 0 else float("inf")
+    if speedup and speed < speedup:
+        shortfall = (f"--speedup {speedup:g}: not reached; the best plan found runs {speed:.2f}x as fast as the "
+                     f"original ({after_ms:.3f} ms against {before_ms:.3f} ms at {deployment.describe(original)})")
+        if not keep_best:
+            raise TnonnxError(shortfall + "; nothing written (--keep-best writes it anyway)")
+        notes.append(shortfall + "; written because of --keep-best")
+    if after_ms > before_ms:
+        notes.append(_slower_note(format, budget, speedup, allow_slower, before_ms, after_ms))
     seconds = time.perf_counter() - started
 
     concrete = calibrate.concrete_shapes(original, batch, shapes)
@@ -141,20 +179,40 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     rows = _rows(layers, replacements, before, after)
     result = None
     if validate:
+        if atol is None and rtol is None and min_cosine is None:  # the same default as `tnonnx validate`
+            min_cosine = DEFAULT_MIN_COSINE
         result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch,
                                      atol=atol, rtol=rtol, min_cosine=min_cosine)
+    totals = Totals(before.params, after.params, original.ByteSize(), new.ByteSize(), before.total, after.total,
+                    ms_before=before_ms, ms_after=after_ms)
     report = RewriteReport(
         format=format, spec=f"budget {budget:g}x" if budget else spec.describe(), emit=emit, batch=batch, rows=rows,
-        totals=Totals(before.params, after.params, original.ByteSize(), new.ByteSize(), before.total, after.total),
-        validation=result, seconds=seconds, fit=fit, notes=notes,
+        totals=totals, validation=result, seconds=seconds, fit=fit, notes=notes,
+        latency=LatencyInfo(deployment=deployment.describe(original), threads=threads, measured=clock.measures,
+                            speedup_target=speedup, timing_seconds=round(clock.seconds, 3),
+                            timed=clock.timed, cache_hits=clock.cache.hits, cache=str(clock.cache.path)
+                            if clock.cache.enabled else None),
     )
+    clock.cache.save()
     return new, report
 
 
-def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, emit: str, progress: bool,
-                  shared: dict | None = None, replacements: dict | None = None) -> dict:
-    """Fit each planned layer (once per shared weight) and emit its replacement nodes;
-    returns the replacements keyed by id(node) (added to `replacements` when given)."""
+def parse_budget(budget) -> float | None:
+    """--budget as the CLI writes it ("3x", "3") or a number."""
+    if budget is None or isinstance(budget, (int, float)):
+        return budget
+    text = str(budget).strip().lower().removesuffix("x")
+    try:
+        return float(text)
+    except ValueError:
+        raise TnonnxError(f"--budget {budget}: not a reduction factor (e.g. 3x)") from None
+
+
+def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, timer: LayerTimer, rules: "_SpeedRules",
+                  progress: bool, shared: dict | None = None, replacements: dict | None = None) -> dict:
+    """Fit each planned layer (once per shared weight) and emit its replacement nodes in the
+    plan's emission (or, where the planner left it open, the fastest measured); returns the
+    replacements keyed by id(node) (added to `replacements` when given)."""
     replacements = {} if replacements is None else replacements
     shared = {} if shared is None else shared
     for plan in _progress(plans, progress):
@@ -168,12 +226,133 @@ def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, emit: str
         if not saved and not force:
             layer.reason = f"no saving at this rank ({fact.params()} >= {layer.params} parameters; --force rewrites anyway)"
             continue
+        emissions = (plan.emission,) if plan.emission else emissions_for(fact, rules.emit, layer)
+        timings = timer.candidates(layer, [(fact, e) for e in emissions])
+        best = min(range(len(emissions)), key=lambda i: (timings[i].ms is None, timings[i].ms or 0.0))
+        plan.emission, plan.timing, plan.dense_timing = emissions[best], timings[best], timer.dense(layer)
         # layers given the same factorisation object (one weight, one fit) share its cores
         builder = Builder(f"{layer.name}/{plan.format}", layer.store_dtype, layer.compute_dtype,
                           shared=shared, share_key=str(id(fact)))
-        emit_layer(builder, layer, fact, emit)
+        emit_layer(builder, layer, fact, plan.emission)
         replacements[id(layer.node)] = _Replacement(layer, plan, fact, builder)
     return replacements
+
+
+MAX_REPLANS = 3  # --speedup: re-plans after the whole model missed the target
+
+
+@dataclass(frozen=True)
+class _SpeedRules:
+    speedup: float | None  # the rewritten model must run this many times as fast
+    floor: bool  # no layer slower than dense (auto / budget unless --allow-slower)
+    emit: str
+    keep_best: bool = False
+
+
+class _Planner:
+    """Chooses format, rank and emission per layer group (layers sharing a weight) when
+    tnonnx chooses (--format auto, --budget, --speedup): options are fitted and timed once,
+    then `plan(slack)` allocates them, `slack` ms tighter on each re-plan."""
+
+    def __init__(self, plans, fitter, formats, budget, rules: _SpeedRules, timer, sensitivity, before_ms):
+        self.plans, self.fitter, self.formats, self.budget = plans, fitter, formats, budget
+        self.rules, self.timer, self.sensitivity, self.before_ms = rules, timer, sensitivity, before_ms
+        self.start = [(p.format, p.spec) for p in plans]
+        self.groups: dict[str, list[LayerPlan]] = {}
+        for p in plans:
+            self.groups.setdefault(p.layer.weight_key, []).append(p)
+        self.options: dict | None = None
+        self.floored: dict[str, int] = {}
+        self.notes: list[str] = []
+
+    @property
+    def choosing(self) -> bool:
+        return self.budget is not None or self.formats != (self.start[0][0],) or self.rules.speedup is not None
+
+    def plan(self, slack: float = 0.0) -> list[LayerPlan]:
+        for p, (fmt, spec) in zip(self.plans, self.start):
+            p.layer.reason, p.format, p.spec, p.emission = None, fmt, spec, None
+        if not self.choosing:
+            return list(self.plans)
+        if self.options is None:
+            self.options = {key: self._options(group) for key, group in self.groups.items()}
+        max_params = self._selected() / self.budget if self.budget is not None else None
+        max_ms = self._max_ms(slack) if self.rules.speedup else None
+        options = self.options
+        if max_params is None and max_ms is None:  # auto alone: the best candidate, never dense by choice
+            options = {k: [o for o in opts if not o.dense] or opts for k, opts in options.items()}
+            tol = self.plans[0].spec.tol
+            if tol is not None:
+                choice = {k: min(opts, key=lambda o: (o.dense, o.error > tol**2, o.params))
+                          for k, opts in options.items()}
+            else:
+                choice = choose(options)
+        else:
+            try:
+                choice = choose(options, max_params, max_ms)
+            except Unreachable as exc:
+                what = "" if "--budget" in str(exc) else f"--speedup {self.rules.speedup:g}: unreachable; "
+                dropped = sum(self.floored.values())
+                floor = (f" with no layer slower than its dense layer at the deployment shape ({dropped} "
+                         "candidate(s) timed slower were left out; --allow-slower lifts this rule)") if dropped else ""
+                raise TnonnxError(what + str(exc) + floor) from None
+        for key, group in self.groups.items():
+            o = choice[key]
+            for p in group:
+                if o.dense:
+                    p.layer.reason = self._dense_reason(key)
+                else:
+                    p.format, p.spec, p.emission = o.format, o.spec, o.emission
+        return [p for p in self.plans if p.layer.reason is None]
+
+    def _selected(self) -> int:
+        return sum(group[0].layer.params for group in self.groups.values())
+
+    def _options(self, group: list[LayerPlan]) -> list[Option]:
+        first = group[0]
+        trials = ladder(self.formats, first.layer) if self.budget is not None else \
+            [(f, first.spec) for f in self.formats]
+        options = candidate_options(first, self.fitter, trials)
+        if self.sensitivity is not None and options:
+            share = 1.0 / self.budget
+            probe = min(options, key=lambda o: abs(o.params - share * first.layer.params))
+            weight = self.sensitivity(first, probe.format, probe.spec)
+            options = [dataclasses.replace(o, error=o.error * weight) for o in options]
+        options = time_options(group, options, self.fitter, self.timer, self.rules.emit)
+        if self.budget is not None:
+            options = pareto(options)
+        if self.rules.floor:
+            options, dropped = apply_floor(options)
+            self.floored[first.layer.weight_key] = dropped
+        return options
+
+    def _max_ms(self, slack: float) -> float:
+        dense = [opts[0].ms for opts in self.options.values()]
+        if any(ms is None for ms in dense) or self.before_ms is None:
+            raise TnonnxError(f"--speedup {self.rules.speedup:g}: some selected layers could not be timed at the "
+                              "deployment shape (inside a subgraph, or the model does not run on random inputs)")
+        fixed = max(self.before_ms - sum(dense), 0.0)  # what the rest of the model takes
+        return self.before_ms / self.rules.speedup - fixed - slack
+
+    def _dense_reason(self, key: str) -> str:
+        only_dense = len(self.options[key]) == 1
+        if only_dense and self.floored.get(key):
+            return ("every candidate is slower than the dense layer at the deployment shape "
+                    "(--allow-slower lifts this)")
+        if only_dense:
+            return "no candidate is smaller than the layer"
+        if self.budget is not None and self.rules.speedup is None:
+            return "kept dense by the --budget allocator"
+        return "kept dense: the targets are met with the least error this way"
+
+
+def _slower_note(format, budget, speedup, allow_slower, before_ms, after_ms) -> str:
+    if format != "auto" and budget is None and not speedup:
+        hint = "--format auto or --budget (which never emit a layer slower than dense), or --speedup X"
+    else:
+        hint = "--speedup X" + (", or drop --allow-slower" if allow_slower else "")
+    return (f"the rewritten model is SLOWER than the original at the deployment shape: {after_ms:.3f} ms "
+            f"against {before_ms:.3f} ms ({before_ms / after_ms:.2f}x); to avoid it use {hint}")
 
 
 def layer_data(model: onnx.ModelProto, layers: list[Layer], batches, reference: onnx.ModelProto | None = None) -> dict:
@@ -195,7 +374,7 @@ def layer_data(model: onnx.ModelProto, layers: list[Layer], batches, reference: 
     return data
 
 
-def _fit_sequential(original, new, plans, fitter, batches, force, emit, progress) -> dict:
+def _fit_sequential(original, new, plans, fitter, batches, force, timer, rules, progress) -> dict:
     """Fit level by level (fit.levels): each level's layers see, on the calibration data,
     the outputs of the levels before it already rewritten, and fit the original layer's
     outputs. Layers inside subgraphs are fitted last, on their weights."""
@@ -207,12 +386,12 @@ def _fit_sequential(original, new, plans, fitter, batches, force, emit, progress
         data = layer_data(current, group, batches, reference=original if replacements else None)
         for layer in group:
             fitter.data[layer.name] = data.get(layer.name)
-        _fit_and_emit([by_node[id(l.node)] for l in group], fitter, force, emit, False, shared, replacements)
+        _fit_and_emit([by_node[id(l.node)] for l in group], fitter, force, timer, rules, False, shared, replacements)
     placed = {id(l.node) for g in groups for l in g}
     rest = [p for p in plans if id(p.layer.node) not in placed]
     for plan in rest:
         fitter.data.pop(plan.layer.name, None)
-    return _fit_and_emit(rest, fitter, force, emit, False, shared, replacements)
+    return _fit_and_emit(rest, fitter, force, timer, rules, False, shared, replacements)
 
 
 SENSITIVITY_SAMPLES = 128
@@ -270,7 +449,8 @@ class _Replacement:
 
 
 def emit_layer(builder: Builder, layer: Layer, fact: Factorization, emit: str = "matmul") -> None:
-    """Append to `builder` the nodes computing what `layer.node` computed, into its output."""
+    """Append to `builder` the nodes computing what `layer.node` computed, into its output,
+    in emission `emit` (EMIT_MODES; "auto" here means the plain MatMul chain)."""
     output = layer.node.output[0]
     if layer.kind == "conv":
         fact.emit(builder, layer.x, layer.geometry, layer.bias, output)
@@ -283,6 +463,8 @@ def emit_layer(builder: Builder, layer: Layer, fact: Factorization, emit: str = 
         x = builder.op("Transpose", [x], "transpose", perm=swap)
     if emit == "einsum":
         y = fact.emit_einsum(builder, x, batch_rank)
+    elif emit == "features-first":  # rows trailing: cores multiply from the left, few Transposes
+        y = fact.emit_features_first(builder, x, batch_rank)
     elif emit == "custom":  # one fused operator from the tnonnx custom-op library
         y = fact.emit_custom(builder, x, batch_rank)
     else:
@@ -320,6 +502,12 @@ def _rows(layers, replacements, before, after) -> list[LayerRow]:
             row.weight_error = fact.weight_error
             row.output_error = fact.output_error
             row.reason = None
+            row.emission = rep.plan.emission
+            if rep.plan.timing is not None:
+                row.ms_after, row.ms_predicted = rep.plan.timing.ms, rep.plan.timing.predicted_ms
+                row.ms_measured = rep.plan.timing.measured
+            if rep.plan.dense_timing is not None:
+                row.ms_before = rep.plan.dense_timing.ms
         rows.append(row)
     return rows
 

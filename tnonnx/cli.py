@@ -137,7 +137,22 @@ def inspect(model, batch, shapes, as_json):
 @click.option("--stp-t", type=click.IntRange(min=1), default=None, help="Semi-tensor formats: the identity factor t (default 2).")
 @click.option("--modes", default=None, metavar="IN,OUT", help="Tensorization override, e.g. 8x8x6,4x8x12.")
 @click.option("--order", type=click.IntRange(min=1), default=None, help="Number of cores per dense layer (default: automatic).")
-@click.option("--emit", type=click.Choice(api.EMIT_MODES), default="matmul", show_default=True)
+@click.option("--emit", type=click.Choice(api.EMIT_MODES), default="auto", show_default=True,
+              help="How chains are emitted: auto picks per layer the faster of matmul (rows first) and "
+                   "features-first (rows trailing, cores from the left), measured at the deployment shape.")
+@click.option("--threads", type=int, default=None,
+              help="onnxruntime intra-op threads of the deployment (default: onnxruntime's own, all cores); "
+                   "every timing uses it.")
+@click.option("--speedup", type=float, default=None, metavar="X",
+              help="The rewritten model must run at least X times as fast as the original at the deployment "
+                   "shape (--batch, --shape, --threads); layers are chosen (or kept dense) to meet it.")
+@click.option("--allow-slower", is_flag=True,
+              help="Let --format auto / --budget emit layers measured slower than their dense layer.")
+@click.option("--keep-best", is_flag=True, help="With --speedup: write the best plan found even when it misses.")
+@click.option("--timing/--no-timing", default=True, show_default=True,
+              help="Time candidates and models in onnxruntime (--no-timing: predict from the cost model).")
+@click.option("--timing-cache/--no-timing-cache", default=True, show_default=True,
+              help="Reuse per-layer timings from $TNONNX_CACHE_DIR (default ~/.cache/tnonnx/timings.json).")
 @click.option("--ops", default="MatMul,Gemm,Conv", show_default=True, help="Op types to rewrite.")
 @click.option("--include", default=None, help="Regex: only nodes whose name matches.")
 @click.option("--exclude", default=None, help="Regex: skip nodes whose name matches.")
@@ -163,7 +178,8 @@ def inspect(model, batch, shapes, as_json):
 @threshold_options
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @handles_errors
-def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, ops, include,
+def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, threads, speedup,
+            allow_slower, keep_best, timing, timing_cache, ops, include,
             exclude, min_params, force, fit_mode, finetune, finetune_hidden, act, calib, calib_random, validate, inputs, shapes, batch, atol, rtol,
             min_cosine, report_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
@@ -186,7 +202,8 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         min_params=min_params, force=force, validate=validate, inputs=inputs,
         shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine, fit=fit_mode,
         calib=_calibration(calib, calib_random), finetune=finetune, finetune_hidden=finetune_hidden,
-        progress=True)
+        threads=threads, speedup=speedup, allow_slower=allow_slower, keep_best=keep_best, timing=timing,
+        timing_cache=timing_cache, progress=True)
     api.save(new, target)
     report.output_path = str(target)
     report.render(_console())
@@ -247,7 +264,7 @@ def validate_cmd(reference, candidate, inputs, shapes, batch, atol, rtol, min_co
 
     With no threshold given, --min-cosine 0.99 applies."""
     if atol is None and rtol is None and min_cosine is None:
-        min_cosine = 0.99
+        min_cosine = api.DEFAULT_MIN_COSINE
     if json_path:
         if model_io.same_file(json_path, reference) or model_io.same_file(json_path, candidate):
             raise TnonnxError(f"--json '{json_path}' is one of the models; choose another path")

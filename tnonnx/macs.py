@@ -34,7 +34,10 @@ initializer and Constant tensor, any dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -324,13 +327,26 @@ def probed_shapes(model, input_shapes, inferred: onnx.ModelProto, names: set[str
     return {n: tuple(o.shape) for n, o in zip(wanted, outputs)}
 
 
+@contextlib.contextmanager
+def _scratch_cwd():
+    """Run in a temporary working directory (removed afterwards)."""
+    before = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="tnonnx-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(before)
+
+
 def symbolic_shapes(model, input_shapes) -> dict[str, Shape]:
     """Shapes from ORT's symbolic shape inference, over all graphs; a name with two
     different shapes (in two subgraphs) is dropped. Empty if the tool fails."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-        inferred = SymbolicShapeInference.infer_shapes(
-            _with_inputs(model, input_shapes, strip=False), auto_merge=True)
+        with _scratch_cwd():  # when incomplete it saves sym_shape_infer_temp.onnx (+ data) in the cwd
+            inferred = SymbolicShapeInference.infer_shapes(
+                _with_inputs(model, input_shapes, strip=False), auto_merge=True)
     except Exception:  # noqa: BLE001 - a fallback that fails leaves the nodes unknown
         return {}
     if inferred is None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
+
+import numpy as np
 from dataclasses import dataclass
 
 from .errors import NotApplicable, TnonnxError
@@ -56,6 +60,9 @@ class LayerPlan:
     spec: RankSpec
     modes: tuple | None = None
     order: int | None = None
+    emission: str | None = None  # None: the fastest measured when the layer is emitted
+    timing: object = None  # latency.Timing of the emitted replacement
+    dense_timing: object = None  # latency.Timing of the dense layer
 
 
 def rank_spec(rank: int | None = None, tol: float | None = None, ratio: float | None = None,
@@ -169,97 +176,197 @@ def fit_error(fact) -> float:
     return fact.output_error if fact.output_error is not None else fact.weight_error
 
 
-def choose_auto(plans: list[LayerPlan], fitter: Fitter, formats: tuple[str, ...]) -> None:
-    """Per layer, the format with the lowest error (fit_error) under the same rank rule
-    (with --tol: the fewest parameters meeting it)."""
-    for plan in plans:
-        trials = []
-        for f in formats:
-            try:
-                trials.append((f, fitter.fit(plan.layer, f, plan.spec, plan.modes, plan.order, final=False)))
-            except NotApplicable:
-                continue
-        if not trials:
-            plan.layer.reason = "no format applies to this layer"
+# ------------------------------------------------------------------ choosing per layer
+
+
+@dataclass
+class Option:
+    """One way to carry a group of layers that share a weight: dense (format None) or a
+    format at a rank rule, emitted one way, with what it costs and the error it makes."""
+
+    format: str | None
+    spec: RankSpec | None
+    params: int
+    error: float  # squared relative error the choice minimises (weighted by sensitivity)
+    emission: str = "matmul"
+    ms: float | None = None  # all layers of the group at the deployment shape (None: not known)
+    predicted_ms: float | None = None
+    measured: bool = False
+    macs_ratio: float | None = None  # MACs against dense, for layers whose time is not known
+
+    @property
+    def dense(self) -> bool:
+        return self.format is None
+
+
+def emissions_for(fact, emit: str, layer: Layer) -> tuple[str, ...]:
+    """The emissions a factorisation can be timed in: conv factorisations have one (Conv
+    nodes); chains all standard-op layouts under --emit auto, else the one asked for.
+    Features-first is float32 only: onnxruntime (1.2x CPU) crashed loading a float16 one,
+    and float16 models are not what its layout was measured on."""
+    if not hasattr(fact, "chain"):
+        return ("matmul",)
+    features_first = np.dtype(layer.compute_dtype or np.float32) == np.float32
+    if emit == "auto":
+        return ("matmul", "features-first") if features_first else ("matmul",)
+    if emit == "features-first" and not features_first:
+        return ("matmul",)
+    return (emit,)
+
+
+def candidate_options(plan: LayerPlan, fitter: Fitter, trials: list[tuple[str, RankSpec]]) -> list[Option]:
+    """Options for the (format, spec) trials of one layer (data-free or closed-form fits);
+    trials that do not apply, or are not smaller than the layer, are left out."""
+    layer, out, done = plan.layer, [], set()
+    for fmt, spec in trials:  # a format's trials come in growing rank: stop at the first too large
+        if fmt in done:
             continue
-        if plan.spec.tol is not None:
-            best = min(trials, key=lambda t: (fit_error(t[1]) > plan.spec.tol, t[1].params()))
-        else:
-            best = min(trials, key=lambda t: (fit_error(t[1]), t[1].params()))
-        plan.format = best[0]
+        try:
+            fact = fitter.fit(layer, fmt, spec, plan.modes, plan.order, final=False)
+        except NotApplicable:
+            done.add(fmt)
+            continue
+        if fact.params() >= layer.params:
+            done.add(fmt)
+            continue
+        out.append(Option(fmt, spec, fact.params(), fit_error(fact) ** 2, macs_ratio=_macs_ratio(fact, layer)))
+    return out
 
 
-def allocate_budget(plans: list[LayerPlan], fitter: Fitter, formats: tuple[str, ...], available: int,
-                    sensitivity=None) -> None:
-    """Choose a format and rank per layer so that the selected layers hold at most
-    `available` parameters, minimising the sum of squared relative errors (output errors on
-    calibration data when there is some, else weight errors), each weighted by the layer's
-    `sensitivity(plan, format, spec)` when given: how much of a layer's error reaches the
-    model's outputs, measured at the candidate nearest the layer's proportional share.
+def _macs_ratio(fact, layer: Layer) -> float | None:
+    if hasattr(fact, "chain"):
+        return fact.chain.macs_per_row() / max(layer.params, 1)
+    geometry = layer.geometry
+    if geometry is not None and geometry.in_spatial is not None and geometry.out_spatial is not None:
+        dense = layer.params * math.prod(geometry.out_spatial)
+        return fact.macs(geometry) / max(dense, 1)
+    return None
 
-    Each distinct weight gets a Pareto front of (parameters, error) candidates (rank caps
-    from RANK_LADDER in every allowed format, and keeping the layer dense). Starting from
-    the cheapest candidates, the allocator repeatedly takes the upgrade with the largest
-    error drop per parameter that still fits: large insensitive layers give up more than
-    small sensitive ones. Layers left dense get that reason."""
-    groups: dict[str, list[LayerPlan]] = {}
-    for plan in plans:
-        groups.setdefault(plan.layer.weight_key, []).append(plan)
-    fronts = {key: _front(group[0], fitter, formats) for key, group in groups.items()}
-    if sensitivity is not None:
-        share = available / max(sum(group[0].layer.params for group in groups.values()), 1)
-        for key, front in fronts.items():
-            layer = groups[key][0].layer
-            probe = min(front[1:] or front, key=lambda c: abs(c[0] - share * layer.params))
-            weight = sensitivity(groups[key][0], probe[2], probe[3]) if probe[2] is not None else 1.0
-            fronts[key] = [(p, e * weight, f, spec) for p, e, f, spec in front]
-    current = {key: 0 for key in fronts}
-    spent = sum(front[0][0] for front in fronts.values())
-    if spent > available:
-        raise TnonnxError(f"--budget: unreachable; the selected layers need at least {spent} parameters "
-                          f"at the lowest ranks, the budget leaves {max(available, 0)}")
-    while True:
+
+def time_options(group: list[LayerPlan], options: list[Option], fitter: Fitter, timer, emit: str) -> list[Option]:
+    """Each option timed at the deployment shape (summed over the group's layers) in its
+    fastest emission, plus the dense option; `timer` is a latency.LayerTimer or None."""
+    first = group[0]
+    dense = Option(None, None, first.layer.params, 0.0, macs_ratio=1.0)
+    if timer is None:
+        return [dense] + options
+    trials, owners = [], []
+    for i, o in enumerate(options):
+        fact = fitter.fit(first.layer, o.format, o.spec, first.modes, first.order, final=False)
+        for emission in emissions_for(fact, emit, first.layer):
+            trials.append((fact, emission))
+            owners.append(i)
+    per_layer = [timer.candidates(p.layer, trials) for p in group]
+    dense_times = [timer.dense(p.layer) for p in group]
+    dense.ms, dense.predicted_ms, dense.measured = _sum_timings(dense_times)
+    out = [dense]
+    for i, o in enumerate(options):
         best = None
-        for key, front in fronts.items():
-            p0, e0 = front[current[key]][:2]
-            for j in range(current[key] + 1, len(front)):
-                p1, e1 = front[j][:2]
-                if spent - p0 + p1 > available:
-                    break
-                slope = (e0 - e1) / max(p1 - p0, 1)
-                if best is None or slope > best[0]:
-                    best = (slope, key, j)
+        for j in (j for j, owner in enumerate(owners) if owner == i):
+            ms, predicted, measured = _sum_timings([t[j] for t in per_layer])
+            if best is None or (ms is not None and (best.ms is None or ms < best.ms)):
+                best = dataclasses.replace(o, emission=trials[j][1], ms=ms, predicted_ms=predicted, measured=measured)
+        out.append(best)
+    return out
+
+
+def _sum_timings(timings) -> tuple:
+    if any(t.ms is None for t in timings):
+        return None, None, False
+    return (sum(t.ms for t in timings), sum(t.predicted_ms for t in timings), all(t.measured for t in timings))
+
+
+def apply_floor(options: list[Option]) -> tuple[list[Option], int]:
+    """The never-slower rule: options measured (or, where the layer could not be timed,
+    counted in MACs) slower than the dense layer are dropped. Returns (kept, dropped)."""
+    dense = options[0]
+    kept = [o for o in options if o.dense or not _slower(o, dense)]
+    return kept, len(options) - len(kept)
+
+
+# timings within this of each other are one speed: interleaved medians of tiny layers still
+# scatter by a few percent and a microsecond
+FLOOR_RELATIVE, FLOOR_ABSOLUTE_MS = 0.05, 0.001
+
+
+def _slower(option: Option, dense: Option) -> bool:
+    if option.ms is not None and dense.ms is not None:
+        return option.ms > dense.ms * (1 + FLOOR_RELATIVE) + FLOOR_ABSOLUTE_MS
+    return option.macs_ratio is not None and option.macs_ratio > 1.0
+
+
+class Unreachable(TnonnxError):
+    """A target (--budget, --speedup) no choice of the candidates meets."""
+
+
+def choose(options: dict[str, list[Option]], max_params: float | None = None,
+           max_ms: float | None = None) -> dict[str, Option]:
+    """One option per group minimising the summed error with the groups' parameters at most
+    `max_params` and their time at most `max_ms` (None: no limit).
+
+    Greedy on a combined resource, parameters / max_params + ms / max_ms: start from the
+    cheapest feasible choice, then repeatedly take the change with the largest error drop per
+    unit of resource that keeps both limits (free changes first). With only a parameter
+    limit this is the error-per-parameter allocator of section 10 of ALGORITHMS.md."""
+    def usage(choice):
+        params = sum(o.params for o in choice.values())
+        ms = sum(o.ms or 0.0 for o in choice.values())
+        return params, ms
+
+    def fits(params, ms):
+        return (max_params is None or params <= max_params) and (max_ms is None or ms <= max_ms + 1e-12)
+
+    def resource(o):
+        r = o.params / max_params if max_params else 0.0
+        return r + ((o.ms or 0.0) / max_ms if max_ms else 0.0)
+
+    if max_params is None and max_ms is None:
+        return {k: min(opts, key=lambda o: (o.error, o.params)) for k, opts in options.items()}
+    starts = [{k: min(opts, key=lambda o: (resource(o), o.error)) for k, opts in options.items()},
+              {k: min(opts, key=lambda o: ((o.ms or 0.0), o.params)) for k, opts in options.items()},
+              {k: min(opts, key=lambda o: (o.params, o.ms or 0.0)) for k, opts in options.items()}]
+    current = next((c for c in starts if fits(*usage(c))), None)
+    if current is None:
+        params = sum(min(o.params for o in opts) for opts in options.values())
+        ms = sum(min(o.ms or 0.0 for o in opts) for opts in options.values())
+        raise Unreachable(_shortfall(params, ms, max_params, max_ms))
+    while True:
+        params, ms = usage(current)
+        best = None
+        for key, opts in options.items():
+            cur = current[key]
+            for o in opts:
+                if o.error >= cur.error:
+                    continue
+                if not fits(params - cur.params + o.params, ms - (cur.ms or 0.0) + (o.ms or 0.0)):
+                    continue
+                extra = resource(o) - resource(cur)
+                drop = cur.error - o.error
+                rank = (1, drop) if extra <= 0 else (0, drop / extra)
+                if best is None or rank > best[0]:
+                    best = (rank, key, o)
         if best is None:
-            break
-        _, key, j = best
-        spent += fronts[key][j][0] - fronts[key][current[key]][0]
-        current[key] = j
-    for key, group in groups.items():
-        _, _, fmt, spec = fronts[key][current[key]]
-        for plan in group:
-            if fmt is None:
-                plan.layer.reason = "kept dense by the --budget allocator"
-            else:
-                plan.format, plan.spec = fmt, spec
+            return current
+        current[best[1]] = best[2]
 
 
-def _front(plan: LayerPlan, fitter: Fitter, formats) -> list[tuple]:
-    """(params, squared relative error, format, spec) on the lower Pareto front, by params."""
-    layer = plan.layer
-    candidates = [(layer.params, 0.0, None, None)]
-    for fmt in formats:
-        for cap in RANK_LADDER:
-            spec = RankSpec(rank=cap)
-            try:
-                fact = fitter.fit(layer, fmt, spec, plan.modes, plan.order, final=False)
-            except NotApplicable:
-                break
-            if fact.params() >= layer.params:
-                break
-            candidates.append((fact.params(), fit_error(fact)**2, fmt, spec))
-    candidates.sort(key=lambda c: (c[0], c[1]))
-    front = []
-    for c in candidates:
-        if not front or c[1] < front[-1][1]:
-            front.append(c)
-    return front
+def _shortfall(params, ms, max_params, max_ms) -> str:
+    if max_params is not None and params > max_params:
+        return (f"--budget: unreachable; the selected layers need at least {params} parameters at the lowest "
+                f"ranks, the budget leaves {max(int(max_params), 0)}")
+    return (f"the fastest choice for every layer still takes {ms:.3f} ms in the rewritten layers, "
+            f"{max(max_ms, 0.0):.3f} ms would be needed")
+
+
+def pareto(options: list[Option]) -> list[Option]:
+    """Options not dominated in (params, ms, error) by another (dense always kept)."""
+    def dominated(a, b):
+        keys_a = (a.params, a.ms if a.ms is not None else math.inf, a.error)
+        keys_b = (b.params, b.ms if b.ms is not None else math.inf, b.error)
+        return all(y <= x for x, y in zip(keys_a, keys_b)) and keys_a != keys_b
+    return [o for o in options if o.dense or not any(dominated(o, b) for b in options if b is not o)]
+
+
+def ladder(formats, layer: Layer) -> list[tuple[str, RankSpec]]:
+    """The (format, rank cap) trials of the --budget allocator."""
+    return [(f, RankSpec(rank=cap)) for f in formats for cap in RANK_LADDER]

@@ -24,6 +24,11 @@ class LayerRow:
     output_error: float | None = None  # relative output error on calibration data (data-aware fitting)
     shared_with: str | None = None  # the layer whose factors this one reuses
     reason: str | None = None  # why the layer was left alone
+    emission: str | None = None  # how the replacement is emitted (matmul, features-first, ...)
+    ms_before: float | None = None  # the dense layer alone at the deployment shape
+    ms_after: float | None = None  # its replacement alone (measured when ms_measured)
+    ms_predicted: float | None = None  # the cost model's prediction for the replacement
+    ms_measured: bool = False
 
     @classmethod
     def for_layer(cls, layer, macs_before: int | None) -> "LayerRow":
@@ -39,6 +44,22 @@ class Totals:
     bytes_after: int
     macs_before: int
     macs_after: int
+    ms_before: float | None = None  # whole model, p50 at the deployment shape
+    ms_after: float | None = None
+
+
+@dataclass
+class LatencyInfo:
+    """Where and how the times of a rewrite report were taken."""
+
+    deployment: str  # input shapes and threads
+    threads: int | None
+    measured: bool  # False: predicted by the cost model (--no-timing)
+    speedup_target: float | None = None
+    timing_seconds: float = 0.0  # spent timing
+    timed: int = 0  # models timed (not found in the cache)
+    cache_hits: int = 0
+    cache: str | None = None  # the timing cache file
 
 
 @dataclass
@@ -79,6 +100,7 @@ class RewriteReport:
     output_path: str | None = None
     notes: list[str] = field(default_factory=list)
     fit: str = "data-free"
+    latency: LatencyInfo | None = None
 
     @property
     def rewritten(self) -> list[LayerRow]:
@@ -89,6 +111,7 @@ class RewriteReport:
             "format": self.format, "rank_rule": self.spec, "emit": self.emit, "fit": self.fit, "batch": self.batch,
             "seconds": round(self.seconds, 3), "output": self.output_path, "notes": self.notes,
             "totals": asdict(self.totals),
+            "latency": asdict(self.latency) if self.latency is not None else None,
             "validation": self.validation.to_dict() if self.validation is not None else None,
             "layers": [asdict(r) for r in self.rows],
         }
@@ -103,19 +126,23 @@ class RewriteReport:
         # the output error on calibration data, when fitted to some; the weight error always
         # (none for nonlinear formats)
         with_output = any(r.output_error is not None for r in self.rows)
-        cols = ("layer", "op", "weight", "ranks", "params", "→", "MACs", "→ ", "weight err") \
-            + (("output err",) if with_output else ()) + ("note",)
+        timed = any(r.ms_after is not None for r in self.rows)
+        cols = ("layer", "op", "weight", "format", "ranks", "params", "→", "MACs", "→ ") \
+            + (("ms", "→  ") if timed else ()) + ("weight err",) + (("output err",) if with_output else ()) + ("note",)
         for col in cols:
-            table.add_column(col, justify="left" if col in ("layer", "op", "weight", "ranks", "note") else "right")
+            table.add_column(col, justify="left" if col in ("layer", "op", "weight", "format", "ranks", "note") else "right")
         for r in self.rows:
+            times = (_ms(r.ms_before), _ms(r.ms_after, r.ms_measured)) if timed else ()
             if r.format:
-                note = f"shares {r.shared_with}" if r.shared_with else ""
+                notes = [f"shares {r.shared_with}" if r.shared_with else "", _growth(r)]
                 errors = (_err(r.weight_error),) + ((_err(r.output_error),) if with_output else ())
-                table.add_row(r.name, r.op, _shape(r.weight_shape), _ranks(r.ranks), _n(r.params_before),
-                              _n(r.params_after), _n(r.macs_before), _n(r.macs_after), *errors, note)
+                table.add_row(r.name, r.op, _shape(r.weight_shape), _format(r), _ranks(r.ranks), _n(r.params_before),
+                              _n(r.params_after), _n(r.macs_before), _n(r.macs_after), *times, *errors,
+                              "; ".join(n for n in notes if n))
             else:
-                table.add_row(r.name, r.op, _shape(r.weight_shape), "-", _n(r.params_before), "-",
-                              _n(r.macs_before), "-", "-", *(("-",) if with_output else ()), f"left alone: {r.reason}")
+                table.add_row(r.name, r.op, _shape(r.weight_shape), "dense", "-", _n(r.params_before), "-",
+                              _n(r.macs_before), "-", *(("-", "-") if timed else ()), "-",
+                              *(("-",) if with_output else ()), f"left alone: {r.reason}")
         console.print(table)
         t = self.totals
         console.print(
@@ -126,8 +153,14 @@ class RewriteReport:
             f"in {self.seconds:.2f} s")
         if t.macs_after > t.macs_before:
             console.print("[yellow]note: the rewritten model needs more MACs than the original[/yellow]")
+        if t.ms_before is not None and t.ms_after is not None and self.latency is not None:
+            how = "measured, p50" if self.latency.measured else "predicted by the cost model (--no-timing)"
+            console.print(f"latency {t.ms_before:.3f} ms → {t.ms_after:.3f} ms ({_speed(t.ms_before, t.ms_after)}), "
+                          f"{how}, at {self.latency.deployment}"
+                          + (f"; --speedup {self.latency.speedup_target:g} asked" if self.latency.speedup_target else ""))
         for note in self.notes:
-            console.print(note)
+            console.print(f"[yellow]{note}[/yellow]" if "SLOWER" in note or "not reached" in note else note,
+                          markup=True, highlight=False)
         if self.validation is not None:
             render_validation(self.validation, console)
 
@@ -146,8 +179,9 @@ def render_validation(result, console: Console) -> None:
     if result.failures:
         for f in result.failures:
             console.print(f"[red]FAIL[/red] {f}")
+        console.print(f"validation failed ({_thresholds(result)}): the model is written, the exit code is 1")
     elif any(v is not None for v in (result.atol, result.rtol, result.min_cosine)):
-        console.print("[green]validation passed[/green]")
+        console.print(f"[green]validation passed[/green] ({_thresholds(result)})")
 
 
 def _err(v) -> str:
@@ -180,3 +214,32 @@ def _ranks(r) -> str:
 
 def _ratio(a: int, b: int) -> str:
     return f"{a / b:.2f}x smaller" if b and a >= b else (f"{b / a:.2f}x larger" if a else "-")
+
+
+def _ms(v, measured: bool = True) -> str:
+    if v is None:
+        return "?"
+    return f"{v:.3f}" + ("" if measured else "*")
+
+
+def _speed(before: float, after: float) -> str:
+    if after <= 0:
+        return "-"
+    return f"{before / after:.2f}x faster" if after <= before else f"{after / before:.2f}x SLOWER"
+
+
+def _format(r) -> str:
+    return r.format if r.emission in (None, "matmul", "auto") else f"{r.format} ({r.emission})"
+
+
+def _growth(r) -> str:
+    """A layer whose replacement costs more MACs than it did, said per layer."""
+    if r.macs_before and r.macs_after and r.macs_after > r.macs_before:
+        return f"MACs up {r.macs_after / r.macs_before:.2f}x"
+    return ""
+
+
+def _thresholds(result) -> str:
+    given = [f"{flag} {v:g}" for flag, v in (("--atol", result.atol), ("--rtol", result.rtol),
+                                              ("--min-cosine", result.min_cosine)) if v is not None]
+    return ", ".join(given)

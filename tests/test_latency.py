@@ -1,0 +1,182 @@
+"""The latency-aware planner, driven by fixed timings: nothing here is timed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import tnonnx
+from tnonnx import latency, macs
+from tnonnx.errors import TnonnxError
+from tnonnx.formats import RankSpec
+from tnonnx.plan import Option, Unreachable, apply_floor, choose
+
+from onnx_builders import init, make_model, rel_err, run, value
+
+
+def mlp(width: int = 256, depth: int = 3, rank: int = 16, rows: int = 64):
+    """MatMuls whose weights are nearly rank `rank` (so svd at that rank keeps the function)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(depth):
+        w = rng.standard_normal((width, rank)) @ rng.standard_normal((rank, width)) / width
+        w += 1e-4 * rng.standard_normal((width, width))
+        inits.append(init(f"W{i}", w.astype(np.float32)))
+        y = "y" if i == depth - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [x, f"W{i}"], [y], name=f"fc{i}"))
+        x = y
+    return make_model(nodes, [value("x", ["batch", width])], [value("y", ["batch", width])], inits)
+
+
+def mac_ms(model, feeds) -> float:
+    """A timer proportional to MACs, plus a small cost per node: factorised layers with
+    fewer MACs come out faster."""
+    cost = macs.count(model, {k: v.shape for k, v in feeds.items()})
+    return cost.total * 1e-6 + 1e-3 * len(model.graph.node)
+
+
+def matmul_count_ms(model, feeds) -> float:
+    """Every MatMul takes 1 ms whatever its size: a two-factor layer is slower than dense."""
+    return float(sum(n.op_type == "MatMul" for n in model.graph.node))
+
+
+# ------------------------------------------------------------------ the allocator
+
+
+def _opt(fmt, params, error, ms):
+    return Option(fmt, None if fmt is None else RankSpec(rank=1), params, error, ms=ms)
+
+
+def test_choose_without_a_time_limit_spends_parameters_where_the_error_drops_most():
+    options = {"a": [_opt(None, 100, 0.0, 1.0), _opt("svd", 10, 0.5, 0.5), _opt("svd", 20, 0.1, 0.6)],
+               "b": [_opt(None, 100, 0.0, 1.0), _opt("svd", 10, 0.3, 0.5), _opt("svd", 20, 0.29, 0.6)]}
+    choice = choose(options, max_params=30)
+    assert (choice["a"].params, choice["b"].params) == (20, 10)
+
+
+def test_choose_meets_a_time_limit_at_the_least_error():
+    options = {"a": [_opt(None, 100, 0.0, 4.0), _opt("tt", 10, 0.2, 1.0), _opt("svd", 30, 0.05, 3.0)],
+               "b": [_opt(None, 100, 0.0, 4.0), _opt("tt", 10, 0.3, 1.0)]}
+    choice = choose(options, max_ms=5.0)
+    assert sum(o.ms for o in choice.values()) <= 5.0
+    assert choice["a"].format == "tt" and choice["b"].format is None  # dense b is exact and still fits
+    with pytest.raises(Unreachable, match="fastest choice"):
+        choose(options, max_ms=1.5)
+
+
+def test_floor_drops_candidates_slower_than_dense():
+    kept, dropped = apply_floor([_opt(None, 100, 0.0, 1.0), _opt("svd", 10, 0.5, 1.5), _opt("tt", 10, 0.5, 0.5)])
+    assert dropped == 1 and [o.format for o in kept] == [None, "tt"]
+
+
+# ------------------------------------------------------------------ the pipeline
+
+
+def test_speedup_is_met_when_the_fixed_timings_make_it_reachable():
+    model = mlp()
+    timer = latency.CallableTimer(mac_ms)
+    small, report = tnonnx.rewrite(model, format="svd", rank=16, batch=64, speedup=2.0, timer=timer)
+    assert report.totals.ms_before / report.totals.ms_after >= 2.0
+    # least error: layers stay dense where the target allows it
+    assert any(r.format is None and "targets are met" in r.reason for r in report.rows)
+    assert any(r.format == "svd" for r in report.rows)
+    x = np.random.default_rng(1).standard_normal((64, 256)).astype(np.float32)
+    assert rel_err(run(model, {"x": x})[0], run(small, {"x": x})[0]) < 1e-2
+
+
+def test_speedup_out_of_reach_is_refused_with_the_shortfall():
+    with pytest.raises(TnonnxError, match=r"--speedup 50: unreachable; the fastest choice") as exc:
+        tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, speedup=50, timer=latency.CallableTimer(mac_ms))
+    assert exc.value.exit_code == 2
+
+
+def test_a_whole_model_that_misses_after_replanning_is_refused_or_kept_with_keep_best():
+    original = mac_ms(mlp(), {"x": np.zeros((64, 256), np.float32)})
+
+    def layers_fast_model_not(model, feeds):  # the layers promise, the whole model never delivers
+        return mac_ms(model, feeds) if model.graph.name == "layer" else original
+
+    timer = latency.CallableTimer(layers_fast_model_not)
+    with pytest.raises(TnonnxError, match=r"--speedup 2: not reached; the best plan found runs 1.00x"):
+        tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, speedup=2, timer=timer)
+    _, report = tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, speedup=2, timer=timer, keep_best=True)
+    assert any("written because of --keep-best" in n for n in report.notes)
+
+
+def test_the_floor_keeps_layers_dense_that_are_timed_slower():
+    timer = latency.CallableTimer(matmul_count_ms)
+    with pytest.raises(TnonnxError, match="slower than the dense layer"):
+        tnonnx.rewrite(mlp(), format="auto", rank=16, batch=64, timer=timer)
+    with pytest.raises(TnonnxError, match="--allow-slower lifts this rule"):
+        tnonnx.rewrite(mlp(), format="svd", budget=2, batch=64, timer=timer)
+    # asked for: done, and the report says it is slower and what would avoid it
+    _, report = tnonnx.rewrite(mlp(), format="svd", budget=2, batch=64, timer=timer, allow_slower=True)
+    assert any("SLOWER" in n and "--speedup" in n for n in report.notes)
+    _, report = tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, timer=timer)
+    assert any("SLOWER" in n and "--format auto or --budget" in n for n in report.notes)
+
+
+def test_auto_and_budget_use_candidates_timed_faster():
+    timer = latency.CallableTimer(mac_ms)
+    _, report = tnonnx.rewrite(mlp(), format="auto", rank=16, batch=64, timer=timer)
+    rewritten = [r for r in report.rows if r.format]
+    assert rewritten and all(r.ms_after <= r.ms_before for r in rewritten)
+    assert report.totals.ms_after < report.totals.ms_before
+
+
+def test_timings_are_cached_and_missed_when_threads_or_shape_change():
+    timer = latency.CallableTimer(mac_ms)
+    tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, timer=timer)
+    first = timer.calls
+    assert first > 2  # layers and candidates, beside the two whole-model runs
+    timer.calls = 0
+    _, report = tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, timer=timer)
+    assert timer.calls == 2  # only the whole models, which are never cached
+    assert report.latency.cache_hits > 0 and report.latency.timed == 2
+    for changed in (dict(batch=64, threads=2), dict(batch=8)):
+        timer.calls = 0
+        tnonnx.rewrite(mlp(), format="svd", rank=16, timer=timer, **changed)
+        assert timer.calls == first
+    timer.calls = 0
+    tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, timer=timer, timing_cache=False)
+    assert timer.calls == first
+
+
+def test_the_cache_file_lives_where_documented(tmp_path, monkeypatch):
+    monkeypatch.setenv("TNONNX_CACHE_DIR", str(tmp_path))
+    tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, timer=latency.CallableTimer(mac_ms))
+    entries = json.loads((tmp_path / "timings.json").read_text())
+    assert entries and all(isinstance(v, float) for v in entries.values())
+    monkeypatch.delenv("TNONNX_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert latency.cache_dir() == tmp_path / "xdg" / "tnonnx"
+
+
+def test_the_report_carries_measured_and_predicted_times():
+    _, report = tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, threads=1,
+                               timer=latency.CallableTimer(mac_ms))
+    data = report.to_dict()
+    assert data["latency"]["measured"] is True and data["latency"]["threads"] == 1
+    assert "x 64x256" in data["latency"]["deployment"]
+    assert data["totals"]["ms_before"] > data["totals"]["ms_after"] > 0
+    rows = [r for r in data["layers"] if r["format"]]
+    assert rows and all(r["ms_before"] and r["ms_after"] and r["ms_predicted"] for r in rows)
+    # without timing, everything is the cost model's prediction and says so
+    _, report = tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, timing=False)
+    assert report.latency.measured is False and report.latency.timed > 0
+
+
+@pytest.mark.parametrize("bad, message", [(dict(threads=0), "--threads 0"), (dict(speedup=0), "--speedup 0"),
+                                          (dict(budget="two"), "--budget two")])
+def test_bad_speed_options_are_one_line_errors(bad, message):
+    with pytest.raises(TnonnxError, match=message):
+        tnonnx.rewrite(mlp(), format="svd", rank=16, **bad)
+
+
+def test_budget_is_taken_as_the_cli_writes_it():
+    _, a = tnonnx.rewrite(mlp(), format="svd", budget="4x", allow_slower=True, validate=False)
+    _, b = tnonnx.rewrite(mlp(), format="svd", budget=4.0, allow_slower=True, validate=False)
+    assert a.totals.params_after == b.totals.params_after

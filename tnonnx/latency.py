@@ -1,0 +1,434 @@
+"""Latency at the deployment shape: one-layer models timed in onnxruntime, interleaved with
+the dense layer, medians, cached on disk; a cost model that predicts (and prunes) first.
+
+Everything that times goes through a Timer, so that tests drive the planner with fixed
+timings: `OrtTimer` measures, `CostModelTimer` predicts from MACs, bytes moved and nodes,
+and any callable `model -> ms` can stand in (`CallableTimer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from . import calibrate, macs, runtime
+from .graph import Layer
+
+# ------------------------------------------------------------------ deployment
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Where the model will run: batch size, concrete input shapes (`--shape`), and
+    onnxruntime's intra-op threads (None: onnxruntime's own default, all cores)."""
+
+    batch: int = 1
+    shapes: tuple = ()  # ((input name, dims), ...): hashable form of --shape
+    threads: int | None = None
+
+    @classmethod
+    def of(cls, batch: int = 1, shapes=None, threads: int | None = None) -> "Deployment":
+        return cls(batch, tuple(sorted((k, tuple(v)) for k, v in (shapes or {}).items())), threads)
+
+    @property
+    def shape_map(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v) for k, v in self.shapes}
+
+    def describe(self, model: onnx.ModelProto) -> str:
+        concrete = calibrate.concrete_shapes(model, self.batch, self.shape_map)
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in concrete.items())
+        threads = f"{self.threads} thread(s)" if self.threads else f"onnxruntime's default threads ({os.cpu_count()} cores)"
+        return f"{shapes}; {threads}"
+
+
+# ------------------------------------------------------------------ timers
+
+
+class CostModelTimer:
+    """Predicted milliseconds from a model's MACs, the bytes its nodes write (Transposes
+    dearer: onnxruntime runs them on one thread), the weight bytes it reads, and a fixed
+    cost per node. Deterministic; used to prune candidates before timing and, with
+    --no-timing, instead of timing. Constants fitted loosely to onnxruntime 1.2x-1.3x on
+    the 2-core machines of docs/RESULTS.md (per thread)."""
+
+    MACS_PER_MS = 1.6e7  # per thread
+    BYTES_PER_MS = 8e6  # activations written by ordinary nodes
+    TRANSPOSE_BYTES_PER_MS = 1.5e6
+    WEIGHT_BYTES_PER_MS = 1e7
+    NODE_MS = 0.002  # per node: kernel dispatch and allocation
+
+    def __call__(self, models: list[onnx.ModelProto], feeds: dict, threads: int | None) -> list[float]:
+        return [self.predict(m, feeds, threads) for m in models]
+
+    def predict(self, model: onnx.ModelProto, feeds: dict, threads: int | None) -> float:
+        shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
+        cost = macs.count(model, shapes)
+        threads = threads or os.cpu_count() or 1
+        inferred = _inferred(model, shapes)
+        sizes = {vi.name: _elements(vi) for vi in (*inferred.graph.value_info, *inferred.graph.output)}
+        moved = transposed = 0
+        for node in model.graph.node:
+            out = sizes.get(node.output[0]) or 0
+            if node.op_type == "Transpose":
+                transposed += out * 4
+            elif node.op_type not in ("Reshape", "Shape", "Slice", "Concat", "Squeeze", "Unsqueeze", "Identity"):
+                moved += out * 4
+        weights = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
+        return (cost.total / (self.MACS_PER_MS * threads) + moved / self.BYTES_PER_MS
+                + transposed / self.TRANSPOSE_BYTES_PER_MS + weights / self.WEIGHT_BYTES_PER_MS
+                + len(model.graph.node) * self.NODE_MS)
+
+
+class CallableTimer:
+    """A timer from any function `(model, feeds) -> ms` (tests: fixed timings)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = 0  # models timed
+
+    def __call__(self, models, feeds, threads):
+        self.calls += len(models)
+        return [float(self.fn(m, feeds)) for m in models]
+
+
+@dataclass
+class OrtTimer:
+    """Interleaved onnxruntime timing: every model is warmed up, then each round runs every
+    model `inner` times in turn (so drifts in machine load hit all alike); the result is the
+    median over rounds of the mean run time, in ms."""
+
+    warmup: int = 3
+    min_rounds: int = 7
+    max_rounds: int = 25
+    round_ms: float = 2.0  # each model runs enough times per round to take about this long
+    budget_s: float = 1.5  # stop adding rounds (beyond min_rounds) after this long
+    clock: object = time.perf_counter
+
+    def __call__(self, models, feeds, threads):
+        sessions = [runtime.session(m, threads=threads, what="timing model") for m in models]
+        inner = []
+        for sess in sessions:
+            for _ in range(self.warmup):
+                sess.run(None, feeds)
+            t0 = self.clock()
+            sess.run(None, feeds)
+            one = max(self.clock() - t0, 1e-6) * 1e3
+            inner.append(max(1, min(50, int(self.round_ms / one))))
+        samples = [[] for _ in sessions]
+        start = self.clock()
+        for round_ in range(self.max_rounds):
+            for i, sess in enumerate(sessions):
+                t0 = self.clock()
+                for _ in range(inner[i]):
+                    sess.run(None, feeds)
+                samples[i].append((self.clock() - t0) * 1e3 / inner[i])
+            if round_ + 1 >= self.min_rounds and self.clock() - start > self.budget_s:
+                break
+        return [float(np.median(s)) for s in samples]
+
+
+DEFAULT_TIMER = OrtTimer()
+
+
+def default_timer():
+    """The timer the pipeline uses unless one is passed (tests replace DEFAULT_TIMER)."""
+    return DEFAULT_TIMER
+
+
+# ------------------------------------------------------------------ cache
+
+
+def cache_dir() -> Path:
+    """$TNONNX_CACHE_DIR, else $XDG_CACHE_HOME/tnonnx, else ~/.cache/tnonnx."""
+    if os.environ.get("TNONNX_CACHE_DIR"):
+        return Path(os.environ["TNONNX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tnonnx"
+
+
+def machine_key() -> str:
+    """What timings depend on besides the model: onnxruntime's version and the CPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"onnxruntime {ort.__version__}; {cpu}; {os.cpu_count()} cpus"
+
+
+class TimingCache:
+    """Milliseconds by key, in one JSON file (timings.json in cache_dir()), written
+    atomically; when not `enabled`, only kept for the run. Keys hash the model's structure without weight values (ops, attributes,
+    tensor shapes: so op, shapes, format, ranks and emission), the feed shapes, the
+    threads and machine_key()."""
+
+    def __init__(self, path: Path | None = None, enabled: bool = True):
+        self.path = Path(path) if path is not None else cache_dir() / "timings.json"
+        self.enabled = enabled
+        self.entries: dict[str, float] = {}
+        self.hits = self.misses = 0
+        if enabled and self.path.exists():
+            try:
+                self.entries = {k: float(v) for k, v in json.loads(self.path.read_text()).items()}
+            except (OSError, ValueError, AttributeError):
+                self.entries = {}  # a damaged cache is re-measured, not an error
+
+    def key(self, model: onnx.ModelProto, feeds: dict, threads: int | None, timer_name: str) -> str:
+        h = hashlib.sha256(structure(model))
+        h.update(json.dumps([sorted((k, list(np.shape(v)), str(np.asarray(v).dtype)) for k, v in feeds.items()),
+                             threads, machine_key(), timer_name]).encode())
+        return h.hexdigest()
+
+    def get(self, key: str) -> float | None:
+        value = self.entries.get(key)  # disabled: still reused within the run, never read or written
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def put(self, key: str, ms: float) -> None:
+        self.entries[key] = ms
+
+    def save(self) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".timings-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.entries, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # an unwritable cache costs time next run, nothing else
+
+
+def structure(model: onnx.ModelProto) -> bytes:
+    """The model without weight values: what a timing depends on."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.data_type != onnx.TensorProto.INT64:  # shapes stay: they change the computation
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+            t.ClearField("double_data")
+    return m.SerializeToString(deterministic=True)
+
+
+# ------------------------------------------------------------------ measuring
+
+
+class Clock:
+    """Times lists of models through a timer and a cache; counts what was measured."""
+
+    def __init__(self, timer=None, cache: TimingCache | None = None, threads: int | None = None):
+        self.timer = timer if timer is not None else default_timer()
+        self.cache = cache if cache is not None else TimingCache(enabled=False)
+        self.threads = threads
+        self.seconds = 0.0  # spent timing
+        self.timed = 0
+
+    @property
+    def measures(self) -> bool:
+        return not isinstance(self.timer, CostModelTimer)
+
+    def time(self, models: list[onnx.ModelProto], feeds: dict, *, cache: bool = True) -> list[float]:
+        """ms per model: cached ones looked up, the rest timed together (interleaved)."""
+        name = type(self.timer).__name__
+        keys = [self.cache.key(m, feeds, self.threads, name) if cache else None for m in models]
+        out = [self.cache.get(k) if k else None for k in keys]
+        todo = [i for i, v in enumerate(out) if v is None]
+        if todo:
+            started = time.perf_counter()
+            measured = self.timer([models[i] for i in todo], feeds, self.threads)
+            self.seconds += time.perf_counter() - started
+            self.timed += len(todo)
+            for i, ms in zip(todo, measured):
+                out[i] = ms
+                if keys[i]:
+                    self.cache.put(keys[i], ms)
+        return out
+
+
+def predict(model: onnx.ModelProto, feeds: dict, threads: int | None) -> float:
+    return CostModelTimer().predict(model, feeds, threads)
+
+
+# ------------------------------------------------------------------ one-layer models
+
+
+def layer_feeds(model: onnx.ModelProto, layers: list[Layer], deployment: Deployment) -> dict[str, dict]:
+    """Per layer name, random feeds of the layer's real input shapes at the deployment shape
+    ({"x": ..., "c": ... for a computed Gemm bias}), read off one onnxruntime run of the model
+    with those tensors exposed. Layers inside subgraphs, or a model that does not run on
+    random inputs, get none (their times are then predicted from shapes alone)."""
+    wanted = [t for layer in layers for t in (layer.x, layer.bias_input) if t]
+    try:
+        exposed, names = runtime.with_outputs(model, wanted)
+        feeds = calibrate.random_feeds(model, deployment.batch, deployment.shape_map, seed=0)
+        sess = runtime.session(exposed, optimize=False, what="model")
+        values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    except Exception:  # noqa: BLE001 - timing then falls back to predictions
+        return {}
+    rng = np.random.default_rng(0)
+    out = {}
+    for layer in layers:
+        if layer.x not in values or (layer.bias_input and layer.bias_input not in values):
+            continue
+        feed = {"x": rng.standard_normal(values[layer.x].shape).astype(values[layer.x].dtype)}
+        if layer.bias_input:
+            c = values[layer.bias_input]
+            feed["c"] = rng.standard_normal(c.shape).astype(c.dtype)
+        out[layer.name] = feed
+    return out
+
+
+def canonical(layer: Layer) -> Layer:
+    """The layer as a one-layer model sees it: input x (and c), output y."""
+    node = onnx.NodeProto()
+    node.CopyFrom(layer.node)
+    node.output[0] = "y"
+    return dataclasses.replace(layer, node=node, x="x", bias_input="c" if layer.bias_input else None)
+
+
+def one_layer_model(layer: Layer, nodes, initializers, feeds: dict, opset: int) -> onnx.ModelProto:
+    inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+              for name, v in feeds.items()]
+    graph = helper.make_graph(list(nodes), "layer", inputs, [helper.make_tensor_value_info("y", _dtype(layer), None)],
+                              list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 13))],
+                             ir_version=min(onnx.IR_VERSION, 9))
+
+
+def dense_nodes(layer: Layer, builder) -> None:
+    """The original layer, as the fastest standard form of its op (MatMul, Conv)."""
+    from .emit import conv_node
+
+    if layer.kind == "conv":
+        w = layer.weight
+        if layer.groups > 1:
+            attrs = dict(layer.geometry.spatial_attrs(), group=layer.groups)
+        else:
+            attrs = layer.geometry.spatial_attrs()
+        conv_node(builder, layer.x, w, "conv", bias=layer.bias, attrs=attrs, output=layer.node.output[0])
+        return
+    x = layer.x
+    if layer.trans_x:
+        x = builder.op("Transpose", [x], "transpose", perm=[1, 0])
+    if layer.side == "left":  # the node computes W @ x with W the canonical weight's transpose
+        y = builder.op("MatMul", [builder.weight(layer.weight.T, "w"), x], "matmul")
+    else:
+        y = builder.op("MatMul", [x, builder.weight(layer.weight, "w")], "matmul")
+    if layer.bias is not None:
+        y = builder.op("Add", [y, builder.cast(builder.constant(layer.bias, "bias"))], "bias")
+    if layer.bias_input:
+        y = builder.op("Add", [y, layer.bias_input], "bias")
+    builder.rename_output(layer.node.output[0])
+
+
+def _dtype(layer: Layer) -> int:
+    return helper.np_dtype_to_tensor_dtype(np.dtype(layer.compute_dtype or np.float32))
+
+
+def _inferred(model, shapes):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for vi in m.graph.input:
+        if vi.name in shapes:
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shapes[vi.name]:
+                dims.add().dim_value = int(d)
+    try:
+        return onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # noqa: BLE001
+        return m
+
+
+def _elements(vi) -> int | None:
+    dims = vi.type.tensor_type.shape.dim
+    if not dims or any(not d.HasField("dim_value") for d in dims):
+        return None
+    return int(np.prod([d.dim_value for d in dims]))
+
+
+# ------------------------------------------------------------------ per-layer timing
+
+PRUNE_FACTOR = 2.0  # candidates predicted this much slower than dense are not timed
+
+
+@dataclass
+class Timing:
+    """A layer's time at the deployment shape, in ms."""
+
+    ms: float | None  # measured when `measured`, else predicted (scaled to the dense layer's measurement)
+    predicted_ms: float | None
+    measured: bool
+
+
+class LayerTimer:
+    """Times candidate replacements of layers as one-layer models (see canonical,
+    one_layer_model), each beside the dense layer, through a Clock (so cached).
+
+    `emit(builder, layer, fact, emission)` appends a factorisation's nodes (api.emit_layer)."""
+
+    def __init__(self, model: onnx.ModelProto, layers: list[Layer], deployment: Deployment, clock: Clock, emit,
+                 opset: int):
+        self.deployment, self.clock, self.emit, self.opset = deployment, clock, emit, opset
+        self.feeds = layer_feeds(model, layers, deployment)
+        self._dense: dict[str, Timing] = {}
+
+    def known(self, layer: Layer) -> bool:
+        return layer.name in self.feeds
+
+    def _model(self, layer: Layer, fact=None, emission: str = "matmul") -> onnx.ModelProto:
+        from .emit import Builder
+
+        layer = canonical(layer)
+        builder = Builder("L", layer.store_dtype, layer.compute_dtype)
+        if fact is None:
+            dense_nodes(layer, builder)
+        else:
+            self.emit(builder, layer, fact, emission)
+        return one_layer_model(layer, builder.nodes, builder.initializers, self.feeds_of(layer), self.opset)
+
+    def feeds_of(self, layer: Layer) -> dict:
+        return self.feeds[layer.name]
+
+    def dense(self, layer: Layer) -> Timing:
+        if layer.name not in self._dense:
+            if not self.known(layer):
+                self._dense[layer.name] = Timing(None, None, False)
+            else:
+                self.candidates(layer, [])
+        return self._dense[layer.name]
+
+    def candidates(self, layer: Layer, trials: list[tuple]) -> list[Timing]:
+        """Timings of (fact, emission) trials, with the dense layer timed alongside; those
+        the cost model predicts PRUNE_FACTOR slower than dense are predicted, not timed."""
+        if not self.known(layer):
+            return [Timing(None, None, False) for _ in trials]
+        feeds = self.feeds_of(layer)
+        threads = self.deployment.threads
+        models = [self._model(layer)] + [self._model(layer, fact, emission) for fact, emission in trials]
+        predicted = [predict(m, feeds, threads) for m in models]
+        timed = [0] + [i for i in range(1, len(models)) if predicted[i] <= PRUNE_FACTOR * predicted[0]]
+        measured = self.clock.time([models[i] for i in timed], feeds)
+        by_index = dict(zip(timed, measured))
+        scale = by_index[0] / predicted[0] if predicted[0] > 0 else 1.0
+        self._dense.setdefault(layer.name, Timing(by_index[0], predicted[0] * scale, self.clock.measures))
+        return [Timing(by_index.get(i, predicted[i] * scale), predicted[i] * scale,
+                       i in by_index and self.clock.measures) for i in range(1, len(models))]
