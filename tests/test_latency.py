@@ -12,7 +12,7 @@ import tnonnx
 from tnonnx import latency, macs
 from tnonnx.errors import TnonnxError
 from tnonnx.formats import RankSpec
-from tnonnx.plan import Option, Unreachable, apply_floor, choose
+from tnonnx.choose import Option, Unreachable, apply_floor, choose
 
 from onnx_builders import init, make_model, rel_err, run, value
 

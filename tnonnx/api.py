@@ -3,10 +3,8 @@ validate -> report. The CLI and the Python API both call these functions."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -22,8 +20,8 @@ from .formats import Factorization
 from .graph import Layer, find_layers, replace_nodes
 from .macs import all_graphs
 from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer
-from .plan import (AUTO_FORMATS, Fitter, LayerPlan, Option, Selection, Unreachable, apply_floor, candidate_options, choose,
-                   emissions_for, fit_error, ladder, make_plan, pareto, rank_spec, time_options)
+from .choose import MAX_REPLANS, Planner, SpeedRules, emissions_for, slower_note
+from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, fit_error, make_plan, rank_spec
 from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals
 from .tensorize import parse_modes
 from .validate import run as run_model
@@ -107,7 +105,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     layer_timer = LayerTimer(original, [p.layer for p in plans], deployment, clock, emit_layer,
                              model_io.default_opset(original))
     speed_feeds = calibrate.random_feeds(original, batch, shapes, seed=0)
-    rules = _SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
+    rules = SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
                         emit=emit, keep_best=keep_best)
     notes = []
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
@@ -117,7 +115,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         if budget is not None and data:
             sensitivity = _sensitivity(original, new, fitter, batches, emit)
         before_ms = clock.time([original], speed_feeds, cache=False)[0] if speedup else None
-        planner = _Planner(plans, fitter, candidates, budget, rules, layer_timer, sensitivity, before_ms)
+        planner = Planner(plans, fitter, candidates, budget, rules, layer_timer, sensitivity, before_ms)
 
         def build(slack: float) -> dict:
             active = planner.plan(slack)
@@ -171,7 +169,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             raise TnonnxError(shortfall + "; nothing written (--keep-best writes it anyway)")
         notes.append(shortfall + "; written because of --keep-best")
     if after_ms > before_ms:
-        notes.append(_slower_note(format, budget, speedup, allow_slower, before_ms, after_ms))
+        notes.append(slower_note(format, budget, speedup, allow_slower, before_ms, after_ms))
     seconds = time.perf_counter() - started
 
     concrete = calibrate.concrete_shapes(original, batch, shapes)
@@ -208,7 +206,7 @@ def parse_budget(budget) -> float | None:
         raise TnonnxError(f"--budget {budget}: not a reduction factor (e.g. 3x)") from None
 
 
-def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, timer: LayerTimer, rules: "_SpeedRules",
+def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, timer: LayerTimer, rules: SpeedRules,
                   progress: bool, shared: dict | None = None, replacements: dict | None = None) -> dict:
     """Fit each planned layer (once per shared weight) and emit its replacement nodes in the
     plan's emission (or, where the planner left it open, the fastest measured); returns the
@@ -236,123 +234,6 @@ def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, timer: La
         emit_layer(builder, layer, fact, plan.emission)
         replacements[id(layer.node)] = _Replacement(layer, plan, fact, builder)
     return replacements
-
-
-MAX_REPLANS = 3  # --speedup: re-plans after the whole model missed the target
-
-
-@dataclass(frozen=True)
-class _SpeedRules:
-    speedup: float | None  # the rewritten model must run this many times as fast
-    floor: bool  # no layer slower than dense (auto / budget unless --allow-slower)
-    emit: str
-    keep_best: bool = False
-
-
-class _Planner:
-    """Chooses format, rank and emission per layer group (layers sharing a weight) when
-    tnonnx chooses (--format auto, --budget, --speedup): options are fitted and timed once,
-    then `plan(slack)` allocates them, `slack` ms tighter on each re-plan."""
-
-    def __init__(self, plans, fitter, formats, budget, rules: _SpeedRules, timer, sensitivity, before_ms):
-        self.plans, self.fitter, self.formats, self.budget = plans, fitter, formats, budget
-        self.rules, self.timer, self.sensitivity, self.before_ms = rules, timer, sensitivity, before_ms
-        self.start = [(p.format, p.spec) for p in plans]
-        self.groups: dict[str, list[LayerPlan]] = {}
-        for p in plans:
-            self.groups.setdefault(p.layer.weight_key, []).append(p)
-        self.options: dict | None = None
-        self.floored: dict[str, int] = {}
-        self.notes: list[str] = []
-
-    @property
-    def choosing(self) -> bool:
-        return self.budget is not None or self.formats != (self.start[0][0],) or self.rules.speedup is not None
-
-    def plan(self, slack: float = 0.0) -> list[LayerPlan]:
-        for p, (fmt, spec) in zip(self.plans, self.start):
-            p.layer.reason, p.format, p.spec, p.emission = None, fmt, spec, None
-        if not self.choosing:
-            return list(self.plans)
-        if self.options is None:
-            self.options = {key: self._options(group) for key, group in self.groups.items()}
-        max_params = self._selected() / self.budget if self.budget is not None else None
-        max_ms = self._max_ms(slack) if self.rules.speedup else None
-        options = self.options
-        if max_params is None and max_ms is None:  # auto alone: the best candidate, never dense by choice
-            options = {k: [o for o in opts if not o.dense] or opts for k, opts in options.items()}
-            tol = self.plans[0].spec.tol
-            if tol is not None:
-                choice = {k: min(opts, key=lambda o: (o.dense, o.error > tol**2, o.params))
-                          for k, opts in options.items()}
-            else:
-                choice = choose(options)
-        else:
-            try:
-                choice = choose(options, max_params, max_ms)
-            except Unreachable as exc:
-                what = "" if "--budget" in str(exc) else f"--speedup {self.rules.speedup:g}: unreachable; "
-                dropped = sum(self.floored.values())
-                floor = (f" with no layer slower than its dense layer at the deployment shape ({dropped} "
-                         "candidate(s) timed slower were left out; --allow-slower lifts this rule)") if dropped else ""
-                raise TnonnxError(what + str(exc) + floor) from None
-        for key, group in self.groups.items():
-            o = choice[key]
-            for p in group:
-                if o.dense:
-                    p.layer.reason = self._dense_reason(key)
-                else:
-                    p.format, p.spec, p.emission = o.format, o.spec, o.emission
-        return [p for p in self.plans if p.layer.reason is None]
-
-    def _selected(self) -> int:
-        return sum(group[0].layer.params for group in self.groups.values())
-
-    def _options(self, group: list[LayerPlan]) -> list[Option]:
-        first = group[0]
-        trials = ladder(self.formats, first.layer) if self.budget is not None else \
-            [(f, first.spec) for f in self.formats]
-        options = candidate_options(first, self.fitter, trials)
-        if self.sensitivity is not None and options:
-            share = 1.0 / self.budget
-            probe = min(options, key=lambda o: abs(o.params - share * first.layer.params))
-            weight = self.sensitivity(first, probe.format, probe.spec)
-            options = [dataclasses.replace(o, error=o.error * weight) for o in options]
-        options = time_options(group, options, self.fitter, self.timer, self.rules.emit)
-        if self.budget is not None:
-            options = pareto(options)
-        if self.rules.floor:
-            options, dropped = apply_floor(options)
-            self.floored[first.layer.weight_key] = dropped
-        return options
-
-    def _max_ms(self, slack: float) -> float:
-        dense = [opts[0].ms for opts in self.options.values()]
-        if any(ms is None for ms in dense) or self.before_ms is None:
-            raise TnonnxError(f"--speedup {self.rules.speedup:g}: some selected layers could not be timed at the "
-                              "deployment shape (inside a subgraph, or the model does not run on random inputs)")
-        fixed = max(self.before_ms - sum(dense), 0.0)  # what the rest of the model takes
-        return self.before_ms / self.rules.speedup - fixed - slack
-
-    def _dense_reason(self, key: str) -> str:
-        only_dense = len(self.options[key]) == 1
-        if only_dense and self.floored.get(key):
-            return ("every candidate is slower than the dense layer at the deployment shape "
-                    "(--allow-slower lifts this)")
-        if only_dense:
-            return "no candidate is smaller than the layer"
-        if self.budget is not None and self.rules.speedup is None:
-            return "kept dense by the --budget allocator"
-        return "kept dense: the targets are met with the least error this way"
-
-
-def _slower_note(format, budget, speedup, allow_slower, before_ms, after_ms) -> str:
-    if format != "auto" and budget is None and not speedup:
-        hint = "--format auto or --budget (which never emit a layer slower than dense), or --speedup X"
-    else:
-        hint = "--speedup X" + (", or drop --allow-slower" if allow_slower else "")
-    return (f"the rewritten model is SLOWER than the original at the deployment shape: {after_ms:.3f} ms "
-            f"against {before_ms:.3f} ms ({before_ms / after_ms:.2f}x); to avoid it use {hint}")
 
 
 def layer_data(model: onnx.ModelProto, layers: list[Layer], batches, reference: onnx.ModelProto | None = None) -> dict:

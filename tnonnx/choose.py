@@ -1,0 +1,331 @@
+"""Choosing format, rank and emission per layer group (layers sharing a weight) when tnonnx
+chooses (--format auto, --budget, --speedup), from measured error and measured latency.
+
+Each group gets options (dense, and each format x rank x emission), fitted once and timed
+at the deployment shape (latency.LayerTimer); the never-slower floor drops options slower
+than dense; `choose` allocates them under the parameter and time limits; `Planner` ties it
+together and re-plans with a tighter time limit when the whole model missed --speedup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import NotApplicable, TnonnxError
+from .formats import RankSpec
+from .graph import Layer
+from .plan import RANK_LADDER, Fitter, LayerPlan, fit_error
+
+
+@dataclass
+class Option:
+    """One way to carry a group of layers that share a weight: dense (format None) or a
+    format at a rank rule, emitted one way, with what it costs and the error it makes."""
+
+    format: str | None
+    spec: RankSpec | None
+    params: int
+    error: float  # squared relative error the choice minimises (weighted by sensitivity)
+    emission: str = "matmul"
+    ms: float | None = None  # all layers of the group at the deployment shape (None: not known)
+    predicted_ms: float | None = None
+    measured: bool = False
+    macs_ratio: float | None = None  # MACs against dense, for layers whose time is not known
+
+    @property
+    def dense(self) -> bool:
+        return self.format is None
+
+
+def emissions_for(fact, emit: str, layer: Layer) -> tuple[str, ...]:
+    """The emissions a factorisation can be timed in: conv factorisations have one (Conv
+    nodes); chains all standard-op layouts under --emit auto, else the one asked for.
+    Features-first is float32 only: onnxruntime (1.2x CPU) crashed loading a float16 one,
+    and float16 models are not what its layout was measured on."""
+    if not hasattr(fact, "chain"):
+        return ("matmul",)
+    features_first = np.dtype(layer.compute_dtype or np.float32) == np.float32
+    if emit == "auto":
+        return ("matmul", "features-first") if features_first else ("matmul",)
+    if emit == "features-first" and not features_first:
+        return ("matmul",)
+    return (emit,)
+
+
+def candidate_options(plan: LayerPlan, fitter: Fitter, trials: list[tuple[str, RankSpec]]) -> list[Option]:
+    """Options for the (format, spec) trials of one layer (data-free or closed-form fits);
+    trials that do not apply, or are not smaller than the layer, are left out."""
+    layer, out, done = plan.layer, [], set()
+    for fmt, spec in trials:  # a format's trials come in growing rank: stop at the first too large
+        if fmt in done:
+            continue
+        try:
+            fact = fitter.fit(layer, fmt, spec, plan.modes, plan.order, final=False)
+        except NotApplicable:
+            done.add(fmt)
+            continue
+        if fact.params() >= layer.params:
+            done.add(fmt)
+            continue
+        out.append(Option(fmt, spec, fact.params(), fit_error(fact) ** 2, macs_ratio=_macs_ratio(fact, layer)))
+    return out
+
+
+def _macs_ratio(fact, layer: Layer) -> float | None:
+    if hasattr(fact, "chain"):
+        return fact.chain.macs_per_row() / max(layer.params, 1)
+    geometry = layer.geometry
+    if geometry is not None and geometry.in_spatial is not None and geometry.out_spatial is not None:
+        dense = layer.params * math.prod(geometry.out_spatial)
+        return fact.macs(geometry) / max(dense, 1)
+    return None
+
+
+def time_options(group: list[LayerPlan], options: list[Option], fitter: Fitter, timer, emit: str) -> list[Option]:
+    """Each option timed at the deployment shape (summed over the group's layers) in its
+    fastest emission, plus the dense option; `timer` is a latency.LayerTimer or None."""
+    first = group[0]
+    dense = Option(None, None, first.layer.params, 0.0, macs_ratio=1.0)
+    if timer is None:
+        return [dense] + options
+    trials, owners = [], []
+    for i, o in enumerate(options):
+        fact = fitter.fit(first.layer, o.format, o.spec, first.modes, first.order, final=False)
+        for emission in emissions_for(fact, emit, first.layer):
+            trials.append((fact, emission))
+            owners.append(i)
+    per_layer = [timer.candidates(p.layer, trials) for p in group]
+    dense_times = [timer.dense(p.layer) for p in group]
+    dense.ms, dense.predicted_ms, dense.measured = _sum_timings(dense_times)
+    out = [dense]
+    for i, o in enumerate(options):
+        best = None
+        for j in (j for j, owner in enumerate(owners) if owner == i):
+            ms, predicted, measured = _sum_timings([t[j] for t in per_layer])
+            if best is None or (ms is not None and (best.ms is None or ms < best.ms)):
+                best = dataclasses.replace(o, emission=trials[j][1], ms=ms, predicted_ms=predicted, measured=measured)
+        out.append(best)
+    return out
+
+
+def _sum_timings(timings) -> tuple:
+    if any(t.ms is None for t in timings):
+        return None, None, False
+    return (sum(t.ms for t in timings), sum(t.predicted_ms for t in timings), all(t.measured for t in timings))
+
+
+def apply_floor(options: list[Option]) -> tuple[list[Option], int]:
+    """The never-slower rule: options measured (or, where the layer could not be timed,
+    counted in MACs) slower than the dense layer are dropped. Returns (kept, dropped)."""
+    dense = options[0]
+    kept = [o for o in options if o.dense or not _slower(o, dense)]
+    return kept, len(options) - len(kept)
+
+
+# timings within this of each other are one speed: interleaved medians of tiny layers still
+# scatter by a few percent and a microsecond
+FLOOR_RELATIVE, FLOOR_ABSOLUTE_MS = 0.05, 0.001
+
+
+def _slower(option: Option, dense: Option) -> bool:
+    if option.ms is not None and dense.ms is not None:
+        return option.ms > dense.ms * (1 + FLOOR_RELATIVE) + FLOOR_ABSOLUTE_MS
+    return option.macs_ratio is not None and option.macs_ratio > 1.0
+
+
+class Unreachable(TnonnxError):
+    """A target (--budget, --speedup) no choice of the candidates meets."""
+
+
+def choose(options: dict[str, list[Option]], max_params: float | None = None,
+           max_ms: float | None = None) -> dict[str, Option]:
+    """One option per group minimising the summed error with the groups' parameters at most
+    `max_params` and their time at most `max_ms` (None: no limit).
+
+    Greedy on a combined resource, parameters / max_params + ms / max_ms: start from the
+    cheapest feasible choice, then repeatedly take the change with the largest error drop per
+    unit of resource that keeps both limits (free changes first). With only a parameter
+    limit this is the error-per-parameter allocator of section 10 of ALGORITHMS.md."""
+    def usage(choice):
+        params = sum(o.params for o in choice.values())
+        ms = sum(o.ms or 0.0 for o in choice.values())
+        return params, ms
+
+    def fits(params, ms):
+        return (max_params is None or params <= max_params) and (max_ms is None or ms <= max_ms + 1e-12)
+
+    def resource(o):
+        r = o.params / max_params if max_params else 0.0
+        return r + ((o.ms or 0.0) / max_ms if max_ms else 0.0)
+
+    if max_params is None and max_ms is None:
+        return {k: min(opts, key=lambda o: (o.error, o.params)) for k, opts in options.items()}
+    starts = [{k: min(opts, key=lambda o: (resource(o), o.error)) for k, opts in options.items()},
+              {k: min(opts, key=lambda o: ((o.ms or 0.0), o.params)) for k, opts in options.items()},
+              {k: min(opts, key=lambda o: (o.params, o.ms or 0.0)) for k, opts in options.items()}]
+    current = next((c for c in starts if fits(*usage(c))), None)
+    if current is None:
+        params = sum(min(o.params for o in opts) for opts in options.values())
+        ms = sum(min(o.ms or 0.0 for o in opts) for opts in options.values())
+        raise Unreachable(_shortfall(params, ms, max_params, max_ms))
+    while True:
+        params, ms = usage(current)
+        best = None
+        for key, opts in options.items():
+            cur = current[key]
+            for o in opts:
+                if o.error >= cur.error:
+                    continue
+                if not fits(params - cur.params + o.params, ms - (cur.ms or 0.0) + (o.ms or 0.0)):
+                    continue
+                extra = resource(o) - resource(cur)
+                drop = cur.error - o.error
+                rank = (1, drop) if extra <= 0 else (0, drop / extra)
+                if best is None or rank > best[0]:
+                    best = (rank, key, o)
+        if best is None:
+            return current
+        current[best[1]] = best[2]
+
+
+def _shortfall(params, ms, max_params, max_ms) -> str:
+    if max_params is not None and params > max_params:
+        return (f"--budget: unreachable; the selected layers need at least {params} parameters at the lowest "
+                f"ranks, the budget leaves {max(int(max_params), 0)}")
+    return (f"the fastest choice for every layer still takes {ms:.3f} ms in the rewritten layers, "
+            f"{max(max_ms, 0.0):.3f} ms would be needed")
+
+
+def pareto(options: list[Option]) -> list[Option]:
+    """Options not dominated in (params, ms, error) by another (dense always kept)."""
+    def dominated(a, b):
+        keys_a = (a.params, a.ms if a.ms is not None else math.inf, a.error)
+        keys_b = (b.params, b.ms if b.ms is not None else math.inf, b.error)
+        return all(y <= x for x, y in zip(keys_a, keys_b)) and keys_a != keys_b
+    return [o for o in options if o.dense or not any(dominated(o, b) for b in options if b is not o)]
+
+
+def ladder(formats, layer: Layer) -> list[tuple[str, RankSpec]]:
+    """The (format, rank cap) trials of the --budget allocator."""
+    return [(f, RankSpec(rank=cap)) for f in formats for cap in RANK_LADDER]
+
+
+MAX_REPLANS = 3  # --speedup: re-plans after the whole model missed the target
+
+
+@dataclass(frozen=True)
+class SpeedRules:
+    speedup: float | None  # the rewritten model must run this many times as fast
+    floor: bool  # no layer slower than dense (auto / budget unless --allow-slower)
+    emit: str
+    keep_best: bool = False
+
+
+class Planner:
+    """Chooses format, rank and emission per layer group (layers sharing a weight) when
+    tnonnx chooses (--format auto, --budget, --speedup): options are fitted and timed once,
+    then `plan(slack)` allocates them, `slack` ms tighter on each re-plan."""
+
+    def __init__(self, plans, fitter, formats, budget, rules: SpeedRules, timer, sensitivity, before_ms):
+        self.plans, self.fitter, self.formats, self.budget = plans, fitter, formats, budget
+        self.rules, self.timer, self.sensitivity, self.before_ms = rules, timer, sensitivity, before_ms
+        self.start = [(p.format, p.spec) for p in plans]
+        self.groups: dict[str, list[LayerPlan]] = {}
+        for p in plans:
+            self.groups.setdefault(p.layer.weight_key, []).append(p)
+        self.options: dict | None = None
+        self.floored: dict[str, int] = {}
+        self.notes: list[str] = []
+
+    @property
+    def choosing(self) -> bool:
+        return self.budget is not None or self.formats != (self.start[0][0],) or self.rules.speedup is not None
+
+    def plan(self, slack: float = 0.0) -> list[LayerPlan]:
+        for p, (fmt, spec) in zip(self.plans, self.start):
+            p.layer.reason, p.format, p.spec, p.emission = None, fmt, spec, None
+        if not self.choosing:
+            return list(self.plans)
+        if self.options is None:
+            self.options = {key: self._options(group) for key, group in self.groups.items()}
+        max_params = self._selected() / self.budget if self.budget is not None else None
+        max_ms = self._max_ms(slack) if self.rules.speedup else None
+        options = self.options
+        if max_params is None and max_ms is None:  # auto alone: the best candidate, never dense by choice
+            options = {k: [o for o in opts if not o.dense] or opts for k, opts in options.items()}
+            tol = self.plans[0].spec.tol
+            if tol is not None:
+                choice = {k: min(opts, key=lambda o: (o.dense, o.error > tol**2, o.params))
+                          for k, opts in options.items()}
+            else:
+                choice = choose(options)
+        else:
+            try:
+                choice = choose(options, max_params, max_ms)
+            except Unreachable as exc:
+                what = "" if "--budget" in str(exc) else f"--speedup {self.rules.speedup:g}: unreachable; "
+                dropped = sum(self.floored.values())
+                floor = (f" with no layer slower than its dense layer at the deployment shape ({dropped} "
+                         "candidate(s) timed slower were left out; --allow-slower lifts this rule)") if dropped else ""
+                raise TnonnxError(what + str(exc) + floor) from None
+        for key, group in self.groups.items():
+            o = choice[key]
+            for p in group:
+                if o.dense:
+                    p.layer.reason = self._dense_reason(key)
+                else:
+                    p.format, p.spec, p.emission = o.format, o.spec, o.emission
+        return [p for p in self.plans if p.layer.reason is None]
+
+    def _selected(self) -> int:
+        return sum(group[0].layer.params for group in self.groups.values())
+
+    def _options(self, group: list[LayerPlan]) -> list[Option]:
+        first = group[0]
+        trials = ladder(self.formats, first.layer) if self.budget is not None else \
+            [(f, first.spec) for f in self.formats]
+        options = candidate_options(first, self.fitter, trials)
+        if self.sensitivity is not None and options:
+            share = 1.0 / self.budget
+            probe = min(options, key=lambda o: abs(o.params - share * first.layer.params))
+            weight = self.sensitivity(first, probe.format, probe.spec)
+            options = [dataclasses.replace(o, error=o.error * weight) for o in options]
+        options = time_options(group, options, self.fitter, self.timer, self.rules.emit)
+        if self.budget is not None:
+            options = pareto(options)
+        if self.rules.floor:
+            options, dropped = apply_floor(options)
+            self.floored[first.layer.weight_key] = dropped
+        return options
+
+    def _max_ms(self, slack: float) -> float:
+        dense = [opts[0].ms for opts in self.options.values()]
+        if any(ms is None for ms in dense) or self.before_ms is None:
+            raise TnonnxError(f"--speedup {self.rules.speedup:g}: some selected layers could not be timed at the "
+                              "deployment shape (inside a subgraph, or the model does not run on random inputs)")
+        fixed = max(self.before_ms - sum(dense), 0.0)  # what the rest of the model takes
+        return self.before_ms / self.rules.speedup - fixed - slack
+
+    def _dense_reason(self, key: str) -> str:
+        only_dense = len(self.options[key]) == 1
+        if only_dense and self.floored.get(key):
+            return ("every candidate is slower than the dense layer at the deployment shape "
+                    "(--allow-slower lifts this)")
+        if only_dense:
+            return "no candidate is smaller than the layer"
+        if self.budget is not None and self.rules.speedup is None:
+            return "kept dense by the --budget allocator"
+        return "kept dense: the targets are met with the least error this way"
+
+
+def slower_note(format, budget, speedup, allow_slower, before_ms, after_ms) -> str:
+    if format != "auto" and budget is None and not speedup:
+        hint = "--format auto or --budget (which never emit a layer slower than dense), or --speedup X"
+    else:
+        hint = "--speedup X" + (", or drop --allow-slower" if allow_slower else "")
+    return (f"the rewritten model is SLOWER than the original at the deployment shape: {after_ms:.3f} ms "
+            f"against {before_ms:.3f} ms ({before_ms / after_ms:.2f}x); to avoid it use {hint}")
