@@ -180,3 +180,11 @@ def test_budget_is_taken_as_the_cli_writes_it():
     _, a = tnonnx.rewrite(mlp(), format="svd", budget="4x", allow_slower=True, validate=False)
     _, b = tnonnx.rewrite(mlp(), format="svd", budget=4.0, allow_slower=True, validate=False)
     assert a.totals.params_after == b.totals.params_after
+
+
+def test_speedup_budgets_use_ranks_in_multiples_of_the_simd_width():
+    _, report = tnonnx.rewrite(mlp(), format="svd", budget=4, speedup=1.5, batch=64,
+                               timer=latency.CallableTimer(mac_ms))
+    ranks = [r.ranks[0] for r in report.rows if r.format]
+    assert ranks and all(r % 8 == 0 for r in ranks)
+    assert report.totals.ms_before / report.totals.ms_after >= 1.5

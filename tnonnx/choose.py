@@ -209,9 +209,15 @@ def pareto(options: list[Option]) -> list[Option]:
     return [o for o in options if o.dense or not any(dominated(o, b) for b in options if b is not o)]
 
 
-def ladder(formats, layer: Layer) -> list[tuple[str, RankSpec]]:
-    """The (format, rank cap) trials of the --budget allocator."""
-    return [(f, RankSpec(rank=cap)) for f in formats for cap in RANK_LADDER]
+SIMD_WIDTH = 8  # float32 lanes of AVX2; AVX-512 kernels also run full at multiples of 8 (16 better)
+
+
+def ladder(formats, simd: bool = False) -> list[tuple[str, RankSpec]]:
+    """The (format, rank cap) trials of the --budget allocator; with `simd` (--speedup) only
+    caps that are multiples of the SIMD width, at which GEMM and Conv kernels run full vectors
+    (ALGORITHMS.md section 12: conv factorisations reach 86-96% of their MAC ratio there)."""
+    caps = [c for c in RANK_LADDER if not simd or c % SIMD_WIDTH == 0]
+    return [(f, RankSpec(rank=cap)) for f in formats for cap in caps]
 
 
 MAX_REPLANS = 3  # --speedup: re-plans after the whole model missed the target
@@ -286,7 +292,7 @@ class Planner:
 
     def _options(self, group: list[LayerPlan]) -> list[Option]:
         first = group[0]
-        trials = ladder(self.formats, first.layer) if self.budget is not None else \
+        trials = ladder(self.formats, simd=self.rules.speedup is not None) if self.budget is not None else \
             [(f, first.spec) for f in self.formats]
         options = candidate_options(first, self.fitter, trials)
         if self.sensitivity is not None and options:
