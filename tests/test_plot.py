@@ -109,4 +109,6 @@ def test_missing_matplotlib_is_a_user_error(tmp_path, monkeypatch):
         plot.plot_report({"totals": {}, "layers": []}, tmp_path / "x.png")
     with pytest.raises(TnonnxError, match="needs matplotlib"):
         plot.plot_bench({}, tmp_path / "y.png")
+    with pytest.raises(TnonnxError, match="needs matplotlib"):
+        plot.require_matplotlib()
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()

@@ -26,6 +26,11 @@ WEIGHT_ERR = "#ff7f0e"
 WIDTH = 0.4  # of one bar; a layer's pair takes 0.8 of its slot
 
 
+def require_matplotlib() -> None:
+    """Raise the TnonnxError of a missing matplotlib now, before a long rewrite or bench."""
+    _figure_class()
+
+
 def plot_report(report: dict, path) -> Path:
     """Write one PNG picturing a rewrite report (`RewriteReport.to_dict()`); returns its path."""
     Figure = _figure_class()
