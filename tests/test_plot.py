@@ -1,4 +1,5 @@
 import importlib.util
+import os
 import struct
 import sys
 from pathlib import Path
@@ -39,6 +40,9 @@ def test_plot_report_writes_a_png(lenet_report, tmp_path):
     assert 600 <= width <= 8000 and 600 <= height <= 8000
     # only the picture is left in the folder: the temporary file was renamed
     assert [p.name for p in target.parent.iterdir()] == ["lenet.png"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 @needs_matplotlib

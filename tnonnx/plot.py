@@ -384,6 +384,7 @@ def _save(fig, path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a picture is as readable as any file
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -392,3 +393,9 @@ def _save(fig, path) -> Path:
             pass
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
