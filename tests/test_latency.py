@@ -188,3 +188,14 @@ def test_speedup_budgets_use_ranks_in_multiples_of_the_simd_width():
     ranks = [r.ranks[0] for r in report.rows if r.format]
     assert ranks and all(r % 8 == 0 for r in ranks)
     assert report.totals.ms_before / report.totals.ms_after >= 1.5
+
+
+def test_a_model_that_cannot_be_timed_is_still_rewritten():
+    def fails(model, feeds):
+        raise RuntimeError("onnxruntime refuses")
+
+    small, report = tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, timer=latency.CallableTimer(fails))
+    assert report.totals.ms_before is None and any("latency not measured" in n for n in report.notes)
+    assert all(not r.ms_measured for r in report.rows)
+    with pytest.raises(TnonnxError, match="could not be timed"):
+        tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, speedup=2, timer=latency.CallableTimer(fails))

@@ -263,6 +263,25 @@ class Clock:
         return out
 
 
+    def models(self, models: list[onnx.ModelProto], feeds: dict | None) -> list[float | None]:
+        """Whole models, never cached; None each when they cannot be timed (no feeds, or
+        onnxruntime fails on them), so that a model timing cannot run stops nothing else."""
+        if feeds is None:
+            return [None] * len(models)
+        try:
+            return self.time(models, feeds, cache=False)
+        except Exception:  # noqa: BLE001 - reported as "not measured"
+            return [None] * len(models)
+
+
+def deployment_feeds(model: onnx.ModelProto, deployment: Deployment) -> dict | None:
+    """Random feeds at the deployment shape, or None when none can be made."""
+    try:
+        return calibrate.random_feeds(model, deployment.batch, deployment.shape_map, seed=0)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def predict(model: onnx.ModelProto, feeds: dict, threads: int | None) -> float:
     return CostModelTimer().predict(model, feeds, threads)
 
@@ -426,7 +445,11 @@ class LayerTimer:
         models = [self._model(layer)] + [self._model(layer, fact, emission) for fact, emission in trials]
         predicted = [predict(m, feeds, threads) for m in models]
         timed = [0] + [i for i in range(1, len(models)) if predicted[i] <= PRUNE_FACTOR * predicted[0]]
-        measured = self.clock.time([models[i] for i in timed], feeds)
+        try:
+            measured = self.clock.time([models[i] for i in timed], feeds)
+        except Exception:  # noqa: BLE001 - a candidate onnxruntime cannot run: predictions only
+            measured, timed = [predicted[0]], [0]
+            self._dense.setdefault(layer.name, Timing(predicted[0], predicted[0], False))
         by_index = dict(zip(timed, measured))
         scale = by_index[0] / predicted[0] if predicted[0] > 0 else 1.0
         self._dense.setdefault(layer.name, Timing(by_index[0], predicted[0] * scale, self.clock.measures))
