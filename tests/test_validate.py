@@ -93,7 +93,9 @@ def test_run_concatenates_batches():
 def test_validate_identical_models_pass():
     result = validation.validate(classifier(), classifier(), batch=4, atol=0, min_cosine=0.9999)
     assert result.ok and result.failures == []
-    assert result.samples == 4 and (result.atol, result.rtol) == (0, 0)
+    # made-up feeds: at least RANDOM_SAMPLES samples in batches of 4, and the result says so
+    assert result.samples == validation.RANDOM_SAMPLES and (result.atol, result.rtol) == (0, 0)
+    assert result.random_feeds and result.to_dict()["feeds"] == "random"
     d = result.to_dict()
     json.dumps(d, allow_nan=False)
     assert d["outputs"][0]["snr_db"] == "inf" and d["ok"] is True
@@ -182,3 +184,53 @@ def test_session_from_large_proto_and_new_ir(monkeypatch):
     newer.ir_version = 14  # onnx 1.23's default, which onnxruntime 1.31 refuses
     runtime.session(newer).run(None, {"x": x})
     assert newer.ir_version == 14  # the caller's proto is left as it was
+
+
+# --- --max-accuracy-drop, random feeds, thresholds ---
+
+
+def test_max_accuracy_drop_on_labels_and_on_agreement():
+    x = np.eye(4, dtype=np.float32)  # logits are the rows of W: argmax 0, 1, 2, 0
+    w2 = W.copy()
+    w2[1] = [3, 0, 0]  # sample 1 now predicts class 0: accuracy 0.75 -> 0.5, agreement 0.75
+    feeds = {"x": x, "labels": np.array([0, 1, 2, 2])}
+    failed = validation.validate(classifier(), classifier(w2), inputs=feeds, max_accuracy_drop=10)
+    assert not failed.ok and failed.accuracy_basis == "accuracy"
+    assert failed.failures == ["accuracy dropped 25.00 points (0.7500 -> 0.5000), more than --max-accuracy-drop 10"]
+    assert validation.validate(classifier(), classifier(w2), inputs=feeds, max_accuracy_drop=25).ok
+    # no labels: applied to top-1 agreement with the original (0.75 < 0.9)
+    unlabelled = validation.validate(classifier(), classifier(w2), inputs={"x": x}, max_accuracy_drop=10)
+    assert unlabelled.accuracy_basis == "top-1 agreement" and not unlabelled.ok
+    assert "top-1 agreement with the original 0.7500 < 0.9000" in unlabelled.failures[0]
+    assert "no labels" in unlabelled.failures[0]
+    assert validation.validate(classifier(), classifier(w2), inputs={"x": x}, max_accuracy_drop=25).ok
+    d = unlabelled.to_dict()
+    assert d["thresholds"]["max_accuracy_drop"] == 10 and d["accuracy_basis"] == "top-1 agreement"
+
+
+def test_random_feeds_use_enough_samples_in_batches():
+    seen = []
+    run = validation.run
+
+    def spy(model, batches, what="model"):
+        seen.append([b["x"].shape[0] for b in batches])
+        return run(model, batches, what=what)
+
+    validation.run = spy
+    try:
+        result = validation.validate(classifier(), classifier(), batch=5)
+    finally:
+        validation.run = run
+    assert seen[0] == [5] * 7 and result.samples == 35 and result.random_feeds
+    fixed = validation.validate(classifier(batch_dim=2), classifier(batch_dim=2))
+    assert fixed.samples == validation.RANDOM_SAMPLES  # 16 runs of the model's fixed batch of 2
+    assert not validation.validate(classifier(), classifier(), inputs={"x": np.eye(4, dtype=np.float32)}).random_feeds
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"min_cosine": 2}, "--min-cosine 2: must be in [-1, 1]"), ({"atol": -1}, "--atol -1"),
+    ({"rtol": -1}, "--rtol -1"), ({"batch": 0}, "--batch 0"), ({"max_accuracy_drop": -1}, "--max-accuracy-drop -1")])
+def test_impossible_thresholds(kwargs, fragment):
+    with pytest.raises(TnonnxError) as info:
+        validation.validate(classifier(), classifier(), **kwargs)
+    assert fragment in str(info.value)

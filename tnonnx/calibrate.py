@@ -110,6 +110,44 @@ def concrete_shapes(
     return result
 
 
+def assumed_dims(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None) -> list[str]:
+    """What concrete_shapes assumes beyond the batch axis, one sentence per symbolic or
+    unknown dim (e.g. a sequence length) that --shape did not set: "assumed sequence = 64
+    for input x (axis 1); set it with --shape x:1x64"."""
+    shapes = dict(shapes or {})
+    specs = input_specs(model)
+    named: dict[str, int] = {}
+    for spec in specs:  # names fixed through --shape take their value everywhere
+        if spec.name in shapes and spec.shape is not None:
+            for dim, value in zip(spec.shape, shapes[spec.name]):
+                if isinstance(dim, str):
+                    named.setdefault(dim, value)
+    batch_names = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)}
+    out = []
+    for spec in specs:
+        if spec.name in shapes or not spec.shape:
+            continue
+        for axis, dim in enumerate(spec.shape):
+            if axis == 0 or (isinstance(dim, int) and dim > 0) or dim in named or dim in batch_names:
+                continue
+            example = "x".join("1" if a == 0 else str(d if isinstance(d, int) and d > 0 else DEFAULT_FREE_DIM)
+                               for a, d in enumerate(spec.shape))
+            label = dim if isinstance(dim, str) else "an unknown dim"
+            out.append(f"assumed {label} = {DEFAULT_FREE_DIM} for input {spec.name} (axis {axis}); "
+                       f"set it with --shape {spec.name}:{example}")
+    return out
+
+
+def clip(text: str, limit: int = 300) -> str:
+    """The first line of `text`, cut at a word boundary with an ellipsis when over `limit`."""
+    lines = str(text).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if len(first) <= limit:
+        return first
+    cut = first[:limit].rsplit(" ", 1)[0] if " " in first[:limit] else first[:limit]
+    return cut.rstrip(" ,;:") + "…"
+
+
 # --- random feeds ---------------------------------------------------------------------
 
 def random_feeds(
@@ -148,6 +186,21 @@ def random_feeds(
     return feeds
 
 
+def random_batches(model: onnx.ModelProto, samples: int, batch: int = 1,
+                   shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Random feed batches of `batch` samples each (the model's fixed batch size where it has
+    one) until at least `samples` samples are made; deterministic for a given seed."""
+    out, made = [], 0
+    while made < samples:
+        feeds = random_feeds(model, batch, shapes, seed + len(out))
+        first = next((v for v in feeds.values() if np.ndim(v) >= 1), None)
+        out.append(feeds)
+        if first is None:  # scalar inputs only: one run is all there is
+            break
+        made += max(int(np.shape(first)[0]), 1)
+    return out
+
+
 def _gather_table_size(model: onnx.ModelProto, name: str) -> int | None:
     """Size of the gathered axis if `name` (directly or through one Cast) indexes a constant."""
     graph = model.graph
@@ -180,23 +233,27 @@ def _constant_shape(graph: onnx.GraphProto, name: str) -> list[int] | None:
 
 # --- feeds from files and readers -----------------------------------------------------
 
-def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(feeds named after the model's inputs, extra arrays such as ``labels``) from an .npz."""
+def load_npz(path: str | os.PathLike, model: onnx.ModelProto,
+             what: str = "inputs") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(feeds named after the model's inputs, extra arrays such as ``labels``) from an .npz;
+    `what` names the option it came from in messages (--inputs, --calib)."""
     path = Path(path)
+    if path.is_dir():
+        raise TnonnxError(f"{what} '{path}': is a directory, not an .npz file")
     if not path.is_file():
-        raise TnonnxError(f"inputs '{path}': no such file")
+        raise TnonnxError(f"{what} '{path}': no such file")
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise TnonnxError(f"inputs '{path}': not an .npz file ({str(exc).splitlines()[0][:120]})") from None
+        raise TnonnxError(f"{what} '{path}': not an .npz file ({clip(exc, 120)})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise TnonnxError(f"inputs '{path}': a single .npy array, not an .npz of named inputs")
+        raise TnonnxError(f"{what} '{path}': a single .npy array, not an .npz of named inputs")
     try:
         with data:
             arrays = {key: data[key] for key in data.files}
     except Exception as exc:  # a corrupt member
-        raise TnonnxError(f"inputs '{path}': cannot read it ({str(exc).splitlines()[0][:120]})") from None
-    return split_feeds(arrays, model, source=f"inputs '{path}'")
+        raise TnonnxError(f"{what} '{path}': cannot read it ({clip(exc, 120)})") from None
+    return split_feeds(arrays, model, source=f"{what} '{path}'")
 
 
 def split_feeds(
@@ -259,17 +316,17 @@ def _cast(arr: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
     raise TnonnxError(f"{source}: '{spec.name}' is {src}, which cannot be cast safely to the model's {dst}")
 
 
-def feeds_from_reader(reader, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+def feeds_from_reader(reader, limit: int | None = None, what: str = "inputs") -> list[dict[str, np.ndarray]]:
     """Drain a CalibrationDataReader-like object: get_next() returns a feed dict or None."""
     if not callable(getattr(reader, "get_next", None)):
-        raise TnonnxError(f"inputs: {type(reader).__name__} has no get_next() method")
+        raise TnonnxError(f"{what}: {type(reader).__name__} has no get_next() method")
     batches = []
     while limit is None or len(batches) < limit:
         feed = reader.get_next()
         if feed is None:
             break
         if not isinstance(feed, Mapping):
-            raise TnonnxError(f"inputs: get_next() returned {type(feed).__name__}, expected a dict of arrays or None")
+            raise TnonnxError(f"{what}: get_next() returned {type(feed).__name__}, expected a dict of arrays or None")
         batches.append({k: np.asarray(v) for k, v in feed.items()})
     return batches
 
@@ -334,10 +391,10 @@ def _fmt_shape(shape) -> str:
 
 
 def feed_batches(inputs, model: onnx.ModelProto, *, batch: int = 1, shapes=None, seed: int = 0,
-                 chunk: int = 64) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+                 chunk: int = 64, what: str = "inputs") -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """(feed batches, extras such as labels) from what a user gives as inputs: None (random
     feeds from the model's shapes), a number of random samples, an .npz path, a dict of
-    arrays, or a reader with get_next()."""
+    arrays, or a reader with get_next(). `what` names the option in messages (--calib)."""
     extras: dict[str, np.ndarray] = {}
     if inputs is None:
         return [random_feeds(model, batch, shapes, seed)], extras
@@ -346,14 +403,14 @@ def feed_batches(inputs, model: onnx.ModelProto, *, batch: int = 1, shapes=None,
             raise TnonnxError(f"--calib-random {inputs}: must be >= 1")
         return [random_feeds(model, min(chunk, inputs - i), shapes, seed + i) for i in range(0, inputs, chunk)], extras
     if isinstance(inputs, (str, os.PathLike)):
-        feeds, extras = load_npz(inputs, model)
+        feeds, extras = load_npz(inputs, model, what)
     elif isinstance(inputs, Mapping):
-        feeds, extras = split_feeds(inputs, model)
+        feeds, extras = split_feeds(inputs, model, source=what)
     elif hasattr(inputs, "get_next"):
-        return feeds_from_reader(inputs), extras
+        return feeds_from_reader(inputs, what=what), extras
     else:
         raise TnonnxError(
-            f"inputs: expected None, a number of random samples, an .npz path, a dict of arrays or a data reader, "
+            f"{what}: expected None, a number of random samples, an .npz path, a dict of arrays or a data reader, "
             f"not {type(inputs).__name__}"
         )
     return list(iter_batches(feeds, model, max(batch, chunk))), extras

@@ -17,6 +17,22 @@ from .errors import TnonnxError
 
 # Chunk size for many-sample inputs when the model's batch dim is symbolic.
 RUN_CHUNK = 64
+# Samples of made-up (random) feeds when no inputs are given: enough for a cosine or a
+# top-1 agreement to mean something, run in batches of the deployment batch.
+RANDOM_SAMPLES = 32
+
+
+def check_thresholds(atol=None, rtol=None, min_cosine=None, max_accuracy_drop=None, batch: int = 1) -> None:
+    """TnonnxError (exit 2) for threshold values no comparison can meet or mean."""
+    for flag, v in (("--atol", atol), ("--rtol", rtol), ("--max-accuracy-drop", max_accuracy_drop)):
+        if v is not None and not (isinstance(v, (int, float)) and v >= 0):
+            raise TnonnxError(f"{flag} {v}: must be a number >= 0")
+    if max_accuracy_drop is not None and max_accuracy_drop > 100:
+        raise TnonnxError(f"--max-accuracy-drop {max_accuracy_drop:g}: percentage points, at most 100")
+    if min_cosine is not None and not (isinstance(min_cosine, (int, float)) and -1 <= min_cosine <= 1):
+        raise TnonnxError(f"--min-cosine {min_cosine}: must be in [-1, 1] (a cosine similarity)")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise TnonnxError(f"--batch {batch}: must be a whole number >= 1")
 
 
 def run(
@@ -127,6 +143,25 @@ class ValidationResult:
     atol: float | None = None
     rtol: float | None = None
     min_cosine: float | None = None
+    max_accuracy_drop: float | None = None  # percentage points (accuracy, else top-1 agreement)
+    random_feeds: bool = False  # made-up inputs from the model's shapes, not real data
+    assumed: list[str] = field(default_factory=list)  # symbolic dims given a value by tnonnx
+
+    @property
+    def accuracy_basis(self) -> str | None:
+        """What --max-accuracy-drop is measured on: "accuracy" (labels), "top-1 agreement"
+        (no labels: agreement with the original's top-1), or None (no class-score output)."""
+        if self.accuracy_ref is not None:
+            return "accuracy"
+        return "top-1 agreement" if any(o.top1 is not None for o in self.outputs) else None
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        """Percentage points lost on the accuracy basis."""
+        if self.accuracy_ref is not None:
+            return 100.0 * (self.accuracy_ref - self.accuracy_test)
+        top1 = next((o.top1 for o in self.outputs if o.top1 is not None), None)
+        return None if top1 is None else 100.0 * (1.0 - top1)
 
     @property
     def failures(self) -> list[str]:
@@ -139,6 +174,18 @@ class ValidationResult:
                 )
             if self.min_cosine is not None and not o.cosine >= self.min_cosine:
                 out.append(f"output '{o.name}': cosine {o.cosine:.6f} < {self.min_cosine:g}")
+        if self.max_accuracy_drop is not None:
+            drop, basis = self.accuracy_drop, self.accuracy_basis
+            if drop is None:
+                out.append("--max-accuracy-drop: no output looks like class scores (2-D float, one row per "
+                           "sample), so neither accuracy nor top-1 agreement can be measured")
+            elif basis == "accuracy" and drop > self.max_accuracy_drop + 1e-9:
+                out.append(f"accuracy dropped {drop:.2f} points ({self.accuracy_ref:.4f} -> {self.accuracy_test:.4f}),"
+                           f" more than --max-accuracy-drop {self.max_accuracy_drop:g}")
+            elif basis == "top-1 agreement" and drop > self.max_accuracy_drop + 1e-9:
+                out.append(f"top-1 agreement with the original {1 - drop / 100:.4f} < "
+                           f"{1 - self.max_accuracy_drop / 100:.4f} (--max-accuracy-drop {self.max_accuracy_drop:g} "
+                           "applied to agreement: no labels in --inputs)")
         return out
 
     @property
@@ -151,7 +198,11 @@ class ValidationResult:
             "ok": self.ok,
             "failures": self.failures,
             "samples": self.samples,
-            "thresholds": {"atol": self.atol, "rtol": self.rtol, "min_cosine": self.min_cosine},
+            "feeds": "random" if self.random_feeds else "inputs",
+            "assumed_dims": self.assumed,
+            "thresholds": {"atol": self.atol, "rtol": self.rtol, "min_cosine": self.min_cosine,
+                           "max_accuracy_drop": self.max_accuracy_drop},
+            "accuracy_basis": self.accuracy_basis if self.max_accuracy_drop is not None else None,
             "accuracy_ref": _json_float(self.accuracy_ref),
             "accuracy_test": _json_float(self.accuracy_test),
             "outputs": [o.to_dict() for o in self.outputs],
@@ -170,18 +221,26 @@ def validate(
     atol: float | None = None,
     rtol: float | None = None,
     min_cosine: float | None = None,
+    max_accuracy_drop: float | None = None,
 ) -> ValidationResult:
     """Run both models on the same inputs and compare every output.
 
-    ``inputs``: None (random feeds from the reference's shapes, ``batch``/``shapes``/``seed``),
+    ``inputs``: None (RANDOM_SAMPLES made-up samples from the reference's shapes in batches
+    of ``batch``, with ``shapes`` and ``seed``; the result says they were random),
     a path to an .npz, a dict of arrays, or an object with get_next(). Labels: ``labels``, or
     the ``labels`` array of an .npz/dict; they give top-1 accuracy of both models.
+    ``max_accuracy_drop`` (percentage points): with labels, the most accuracy may drop;
+    without, applied to top-1 agreement with the reference (at least 1 - points/100).
     """
+    check_thresholds(atol, rtol, min_cosine, max_accuracy_drop, batch)
     ref = _model.load(reference, what="reference")
     cand = _model.load(candidate, what="candidate")
     runtime.check_same_inputs(ref, cand)
 
-    batches, extras = calibrate.feed_batches(inputs, ref, batch=batch, shapes=shapes, seed=seed, chunk=RUN_CHUNK)
+    if inputs is None:
+        batches, extras = calibrate.random_batches(ref, RANDOM_SAMPLES, batch, shapes, seed), {}
+    else:
+        batches, extras = calibrate.feed_batches(inputs, ref, batch=batch, shapes=shapes, seed=seed, chunk=RUN_CHUNK)
 
     ref_out = run(ref, batches, what="reference")
     test_out = run(cand, batches, what="candidate")
@@ -197,12 +256,15 @@ def validate(
         atol, rtol = atol or 0.0, rtol or 0.0
     return ValidationResult(
         outputs=outputs,
-        samples=_count_samples(batches),
+        samples=count_samples(batches),
         accuracy_ref=acc_ref,
         accuracy_test=acc_test,
         atol=atol,
         rtol=rtol,
         min_cosine=min_cosine,
+        max_accuracy_drop=max_accuracy_drop,
+        random_feeds=inputs is None or (isinstance(inputs, int) and not isinstance(inputs, bool)),
+        assumed=calibrate.assumed_dims(ref, shapes) if inputs is None or isinstance(inputs, int) else [],
     )
 
 
@@ -223,7 +285,7 @@ def _accuracies(labels: np.ndarray, outputs: list[OutputAgreement]) -> tuple[flo
     )
 
 
-def _count_samples(batches: list[Mapping[str, np.ndarray]]) -> int | None:
+def count_samples(batches: list[Mapping[str, np.ndarray]]) -> int | None:
     total = 0
     for feeds in batches:
         first = next((v for v in feeds.values() if np.ndim(v) >= 1), None)
