@@ -287,10 +287,18 @@ BAD_OPTIONS = {
     "modes one side": (["--modes", "8x8"], "--modes '8x8'"),
     "modes not numbers": (["--modes", "8x8,4xq"], "--modes '8x8,4xq'"),
     "modes uneven": (["--modes", "8x8,6x8x1"], "same number"),
-    "modes no layer": (["--modes", "3x3,3x3"], "matches no selected dense layer"),
+    "modes no layer": (["--modes", "3x3,3x3"], "--modes 3x3,3x3: matches no selected dense layer"),
     "order 0": (["--order", "0"], "--order"),
     "min-params negative": (["--min-params", "-1"], "--min-params"),
     "batch 0": (["--batch", "0"], "--batch 0"),
+    "min-cosine 2": (["--min-cosine", "2"], "--min-cosine 2: must be in [-1, 1]"),
+    "atol negative": (["--atol", "-1"], "--atol -1: must be >= 0"),
+    "rtol negative": (["--rtol", "-1"], "--rtol -1: must be >= 0"),
+    "threads -2": (["--threads", "-2"], "--threads -2: must be >= 1"),
+    "threads 0": (["--threads", "0"], "--threads 0: must be >= 1"),
+    "max-accuracy-drop negative": (["--max-accuracy-drop", "-1"], "--max-accuracy-drop -1"),
+    "ops unknown": (["--ops", "MatMul,Foo"], "--ops MatMul,Foo: unknown op Foo; choose from MatMul, Gemm, Conv"),
+    "calib missing": (["--fit", "aware", "--calib", "nope.npz"], "--calib 'nope.npz': no such file"),
     "format unknown": (["--format", "nope"], "--format"),
     "unknown option": (["--bogus"], "--bogus"),
     "include bad regex": (["--include", "("], "--include '('"),
@@ -454,3 +462,135 @@ def test_inspect_says_when_there_is_nothing_to_rewrite(tmp_path):
 def test_bench_rejects_zero_repeats(tmp_path):
     result = CliRunner().invoke(main, ["bench", "a.onnx", "b.onnx", "--repeats", "0"])
     assert result.exit_code == 2
+
+
+# --- a new user's first hour -----------------------------------------------------------------
+
+@pytest.mark.parametrize("args,fragment", [
+    (["validate", "{m}", "{m}", "--min-cosine", "2"], "--min-cosine 2: must be in [-1, 1]"),
+    (["validate", "{m}", "{m}", "--batch", "0"], "--batch 0"),
+    (["validate", "{m}", "{m}", "--atol", "-1"], "--atol -1"),
+    (["bench", "{m}", "{m}", "--threads", "0"], "--threads 0: must be >= 1"),
+    (["bench", "{m}", "{m}", "--threads", "-2"], "--threads -2"),
+    (["bench", "{m}", "{m}", "--batch", "0"], "--batch 0"),
+    (["inspect", "{m}", "--batch", "0"], "--batch 0"),
+])
+def test_other_commands_check_options(good, args, fragment):
+    assert_bad_input(cli(*[a.format(m=good) for a in args]), fragment)
+
+
+def test_calib_file_errors_name_calib(tmp_path, good):
+    np.savez(tmp_path / "lacking.npz", z=randn(3, N_IN))
+    line = assert_bad_input(cli("rewrite", good, "--fit", "aware", "--calib", tmp_path / "lacking.npz"))
+    assert "--calib" in line and "inputs '" not in line
+
+
+def test_batch_help_says_what_it_does_per_command():
+    helps = {c: " ".join(cli(c, "--help").stdout.split()) for c in ("inspect", "rewrite", "validate", "bench")}
+    assert "MACs are counted" in helps["inspect"]
+    assert "Deployment batch size" in helps["rewrite"] and "random feeds" in helps["rewrite"]
+    assert "feeds the models are run on" in helps["validate"]
+    assert "Batch size timed" in helps["bench"]
+    assert "--max-accuracy-drop" in helps["rewrite"] and "--max-accuracy-drop" in helps["validate"]
+
+
+def test_internal_errors_are_cut_at_a_word():
+    from tnonnx.calibrate import clip
+
+    text = "operands could not be broadcast together " * 20
+    cut = clip(text, 100)
+    assert len(cut) <= 101 and cut.endswith("…") and text.startswith(cut[:-1])
+    assert cut[:-1].endswith("together") or cut[:-1].endswith("broadcast") or text[len(cut) - 1] == " "
+    assert clip("short\nsecond line") == "short"
+
+
+def test_max_accuracy_drop_without_labels_uses_agreement(tmp_path, good):
+    result = cli("rewrite", good, "--rank", "1", "--max-accuracy-drop", "0", "-o", tmp_path / "s.onnx")
+    assert result.exit_code == 1, result.stderr
+    out = " ".join(result.stdout.split())
+    assert "top-1 agreement with the original" in out and "no labels" in out
+    assert "random samples" in out and "made-up inputs" in out  # random feeds are said plainly
+    assert (tmp_path / "s.onnx").is_file()  # still written
+
+
+def test_max_accuracy_drop_with_labels_uses_accuracy(tmp_path, good):
+    x = randn(40, N_IN, seed=5)
+    labels = np.argmax(x @ onnx.numpy_helper.to_array(onnx.load(str(good)).graph.initializer[0]), axis=1)
+    np.savez(tmp_path / "test.npz", x=x, labels=labels)
+    ok = cli("validate", good, good, "--inputs", tmp_path / "test.npz", "--max-accuracy-drop", "0")
+    assert ok.exit_code == 0 and "on accuracy" in ok.stdout and "made-up" not in ok.stdout
+    small = tmp_path / "s.onnx"
+    result = cli("rewrite", good, "--rank", "1", "--inputs", tmp_path / "test.npz", "--max-accuracy-drop", "0.5",
+                 "-o", small)
+    assert result.exit_code == 1
+    assert "accuracy dropped" in " ".join(result.stdout.split())
+
+
+def test_report_json_is_complete(tmp_path, good):
+    import hashlib
+
+    report = tmp_path / "r.json"
+    result = cli("rewrite", good, "--format", "svd", "--rank", "4", "--calib-random", "8", "--fit", "aware",
+                 "--batch", "2", "--threads", "1", "--ops", "MatMul", "--report", report, "--min-cosine", "0")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["input"] == {"path": str(good), "sha256": hashlib.sha256(good.read_bytes()).hexdigest()}
+    assert set(data["versions"]) == {"tnonnx", "onnx", "onnxruntime"} and all(data["versions"].values())
+    s = data["settings"]
+    assert s["format"] == "svd" and s["rank_rule"]["rank"] == 4 and s["ops"] == ["MatMul"]
+    assert s["calibration"] == {"source": "random 8", "samples": 8} and s["fit"] == "aware"
+    assert s["finetune"]["epochs"] == 0 and "hidden_weight" in s["finetune"]
+    assert s["deployment"] == {"batch": 2, "shapes": {}, "threads": 1}
+    assert s["speedup"] is None and s["allow_slower"] is False and s["emit"] == "auto"
+    assert {"modes", "order", "include", "exclude", "min_params"} <= set(s)
+    assert data["latency"] is not None and data["validation"]["feeds"] == "random"
+
+
+def test_modes_echoed_in_the_users_notation(tmp_path, good):
+    report = tmp_path / "r.json"
+    result = cli("rewrite", good, "--modes", "8x8,6x8", "--report", report, "--min-cosine", "0")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(report.read_text())["settings"]["modes"] == "8x8,6x8"
+
+
+def test_inspect_json_has_no_after_fields(good):
+    data = json.loads(cli("inspect", good, "--json").stdout)
+    after = {"format", "ranks", "params_after", "macs_after", "weight_error", "output_error", "ms_before",
+             "ms_after", "ms_predicted", "ms_measured", "emission", "shared_with"}
+    assert not after & set(data["layers"][0]) and set(data["totals"]) == {"params_before", "bytes_before",
+                                                                         "macs_before"}
+    assert data["input"]["sha256"] and data["versions"]["onnx"]
+
+
+def test_depthwise_conv_shows_its_weight(tmp_path):
+    w = randn(4, 1, 3, 3)
+    model = make_model([helper.make_node("Conv", ["x", "W"], ["y"], name="dw", group=4)],
+                       [value("x", [1, 4, 8, 8])], [value("y", [1, 4, 6, 6])], [init("W", w)])
+    data = json.loads(cli("inspect", save(model, tmp_path / "dw.onnx"), "--json").stdout)
+    (row,) = data["layers"]
+    assert row["weight_shape"] == [4, 1, 3, 3] and row["params_before"] == 36 and "depthwise" in row["reason"]
+
+
+def test_assumed_sequence_length_is_stated(tmp_path):
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+                       [value("x", ["N", "seq", N_IN])], [value("y", ["N", "seq", N_OUT])], [init("W", randn(N_IN, N_OUT))])
+    path = save(model, tmp_path / "seq.onnx")
+    out = " ".join(cli("inspect", path).stdout.split())
+    assert "assumed seq = 64 for input x (axis 1); set it with --shape x:1x64x64" in out
+    assert "assumed" not in cli("inspect", path, "--shape", "x:1x16x64").stdout
+    assert json.loads(cli("inspect", path, "--json").stdout)["notes"][0].startswith("assumed seq = 64")
+
+
+def test_batch_scales_macs(good):
+    one = json.loads(cli("inspect", good, "--json").stdout)["totals"]["macs_before"]
+    four = json.loads(cli("inspect", good, "--json", "--batch", "4").stdout)["totals"]["macs_before"]
+    assert four == 4 * one == 4 * N_IN * N_OUT
+
+
+def test_piped_output_honours_columns(monkeypatch):
+    from tnonnx.cli import _console
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert _console().width == 80
+    monkeypatch.delenv("COLUMNS")
+    assert _console().width == 200  # piped, no COLUMNS: wide, so logs are not folded

@@ -3,7 +3,6 @@ validate -> report. The CLI and the Python API both call these functions."""
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -17,13 +16,14 @@ from .emit import Builder
 from .errors import NotApplicable, TnonnxError
 from .finetune import HIDDEN_WEIGHT
 from .formats import Factorization
-from .graph import Layer, find_layers, replace_nodes
+from .graph import CANDIDATE_OPS, Layer, find_layers, replace_nodes
 from .macs import all_graphs
 from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer
 from .choose import MAX_REPLANS, Planner, SpeedRules, emissions_for, slower_note
 from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, fit_error, make_plan, rank_spec
-from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals
-from .tensorize import parse_modes
+from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals, describe_calibration, source_info
+from .tensorize import format_modes, parse_modes
+from .validate import count_samples, check_thresholds
 from .validate import run as run_model
 from .validate import validate as compare_models
 
@@ -39,7 +39,8 @@ def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
     cost = macs.count(m, calibrate.concrete_shapes(m, batch, shapes))
     rows = [LayerRow.for_layer(layer, cost.per_node.get(layer.name)) for layer in layers]
     return InspectReport(rows=rows, totals=Totals(cost.params, cost.params, m.ByteSize(), m.ByteSize(),
-                                                  cost.total, cost.total), batch=batch)
+                                                  cost.total, cost.total), batch=batch,
+                         notes=calibrate.assumed_dims(m, shapes), source=source_info(model))
 
 
 def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | None = None,
@@ -48,25 +49,27 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             emit: str = "auto", batch: int = 1, ops=("MatMul", "Gemm", "Conv"), include: str | None = None,
             exclude: str | None = None, min_params: int = 0, force: bool = False, validate: bool = True,
             inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None,
-            min_cosine: float | None = None, fit: str = "data-free", calib=None, finetune: int = 0,
+            min_cosine: float | None = None, max_accuracy_drop: float | None = None, fit: str = "data-free", calib=None, finetune: int = 0,
             finetune_hidden: float = HIDDEN_WEIGHT, threads: int | None = None, speedup: float | None = None,
             allow_slower: bool = False, keep_best: bool = False, timing: bool = True, timing_cache: bool = True,
             timer=None, progress: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
 
-    Returns the new model and its report. The input is never modified.
+    Returns the new model and its report. The input is never modified. Options take the
+    CLI's values: budget="2x", modes="8x8x6,4x8x12", ops="MatMul,Gemm".
     """
     started = time.perf_counter()
     if emit not in EMIT_MODES:
         raise TnonnxError(f"--emit {emit}: choose from {', '.join(EMIT_MODES)}")
-    if batch < 1:
-        raise TnonnxError(f"--batch {batch}: must be >= 1")
+    check_thresholds(atol, rtol, min_cosine, max_accuracy_drop, batch)
+    ops = _parse_ops(ops)
     if threads is not None and threads < 1:
         raise TnonnxError(f"--threads {threads}: must be >= 1")
     if speedup is not None and not speedup > 0:
         raise TnonnxError(f"--speedup {speedup:g}: must be > 0 (e.g. 1.5)")
     budget = parse_budget(budget)
     spec = rank_spec(rank, tol, ratio, budget)
+    modes_text = modes if isinstance(modes, str) or modes is None else format_modes(modes)
     if isinstance(modes, str):
         modes = parse_modes(modes)
     original = model_io.load(model)
@@ -93,7 +96,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         if calib is None:
             what = f"--fit {fit}" if fit != "data-free" else "--finetune"
             raise TnonnxError(f"{what} needs calibration data: give --calib FILE.npz or --calib-random N")
-        batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes)
+        batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes, what="--calib")
     data = {}
     if fit == "aware" or (fit == "sequential" and (budget is not None or format == "auto")):
         # every layer's inputs in the original model (sequential: for choosing ranks only)
@@ -171,16 +174,17 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     if after_ms > before_ms:
         notes.append(slower_note(format, budget, speedup, allow_slower, before_ms, after_ms))
     seconds = time.perf_counter() - started
+    notes.extend(calibrate.assumed_dims(original, shapes))
 
     concrete = calibrate.concrete_shapes(original, batch, shapes)
     before, after = macs.count(original, concrete), macs.count(new, concrete)
     rows = _rows(layers, replacements, before, after)
     result = None
     if validate:
-        if atol is None and rtol is None and min_cosine is None:  # the same default as `tnonnx validate`
-            min_cosine = DEFAULT_MIN_COSINE
-        result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch,
-                                     atol=atol, rtol=rtol, min_cosine=min_cosine)
+        if atol is None and rtol is None and min_cosine is None and max_accuracy_drop is None:
+            min_cosine = DEFAULT_MIN_COSINE  # the same default as `tnonnx validate`
+        result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol, rtol=rtol,
+                                min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
     totals = Totals(before.params, after.params, original.ByteSize(), new.ByteSize(), before.total, after.total,
                     ms_before=before_ms, ms_after=after_ms)
     report = RewriteReport(
@@ -190,9 +194,32 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                             speedup_target=speedup, timing_seconds=round(clock.seconds, 3),
                             timed=clock.timed, cache_hits=clock.cache.hits, cache=str(clock.cache.path)
                             if clock.cache.enabled else None),
+        source=source_info(model),
+        settings={"format": format, "rank_rule": {"rank": rank, "tol": tol, "ratio": ratio, "budget": budget},
+                  "modes": modes_text, "order": order, "format_options": dict(format_options or {}), "emit": emit,
+                  "ops": list(ops), "include": include, "exclude": exclude, "min_params": min_params, "force": force,
+                  "calibration": describe_calibration(calib, count_samples(batches) if batches else None),
+                  "fit": fit, "finetune": {"epochs": finetune, "hidden_weight": finetune_hidden},
+                  "deployment": {"batch": batch, "shapes": {k: list(v) for k, v in (shapes or {}).items()},
+                                 "threads": threads},
+                  "speedup": speedup, "allow_slower": allow_slower, "keep_best": keep_best, "timing": timing,
+                  "validate": validate, "inputs": describe_calibration(inputs, None)["source"] if inputs is not None else None,
+                  "thresholds": {"atol": atol, "rtol": rtol, "min_cosine": min_cosine,
+                                 "max_accuracy_drop": max_accuracy_drop}},
     )
     clock.cache.save()
     return new, report
+
+
+def _parse_ops(ops) -> tuple[str, ...]:
+    """--ops as the CLI writes it ("MatMul,Gemm") or a sequence; unknown op types are refused."""
+    names = [o.strip() for o in (ops.split(",") if isinstance(ops, str) else ops) if o.strip()]
+    unknown = [o for o in names if o not in CANDIDATE_OPS]
+    if unknown or not names:
+        raise TnonnxError(f"--ops {','.join(names) or repr(ops)}: "
+                          + (f"unknown op {', '.join(unknown)}; " if unknown else "")
+                          + f"choose from {', '.join(CANDIDATE_OPS)}")
+    return tuple(names)
 
 
 def parse_budget(budget) -> float | None:
@@ -399,7 +426,8 @@ def _reasons_summary(layers: list[Layer]) -> str:
 
 
 def _progress(items, enabled: bool, description: str = "fitting layers"):
-    if not enabled or not sys.stderr.isatty():
+    """Per-layer progress on stderr when asked for (the CLI asks only on a terminal)."""
+    if not enabled:
         return items
     from rich.progress import track
 

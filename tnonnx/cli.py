@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -21,8 +22,9 @@ from .validate import validate as compare_models
 
 
 def _console() -> Console:
-    # a wide fixed width when piped, so reports in logs are not folded
-    return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)
+    # the terminal's width; piped: $COLUMNS when set, else a wide fixed width so logs are not folded
+    return Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200,
+                   soft_wrap=False)
 
 
 def handles_errors(fn):
@@ -44,27 +46,66 @@ def handles_errors(fn):
             if debug:
                 traceback.print_exc()
                 sys.exit(3)
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            first = calibrate.clip(exc, 300)
             click.echo(f"tnonnx: internal error: {type(exc).__name__}: {first} (rerun with --debug)", err=True)
             sys.exit(3)
 
     return wrapper
 
 
-def input_options(fn):
-    fn = click.option("--inputs", type=click.Path(dir_okay=False), default=None,
-                      help="Feeds as .npz (arrays named after the model inputs; 'labels' gives accuracy).")(fn)
-    fn = click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
-                      help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224.")(fn)
-    fn = click.option("--batch", type=int, default=1, show_default=True,
-                      help="Deployment batch size: MACs in the report and random feeds (the cheapest contraction order does not depend on it).")(fn)
-    return fn
+def _bounded(low=None, high=None):
+    """A click callback refusing values outside [low, high] in one line (exit 2)."""
+
+    def check(ctx, param, value):
+        if value is None or ((low is None or value >= low) and (high is None or value <= high)):
+            return value
+        rule = f"in [{low:g}, {high:g}]" if low is not None and high is not None else (
+            f">= {low:g}" if low is not None else f"<= {high:g}")
+        raise click.UsageError(f"{max(param.opts, key=len)} {value:g}: must be {rule}", ctx)
+
+    return check
+
+
+BATCH_HELP = {
+    "inspect": "Batch size the MACs are counted at.",
+    "rewrite": "Deployment batch size: what layers and models are timed at, MACs in the report, and the batch "
+               "of random feeds.",
+    "validate": "Batch size of the feeds the models are run on (random feeds: at least 32 samples, in batches "
+                "of this size).",
+    "bench": "Batch size timed.",
+}
+
+
+def batch_option(command: str):
+    return click.option("--batch", type=int, default=1, show_default=True, callback=_bounded(1),
+                        help=BATCH_HELP[command])
+
+
+def threads_option(help_text: str):
+    return click.option("--threads", type=int, default=None, callback=_bounded(1), help=help_text)
+
+
+def input_options(command: str):
+    def decorate(fn):
+        fn = click.option("--inputs", type=click.Path(dir_okay=False), default=None,
+                          help="Feeds as .npz (arrays named after the model inputs; 'labels' gives accuracy). "
+                               "Without it, random feeds from the model's input shapes (and the report says so).")(fn)
+        fn = click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
+                          help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224.")(fn)
+        return batch_option(command)(fn)
+
+    return decorate
 
 
 def threshold_options(fn):
-    fn = click.option("--atol", type=float, default=None, help="Absolute tolerance (with --rtol: like np.allclose).")(fn)
-    fn = click.option("--rtol", type=float, default=None, help="Relative tolerance.")(fn)
-    fn = click.option("--min-cosine", type=float, default=None, help="Minimum cosine similarity per output.")(fn)
+    fn = click.option("--atol", type=float, default=None, callback=_bounded(0),
+                      help="Absolute tolerance (with --rtol: like np.allclose).")(fn)
+    fn = click.option("--rtol", type=float, default=None, callback=_bounded(0), help="Relative tolerance.")(fn)
+    fn = click.option("--min-cosine", type=float, default=None, callback=_bounded(-1, 1),
+                      help="Minimum cosine similarity per output, in [-1, 1].")(fn)
+    fn = click.option("--max-accuracy-drop", type=float, default=None, metavar="POINTS", callback=_bounded(0, 100),
+                      help="Fail when accuracy drops more than POINTS percentage points (labels in --inputs); "
+                           "without labels, when top-1 agreement with the original is below 1 - POINTS/100.")(fn)
     return fn
 
 
@@ -107,8 +148,9 @@ def main():
 
 @main.command()
 @click.argument("model", type=click.Path())
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS")
+@batch_option("inspect")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
+              help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @handles_errors
 def inspect(model, batch, shapes, as_json):
@@ -140,9 +182,8 @@ def inspect(model, batch, shapes, as_json):
 @click.option("--emit", type=click.Choice(api.EMIT_MODES), default="auto", show_default=True,
               help="How chains are emitted: auto picks per layer the faster of matmul (rows first) and "
                    "features-first (rows trailing, cores from the left), measured at the deployment shape.")
-@click.option("--threads", type=int, default=None,
-              help="onnxruntime intra-op threads of the deployment (default: onnxruntime's own, all cores); "
-                   "every timing uses it.")
+@threads_option("onnxruntime intra-op threads of the deployment (default: onnxruntime's own, all cores); "
+                "every timing uses it.")
 @click.option("--speedup", type=float, default=None, metavar="X",
               help="The rewritten model must run at least X times as fast as the original at the deployment "
                    "shape (--batch, --shape, --threads); layers are chosen (or kept dense) to meet it.")
@@ -174,14 +215,14 @@ def inspect(model, batch, shapes, as_json):
 @click.option("--calib-random", type=click.IntRange(min=1), default=None, metavar="N",
               help="N random calibration samples from the model's input shapes.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with the original.")
-@input_options
+@input_options("rewrite")
 @threshold_options
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @handles_errors
 def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, threads, speedup,
             allow_slower, keep_best, timing, timing_cache, ops, include,
             exclude, min_params, force, fit_mode, finetune, finetune_hidden, act, calib, calib_random, validate, inputs, shapes, batch, atol, rtol,
-            min_cosine, report_path):
+            min_cosine, max_accuracy_drop, report_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
     source = model_io.check_path(model)
     target = Path(output) if output else source.with_name(f"{source.stem}.{fmt}.onnx")
@@ -198,12 +239,13 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
     options = {k: v for k, v in (("conv_layout", conv_layout), ("stp_t", stp_t), ("act", act)) if v is not None}
     new, report = api.rewrite(
         model, format=fmt, rank=rank, tol=tol, ratio=ratio, budget=_budget(budget), format_options=options, modes=modes, order=order, emit=emit, batch=batch,
-        ops=[o.strip() for o in ops.split(",") if o.strip()], include=include, exclude=exclude,
+        ops=ops, include=include, exclude=exclude,
         min_params=min_params, force=force, validate=validate, inputs=inputs,
-        shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine, fit=fit_mode,
+        shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine,
+        max_accuracy_drop=max_accuracy_drop, fit=fit_mode,
         calib=_calibration(calib, calib_random), finetune=finetune, finetune_hidden=finetune_hidden,
         threads=threads, speedup=speedup, allow_slower=allow_slower, keep_best=keep_best, timing=timing,
-        timing_cache=timing_cache, progress=True)
+        timing_cache=timing_cache, progress=sys.stderr.isatty())
     api.save(new, target)
     report.output_path = str(target)
     report.render(_console())
@@ -254,23 +296,25 @@ def _write(path, what: str, write) -> None:
 @main.command("validate")
 @click.argument("reference", type=click.Path())
 @click.argument("candidate", type=click.Path())
-@input_options
+@input_options("validate")
 @threshold_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random feeds.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
 @handles_errors
-def validate_cmd(reference, candidate, inputs, shapes, batch, atol, rtol, min_cosine, seed, json_path):
+def validate_cmd(reference, candidate, inputs, shapes, batch, atol, rtol, min_cosine, max_accuracy_drop, seed,
+                 json_path):
     """Run REFERENCE and CANDIDATE on the same feeds and compare; exit 1 on mismatch.
 
     With no threshold given, --min-cosine 0.99 applies."""
-    if atol is None and rtol is None and min_cosine is None:
+    if atol is None and rtol is None and min_cosine is None and max_accuracy_drop is None:
         min_cosine = api.DEFAULT_MIN_COSINE
     if json_path:
         if model_io.same_file(json_path, reference) or model_io.same_file(json_path, candidate):
             raise TnonnxError(f"--json '{json_path}' is one of the models; choose another path")
         model_io.check_output_path(json_path, "--json")
     result = compare_models(reference, candidate, inputs=inputs, shapes=calibrate.parse_shapes(shapes),
-                            batch=batch, seed=seed, atol=atol, rtol=rtol, min_cosine=min_cosine)
+                            batch=batch, seed=seed, atol=atol, rtol=rtol, min_cosine=min_cosine,
+                            max_accuracy_drop=max_accuracy_drop)
     render_validation(result, _console())
     if json_path:
         _write(json_path, "--json", lambda p: Path(p).write_text(json.dumps(result.to_dict(), indent=2)))
@@ -281,9 +325,10 @@ def validate_cmd(reference, candidate, inputs, shapes, batch, atol, rtol, min_co
 @main.command("bench")
 @click.argument("reference", type=click.Path())
 @click.argument("candidate", type=click.Path())
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS")
-@click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's).")
+@batch_option("bench")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
+              help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224.")
+@threads_option("onnxruntime intra-op threads (default: onnxruntime's own).")
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
 @handles_errors

@@ -268,6 +268,7 @@ def _describe_conv(layer: Layer, consts, shapes) -> None:
         return
     layer.groups = _attr(node, "group", 1)
     if layer.groups != 1 and found[0].shape[1] == 1:
+        _set_weight(layer, found, found[0], "conv")  # left alone, but its shape and parameters are reported
         layer.reason = f"depthwise conv (group={layer.groups}): one input channel per filter, nothing to factorise"
         return
     if len(node.input) > 2 and node.input[2]:

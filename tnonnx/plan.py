@@ -9,6 +9,7 @@ from .errors import TnonnxError
 from .formats import FORMATS, RankSpec
 from .formats.base import GroupedConvFactorization
 from .graph import Layer
+from .tensorize import format_modes
 
 
 # the formats `--format auto` and `--budget` choose from: those that represent any weight
@@ -107,7 +108,7 @@ def make_plan(layers: list[Layer], format: str, spec: RankSpec, selection: Selec
                 layer_modes = modes
         plans.append(LayerPlan(layer, format, spec, layer_modes, order))
     if modes is not None and not any(p.modes for p in plans):
-        raise TnonnxError(f"--modes {modes}: matches no selected dense layer's shape")
+        raise TnonnxError(f"--modes {format_modes(modes)}: matches no selected dense layer's shape")
     return plans
 
 

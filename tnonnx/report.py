@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 
 from rich.console import Console
 from rich.table import Table
+
+from .report_table import Column, fit_table, legend
+
+# what a layer row means only after a rewrite: left out of `inspect --json`
+AFTER_FIELDS = ("format", "ranks", "params_after", "macs_after", "weight_error", "output_error", "shared_with",
+                "emission", "ms_before", "ms_after", "ms_predicted", "ms_measured")
 
 
 @dataclass
@@ -34,6 +42,46 @@ class LayerRow:
     def for_layer(cls, layer, macs_before: int | None) -> "LayerRow":
         return cls(layer.name, layer.op_type, list(layer.weight_shape), layer.params, macs_before,
                    reason=layer.reason)
+
+
+def versions() -> dict:
+    """The versions a report was made with."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("tnonnx", "onnx", "onnxruntime"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def source_info(model) -> dict:
+    """The input model: its path (None for a ModelProto) and the sha256 of its bytes."""
+    digest = hashlib.sha256()
+    if isinstance(model, (str, os.PathLike)):
+        with open(model, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return {"path": str(model), "sha256": digest.hexdigest()}
+    digest.update(model.SerializeToString())
+    return {"path": None, "sha256": digest.hexdigest()}
+
+
+def describe_calibration(calib, samples: int | None) -> dict | None:
+    """Where the calibration data came from: a file path, "arrays", "reader" or "random N"."""
+    if calib is None:
+        return None
+    if isinstance(calib, int) and not isinstance(calib, bool):
+        source = f"random {calib}"
+    elif isinstance(calib, (str, os.PathLike)):
+        source = str(calib)
+    elif hasattr(calib, "get_next"):
+        source = "reader"
+    else:
+        source = "arrays"
+    return {"source": source, "samples": samples}
 
 
 @dataclass
@@ -67,24 +115,39 @@ class InspectReport:
     rows: list[LayerRow]
     totals: Totals
     batch: int
+    notes: list[str] = field(default_factory=list)  # e.g. the symbolic dims tnonnx assumed
+    source: dict | None = None  # input path and sha256
+    versions: dict = field(default_factory=versions)
 
     def to_dict(self) -> dict:
-        return {"batch": self.batch, "totals": asdict(self.totals), "layers": [asdict(r) for r in self.rows]}
+        """Only what means something before a rewrite: no formats, ranks, after-counts, errors, times."""
+        t = self.totals
+        return {"input": self.source, "versions": self.versions, "batch": self.batch, "notes": self.notes,
+                "totals": {"params_before": t.params_before, "bytes_before": t.bytes_before,
+                           "macs_before": t.macs_before},
+                "layers": [{k: v for k, v in asdict(r).items() if k not in AFTER_FIELDS} for r in self.rows]}
 
     def render(self, console: Console) -> None:
         t = self.totals
         if not self.rows:
             console.print("no MatMul, Gemm or Conv layers in this model: nothing tnonnx can rewrite")
-        table = Table(title=f"candidate layers (MACs at batch {self.batch})", show_lines=False)
-        for col in ("layer", "op", "weight", "params", "MACs", "% MACs", "note"):
-            table.add_column(col, justify="right" if col in ("params", "MACs", "% MACs") else "left")
+        columns = [Column("layer", name=True), Column("op", group="op"), Column("weight", group="weight"),
+                   Column("params", "right"), Column("MACs", "right", group="MACs"), Column("% MACs", "right"),
+                   Column("note", wrap=True)]
+        rows = []
         for r in self.rows:
             share = f"{100 * r.macs_before / t.macs_before:.1f}" if r.macs_before and t.macs_before else "-"
-            table.add_row(r.name, r.op, _shape(r.weight_shape), _n(r.params_before), _n(r.macs_before), share,
-                          r.reason or "candidate")
+            rows.append([r.name, r.op, _shape(r.weight_shape), _n(r.params_before), _n(r.macs_before), share,
+                         r.reason or "candidate"])
+        table, dropped = fit_table(f"candidate layers (MACs at batch {self.batch})", columns, rows, console.width,
+                                   ("MACs", "weight", "op"), n_essential=2)
         console.print(table)
+        if dropped:
+            console.print(legend(dropped, console.width, "tnonnx inspect --json"), highlight=False)
         console.print(f"model: {_n(t.params_before)} parameters, {_bytes(t.bytes_before)}, "
                       f"{_n(t.macs_before)} MACs at batch {self.batch}")
+        for note in self.notes:
+            console.print(note, highlight=False)
 
 
 @dataclass
@@ -101,6 +164,9 @@ class RewriteReport:
     notes: list[str] = field(default_factory=list)
     fit: str = "data-free"
     latency: LatencyInfo | None = None
+    source: dict | None = None  # input path and sha256 (source_info)
+    settings: dict = field(default_factory=dict)  # every option of the run, as given
+    versions: dict = field(default_factory=versions)
 
     @property
     def rewritten(self) -> list[LayerRow]:
@@ -108,6 +174,7 @@ class RewriteReport:
 
     def to_dict(self) -> dict:
         return {
+            "input": self.source, "versions": self.versions, "settings": self.settings,
             "format": self.format, "rank_rule": self.spec, "emit": self.emit, "fit": self.fit, "batch": self.batch,
             "seconds": round(self.seconds, 3), "output": self.output_path, "notes": self.notes,
             "totals": asdict(self.totals),
@@ -122,28 +189,44 @@ class RewriteReport:
 
     def render(self, console: Console) -> None:
         fit = "" if self.fit == "data-free" else f", fit {self.fit}"
-        table = Table(title=f"tnonnx rewrite: {self.format}, {self.spec}, emit {self.emit}{fit}")
+        title = f"tnonnx rewrite: {self.format}, {self.spec}, emit {self.emit}{fit}"
         # the output error on calibration data, when fitted to some; the weight error always
         # (none for nonlinear formats)
         with_output = any(r.output_error is not None for r in self.rows)
         timed = any(r.ms_after is not None for r in self.rows)
-        cols = ("layer", "op", "weight", "format", "ranks", "params", "→", "MACs", "→ ") \
-            + (("ms", "→  ") if timed else ()) + ("weight err",) + (("output err",) if with_output else ()) + ("note",)
-        for col in cols:
-            table.add_column(col, justify="left" if col in ("layer", "op", "weight", "format", "ranks", "note") else "right")
+        columns = [Column("layer", name=True), Column("op", group="op"), Column("weight", group="weight"),
+                   Column("format"), Column("emit", group="emit"), Column("ranks"), Column("params", "right"),
+                   Column("→", "right"), Column("MACs", "right", group="MACs"), Column("→ ", "right", group="MACs")]
+        if timed:
+            columns += [Column("ms", "right", group="ms"), Column("→  ", "right", group="ms")]
+        columns.append(Column("weight err", "right", group="weight err", short_header=True))
+        if with_output:
+            columns.append(Column("output err", "right", group="output err", short_header=True))
+        columns.append(Column("note", wrap=True))
+        rows = []
         for r in self.rows:
-            times = (_ms(r.ms_before), _ms(r.ms_after, r.ms_measured)) if timed else ()
+            times = [_ms(r.ms_before), _ms(r.ms_after, r.ms_measured)] if timed else []
             if r.format:
-                notes = [f"shares {r.shared_with}" if r.shared_with else "", _growth(r)]
-                errors = (_err(r.weight_error),) + ((_err(r.output_error),) if with_output else ())
-                table.add_row(r.name, r.op, _shape(r.weight_shape), _format(r), _ranks(r.ranks), _n(r.params_before),
-                              _n(r.params_after), _n(r.macs_before), _n(r.macs_after), *times, *errors,
-                              "; ".join(n for n in notes if n))
+                notes = [f"shares {r.shared_with}" if r.shared_with else "", _growth(r, self.spec)]
+                errors = [_err(r.weight_error)] + ([_err(r.output_error)] if with_output else [])
+                rows.append([r.name, r.op, _shape(r.weight_shape), r.format, r.emission or "-", _ranks(r.ranks),
+                             _n(r.params_before),
+                             _n(r.params_after), _n(r.macs_before), _n(r.macs_after), *times, *errors,
+                             "; ".join(n for n in notes if n)])
             else:
-                table.add_row(r.name, r.op, _shape(r.weight_shape), "dense", "-", _n(r.params_before), "-",
-                              _n(r.macs_before), "-", *(("-", "-") if timed else ()), "-",
-                              *(("-",) if with_output else ()), f"left alone: {r.reason}")
+                rows.append([r.name, r.op, _shape(r.weight_shape), "dense", "-", "-", _n(r.params_before), "-",
+                             _n(r.macs_before), "-", *(["-", "-"] if timed else []), "-",
+                             *(["-"] if with_output else []), f"left alone: {r.reason}"])
+        # on a narrow console: the output error is what a data-aware fit keeps small, so it stays longer
+        errors = ("weight err", "output err") if with_output else ("weight err",)
+        table, dropped = fit_table(title, columns, rows, console.width,
+                                   ("MACs", "ms", "emit", "weight", "op") + errors, n_essential=len(errors))
         console.print(table)
+        if dropped:
+            console.print(legend(dropped, console.width, "the --report JSON"), highlight=False)
+        if self.fit != "data-free" and any(r.weight_error is not None and r.weight_error > 1 for r in self.rows):
+            console.print("weight err above 1: the data-aware fit targets each layer's outputs on the calibration "
+                          "data, not its weights (output err is what it keeps small)", highlight=False)
         t = self.totals
         console.print(
             f"parameters {_n(t.params_before)} → {_n(t.params_after)} ({_ratio(t.params_before, t.params_after)}), "
@@ -166,13 +249,20 @@ class RewriteReport:
 
 
 def render_validation(result, console: Console) -> None:
-    table = Table(title=f"validation on {result.samples} samples" if result.samples else "validation")
+    random = getattr(result, "random_feeds", False)
+    what = f"{result.samples} {'random ' if random else ''}samples" if result.samples else None
+    table = Table(title=f"validation on {what}" if what else "validation")
     for col in ("output", "max abs", "max rel", "rel L2", "cosine", "SNR dB", "top-1 agree"):
         table.add_column(col, justify="left" if col == "output" else "right")
     for o in result.outputs:
         table.add_row(o.name, f"{o.max_abs:.3e}", f"{o.max_rel:.3e}", f"{o.rel_l2:.3e}", f"{o.cosine:.6f}",
                       f"{o.snr_db:.1f}", "-" if o.top1 is None else f"{o.top1:.4f}")
     console.print(table)
+    if random:
+        console.print(f"validated on made-up inputs ({what or 'random feeds'} drawn from the model's input shapes), "
+                      "not real data: give --inputs FILE.npz for a meaningful check", highlight=False)
+    for note in getattr(result, "assumed", []):
+        console.print(note, highlight=False)
     if result.accuracy_ref is not None:
         console.print(f"accuracy: original {result.accuracy_ref:.4f}, rewritten {result.accuracy_test:.4f} "
                       f"({100 * (result.accuracy_test - result.accuracy_ref):+.2f} points)")
@@ -180,7 +270,7 @@ def render_validation(result, console: Console) -> None:
         for f in result.failures:
             console.print(f"[red]FAIL[/red] {f}")
         console.print(f"validation failed ({_thresholds(result)}): the model is written, the exit code is 1")
-    elif any(v is not None for v in (result.atol, result.rtol, result.min_cosine)):
+    elif _thresholds(result):
         console.print(f"[green]validation passed[/green] ({_thresholds(result)})")
 
 
@@ -198,7 +288,7 @@ def _n(v) -> str:
 
 
 def _bytes(v: int) -> str:
-    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if v >= scale:
             return f"{v / scale:.2f} {unit}"
     return f"{v} B"
@@ -228,18 +318,24 @@ def _speed(before: float, after: float) -> str:
     return f"{before / after:.2f}x faster" if after <= before else f"{after / before:.2f}x SLOWER"
 
 
-def _format(r) -> str:
-    return r.format if r.emission in (None, "matmul", "auto") else f"{r.format} ({r.emission})"
-
-
-def _growth(r) -> str:
-    """A layer whose replacement costs more MACs than it did, said per layer."""
+def _growth(r, spec: str = "") -> str:
+    """A layer whose replacement costs more MACs than it did, said per layer; under --tol, that
+    the tolerance asked for is what forces it."""
     if r.macs_before and r.macs_after and r.macs_after > r.macs_before:
-        return f"MACs up {r.macs_after / r.macs_before:.2f}x"
+        grown = f"MACs up {r.macs_after / r.macs_before:.2f}x"
+        if spec.startswith("tol "):
+            grown += (f": --{spec} needs ranks that cost more than the dense layer; a looser --tol, --rank or "
+                      "--exclude keeps it cheaper")
+        return grown
     return ""
 
 
 def _thresholds(result) -> str:
     given = [f"{flag} {v:g}" for flag, v in (("--atol", result.atol), ("--rtol", result.rtol),
-                                              ("--min-cosine", result.min_cosine)) if v is not None]
+                                              ("--min-cosine", result.min_cosine),
+                                              ("--max-accuracy-drop", getattr(result, "max_accuracy_drop", None)))
+             if v is not None]
+    basis = getattr(result, "accuracy_basis", None)
+    if getattr(result, "max_accuracy_drop", None) is not None and basis:
+        given[-1] += f" (on {basis}" + (")" if basis == "accuracy" else " with the original: no labels)")
     return ", ".join(given)

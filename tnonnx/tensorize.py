@@ -45,6 +45,11 @@ def choose_modes(n: int, m: int, order: int | None = None) -> tuple[tuple[int, .
     return factor_dims(n, d), factor_dims(m, d)
 
 
+def format_modes(modes) -> str:
+    """(in-modes, out-modes) in the notation --modes takes: 8x8x6,4x8x12."""
+    return ",".join("x".join(map(str, side)) for side in modes)
+
+
 def parse_modes(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Parse `--modes 8x8x6,4x8x12` (in-modes, out-modes)."""
     try:
