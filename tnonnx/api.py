@@ -18,7 +18,7 @@ from .finetune import HIDDEN_WEIGHT
 from .formats import Factorization
 from .graph import CANDIDATE_OPS, Layer, find_layers, replace_nodes
 from .macs import all_graphs
-from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer
+from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer, deployment_feeds
 from .choose import MAX_REPLANS, Planner, SpeedRules, emissions_for, slower_note
 from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, fit_error, make_plan, rank_spec
 from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals, describe_calibration, source_info
@@ -107,7 +107,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                   TimingCache(enabled=timing and timing_cache), threads)
     layer_timer = LayerTimer(original, [p.layer for p in plans], deployment, clock, emit_layer,
                              model_io.default_opset(original))
-    speed_feeds = calibrate.random_feeds(original, batch, shapes, seed=0)
+    speed_feeds = deployment_feeds(original, deployment)
     rules = SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
                         emit=emit, keep_best=keep_best)
     notes = []
@@ -117,7 +117,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         sensitivity = None
         if budget is not None and data:
             sensitivity = _sensitivity(original, new, fitter, batches, emit)
-        before_ms = clock.time([original], speed_feeds, cache=False)[0] if speedup else None
+        before_ms = clock.models([original], speed_feeds)[0] if speedup else None
         planner = Planner(plans, fitter, candidates, budget, rules, layer_timer, sensitivity, before_ms)
 
         def build(slack: float) -> dict:
@@ -128,7 +128,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
 
         replacements, slack = build(0.0), 0.0
         for _ in range(MAX_REPLANS if speedup else 0):
-            after_ms = clock.time([_partial(new, replacements)], speed_feeds, cache=False)[0] if replacements else 0
+            after_ms = clock.models([_partial(new, replacements)], speed_feeds)[0] if replacements else 0
             target = before_ms / speedup
             if not replacements or after_ms <= target:
                 break
@@ -163,15 +163,22 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         notes.append(f"finetune: relative output error on the calibration data {before_ft:.4g} -> {after_ft:.4g} "
                      f"after {finetune} epoch(s) of end-to-end distillation ({matched})")
     _check(new)
-    before_ms, after_ms = clock.time([original, new], speed_feeds, cache=False)
-    speed = before_ms / after_ms if after_ms > 0 else float("inf")
+    before_ms, after_ms = clock.models([original, new], speed_feeds)
+    if before_ms is None or after_ms is None:
+        if speedup:
+            raise TnonnxError(f"--speedup {speedup:g}: the models could not be timed at the deployment shape "
+                              "(onnxruntime does not run them on random inputs of it)")
+        notes.append("latency not measured: onnxruntime does not run the models on random inputs at the "
+                     "deployment shape (give --shape)")
+        before_ms = after_ms = None
+    speed = before_ms / after_ms if before_ms and after_ms else float("inf")
     if speedup and speed < speedup:
         shortfall = (f"--speedup {speedup:g}: not reached; the best plan found runs {speed:.2f}x as fast as the "
                      f"original ({after_ms:.3f} ms against {before_ms:.3f} ms at {deployment.describe(original)})")
         if not keep_best:
             raise TnonnxError(shortfall + "; nothing written (--keep-best writes it anyway)")
         notes.append(shortfall + "; written because of --keep-best")
-    if after_ms > before_ms:
+    if before_ms and after_ms and after_ms > before_ms:
         notes.append(slower_note(format, budget, speedup, allow_slower, before_ms, after_ms))
     seconds = time.perf_counter() - started
     notes.extend(calibrate.assumed_dims(original, shapes))
