@@ -116,3 +116,23 @@ def test_missing_matplotlib_is_a_user_error(tmp_path, monkeypatch):
     with pytest.raises(TnonnxError, match="needs matplotlib"):
         plot.require_matplotlib()
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+@needs_matplotlib
+def test_rewrite_and_bench_plot_from_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from tnonnx.cli import main
+
+    lenet = MODEL
+    out, picture = tmp_path / "small.onnx", tmp_path / "plots" / "rewrite.png"
+    runner = CliRunner()
+    done = runner.invoke(main, ["rewrite", str(lenet), "--format", "svd", "--rank", "16", "--no-validate",
+                                "-o", str(out), "--plot", str(picture)])
+    assert done.exit_code == 0, done.output
+    assert picture.read_bytes()[:8] == PNG_MAGIC
+    done = runner.invoke(main, ["bench", str(lenet), str(out), "--repeats", "3", "--plot", str(tmp_path / "b.png")])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    refused = runner.invoke(main, ["rewrite", str(lenet), "--format", "svd", "-o", str(out), "--plot", str(out)])
+    assert refused.exit_code == 2

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from . import api, bench, calibrate, model as model_io
+from . import api, bench, calibrate, plot, model as model_io
 from .emit import ACTIVATIONS
 from .errors import TnonnxError
 from .finetune import HIDDEN_WEIGHT
@@ -218,11 +218,14 @@ def inspect(model, batch, shapes, as_json):
 @input_options("rewrite")
 @threshold_options
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Draw the report as a PNG: per layer parameters, MACs, times and error before/after "
+                   "(needs matplotlib: pip install 'tnonnx[plot]').")
 @handles_errors
 def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, threads, speedup,
             allow_slower, keep_best, timing, timing_cache, ops, include,
             exclude, min_params, force, fit_mode, finetune, finetune_hidden, act, calib, calib_random, validate, inputs, shapes, batch, atol, rtol,
-            min_cosine, max_accuracy_drop, report_path):
+            min_cosine, max_accuracy_drop, report_path, plot_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
     source = model_io.check_path(model)
     target = Path(output) if output else source.with_name(f"{source.stem}.{fmt}.onnx")
@@ -233,6 +236,11 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         if model_io.same_file(report_path, source) or model_io.same_file(report_path, target):
             raise TnonnxError(f"report '{report_path}' is the input or output model; choose another path")
         model_io.check_output_path(report_path, "report")
+    if plot_path:
+        if any(model_io.same_file(plot_path, p) for p in (source, target) + ((report_path,) if report_path else ())):
+            raise TnonnxError(f"--plot '{plot_path}' is the input or output model or the report; choose another path")
+        model_io.check_output_path(plot_path, "--plot")
+        plot.require_matplotlib()  # fail now, not after the rewrite
     if act is not None and not getattr(FORMATS.get(fmt), "NONLINEAR", False):
         raise TnonnxError(f"--act applies to the nonlinear formats ({', '.join(_nonlinear_formats())}), "
                           f"not --format {fmt}")
@@ -252,6 +260,9 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
     click.echo(f"wrote {target}")
     if report_path:
         _write(report_path, "report", report.write_json)
+    if plot_path:
+        _write(plot_path, "--plot", lambda p: plot.plot_report(report.to_dict(), p))
+        click.echo(f"wrote {plot_path}")
     if report.validation is not None and not report.validation.ok:
         sys.exit(1)
 
@@ -331,9 +342,16 @@ def validate_cmd(reference, candidate, inputs, shapes, batch, atol, rtol, min_co
 @threads_option("onnxruntime intra-op threads (default: onnxruntime's own).")
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Draw p50/p90/p99 of both models as a PNG (needs matplotlib: pip install 'tnonnx[plot]').")
 @handles_errors
-def bench_cmd(reference, candidate, batch, shapes, threads, repeats, warmup):
+def bench_cmd(reference, candidate, batch, shapes, threads, repeats, warmup, plot_path):
     """Latency of two models side by side on the same random feeds."""
+    if plot_path:
+        if model_io.same_file(plot_path, reference) or model_io.same_file(plot_path, candidate):
+            raise TnonnxError(f"--plot '{plot_path}' is one of the models; choose another path")
+        model_io.check_output_path(plot_path, "--plot")
+        plot.require_matplotlib()
     result = bench.compare(reference, candidate, batch=batch, shapes=calibrate.parse_shapes(shapes),
                            threads=threads, warmup=warmup, repeats=repeats)
     console = _console()
@@ -342,6 +360,9 @@ def bench_cmd(reference, candidate, batch, shapes, threads, repeats, warmup):
         console.print(f"{key:9s} p50 {r['p50_ms']:.3f} ms  p90 {r['p90_ms']:.3f} ms  mean {r['mean_ms']:.3f} ms "
                       f"({r['runs']} runs, batch {batch})")
     console.print(f"speed-up (p50): {result['speedup']:.2f}x")
+    if plot_path:
+        _write(plot_path, "--plot", lambda p: plot.plot_bench(result, p))
+        click.echo(f"wrote {plot_path}")
 
 
 @main.command("build-ops")
