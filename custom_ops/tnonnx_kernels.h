@@ -198,9 +198,9 @@ template <int PW>
 using VecFor = std::conditional_t<(sizeof(TN_VEC) / sizeof(float) <= PW), TN_VEC,
                                   std::conditional_t<(PW >= 8), v8f, v4f>>;
 
-// The row blocks of a task (first rows and outputs set up) times panels [p0, p1).
+// The row blocks of a task (their k, rows, first rows and outputs set up) times panels [p0, p1).
 template <int PW, int NP>
-TN_KFN void blocks_times_panels(const StepRun& run, int64_t u0, int64_t n_units, const int* rows,
+TN_KFN void blocks_times_panels(const StepRun& run, int64_t n_units, const int64_t* ks, const int* rows,
                                 const float* const* a_rows, float* const* out_rows, int64_t p0, int64_t p1) {
   using V = VecFor<PW>;
   constexpr int R = TN_ROWS;
@@ -214,8 +214,7 @@ TN_KFN void blocks_times_panels(const StepRun& run, int64_t u0, int64_t n_units,
       const int64_t n0 = p * PW, ncols = std::min<int64_t>(NP * PW, N - n0);
       const bool whole = NP == 1 || p + NP <= p1;
       for (int64_t v = v0; v < v1; ++v) {
-        const int64_t k = (u0 + v) / run.blocks;
-        const float* w = run.packed + (k * P + p) * C * PW;
+        const float* w = run.packed + (ks[v] * P + p) * C * PW;
         const float* const* a = a_rows + v * R;
         float* const* out = out_rows + v * R;
         if (whole)
@@ -238,31 +237,43 @@ TN_TARGET void run_task(const StepRun& run, int64_t u0, int64_t u1, int64_t p0, 
   constexpr int R = TN_ROWS;
   const Step& s = *run.s;
   const int64_t N = s.N, rows_total = run.B * s.F, n_units = u1 - u0;
-  // per row: where it starts in the state (the keep and free offsets), where its output goes
+  // per row: where it starts in the state (the keep and free offsets), where its output goes;
+  // per block: its k. Walked incrementally (no divisions per block: the steps of a chain
+  // with few contracted indices do about as little work per block as a division costs).
   thread_local std::vector<const float*> a_rows;
   thread_local std::vector<float*> out_rows;
   thread_local std::vector<int> rows;
+  thread_local std::vector<int64_t> ks;
   if (a_rows.size() < static_cast<size_t>(n_units * R)) {
     a_rows.resize(n_units * R);
     out_rows.resize(n_units * R);
     rows.resize(n_units);
+    ks.resize(n_units);
   }
-  for (int64_t u = u0; u < u1; ++u) {
-    const int64_t k = u / run.blocks, q0 = (u % run.blocks) * R;
+  int64_t k = u0 / run.blocks, q0 = (u0 % run.blocks) * R;
+  int64_t b = q0 / s.F, f = q0 % s.F;
+  for (int64_t v = 0; v < n_units; ++v) {
     const int n = static_cast<int>(std::min<int64_t>(R, rows_total - q0));
-    rows[u - u0] = n;
-    int64_t b = q0 / s.F, f = q0 % s.F;
+    rows[v] = n;
+    ks[v] = k;
+    const float* a = run.in + s.off_k[k];
+    float* o = run.out + k * s.F * N;
+    const float** ar = a_rows.data() + v * R;
+    float** orow = out_rows.data() + v * R;
     for (int i = 0; i < n; ++i) {
-      a_rows[(u - u0) * R + i] = run.in + b * s.in_size + s.off_k[k] + s.off_f[f];
-      out_rows[(u - u0) * R + i] = run.out + ((b * s.K + k) * s.F + f) * N;
+      ar[i] = a + b * s.in_size + s.off_f[f];
+      orow[i] = o + (b * s.K * s.F + f) * N;
       if (++f == s.F) f = 0, ++b;
     }
+    q0 += R;
+    if (q0 >= rows_total) q0 = 0, b = 0, f = 0, ++k;
   }
   switch (panel_width(N)) {
-    case 4: blocks_times_panels<4, 1>(run, u0, n_units, rows.data(), a_rows.data(), out_rows.data(), p0, p1); break;
-    case 8: blocks_times_panels<8, 1>(run, u0, n_units, rows.data(), a_rows.data(), out_rows.data(), p0, p1); break;
+    case 4: blocks_times_panels<4, 1>(run, n_units, ks.data(), rows.data(), a_rows.data(), out_rows.data(), p0, p1); break;
+    case 8: blocks_times_panels<8, 1>(run, n_units, ks.data(), rows.data(), a_rows.data(), out_rows.data(), p0, p1); break;
     default:
-      blocks_times_panels<kPanel, TN_PANELS>(run, u0, n_units, rows.data(), a_rows.data(), out_rows.data(), p0, p1);
+      blocks_times_panels<kPanel, TN_PANELS>(run, n_units, ks.data(), rows.data(), a_rows.data(), out_rows.data(), p0,
+                                             p1);
   }
 }
 

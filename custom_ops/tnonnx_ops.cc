@@ -9,15 +9,19 @@
 // transpose puts the output modes in order. Sums accumulate in float32.
 //
 // How it runs:
+// - Rows (batch elements) are independent: they are split into blocks whose widest step
+//   (input + output state) fits in about TNONNX_BLOCK floats (L2), and each block goes
+//   through every step before the next block starts, so intermediate states stay in cache.
 // - The transposes are never materialised. A step's matmul reads the state in place
 //   through offset tables (the keep, free and contracted offsets of an element add up), so
 //   each step reads the previous step's output and writes its own once, into one of two
-//   scratch buffers that are reused across calls.
+//   scratch buffers per thread (sized for a block) that are reused across calls.
 // - Constant cores are packed once, when the session loads, into column panels (C x 16
 //   contiguous); a register-tiled kernel multiplies a block of rows by a panel.
 // - The kernels are compiled for the build's baseline and, on x86-64, also for AVX2+FMA and
 //   AVX-512 (tnonnx_kernels.h); the best the CPU has is picked at load time.
-// - Large steps are split over ONNX Runtime's intra-op thread pool.
+// - Blocks are spread over ONNX Runtime's intra-op thread pool; when the rows make a single
+//   block, large steps are split over it instead.
 //
 // Inputs : x (float32, rank >= 1, last axis in_features), then one core per step, float32,
 //          shape (C, N) or (K, C, N): the MatMul right operand (tnonnx.emit.core_matrix_np).
@@ -80,7 +84,10 @@
 #define TNONNX_AVX512_ROWS 8
 #endif
 #ifndef TNONNX_CHUNK
-#define TNONNX_CHUNK 4096  // floats of state rows a chunk of row blocks reads (cache blocking)
+#define TNONNX_CHUNK 4096  // floats of state a chunk of register-tile rows reads in one step (L1)
+#endif
+#ifndef TNONNX_BLOCK
+#define TNONNX_BLOCK 32768  // floats of state (a step's input + output) a block of rows holds (L2)
 #endif
 
 namespace tnonnx {
@@ -115,6 +122,8 @@ struct Plan {
   bool final_identity = true;
   std::vector<int64_t> final_src;  // output element j of a row <- state element final_src[j]
   int64_t max_state = 0;           // largest intermediate state per row
+  int64_t widest = 0;              // largest input + output state of one step, per row
+  int64_t macs = 0;                // multiply-adds per row
 };
 
 [[noreturn]] void fail(const std::string& what) {
@@ -219,6 +228,8 @@ Plan make_plan(const Ort::ConstKernelInfo& info) {
     if (s.N < 1) fail("new_sizes must be positive");
     s.in_size = state;
     s.out_size = s.K * s.F * s.N;
+    plan.widest = std::max(plan.widest, s.in_size + s.out_size);
+    plan.macs += s.K * s.F * s.C * s.N;
     state = s.out_size;
     if (i + 1 < n_steps) plan.max_state = std::max(plan.max_state, state);
     plan.steps.push_back(std::move(s));
@@ -355,6 +366,8 @@ const Isa isa = pick_isa();
 // Work below this many multiply-adds per task is not worth a thread.
 constexpr int64_t kTaskMacs = 1 << 16;
 constexpr int64_t kMaxTasks = 64;
+// Rows are split into at least this many blocks when there are enough (for the threads).
+constexpr int64_t kMinBlocks = 8;
 
 struct Job {
   const StepRun* run;
@@ -475,20 +488,76 @@ struct Kernel {
     float* out = y.GetTensorMutableData<float>();
     if (B == 0) return;
 
-    // two scratch buffers per calling thread, grown on demand and reused across calls
+    const float* src = x.GetTensorData<float>();
+    const int64_t rows = block_rows(B);
+    const int64_t n_blocks = (B + rows - 1) / rows;
+    if (n_blocks == 1) {  // one block: its steps split over the threads
+      run_block(src, out, B, cores.data(), &ctx);
+      return;
+    }
+    // blocks of rows through every step, one block after another in each thread
+    const int64_t tasks = std::min<int64_t>(n_blocks, B * plan.macs / kTaskMacs);
+    BlockJob job{this, cores.data(), src, out, B, rows};
+    if (tasks <= 1) {
+      for (int64_t i = 0; i < n_blocks; ++i) block_task(&job, static_cast<size_t>(i));
+      return;
+    }
+    ctx.ParallelFor(block_task, static_cast<size_t>(n_blocks), static_cast<size_t>(tasks), &job);
+  }
+
+  // Batch rows per block: as many as keep the widest step's input and output within
+  // TNONNX_BLOCK floats (a multiple of the register tile's rows when that is more than
+  // one tile), fewer when that gives under kMinBlocks blocks to share among threads, and
+  // the B rows spread evenly over the blocks. Depends on B and the plan only, never on the
+  // thread count, so neither do the results.
+  int64_t block_rows(int64_t B) const {
+    const int64_t R = isa.rows;
+    int64_t rows = std::max<int64_t>(1, TNONNX_BLOCK / std::max<int64_t>(1, plan.widest));
+    if (rows > R) rows -= rows % R;
+    if (B >= 2 * R) rows = std::min(rows, std::max<int64_t>(R, (B / kMinBlocks + R - 1) / R * R));
+    const int64_t n_blocks = (B + rows - 1) / rows;
+    rows = (B + n_blocks - 1) / n_blocks;
+    if (rows > R && n_blocks > 1) rows = std::min(B, (rows + R - 1) / R * R);
+    return rows;
+  }
+
+  struct BlockJob {
+    const Kernel* kernel;
+    const float* const* cores;
+    const float* x;
+    float* out;
+    int64_t B, rows;
+  };
+
+  static void block_task(void* data, size_t i) {
+    const BlockJob& job = *static_cast<const BlockJob*>(data);
+    const int64_t b0 = static_cast<int64_t>(i) * job.rows, nb = std::min(job.rows, job.B - b0);
+    if (nb <= 0) return;
+    const Plan& plan = job.kernel->plan;
+    job.kernel->run_block(job.x + b0 * plan.in_features, job.out + b0 * plan.out_features, nb, job.cores,
+                          nullptr);
+  }
+
+  // B rows from src through every step (cores: the packed cores) into out; the steps are split over
+  // ctx's threads when ctx is given, run in the calling thread otherwise.
+  void run_block(const float* src, float* out, int64_t B, const float* const* cores,
+                 const Ort::KernelContext* ctx) const {
+    // two scratch buffers per thread, grown on demand and reused across calls
     thread_local std::vector<float> scratch[2];
     const size_t need = static_cast<size_t>(B * plan.max_state);
     for (auto& buf : scratch)
       if (buf.size() < need) buf.resize(need);
-
-    const float* src = x.GetTensorData<float>();
+    const size_t n_steps = plan.steps.size();
     for (size_t i = 0; i < n_steps; ++i) {
       const Step& s = plan.steps[i];
       const bool last = i + 1 == n_steps;
       float* dst = last && plan.final_identity ? out : scratch[i % 2].data();
       const int64_t blocks = (B * s.F + isa.rows - 1) / isa.rows;
       StepRun run{&s, src, dst, cores[i], B, blocks, last ? Act::None : plan.act};
-      run_step(ctx, run);
+      if (ctx)
+        run_step(*ctx, run);
+      else
+        isa.run(run, 0, s.K * blocks, 0, panels_of(s.N));
       src = dst;
     }
     if (!plan.final_identity) {  // the final Transpose, as a gather

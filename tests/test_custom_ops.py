@@ -175,6 +175,41 @@ def test_parallel_steps_give_the_same_bits_as_one_thread(library, fmt, batch):
     assert rel_err(reference(fact.chain, fact.cores, x), one) < TOL
 
 
+def test_rows_not_a_multiple_of_the_block_size(library):
+    """37 rows of a 384x1536 TT (widest step 4608 + 1536 floats per row): blocks of a few
+    rows, the last one shorter; the same bits on one and two threads."""
+    fact = tt_fact(384, 1536, 4, seed=26)
+    x = randn(37, 384, seed=27)
+    check(fact.chain, fact.cores, (37,), seed=27)
+    model = chain_model(fact.chain, fact.cores, ["b"], "custom")
+    assert np.array_equal(run(model, x, threads=1), run(model, x, threads=2))
+
+
+@pytest.mark.parametrize("name, order, activation", [("tt", "reversed", None), ("tt", "best", "gelu"),
+                                                     ("cp", None, None)])
+def test_many_rows_in_blocks_equal_the_standard_op_chain(library, name, order, activation):
+    """1000 rows (3-D batch 8 x 125) go through the chain block by block, the blocks spread
+    over threads: a reversed TT, an NTT (its output modes permuted at the end: the final
+    gather runs per block), a CP chain (batched steps)."""
+    fact = FORMATS[name].fit_dense(randn(256, 384, seed=28).astype(np.float64), RankSpec(rank=6))
+    chain = fact.chain
+    if order is not None:
+        steps = list(range(len(chain.steps)))
+        chain = reordered(chain, steps[::-1] if order == "reversed" else steps)
+    chain.activation = activation
+    x = randn(8, 125, 256, seed=29)
+    model = chain_model(chain, fact.cores, ["a", "b"], "custom")
+    want = run(chain_model(chain, fact.cores, ["a", "b"], "matmul"), x)
+    one, two = run(model, x, threads=1), run(model, x, threads=2)
+    assert np.array_equal(one, two)
+    assert rel_err(want, one) < TOL
+    assert rel_err(reference(chain, fact.cores, x), one) < TOL
+    # every row as computed alone
+    single = chain_model(chain, fact.cores, ["b"], "custom")
+    rows = x.reshape(1000, 256)[[0, 1, 499, 998, 999]]
+    assert rel_err(np.stack([run(single, r[None])[0] for r in rows]), one.reshape(1000, -1)[[0, 1, 499, 998, 999]]) < TOL
+
+
 def test_one_step_chain_and_an_empty_batch(library):
     chain = Chain(("n",), ("m",), {"n": 40, "m": 24}, [Core("W", ("n", "m"))])
     cores = {"W": randn(40, 24, seed=25).astype(np.float64)}
