@@ -105,38 +105,40 @@ class CallableTimer:
 
 @dataclass
 class OrtTimer:
-    """Interleaved onnxruntime timing: every model is warmed up, then each round runs every
-    model `inner` times in turn (so drifts in machine load hit all alike); the result is the
-    median over rounds of the mean run time, in ms."""
+    """Interleaved onnxruntime timing. Every model is warmed up; then in each round every
+    model in turn runs once untimed (its thread pool wakes, its buffers come back into
+    cache) and `inner` times timed, the same `inner` for all models so that none is favoured
+    by amortising the switch; the result is each model's median run time, in ms."""
 
     warmup: int = 3
     min_rounds: int = 7
     max_rounds: int = 25
-    round_ms: float = 2.0  # each model runs enough times per round to take about this long
+    round_ms: float = 2.0  # timed runs per model and round: about this long for the fastest model
     budget_s: float = 1.5  # stop adding rounds (beyond min_rounds) after this long
     clock: object = time.perf_counter
 
     def __call__(self, models, feeds, threads):
         sessions = [runtime.session(m, threads=threads, what="timing model") for m in models]
-        inner = []
+        single = []
         for sess in sessions:
             for _ in range(self.warmup):
                 sess.run(None, feeds)
-            t0 = self.clock()
-            sess.run(None, feeds)
-            one = max(self.clock() - t0, 1e-6) * 1e3
-            inner.append(max(1, min(50, int(self.round_ms / one))))
+            single.append(self._run(sess, feeds))
+        inner = max(1, min(20, int(self.round_ms / max(min(single), 1e-3))))
         samples = [[] for _ in sessions]
         start = self.clock()
         for round_ in range(self.max_rounds):
             for i, sess in enumerate(sessions):
-                t0 = self.clock()
-                for _ in range(inner[i]):
-                    sess.run(None, feeds)
-                samples[i].append((self.clock() - t0) * 1e3 / inner[i])
+                sess.run(None, feeds)  # untimed: the switch from the previous model
+                samples[i].extend(self._run(sess, feeds) for _ in range(inner))
             if round_ + 1 >= self.min_rounds and self.clock() - start > self.budget_s:
                 break
         return [float(np.median(s)) for s in samples]
+
+    def _run(self, sess, feeds) -> float:
+        t0 = self.clock()
+        sess.run(None, feeds)
+        return (self.clock() - t0) * 1e3
 
 
 DEFAULT_TIMER = OrtTimer()
