@@ -6,7 +6,7 @@ layer it replaces, one layer at a time, in ONNX Runtime.
     .venv/bin/python bench/custom_ops.py --quick     # fewer repeats, for a smoke run
 
 Layers: tensor trains (TT) of 1024x1024 and 4096x4096 weights at ranks 8 and 16 and of
-MiniLM's feed-forward shapes (384x1536, 1536x384) at rank 8; nonlinear trains (NTT: tanh
+MiniLM's feed-forward shapes (384x1536 at ranks 2, 4 and 8, 1536x384 at rank 8); nonlinear trains (NTT: tanh
 or gelu after every core but the last). Batch 1 and 32, one and two intra-op threads.
 Each configuration times the three sessions in interleaved rounds (so a busy machine
 slows all three alike) after a warm-up and reports medians, in ms, of
@@ -46,6 +46,8 @@ LAYERS = [
     ("1024x1024", 1024, 1024, 16, None),
     ("4096x4096", 4096, 4096, 8, None),
     ("4096x4096", 4096, 4096, 16, None),
+    ("384x1536 (MiniLM FFN in)", 384, 1536, 2, None),
+    ("384x1536 (MiniLM FFN in)", 384, 1536, 4, None),
     ("384x1536 (MiniLM FFN in)", 384, 1536, 8, None),
     ("1536x384 (MiniLM FFN out)", 1536, 384, 8, None),
     ("1024x1024", 1024, 1024, 16, "tanh"),
