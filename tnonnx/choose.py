@@ -313,8 +313,12 @@ class Planner:
         if any(ms is None for ms in dense) or self.before_ms is None:
             raise TnonnxError(f"--speedup {self.rules.speedup:g}: some selected layers could not be timed at the "
                               "deployment shape (inside a subgraph, or the model does not run on random inputs)")
-        fixed = max(self.before_ms - sum(dense), 0.0)  # what the rest of the model takes
-        return self.before_ms / self.rules.speedup - fixed - slack
+        # the layers must save (1 - 1/X) of the model's time. Timed alone (layout reorders,
+        # cold inputs) layers can sum to more than the whole model: then their savings count
+        # in that inflated measure
+        scale = max(sum(dense) / self.before_ms, 1.0)
+        saving = (self.before_ms - self.before_ms / self.rules.speedup + slack) * scale
+        return sum(dense) - saving
 
     def _dense_reason(self, key: str) -> str:
         only_dense = len(self.options[key]) == 1

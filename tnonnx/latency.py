@@ -108,7 +108,10 @@ class OrtTimer:
     """Interleaved onnxruntime timing. Every model is warmed up; then in each round every
     model in turn runs once untimed (its thread pool wakes, its buffers come back into
     cache) and `inner` times timed, the same `inner` for all models so that none is favoured
-    by amortising the switch; the result is each model's median run time, in ms."""
+    by amortising the switch. The first model is the reference (the dense layer, the
+    original model): it gets its median run time, in ms, and every other model the median
+    over rounds of its ratio to the reference in the same round, times that. On a shared
+    machine the load shifts between rounds; within a round all models see the same."""
 
     warmup: int = 3
     min_rounds: int = 7
@@ -118,22 +121,31 @@ class OrtTimer:
     clock: object = time.perf_counter
 
     def __call__(self, models, feeds, threads):
-        sessions = [runtime.session(m, threads=threads, what="timing model") for m in models]
+        # every session has its own intra-op thread pool, whose threads spin after each run:
+        # interleaved, they would steal the cores from the next model's run. Not spinning
+        # costs a factorised chain (more, smaller nodes) a little more than its dense layer,
+        # so it errs against tnonnx's own rewrites
+        sessions = [runtime.session(m, threads=threads, spinning=False, what="timing model") for m in models]
         single = []
         for sess in sessions:
             for _ in range(self.warmup):
                 sess.run(None, feeds)
             single.append(self._run(sess, feeds))
         inner = max(1, min(20, int(self.round_ms / max(min(single), 1e-3))))
-        samples = [[] for _ in sessions]
+        rounds = []  # per round, each model's median run time
         start = self.clock()
         for round_ in range(self.max_rounds):
-            for i, sess in enumerate(sessions):
+            row = []
+            for sess in sessions:
                 sess.run(None, feeds)  # untimed: the switch from the previous model
-                samples[i].extend(self._run(sess, feeds) for _ in range(inner))
+                row.append(float(np.median([self._run(sess, feeds) for _ in range(inner)])))
+            rounds.append(row)
             if round_ + 1 >= self.min_rounds and self.clock() - start > self.budget_s:
                 break
-        return [float(np.median(s)) for s in samples]
+        times = np.asarray(rounds)
+        reference = float(np.median(times[:, 0]))
+        ratios = np.median(times / np.maximum(times[:, :1], 1e-9), axis=0)
+        return [reference] + [reference * float(r) for r in ratios[1:]]
 
     def _run(self, sess, feeds) -> float:
         t0 = self.clock()

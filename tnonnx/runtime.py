@@ -43,6 +43,7 @@ def session(
     *,
     threads: int | None = None,
     optimize: bool = True,
+    spinning: bool = True,
     what: str = "model",
 ) -> ort.InferenceSession:
     """A CPU InferenceSession for a ModelProto or a path.
@@ -53,6 +54,8 @@ def session(
     opts.log_severity_level = 3  # errors only: ORT's warnings are not for our users
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:  # idle pool threads sleep instead of spinning (see latency.OrtTimer)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
