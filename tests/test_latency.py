@@ -88,7 +88,8 @@ def test_speedup_is_met_when_the_fixed_timings_make_it_reachable():
 
 
 def test_speedup_out_of_reach_is_refused_with_the_shortfall():
-    with pytest.raises(TnonnxError, match=r"--speedup 50: unreachable; the fastest choice") as exc:
+    # the fastest plan is built and measured: the shortfall is the measured one
+    with pytest.raises(TnonnxError, match=r"--speedup 50: not reached; the best plan found runs \d+\.\d+x") as exc:
         tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, speedup=50, timer=latency.CallableTimer(mac_ms))
     assert exc.value.exit_code == 2
 
