@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 from .errors import TnonnxError
+from .model import _umask
+from .report import _n
 
 MISSING = "--plot needs matplotlib: pip install 'tnonnx[plot]'"
 
@@ -307,15 +309,6 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width)) or text
 
 
-def _n(v) -> str:
-    if v is None:
-        return "?"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= scale:
-            return f"{v / scale:.2f}{unit}"
-    return str(v)
-
-
 def _compact(v) -> str:
     """An axis label: 100k, 1M, 2.5G."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -393,9 +386,3 @@ def _save(fig, path) -> Path:
             pass
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
