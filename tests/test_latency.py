@@ -200,3 +200,30 @@ def test_a_model_that_cannot_be_timed_is_still_rewritten():
     assert all(not r.ms_measured for r in report.rows)
     with pytest.raises(TnonnxError, match="could not be timed"):
         tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, speedup=2, timer=latency.CallableTimer(fails))
+
+
+def test_meet_speedup_tightens_on_a_miss_and_relaxes_a_large_surplus():
+    from tnonnx.choose import meet_speedup
+
+    # a plan is its slack here; measure maps it to the whole model's time
+    built = []
+
+    def build(slack):
+        built.append(slack)
+        return slack
+
+    # a miss (12 ms against 10), then the tightened plan meets it: kept
+    assert meet_speedup(build, lambda plan: 12.0 if plan == 0 else 9.5, 10.0) == 2.0
+    # far faster than needed: one relaxed plan, kept because it still meets the target
+    built.clear()
+    assert meet_speedup(build, lambda plan: 5.0 if plan == 0 else 9.0, 10.0) == -5.0
+    # the relaxed plan misses: the kept plan is rebuilt (the layers' plans are shared) and returned
+    built.clear()
+    assert meet_speedup(build, lambda plan: 5.0 if plan == 0 else 11.0, 10.0) == 0.0
+    assert built == [0.0, -5.0, 0.0]
+    # no tighter plan exists: the last one is rebuilt and kept for the caller's verdict
+    def build_or_fail(slack):
+        if slack > 0:
+            raise TnonnxError("unreachable")
+        return slack
+    assert meet_speedup(build_or_fail, lambda plan: 12.0, 10.0) == 0.0

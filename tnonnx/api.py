@@ -19,7 +19,7 @@ from .formats import Factorization
 from .graph import CANDIDATE_OPS, Layer, find_layers, replace_nodes
 from .macs import all_graphs
 from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer, deployment_feeds
-from .choose import MAX_REPLANS, Planner, SpeedRules, emissions_for, slower_note
+from .choose import Planner, SpeedRules, emissions_for, meet_speedup, slower_note
 from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, fit_error, make_plan, rank_spec
 from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals, describe_calibration, source_info
 from .tensorize import format_modes, parse_modes
@@ -126,17 +126,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                 return _fit_sequential(original, new, active, fitter, batches, force, layer_timer, rules, progress)
             return _fit_and_emit(active, fitter, force, layer_timer, rules, progress)
 
-        replacements, slack = build(0.0), 0.0
-        for _ in range(MAX_REPLANS if speedup else 0):
-            after_ms = clock.models([_partial(new, replacements)], speed_feeds)[0] if replacements else 0
-            target = before_ms / speedup
-            if not replacements or after_ms <= target:
-                break
-            try:  # the layers must give up what the whole model missed by
-                replacements, slack = build(slack + after_ms - target), slack + after_ms - target
-            except TnonnxError:  # no tighter plan exists: keep the last one
-                replacements = build(slack)
-                break
+        if speedup and before_ms is not None:
+            replacements = meet_speedup(
+                build, lambda reps: clock.models([_partial(new, reps)], speed_feeds)[0] if reps else None,
+                before_ms / speedup)
+        else:
+            replacements = build(0.0)
         notes.extend(planner.notes)
     if not replacements:
         raise TnonnxError("nothing to rewrite: no layer gets smaller at this rank" + _reasons_summary(layers))

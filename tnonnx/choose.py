@@ -220,7 +220,8 @@ def ladder(formats, simd: bool = False) -> list[tuple[str, RankSpec]]:
     return [(f, RankSpec(rank=cap)) for f in formats for cap in caps]
 
 
-MAX_REPLANS = 3  # --speedup: re-plans after the whole model missed the target
+MAX_REPLANS = 3
+RELAX_MARGIN = 0.1  # a plan this much faster than --speedup needs is relaxed once, for accuracy  # --speedup: re-plans after the whole model missed the target
 
 
 @dataclass(frozen=True)
@@ -355,3 +356,35 @@ def slower_note(format, budget, speedup, allow_slower, before_ms, after_ms) -> s
         hint = "--speedup X" + (", or drop --allow-slower" if allow_slower else "")
     return (f"the rewritten model is SLOWER than the original at the deployment shape: {after_ms:.3f} ms "
             f"against {before_ms:.3f} ms ({before_ms / after_ms:.2f}x); to avoid it use {hint}")
+
+
+def meet_speedup(build, measure, target_ms: float):
+    """The plan for --speedup: `build(slack)` makes one (slack: ms the layers must give up
+    beyond the per-layer estimate; may raise TnonnxError when none exists), `measure(plan)`
+    times the whole model. While the model misses `target_ms`, the slack grows by the miss
+    (up to MAX_REPLANS times); when it beats the target by more than RELAX_MARGIN, one plan
+    with the surplus given back to accuracy is tried and kept if it still meets the target.
+    Builds share the layers' plans, so a plan given up is rebuilt before it is returned."""
+    slack = 0.0
+    plan = build(slack)
+    ms = measure(plan)
+    for _ in range(MAX_REPLANS):
+        if ms is None or ms <= target_ms:
+            break
+        try:
+            trial = build(slack + ms - target_ms)
+        except TnonnxError:  # no tighter plan exists: keep this one
+            return build(slack)
+        slack, plan = slack + ms - target_ms, trial
+        ms = measure(plan)
+    if ms is not None and ms < target_ms * (1 - RELAX_MARGIN):
+        try:
+            trial = build(slack - (target_ms - ms))
+            trial_ms = measure(trial)
+            if trial_ms is not None and trial_ms <= target_ms:
+                return trial
+        except TnonnxError:
+            pass
+        plan = build(slack)
+    return plan
+
