@@ -9,8 +9,9 @@ replaces, in ONNX Runtime (CPU):
     .venv/bin/python bench/emission.py                  # every layer below, 2 threads
     .venv/bin/python bench/emission.py --threads 1 --quick --only tt
 
-The sessions of one layer are timed in interleaved rounds (a busy machine slows all
-alike) after a warm-up; the table gives medians in ms of `InferenceSession.run`, the
+The models of one layer are timed by tnonnx.latency.OrtTimer, the planner's own timer
+(interleaved rounds, sessions that do not spin, each emission's median ratio to dense in
+the same round, times dense's median); the table gives ms per `InferenceSession.run`, the
 speed-up over dense, the MAC ratio (dense MACs / chain MACs) and the fraction of the
 MAC-ratio speed-up reached (speed-up / MAC ratio). Outputs are checked against the
 rows-first chain before timing.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +33,9 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from tnonnx.emit import Builder, emit_chain  # noqa: E402
 from tnonnx.emit_layout import emit_chain_features_first  # noqa: E402
+from tnonnx import runtime  # noqa: E402
 from tnonnx.formats import FORMATS, RankSpec  # noqa: E402
+from tnonnx.latency import OrtTimer  # noqa: E402
 
 # (format, N, M, rank, order or None for the default, input shape)
 ROWS_128, ROWS_4096 = (1, 128), (32, 128)
@@ -56,33 +58,6 @@ def model_of(emit, in_shape, n, m):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], b.initializers)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.tnonnx", 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=9)
-
-
-def session(model, threads: int, library: Path | None):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    if library is not None:
-        so.register_custom_ops_library(str(library))
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-def interleaved(sessions, feeds, rounds: int, target_s: float = 0.01):
-    """Median seconds per run of each session; each round runs every session `inner`
-    times, `inner` chosen so that one session's share of a round takes about target_s."""
-    for s in sessions:
-        for _ in range(3):
-            s.run(None, feeds)
-    t0 = time.perf_counter()
-    sessions[0].run(None, feeds)
-    inner = max(1, int(target_s / max(time.perf_counter() - t0, 1e-6)))
-    times = [[] for _ in sessions]
-    for _ in range(rounds):
-        for i, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                s.run(None, feeds)
-            times[i].append((time.perf_counter() - t0) / inner)
-    return [float(np.median(t)) for t in times]
 
 
 def custom_library() -> Path | None:
@@ -123,14 +98,14 @@ def main() -> None:
                     lambda b, x: emit_chain_features_first(b, x, fact.chain, fact.cores, br)]
         if library:
             emitters.append(lambda b, x: fact.emit_custom(b, x, br))
-        sessions = [session(model_of(e, shape, n, m), args.threads, library) for e in emitters]
+        models = [model_of(e, shape, n, m) for e in emitters]
         feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
-        outs = [s.run(None, feeds)[0] for s in sessions]
+        outs = [runtime.session(mo, threads=args.threads).run(None, feeds)[0] for mo in models]
         for out in outs[2:]:
             np.testing.assert_allclose(out, outs[1], rtol=1e-3, atol=1e-4)
-        t = interleaved(sessions, feeds, rounds)
+        t = OrtTimer(min_rounds=rounds, max_rounds=rounds)(models, feeds, args.threads)  # ms, interleaved
         ratio = n * m / fact.chain.macs_per_row()
-        cells = [f"{v * 1e3:.3f}" for v in t] + [f"{t[0] / v:.2f}x ({t[0] / v / ratio:.2f})" for v in t[1:]]
+        cells = [f"{v:.3f}" for v in t] + [f"{t[0] / v:.2f}x ({t[0] / v / ratio:.2f})" for v in t[1:]]
         print(f"| {label} | {fmt} | {'-'.join(map(str, fact.ranks))} | {np.prod(rows)} | {ratio:.2f} | "
               + " | ".join(cells) + " |", flush=True)
 
