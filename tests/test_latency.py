@@ -227,3 +227,17 @@ def test_meet_speedup_tightens_on_a_miss_and_relaxes_a_large_surplus():
             raise TnonnxError("unreachable")
         return slack
     assert meet_speedup(build_or_fail, lambda plan: 12.0, 10.0) == 0.0
+
+
+def test_fastest_within_a_parameter_limit():
+    from tnonnx.choose import fastest
+
+    options = {"a": [_opt(None, 100, 0.0, 4.0), _opt("tt", 10, 0.2, 1.0), _opt("svd", 30, 0.05, 0.5)],
+               "b": [_opt(None, 100, 0.0, 4.0), _opt("tt", 10, 0.3, 2.0), _opt("svd", 40, 0.1, 1.0)]}
+    picked = fastest(options)
+    assert [picked[k].format for k in "ab"] == ["svd", "svd"]
+    picked = fastest(options, max_params=50)  # both svd would need 70: b svd + a tt is the fastest that fits
+    assert sum(o.params for o in picked.values()) <= 50
+    assert sum(o.ms for o in picked.values()) == 2.0
+    with pytest.raises(Unreachable):
+        fastest(options, max_params=15)

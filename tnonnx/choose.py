@@ -192,6 +192,15 @@ def choose(options: dict[str, list[Option]], max_params: float | None = None,
         current[best[1]] = best[2]
 
 
+def fastest(options: dict[str, list[Option]], max_params: float | None = None) -> dict[str, Option]:
+    """The choice with the least time whose parameters stay within `max_params`: choose()
+    with time in the place of the error (Unreachable only when the parameters cannot fit)."""
+    by_time = {k: [dataclasses.replace(o, error=o.ms or 0.0, ms=None) for o in opts] for k, opts in options.items()}
+    picked = choose(by_time, max_params) if max_params is not None else \
+        {k: min(opts, key=lambda o: (o.error, o.params)) for k, opts in by_time.items()}
+    return {k: options[k][by_time[k].index(o)] for k, o in picked.items()}
+
+
 def _shortfall(params, ms, max_params, max_ms) -> str:
     if max_params is not None and params > max_params:
         return (f"--budget: unreachable; the selected layers need at least {params} parameters at the lowest "
@@ -301,8 +310,7 @@ class Planner:
         except Unreachable:
             if max_ms is None:
                 raise
-            fastest = sum(min(o.ms or 0.0 for o in opts) for opts in options.values())
-            return choose(options, max_params, fastest)
+            return fastest(options, max_params)
 
     def _selected(self) -> int:
         return sum(group[0].layer.params for group in self.groups.values())
