@@ -1,4 +1,4 @@
-"""Latency measurement: warm-up, repeats, percentiles."""
+"""Latency measurement: warm-up, repeats, percentiles; two models interleaved."""
 
 from __future__ import annotations
 
@@ -24,16 +24,35 @@ def latency(
     what: str = "model",
 ) -> dict:
     """Wall-clock latency of one run, in ms: at least ``repeats`` runs and ``min_time_s`` seconds."""
-    sess = runtime.session(model, threads=threads, what=what)
+    return interleaved([model], feeds, warmup=warmup, repeats=repeats, threads=threads, min_time_s=min_time_s,
+                       what=(what,))[0]
+
+
+def interleaved(models, feeds: Mapping[str, np.ndarray], *, warmup: int = 5, repeats: int = 30,
+                threads: int | None = None, min_time_s: float = 0.0, spinning: bool = True,
+                what=("model",)) -> list[dict]:
+    """Latency percentiles of several models timed in turn, run by run (each run of one model
+    follows one untimed run, which absorbs the switch), so that a change in machine load
+    reaches all alike; at least ``repeats`` timed runs each and ``min_time_s`` seconds."""
+    names = list(what) + [f"model {i}" for i in range(len(what), len(models))]
+    sessions = [runtime.session(m, threads=threads, spinning=spinning, what=n) for m, n in zip(models, names)]
     feeds = dict(feeds)
-    for _ in range(warmup):
-        runtime.infer(sess, feeds, what=what)
-    times = []
+    for sess, name in zip(sessions, names):
+        for _ in range(warmup):
+            runtime.infer(sess, feeds, what=name)
+    times = [[] for _ in sessions]
     start = time.perf_counter()
-    while len(times) < max(repeats, 1) or time.perf_counter() - start < min_time_s:
-        t0 = time.perf_counter()
-        runtime.infer(sess, feeds, what=what)
-        times.append(time.perf_counter() - t0)
+    while len(times[0]) < max(repeats, 1) or time.perf_counter() - start < min_time_s:
+        for sess, name, out in zip(sessions, names, times):
+            if len(sessions) > 1:
+                runtime.infer(sess, feeds, what=name)
+            t0 = time.perf_counter()
+            runtime.infer(sess, feeds, what=name)
+            out.append(time.perf_counter() - t0)
+    return [_summary(t) for t in times]
+
+
+def _summary(times) -> dict:
     ms = np.array(times) * 1e3
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     return {
@@ -57,14 +76,16 @@ def compare(
     repeats: int = 30,
     min_time_s: float = 0.0,
 ) -> dict:
-    """Latency of both models on the same random feeds; speedup = reference p50 / candidate p50."""
+    """Latency of both models on the same random feeds, timed interleaved; speedup = reference p50 /
+    candidate p50."""
     ref = _model.load(reference, what="reference")
     cand = _model.load(candidate, what="candidate")
     runtime.check_same_inputs(ref, cand)
     feeds = calibrate.random_feeds(ref, batch, shapes, seed=0)
-    kw = dict(warmup=warmup, repeats=repeats, threads=threads, min_time_s=min_time_s)
-    ref_lat = latency(ref, feeds, what="reference", **kw)
-    cand_lat = latency(cand, feeds, what="candidate", **kw)
+    # interleaved, with pools that do not spin (each session's spinning pool would steal the
+    # cores from the other's runs), as the planner times (tnonnx.latency.OrtTimer)
+    ref_lat, cand_lat = interleaved([ref, cand], feeds, warmup=warmup, repeats=repeats, threads=threads,
+                                    min_time_s=min_time_s, spinning=False, what=("reference", "candidate"))
     return {
         "batch": batch,
         "threads": threads,
