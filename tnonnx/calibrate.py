@@ -58,6 +58,24 @@ def concrete_shapes(
     agree). Other symbolic/unknown dims: axis 0 -> ``batch``, other axes -> DEFAULT_FREE_DIM.
     A symbolic name set through an override (e.g. "seq") takes that value in every input.
     """
+    return _resolve(model, batch, shapes)[0]
+
+
+def assumed_dims(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None) -> list[str]:
+    """What concrete_shapes assumes beyond the batch axis, one sentence per symbolic or
+    unknown dim (e.g. a sequence length) that --shape did not set: "assumed sequence = 64
+    for input x (axis 1); set it with --shape x:1x64"."""
+    out = []
+    for name, axis, dim, example in _resolve(model, 1, shapes)[1]:
+        label = dim if isinstance(dim, str) else "an unknown dim"
+        out.append(f"assumed {label} = {DEFAULT_FREE_DIM} for input {name} (axis {axis}); "
+                   f"set it with --shape {name}:{'x'.join(map(str, example))}")
+    return out
+
+
+def _resolve(model, batch, shapes) -> tuple[dict[str, tuple[int, ...]], list[tuple]]:
+    """(concrete_shapes, the assumptions: (input, axis, dim, its shape at batch 1) for each
+    dim beyond axis 0 that took DEFAULT_FREE_DIM)."""
     if batch < 1:
         raise TnonnxError(f"batch size must be at least 1, not {batch}")
     specs = input_specs(model)
@@ -92,50 +110,31 @@ def concrete_shapes(
             named.setdefault(spec.shape[0], batch)
 
     result: dict[str, tuple[int, ...]] = {}
+    assumed, defaulted = [], set()  # names that took DEFAULT_FREE_DIM
     for spec in specs:
         if spec.name in shapes:
             result[spec.name] = tuple(shapes[spec.name])
             continue
         if spec.shape is None:
             raise TnonnxError(f"input '{spec.name}' has no known rank; give its shape with --shape {spec.name}:DIMS")
-        dims = []
+        dims, guessed = [], []
         for axis, dim in enumerate(spec.shape):
             if isinstance(dim, int) and dim > 0:
                 dims.append(dim)
             elif isinstance(dim, str):
+                if axis > 0 and dim not in named:
+                    defaulted.add(dim)
                 dims.append(named.setdefault(dim, batch if axis == 0 else DEFAULT_FREE_DIM))
+                if axis > 0 and dim in defaulted:
+                    guessed.append((axis, dim))
             else:
                 dims.append(batch if axis == 0 else DEFAULT_FREE_DIM)
+                if axis > 0:
+                    guessed.append((axis, None))
         result[spec.name] = tuple(dims)
-    return result
-
-
-def assumed_dims(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None) -> list[str]:
-    """What concrete_shapes assumes beyond the batch axis, one sentence per symbolic or
-    unknown dim (e.g. a sequence length) that --shape did not set: "assumed sequence = 64
-    for input x (axis 1); set it with --shape x:1x64"."""
-    shapes = dict(shapes or {})
-    specs = input_specs(model)
-    named: dict[str, int] = {}
-    for spec in specs:  # names fixed through --shape take their value everywhere
-        if spec.name in shapes and spec.shape is not None:
-            for dim, value in zip(spec.shape, shapes[spec.name]):
-                if isinstance(dim, str):
-                    named.setdefault(dim, value)
-    batch_names = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)}
-    out = []
-    for spec in specs:
-        if spec.name in shapes or not spec.shape:
-            continue
-        for axis, dim in enumerate(spec.shape):
-            if axis == 0 or (isinstance(dim, int) and dim > 0) or dim in named or dim in batch_names:
-                continue
-            example = "x".join("1" if a == 0 else str(d if isinstance(d, int) and d > 0 else DEFAULT_FREE_DIM)
-                               for a, d in enumerate(spec.shape))
-            label = dim if isinstance(dim, str) else "an unknown dim"
-            out.append(f"assumed {label} = {DEFAULT_FREE_DIM} for input {spec.name} (axis {axis}); "
-                       f"set it with --shape {spec.name}:{example}")
-    return out
+        example = (1,) + tuple(dims[1:])
+        assumed += [(spec.name, axis, dim, example) for axis, dim in guessed]
+    return result, assumed
 
 
 def clip(text: str, limit: int = 300) -> str:
