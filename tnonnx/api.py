@@ -109,7 +109,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                              model_io.default_opset(original))
     speed_feeds = deployment_feeds(original, deployment)
     rules = SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
-                        emit=emit, keep_best=keep_best)
+                       emit=emit)
     notes = []
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
     with threadpool_limits(1, user_api="blas"):

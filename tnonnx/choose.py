@@ -87,11 +87,9 @@ def _macs_ratio(fact, layer: Layer) -> float | None:
 
 def time_options(group: list[LayerPlan], options: list[Option], fitter: Fitter, timer, emit: str) -> list[Option]:
     """Each option timed at the deployment shape (summed over the group's layers) in its
-    fastest emission, plus the dense option; `timer` is a latency.LayerTimer or None."""
+    fastest emission, plus the dense option; `timer` is a latency.LayerTimer."""
     first = group[0]
     dense = Option(None, None, first.layer.params, 0.0, macs_ratio=1.0)
-    if timer is None:
-        return [dense] + options
     trials, owners = [], []
     for i, o in enumerate(options):
         fact = fitter.fit(first.layer, o.format, o.spec, first.modes, first.order, final=False)
@@ -196,8 +194,7 @@ def fastest(options: dict[str, list[Option]], max_params: float | None = None) -
     """The choice with the least time whose parameters stay within `max_params`: choose()
     with time in the place of the error (Unreachable only when the parameters cannot fit)."""
     by_time = {k: [dataclasses.replace(o, error=o.ms or 0.0, ms=None) for o in opts] for k, opts in options.items()}
-    picked = choose(by_time, max_params) if max_params is not None else \
-        {k: min(opts, key=lambda o: (o.error, o.params)) for k, opts in by_time.items()}
+    picked = choose(by_time, max_params)
     return {k: options[k][by_time[k].index(o)] for k, o in picked.items()}
 
 
@@ -229,8 +226,8 @@ def ladder(formats, simd: bool = False) -> list[tuple[str, RankSpec]]:
     return [(f, RankSpec(rank=cap)) for f in formats for cap in caps]
 
 
-MAX_REPLANS = 3
-RELAX_MARGIN = 0.1  # a plan this much faster than --speedup needs is relaxed once, for accuracy  # --speedup: re-plans after the whole model missed the target
+MAX_REPLANS = 3  # --speedup: re-plans after the whole model missed the target
+RELAX_MARGIN = 0.1  # a plan this much faster than --speedup needs gives the surplus back to accuracy
 
 
 @dataclass(frozen=True)
@@ -238,7 +235,6 @@ class SpeedRules:
     speedup: float | None  # the rewritten model must run this many times as fast
     floor: bool  # no layer slower than dense (auto / budget unless --allow-slower)
     emit: str
-    keep_best: bool = False
 
 
 class Planner:
