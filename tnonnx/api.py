@@ -23,11 +23,10 @@ from .choose import Planner, SpeedRules, emissions_for, meet_speedup, slower_not
 from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, fit_error, make_plan, rank_spec
 from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals, describe_calibration, source_info
 from .tensorize import format_modes, parse_modes
-from .validate import count_samples, check_thresholds
+from .validate import check_thresholds, count_samples, with_default_threshold
 from .validate import run as run_model
 from .validate import validate as compare_models
 
-DEFAULT_MIN_COSINE = 0.99  # validation threshold when none is given, in rewrite as in validate
 EMIT_MODES = ("auto", "matmul", "features-first", "einsum", "custom")
 FIT_MODES = ("data-free", "aware", "sequential")
 
@@ -183,8 +182,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     rows = _rows(layers, replacements, before, after)
     result = None
     if validate:
-        if atol is None and rtol is None and min_cosine is None and max_accuracy_drop is None:
-            min_cosine = DEFAULT_MIN_COSINE  # the same default as `tnonnx validate`
+        min_cosine = with_default_threshold(atol, rtol, min_cosine, max_accuracy_drop)
         result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol, rtol=rtol,
                                 min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
     totals = Totals(before.params, after.params, original.ByteSize(), new.ByteSize(), before.total, after.total,

@@ -19,6 +19,7 @@ from .finetune import HIDDEN_WEIGHT
 from .formats import FORMATS
 from .report import render_validation
 from .validate import validate as compare_models
+from .validate import with_default_threshold
 
 
 def _console() -> Console:
@@ -85,14 +86,25 @@ def threads_option(help_text: str):
     return click.option("--threads", type=int, default=None, callback=_bounded(1), help=help_text)
 
 
+def shape_option(fn):
+    return click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
+                        help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224.")(fn)
+
+
+def _check_side_output(path, what: str, taken, taken_text: str) -> None:
+    """A file written beside the model (--report, --plot, --json): none of the files `taken`,
+    and a path that can be written."""
+    if any(model_io.same_file(path, p) for p in taken):
+        raise TnonnxError(f"{what} '{path}' is {taken_text}; choose another path")
+    model_io.check_output_path(path, what)
+
+
 def input_options(command: str):
     def decorate(fn):
         fn = click.option("--inputs", type=click.Path(dir_okay=False), default=None,
                           help="Feeds as .npz (arrays named after the model inputs; 'labels' gives accuracy). "
                                "Without it, random feeds from the model's input shapes (and the report says so).")(fn)
-        fn = click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
-                          help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224.")(fn)
-        return batch_option(command)(fn)
+        return batch_option(command)(shape_option(fn))
 
     return decorate
 
@@ -149,8 +161,7 @@ def main():
 @main.command()
 @click.argument("model", type=click.Path())
 @batch_option("inspect")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
-              help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224.")
+@shape_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @handles_errors
 def inspect(model, batch, shapes, as_json):
@@ -233,20 +244,17 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         raise TnonnxError(f"output '{target}' is the input model; choose another path with -o")
     model_io.check_output_path(target)
     if report_path:
-        if model_io.same_file(report_path, source) or model_io.same_file(report_path, target):
-            raise TnonnxError(f"report '{report_path}' is the input or output model; choose another path")
-        model_io.check_output_path(report_path, "report")
+        _check_side_output(report_path, "report", (source, target), "the input or output model")
     if plot_path:
-        if any(model_io.same_file(plot_path, p) for p in (source, target) + ((report_path,) if report_path else ())):
-            raise TnonnxError(f"--plot '{plot_path}' is the input or output model or the report; choose another path")
-        model_io.check_output_path(plot_path, "--plot")
+        _check_side_output(plot_path, "--plot", (source, target) + ((report_path,) if report_path else ()),
+                           "the input or output model or the report")
         plot.require_matplotlib()  # fail now, not after the rewrite
     if act is not None and not getattr(FORMATS.get(fmt), "NONLINEAR", False):
         raise TnonnxError(f"--act applies to the nonlinear formats ({', '.join(_nonlinear_formats())}), "
                           f"not --format {fmt}")
     options = {k: v for k, v in (("conv_layout", conv_layout), ("stp_t", stp_t), ("act", act)) if v is not None}
     new, report = api.rewrite(
-        model, format=fmt, rank=rank, tol=tol, ratio=ratio, budget=_budget(budget), format_options=options, modes=modes, order=order, emit=emit, batch=batch,
+        model, format=fmt, rank=rank, tol=tol, ratio=ratio, budget=budget, format_options=options, modes=modes, order=order, emit=emit, batch=batch,
         ops=ops, include=include, exclude=exclude,
         min_params=min_params, force=force, validate=validate, inputs=inputs,
         shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine,
@@ -286,15 +294,6 @@ def _rank(text: str | None):
         raise click.BadParameter(f"'{text}' is not a whole number or 'vbmf'") from None
 
 
-def _budget(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        return float(text.lower().removesuffix("x"))
-    except ValueError:
-        raise TnonnxError(f"--budget '{text}': expected a reduction such as 3x") from None
-
-
 def _write(path, what: str, write) -> None:
     """Write a side file (report, JSON) with `write(path)`; its folders are created."""
     try:
@@ -317,12 +316,9 @@ def validate_cmd(reference, candidate, inputs, shapes, batch, atol, rtol, min_co
     """Run REFERENCE and CANDIDATE on the same feeds and compare; exit 1 on mismatch.
 
     With no threshold given, --min-cosine 0.99 applies."""
-    if atol is None and rtol is None and min_cosine is None and max_accuracy_drop is None:
-        min_cosine = api.DEFAULT_MIN_COSINE
+    min_cosine = with_default_threshold(atol, rtol, min_cosine, max_accuracy_drop)
     if json_path:
-        if model_io.same_file(json_path, reference) or model_io.same_file(json_path, candidate):
-            raise TnonnxError(f"--json '{json_path}' is one of the models; choose another path")
-        model_io.check_output_path(json_path, "--json")
+        _check_side_output(json_path, "--json", (reference, candidate), "one of the models")
     result = compare_models(reference, candidate, inputs=inputs, shapes=calibrate.parse_shapes(shapes),
                             batch=batch, seed=seed, atol=atol, rtol=rtol, min_cosine=min_cosine,
                             max_accuracy_drop=max_accuracy_drop)
@@ -337,8 +333,7 @@ def validate_cmd(reference, candidate, inputs, shapes, batch, atol, rtol, min_co
 @click.argument("reference", type=click.Path())
 @click.argument("candidate", type=click.Path())
 @batch_option("bench")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
-              help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224.")
+@shape_option
 @threads_option("onnxruntime intra-op threads (default: onnxruntime's own).")
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
@@ -348,9 +343,7 @@ def validate_cmd(reference, candidate, inputs, shapes, batch, atol, rtol, min_co
 def bench_cmd(reference, candidate, batch, shapes, threads, repeats, warmup, plot_path):
     """Latency of two models side by side on the same random feeds."""
     if plot_path:
-        if model_io.same_file(plot_path, reference) or model_io.same_file(plot_path, candidate):
-            raise TnonnxError(f"--plot '{plot_path}' is one of the models; choose another path")
-        model_io.check_output_path(plot_path, "--plot")
+        _check_side_output(plot_path, "--plot", (reference, candidate), "one of the models")
         plot.require_matplotlib()
     result = bench.compare(reference, candidate, batch=batch, shapes=calibrate.parse_shapes(shapes),
                            threads=threads, warmup=warmup, repeats=repeats)

@@ -22,6 +22,16 @@ RUN_CHUNK = 64
 RANDOM_SAMPLES = 32
 
 
+DEFAULT_MIN_COSINE = 0.99  # when no threshold is given, in `tnonnx rewrite` as in `tnonnx validate`
+
+
+def with_default_threshold(atol=None, rtol=None, min_cosine=None, max_accuracy_drop=None) -> float | None:
+    """min_cosine, or DEFAULT_MIN_COSINE when no threshold at all is given."""
+    if atol is None and rtol is None and min_cosine is None and max_accuracy_drop is None:
+        return DEFAULT_MIN_COSINE
+    return min_cosine
+
+
 def check_thresholds(atol=None, rtol=None, min_cosine=None, max_accuracy_drop=None, batch: int = 1) -> None:
     """TnonnxError (exit 2) for threshold values no comparison can meet or mean."""
     for flag, v in (("--atol", atol), ("--rtol", rtol), ("--max-accuracy-drop", max_accuracy_drop)):
