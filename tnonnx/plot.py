@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import TnonnxError
 from .model import _umask
-from .report import _n
+from .report import _n, _speed
 
 MISSING = "--plot needs matplotlib: pip install 'tnonnx[plot]'"
 
@@ -272,8 +272,7 @@ def _title(report: dict, chars: int) -> str:
     latency = report.get("latency") or {}
     if sb is not None and sa is not None:
         how = "measured p50" if latency.get("measured") else "predicted by the cost model"
-        speed = f"{sb / sa:.2f}x faster" if sa > 0 and sa <= sb else (f"{sa / sb:.2f}x SLOWER" if sb > 0 else "")
-        line = f"latency {sb:.3f} ms → {sa:.3f} ms ({speed}, {how})"
+        line = f"latency {sb:.3f} ms → {sa:.3f} ms ({_speed(sb, sa)}, {how})"
         if latency.get("deployment"):
             line += f" at {latency['deployment']}"
         lines.append(_wrap(line, chars))

@@ -313,7 +313,7 @@ def _ms(v, measured: bool = True) -> str:
 
 
 def _speed(before: float, after: float) -> str:
-    if after <= 0:
+    if after <= 0 or before <= 0:
         return "-"
     return f"{before / after:.2f}x faster" if after <= before else f"{after / before:.2f}x SLOWER"
 
