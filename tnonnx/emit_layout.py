@@ -24,10 +24,9 @@ order is part of the function and is kept.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from .emit import Chain, Core, OnnxOps, split_labels
+from .emit import Chain, Core, OnnxOps, _prod, split_labels
 
 # The cost model, in multiply-adds (ONNX Runtime CPU, fp32, measured roughly on a busy
 # 2-core machine: a guide to rank candidates, not a timing). A moved value costs about
@@ -169,7 +168,3 @@ def emit_chain_features_first(builder, x: str, chain: Chain, cores: dict, batch_
 def _group(sizes: dict[str, int], labels) -> list[int]:
     """One axis for a group of labels, none for an empty group."""
     return [_prod(sizes, labels)] if labels else []
-
-
-def _prod(sizes: dict[str, int], labels) -> int:
-    return math.prod(sizes[l] for l in labels)
