@@ -206,11 +206,14 @@ def _shortfall(params, ms, max_params, max_ms) -> str:
             f"{max(max_ms, 0.0):.3f} ms would be needed")
 
 
-def pareto(options: list[Option]) -> list[Option]:
-    """Options not dominated in (params, ms, error) by another (dense always kept)."""
+def pareto(options: list[Option], by_time: bool = True) -> list[Option]:
+    """Options not dominated in (params, ms, error), or (params, error) when time is not
+    a limit, by another (dense always kept)."""
+    def keys(o):
+        return (o.params, o.error) + ((o.ms if o.ms is not None else math.inf,) if by_time else ())
+
     def dominated(a, b):
-        keys_a = (a.params, a.ms if a.ms is not None else math.inf, a.error)
-        keys_b = (b.params, b.ms if b.ms is not None else math.inf, b.error)
+        keys_a, keys_b = keys(a), keys(b)
         return all(y <= x for x, y in zip(keys_a, keys_b)) and keys_a != keys_b
     return [o for o in options if o.dense or not any(dominated(o, b) for b in options if b is not o)]
 
@@ -316,17 +319,17 @@ class Planner:
         trials = ladder(self.formats, simd=self.rules.speedup is not None) if self.budget is not None else \
             [(f, first.spec) for f in self.formats]
         options = candidate_options(first, self.fitter, trials)
-        if self.sensitivity is not None and options:
+        if self.sensitivity is not None and options:  # measured at the front's candidate nearest the share
             share = 1.0 / self.budget
-            probe = min(options, key=lambda o: abs(o.params - share * first.layer.params))
+            probe = min(pareto(options, by_time=False), key=lambda o: abs(o.params - share * first.layer.params))
             weight = self.sensitivity(first, probe.format, probe.spec)
             options = [dataclasses.replace(o, error=o.error * weight) for o in options]
         options = time_options(group, options, self.fitter, self.timer, self.rules.emit)
-        if self.budget is not None:
-            options = pareto(options)
-        if self.rules.floor:
+        if self.rules.floor:  # before the front: a faster option a slower one dominates stays in
             options, dropped = apply_floor(options)
             self.floored[first.layer.weight_key] = dropped
+        if self.budget is not None:
+            options = pareto(options, by_time=self.rules.speedup is not None)
         return options
 
     def _max_ms(self, slack: float) -> float:
