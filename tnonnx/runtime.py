@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 
 from . import custom_ops
 from . import model as _model
@@ -68,11 +69,13 @@ def session(
         return _create(lambda: ort.InferenceSession(str(model), opts, providers=providers), label)
 
     label = f"{what} (graph '{model.graph.name}')" if model.graph.name else what
-    if model.ByteSize() > _MAX_PROTO_BYTES:
+    # one serialisation, not a size query first: ByteSize() costs as much as serialising
+    data = _serialize_for_runtime(model)
+    if data is None or len(data) > _MAX_PROTO_BYTES:
+        data = None
         with tempfile.TemporaryDirectory(prefix="tnonnx-", ignore_cleanup_errors=True) as tmp:
             path = _model.save(model, Path(tmp) / "model.onnx", external_data=True)
             return _create(lambda: ort.InferenceSession(str(path), opts, providers=providers), label)
-    data = _serialize_for_runtime(model)
     return _create(lambda: ort.InferenceSession(data, opts, providers=providers), label)
 
 
@@ -143,15 +146,16 @@ def _custom_op_libraries(model: onnx.ModelProto | str | os.PathLike) -> list[str
     return [str(custom_ops.ensure_library())]
 
 
-def _serialize_for_runtime(model: onnx.ModelProto) -> bytes:
-    # Clamp a too-new IR version (onnx's default) without copying a possibly large proto.
+def _serialize_for_runtime(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes with a too-new IR version (onnx's default) clamped, without copying a
+    possibly large proto; None when protobuf cannot serialise it (2 GB or more)."""
     max_ir, _ = _model.runtime_limits()
     ir = model.ir_version
-    if ir <= max_ir:
-        return model.SerializeToString()
     try:
-        model.ir_version = max_ir
+        model.ir_version = min(ir, max_ir)
         return model.SerializeToString()
+    except (ValueError, EncodeError):
+        return None
     finally:
         model.ir_version = ir
 

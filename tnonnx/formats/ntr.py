@@ -17,7 +17,6 @@ from ..emit import onnx_activation
 from . import tr
 from .base import RankSpec, _no_dense_weight
 from .ntt import ITERATIONS, nonlinear_conv, nonlinear_dense
-from .tr_torch import RingConv
 
 NAME = "ntr"
 NEEDS_DATA = True
@@ -48,6 +47,8 @@ class NonlinearRingConvFactorization(tr.RingConvFactorization):
         return super().emit(_ActivatedConvs(builder, self.activation), x, geometry, bias, output)
 
     def torch_module(self, geometry, bias: np.ndarray | None = None):
+        from .tr_torch import RingConv
+
         return RingConv(self, geometry, bias)
 
 
