@@ -12,11 +12,12 @@ from threadpoolctl import threadpool_limits
 from . import calibrate, macs
 from . import fit as fitting
 from . import model as model_io
+from .embedding import layer_data as embedding_data
 from .emit import Builder
 from .errors import NotApplicable, TnonnxError
 from .finetune import HIDDEN_WEIGHT
 from .formats import Factorization
-from .graph import CANDIDATE_OPS, Layer, find_layers, replace_nodes
+from .graph import REWRITABLE_OPS, Layer, find_layers, replace_nodes
 from .macs import all_graphs
 from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer, deployment_feeds
 from .choose import Planner, SpeedRules, emissions_for, meet_speedup, slower_note
@@ -214,11 +215,11 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
 def _parse_ops(ops) -> tuple[str, ...]:
     """--ops as the CLI writes it ("MatMul,Gemm") or a sequence; unknown op types are refused."""
     names = [o.strip() for o in (ops.split(",") if isinstance(ops, str) else ops) if o.strip()]
-    unknown = [o for o in names if o not in CANDIDATE_OPS]
+    unknown = [o for o in names if o not in REWRITABLE_OPS]
     if unknown or not names:
         raise TnonnxError(f"--ops {','.join(names) or repr(ops)}: "
                           + (f"unknown op {', '.join(unknown)}; " if unknown else "")
-                          + f"choose from {', '.join(CANDIDATE_OPS)}")
+                          + f"choose from {', '.join(REWRITABLE_OPS)}")
     return tuple(names)
 
 
@@ -273,7 +274,7 @@ def layer_data(model: onnx.ModelProto, layers: list[Layer], batches, reference: 
         if probe is not None and probe.key not in [p.key for p in probes.get(layer.x, [])]:
             probes.setdefault(layer.x, []).append(probe)
     captures = calibrate.capture(model, probes, batches, reference=reference)
-    data, bases = {}, {}
+    data, bases = embedding_data(model, layers, batches), {}
     for layer in layers:
         probe = fitting.probe_for(layer)
         capture = captures.get((layer.x, probe.key)) if probe is not None else None
@@ -360,6 +361,11 @@ def emit_layer(builder: Builder, layer: Layer, fact: Factorization, emit: str = 
     """Append to `builder` the nodes computing what `layer.node` computed, into its output,
     in emission `emit` (EMIT_MODES; "auto" here means the plain MatMul chain)."""
     output = layer.node.output[0]
+    if layer.kind in ("embedding", "recurrent"):  # their own emission (one form each)
+        from . import embedding, recurrent
+
+        (embedding if layer.kind == "embedding" else recurrent).emit(builder, layer, fact)
+        return
     if layer.kind == "conv":
         fact.emit(builder, layer.x, layer.geometry, layer.bias, output)
         return

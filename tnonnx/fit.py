@@ -65,8 +65,8 @@ def _relative(approx: np.ndarray, target: np.ndarray) -> float:
 def probe_for(layer: Layer) -> Probe | None:
     """What to capture for a layer, or None when data-aware fitting does not apply to it
     (dense layers whose weight acts on the left or on a transposed input; grouped convs)."""
-    if layer.kind == "dense" and layer.side == "right" and not layer.trans_x:
-        return Probe("dense")
+    if layer.kind in ("dense", "recurrent") and layer.side == "right" and not layer.trans_x:
+        return Probe("dense")  # recurrent: W acts on the rows of the sequence input
     if layer.kind == "conv" and layer.groups == 1:
         return Probe("conv", tuple(layer.geometry.kernel), dict(layer.geometry.attrs))
     return None
@@ -75,7 +75,8 @@ def probe_for(layer: Layer) -> Probe | None:
 def layer_data(layer: Layer, capture: Capture, bases: dict | None = None) -> LayerData:
     """The fit data of one layer from the capture of its input. `bases` caches the
     Cholesky factor per capture (layers reading one input share it)."""
-    if layer.kind == "dense":
+    kind = "conv" if layer.kind == "conv" else "dense"
+    if kind == "dense":
         matrix = layer.weight  # N x M, y = x W
     else:
         matrix = layer.weight.reshape(layer.weight.shape[0], -1).T  # S*k x T
@@ -93,11 +94,11 @@ def layer_data(layer: Layer, capture: Capture, bases: dict | None = None) -> Lay
     inputs, outputs = capture.samples, None
     if inputs is not None:
         source = capture.reference if capture.reference is not None else inputs
-        if layer.kind == "dense":
+        if kind == "dense":
             outputs = source.astype(np.float64) @ matrix
         else:
             outputs = conv_apply(source, matrix, layer.geometry)
-    return LayerData(layer.kind, basis, target, inputs, outputs, layer.geometry if layer.kind == "conv" else None)
+    return LayerData(kind, basis, target, inputs, outputs, layer.geometry if kind == "conv" else None)
 
 
 def _cholesky(gram: np.ndarray) -> np.ndarray:

@@ -25,6 +25,9 @@ QUANTIZED_OPS = ("MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger",
 OTHER_LINEAR_OPS = ("ConvTranspose", "Einsum")
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
+EMBEDDING_OPS = ("Gather",)  # on a constant 2-D float table (tnonnx/embedding.py)
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # input weights hoisted (tnonnx/recurrent.py)
+REWRITABLE_OPS = CANDIDATE_OPS + EMBEDDING_OPS + RECURRENT_OPS
 
 
 @dataclass
@@ -33,7 +36,7 @@ class Layer:
     op_type: str
     node: onnx.NodeProto
     graph: onnx.GraphProto
-    kind: str = ""  # "dense" or "conv" when rewritable
+    kind: str = ""  # "dense", "conv", "embedding" or "recurrent" when rewritable
     reason: str | None = None
     weight: np.ndarray | None = None  # canonical float64 weight
     weight_key: str = ""  # equal for layers that share one weight (factorised once)
@@ -187,7 +190,34 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
             layer = Layer(name, node.op_type, node, graph)
             _describe(layer, scope_of(chain), shapes)
             layers.append(layer)
+        elif node.op_type in EMBEDDING_OPS and node.domain in ("", "ai.onnx"):
+            table = _embedding_table(node, scope_of(chain))
+            if table is not None:  # other Gathers (shapes, indices) carry no weight
+                from . import embedding
+
+                layer = Layer(name, node.op_type, node, graph)
+                embedding.describe(layer, table, shapes.get(node.input[1]))
+                _check_weight(layer)
+                layers.append(layer)
+        elif node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
+            from . import recurrent
+
+            layer = Layer(name, node.op_type, node, graph)
+            recurrent.describe(layer, scope_of(chain), shapes)
+            _check_weight(layer)
+            layers.append(layer)
     return layers
+
+
+def _embedding_table(node: onnx.NodeProto, scope: Scope):
+    """The resolved constant table of a Gather that looks rows up (2-D float data, axis 0,
+    computed indices), else None."""
+    if len(node.input) < 2 or _attr(node, "axis", 0) not in (0, -2):
+        return None
+    found = scope.resolve(node.input[0])
+    if not isinstance(found, tuple) or found[0].ndim != 2 or found[0].dtype.kind != "f":
+        return None
+    return None if isinstance(scope.resolve(node.input[1]), tuple) else found
 
 
 def _describe(layer: Layer, scope: Scope, shapes: dict) -> None:
@@ -200,6 +230,10 @@ def _describe(layer: Layer, scope: Scope, shapes: dict) -> None:
         _describe_conv(layer, consts, shapes)
     else:
         _describe_dense(layer, consts, shapes)
+    _check_weight(layer)
+
+
+def _check_weight(layer: Layer) -> None:
     if layer.weight is not None and layer.reason is None:
         if np.dtype(layer.compute_dtype) not in [np.dtype(t) for t in FLOAT_TYPES]:
             layer.reason = f"weight dtype {layer.compute_dtype} is not float16/32/64"

@@ -321,6 +321,8 @@ def layer_feeds(model: onnx.ModelProto, layers: list[Layer], deployment: Deploym
     for layer in layers:
         if layer.x not in values or (layer.bias_input and layer.bias_input not in values):
             continue
+        if layer.kind == "recurrent":  # its node needs more than x: predicted from shapes
+            continue
         feed = {"x": rng.standard_normal(values[layer.x].shape).astype(values[layer.x].dtype)}
         if layer.bias_input:
             c = values[layer.bias_input]
@@ -357,6 +359,9 @@ def dense_nodes(layer: Layer, builder) -> None:
         else:
             attrs = layer.geometry.spatial_attrs()
         conv_node(builder, layer.x, w, "conv", bias=layer.bias, attrs=attrs, output=layer.node.output[0])
+        return
+    if layer.kind == "embedding":
+        builder.op("Gather", [builder.weight(layer.weight, "w"), layer.x], "gather", output=layer.node.output[0])
         return
     x = layer.x
     if layer.trans_x:

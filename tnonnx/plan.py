@@ -143,12 +143,21 @@ class Fitter:
     def fit(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None, *, final: bool = True):
         module = FORMATS[format]
         data = self.data.get(layer.name)
-        takes_data = getattr(module, "SUPPORTS_DATA", False) or getattr(module, "NEEDS_DATA", False)
+        takes_data = getattr(module, "SUPPORTS_DATA", False) or getattr(module, "NEEDS_DATA", False) \
+            or layer.kind == "embedding"  # row weights, see tnonnx/embedding.py
         refine = data is not None and final and not takes_data
         key = (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine)
         if key not in self.cache:
             options = dict(self.options, data=data) if takes_data and data is not None else self.options
-            if layer.kind == "conv" and layer.groups > 1:
+            if layer.kind == "embedding":
+                from .embedding import fit as fit_embedding
+
+                fact = fit_embedding(module, layer, spec, modes, order, data)
+            elif layer.kind == "recurrent":
+                from .recurrent import fit as fit_recurrent
+
+                fact = fit_recurrent(module, layer, spec, modes, order, **options)
+            elif layer.kind == "conv" and layer.groups > 1:
                 per = layer.weight.shape[0] // layer.groups
                 fact = GroupedConvFactorization(format, [
                     module.fit_conv(layer.weight[i * per:(i + 1) * per], spec, **options)
