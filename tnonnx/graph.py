@@ -25,6 +25,7 @@ QUANTIZED_OPS = ("MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger",
 OTHER_LINEAR_OPS = ("ConvTranspose", "Einsum")
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
+SHAPE_OPS = ("Unsqueeze", "Squeeze", "Concat", "Slice", "Reshape")  # folded when all inputs are constant
 EMBEDDING_OPS = ("Gather",)  # on a constant 2-D float table (tnonnx/embedding.py)
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # input weights hoisted (tnonnx/recurrent.py)
 REWRITABLE_OPS = CANDIDATE_OPS + EMBEDDING_OPS + RECURRENT_OPS
@@ -98,6 +99,8 @@ class Scope:
             return None if arr is None else (arr, arr.dtype, [name])
         if node.op_type == "DequantizeLinear":
             return "quantized"
+        if node.op_type in SHAPE_OPS and node.domain in ("", "ai.onnx"):
+            return self._fold(node, name)
         if node.op_type not in PASS_THROUGH or node.domain not in ("", "ai.onnx"):
             return None
         found = self.resolve(node.input[0])
@@ -111,6 +114,51 @@ class Scope:
             perm = _attr(node, "perm", None)
             arr = np.transpose(arr, perm)
         return arr, stored, path + [name]
+
+
+    def _fold(self, node: onnx.NodeProto, name: str):
+        """A weight assembled from constants (exporters' Unsqueeze/Concat/Slice of gates)."""
+        found = [self.resolve(i) if i else None for i in node.input]
+        if any(f is not None and not isinstance(f, tuple) for f in found) or not isinstance(found[0], tuple):
+            return None
+        arrays = [f[0] if f is not None else None for f in found]
+        try:
+            arr = _shape_op(node, arrays)
+        except (ValueError, IndexError, TypeError):
+            return None
+        path = [t for f in found if f is not None for t in f[2]]
+        return arr, found[0][1], path + [name]
+
+
+def _shape_op(node: onnx.NodeProto, a: list) -> np.ndarray:
+    """Unsqueeze/Squeeze/Concat/Slice/Reshape on constant arrays (axes as attribute or input)."""
+    op, x = node.op_type, a[0]
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = [int(v) for v in (a[1] if len(a) > 1 and a[1] is not None else _attr(node, "axes", []))]
+    if op == "Unsqueeze":
+        rank = x.ndim + len(axes)
+        for ax in sorted(v % rank for v in axes):
+            x = np.expand_dims(x, ax)
+        return x
+    if op == "Squeeze":
+        return np.squeeze(x, axis=tuple(axes)) if axes else np.squeeze(x)
+    if op == "Concat":
+        return np.concatenate(a, axis=_attr(node, "axis", 0))
+    if op == "Reshape":
+        shape = [x.shape[i] if v == 0 else v for i, v in enumerate(a[1].tolist())]
+        return x.reshape(shape)
+    # Slice: starts, ends[, axes[, steps]] as inputs (opset >= 10) or attributes
+    if len(a) >= 3:
+        starts, ends = a[1].tolist(), a[2].tolist()
+        axes = a[3].tolist() if len(a) > 3 and a[3] is not None else list(range(len(starts)))
+        steps = a[4].tolist() if len(a) > 4 and a[4] is not None else [1] * len(starts)
+    else:
+        starts, ends = _attr(node, "starts", []), _attr(node, "ends", [])
+        axes, steps = _attr(node, "axes", list(range(len(starts)))), [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for s, e, ax, st in zip(starts, ends, axes, steps):
+        index[ax] = slice(s, e, st)
+    return x[tuple(index)]
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
