@@ -372,6 +372,8 @@ def parse_config(spec: str) -> tuple[str, dict]:
     kwargs = {}
     for item in spec.split(","):
         key, _, value = item.partition("=")
+        if key.strip() == "ops":  # ops=MatMul|Gemm|Gather: commas separate the items here
+            value = repr(value.replace("|", ","))
         try:
             kwargs[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
@@ -444,7 +446,7 @@ def compare_configs(configs, *, original=None, models=(), n_calib: int | None = 
 
 
 def _summary(row: dict) -> str:
-    return (f"kept {row['kept']:.3f}, cos {row['cos_all_mean']:.4f}, sentiment {row['sentiment']:.3f}, "
+    return (f"params {row['params']:,}, kept {row['kept']:.3f}, cos {row['cos_all_mean']:.4f}, sentiment {row['sentiment']:.3f}, "
             f"wordsim {row['wordsim']:.3f}, simlex {row['simlex']:.3f} ({row['seconds']:.1f} s to evaluate)")
 
 

@@ -33,7 +33,7 @@ if __package__ in (None, ""):
 from models.export import export_module
 from models.train_lenet import DEFAULT_DATA_DIR, SEED, load_split, normalise, onnx_accuracy, seed_everything
 
-HIDDEN = 128
+HIDDEN = 64
 N_SAMPLE = 2000
 
 
@@ -51,7 +51,7 @@ class RowReader(torch.nn.Module):
         return self.head(out[:, -1])
 
 
-def train(kind, x_train, y_train, epochs: int, batch_size: int = 128, lr: float = 2e-3, log=print):
+def train(kind, x_train, y_train, epochs: int, batch_size: int = 128, lr: float = 3e-3, log=print):
     seed_everything()
     model = RowReader(kind)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Train a row-reading LSTM and GRU on Fashion-MNIST and export them.")
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FASHION_MNIST_DIR", DEFAULT_DATA_DIR)))
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kind", default="lstm,gru")
     ap.add_argument("--dynamo", action="store_true", help="also write the dynamo exporter's model")

@@ -17,6 +17,7 @@ from .emit import Builder
 from .errors import NotApplicable, TnonnxError
 from .finetune import HIDDEN_WEIGHT
 from .formats import Factorization
+from .recurrent_scan import to_scan
 from .graph import REWRITABLE_OPS, Layer, find_layers, replace_nodes
 from .macs import all_graphs
 from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer, deployment_feeds
@@ -30,6 +31,7 @@ from .validate import validate as compare_models
 
 EMIT_MODES = ("auto", "matmul", "features-first", "einsum", "custom")
 FIT_MODES = ("data-free", "aware", "sequential")
+RECURRENT_MODES = ("fused", "scan")
 
 
 def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
@@ -46,7 +48,8 @@ def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
 def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | None = None,
             ratio: float | None = None, budget: float | None = None, modes: str | tuple | None = None,
             order: int | None = None, format_options: dict | None = None,
-            emit: str = "auto", batch: int = 1, ops=("MatMul", "Gemm", "Conv"), include: str | None = None,
+            emit: str = "auto", batch: int = 1, ops=("MatMul", "Gemm", "Conv"), recurrent: str = "fused",
+            include: str | None = None,
             exclude: str | None = None, min_params: int = 0, force: bool = False, validate: bool = True,
             inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None,
             min_cosine: float | None = None, max_accuracy_drop: float | None = None, fit: str = "data-free", calib=None, finetune: int = 0,
@@ -78,6 +81,9 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                           f"{model_io.default_opset(original)}")
     new = onnx.ModelProto()
     new.CopyFrom(original)
+    if recurrent not in RECURRENT_MODES:
+        raise TnonnxError(f"--recurrent {recurrent}: choose from {', '.join(RECURRENT_MODES)}")
+    early_notes = to_scan(new) if recurrent == "scan" else []
     layers = find_layers(new)
     selection = Selection(ops=tuple(ops), include=include, exclude=exclude, min_params=min_params)
     plans = make_plan(layers, format, spec, selection, modes, order)
@@ -110,7 +116,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     speed_feeds = deployment_feeds(original, deployment)
     rules = SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
                        emit=emit)
-    notes = []
+    notes = early_notes
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
     with threadpool_limits(1, user_api="blas"):
         candidates = AUTO_FORMATS if format == "auto" else (format,)
@@ -198,7 +204,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         source=source_info(model),
         settings={"format": format, "rank_rule": {"rank": rank, "tol": tol, "ratio": ratio, "budget": budget},
                   "modes": modes_text, "order": order, "format_options": dict(format_options or {}), "emit": emit,
-                  "ops": list(ops), "include": include, "exclude": exclude, "min_params": min_params, "force": force,
+                  "ops": list(ops), "recurrent": recurrent, "include": include, "exclude": exclude, "min_params": min_params, "force": force,
                   "calibration": describe_calibration(calib, count_samples(batches) if batches else None),
                   "fit": fit, "finetune": {"epochs": finetune, "hidden_weight": finetune_hidden},
                   "deployment": {"batch": batch, "shapes": {k: list(v) for k, v in (shapes or {}).items()},

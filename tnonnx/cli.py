@@ -205,7 +205,11 @@ def inspect(model, batch, shapes, as_json):
               help="Time candidates and models in onnxruntime (--no-timing: predict from the cost model).")
 @click.option("--timing-cache/--no-timing-cache", default=True, show_default=True,
               help="Reuse per-layer timings from $TNONNX_CACHE_DIR (default ~/.cache/tnonnx/timings.json).")
-@click.option("--ops", default="MatMul,Gemm,Conv", show_default=True, help="Op types to rewrite.")
+@click.option("--ops", default="MatMul,Gemm,Conv", show_default=True,
+              help="Op types to rewrite (also Gather: embedding tables; LSTM, GRU, RNN: their input weights).")
+@click.option("--recurrent", type=click.Choice(api.RECURRENT_MODES), default="fused", show_default=True,
+              help="scan: write LSTM/GRU/RNN nodes as MatMul + Scan first, so that their recurrent weights "
+                   "are rewritten too (as MatMul layers); fused: keep the nodes, hoist only W.")
 @click.option("--include", default=None, help="Regex: only nodes whose name matches.")
 @click.option("--exclude", default=None, help="Regex: skip nodes whose name matches.")
 @click.option("--min-params", type=click.IntRange(min=0), default=0, show_default=True, help="Skip smaller weights.")
@@ -234,7 +238,7 @@ def inspect(model, batch, shapes, as_json):
                    "(needs matplotlib: pip install 'tnonnx[plot]').")
 @handles_errors
 def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, threads, speedup,
-            allow_slower, keep_best, timing, timing_cache, ops, include,
+            allow_slower, keep_best, timing, timing_cache, ops, recurrent, include,
             exclude, min_params, force, fit_mode, finetune, finetune_hidden, act, calib, calib_random, validate, inputs, shapes, batch, atol, rtol,
             min_cosine, max_accuracy_drop, report_path, plot_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
@@ -255,7 +259,7 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
     options = {k: v for k, v in (("conv_layout", conv_layout), ("stp_t", stp_t), ("act", act)) if v is not None}
     new, report = api.rewrite(
         model, format=fmt, rank=rank, tol=tol, ratio=ratio, budget=budget, format_options=options, modes=modes, order=order, emit=emit, batch=batch,
-        ops=ops, include=include, exclude=exclude,
+        ops=ops, recurrent=recurrent, include=include, exclude=exclude,
         min_params=min_params, force=force, validate=validate, inputs=inputs,
         shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine,
         max_accuracy_drop=max_accuracy_drop, fit=fit_mode,

@@ -119,12 +119,12 @@ class Scope:
     def _fold(self, node: onnx.NodeProto, name: str):
         """A weight assembled from constants (exporters' Unsqueeze/Concat/Slice of gates)."""
         found = [self.resolve(i) if i else None for i in node.input]
-        if any(f is not None and not isinstance(f, tuple) for f in found) or not isinstance(found[0], tuple):
+        if any(i and not isinstance(f, tuple) for i, f in zip(node.input, found)):
             return None
         arrays = [f[0] if f is not None else None for f in found]
         try:
             arr = _shape_op(node, arrays)
-        except (ValueError, IndexError, TypeError):
+        except (ValueError, IndexError, TypeError, AttributeError):
             return None
         path = [t for f in found if f is not None for t in f[2]]
         return arr, found[0][1], path + [name]

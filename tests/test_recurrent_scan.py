@@ -1,0 +1,71 @@
+"""--recurrent scan: LSTM/GRU/RNN nodes written as MatMul + Scan compute what the fused
+kernels compute, and their recurrent weights R are then rewritten like any dense layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_builders import rel_err, run
+from test_cli import cli
+from test_recurrent import CASES, H, I, feeds, recurrent_model
+from tnonnx import api
+from tnonnx.graph import find_layers
+from tnonnx.recurrent_scan import to_scan
+
+SCAN_CASES = [c for c in CASES if not c.get("layout")]
+
+
+@pytest.mark.parametrize("case", SCAN_CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_scan_form_equals_the_fused_node(case):
+    m = recurrent_model(**case)
+    scan = onnx.ModelProto()
+    scan.CopyFrom(m)
+    notes = to_scan(scan)
+    onnx.checker.check_model(scan)
+    assert case["op"] not in [n.op_type for n in scan.graph.node] and "Scan" in [n.op_type for n in scan.graph.node]
+    assert any("MatMul + Scan" in n for n in notes)
+    x = feeds(m)
+    for a, b in zip(run(m, x), run(scan, x)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_layout_one_stays_fused_with_a_note():
+    m = recurrent_model("LSTM", layout=1)
+    notes = to_scan(m)
+    assert "LSTM" in [n.op_type for n in m.graph.node] and any("layout 1" in n for n in notes)
+
+
+def test_recurrent_weights_become_dense_layers():
+    m = recurrent_model("GRU", direction="bidirectional", linear_before_reset=1)
+    to_scan(m)
+    layers = {l.name: l for l in find_layers(m) if l.reason is None}
+    assert layers["rnn/W0"].weight.shape == (I, 3 * H) and layers["rnn/R1"].weight.shape == (H, 3 * H)
+
+
+@pytest.mark.parametrize("fmt", ["svd", "tt"])
+def test_full_rank_rewrite_of_w_and_r_through_cli(tmp_path, fmt):
+    m = recurrent_model("LSTM", direction="bidirectional", lens=True, states=True)
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    r = cli("rewrite", src, "-o", out, "--format", fmt, "--rank", 64, "--recurrent", "scan", "--force",
+            "--no-validate", "--report", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    new = onnx.load(out)
+    x = feeds(m)
+    for a, b in zip(run(m, x), run(new, x)):
+        assert rel_err(a, b) < 1e-4
+    import json
+
+    rows = json.loads((tmp_path / "r.json").read_text())["layers"]
+    assert {"rnn/R0", "rnn/R1", "rnn/W0", "rnn/W1"} <= {r["name"] for r in rows if r.get("format") == fmt}
+
+
+def test_low_rank_r_shrinks_the_cell():
+    m = recurrent_model("LSTM")
+    new, report = api.rewrite(m, format="svd", rank=2, recurrent="scan", validate=False, timing=False)
+    row = next(r for r in report.rows if r.name == "rnn/R0")
+    assert row.params_after == 2 * (H + 4 * H) < row.params_before == 4 * H * H
+    x = feeds(m)
+    assert np.isfinite(run(new, x)[0]).all()
