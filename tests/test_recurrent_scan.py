@@ -53,6 +53,8 @@ def test_full_rank_rewrite_of_w_and_r_through_cli(tmp_path, fmt):
             "--no-validate", "--report", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
     new = onnx.load(out)
+    bodies = [a.g for n in new.graph.node if n.op_type == "Scan" for a in n.attribute if a.name == "body"]
+    assert len(bodies) == 2 and all(sum(n.op_type == "MatMul" for n in g.node) >= 2 for g in bodies)
     x = feeds(m)
     for a, b in zip(run(m, x), run(new, x)):
         assert rel_err(a, b) < 1e-4

@@ -383,7 +383,10 @@ def replace_nodes(model: onnx.ModelProto, replacements: dict[int, tuple[onnx.Gra
     for key, (graph, nodes, inits) in replacements.items():
         by_graph.setdefault(id(graph), (graph, {}))[1][key] = nodes
         model.graph.initializer.extend(inits)
-    for graph, table in by_graph.values():
+    # subgraphs first: rebuilding a graph's node list copies its nodes, and with them the
+    # bodies a replacement inside them would otherwise edit after they were copied
+    order = {id(g): i for i, g in enumerate(all_graphs(model.graph))}
+    for graph, table in sorted(by_graph.values(), key=lambda item: -order.get(id(item[0]), 0)):
         new_nodes = []
         for node in graph.node:
             new_nodes.extend(table.get(id(node), [node]))
