@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         node = next(n for n in original.graph.node if n.op_type in ("LSTM", "GRU", "RNN"))
         scan = onnx.ModelProto()
         scan.CopyFrom(original)
-        to_scan(scan)
+        to_scan(scan)  # the same weights, as MatMul + Scan
         before = recurrent_params(original)
         row = {"model": kind, "recurrent_params": before, "accuracy": accuracy(original, test)}
         print(f"{kind}: accuracy {row['accuracy']:.4f}, recurrent params (W+R) {before}", flush=True)

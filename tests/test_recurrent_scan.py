@@ -9,7 +9,7 @@ import pytest
 
 from onnx_builders import rel_err, run
 from test_cli import cli
-from test_recurrent import CASES, H, I, feeds, recurrent_model
+from test_recurrent import CASES, H, I, T, feeds, recurrent_model
 from tnonnx import api
 from tnonnx.graph import find_layers
 from tnonnx.recurrent_scan import to_scan
@@ -22,7 +22,7 @@ def test_scan_form_equals_the_fused_node(case):
     m = recurrent_model(**case)
     scan = onnx.ModelProto()
     scan.CopyFrom(m)
-    notes = to_scan(scan)
+    notes, _ = to_scan(scan)
     onnx.checker.check_model(scan)
     assert case["op"] not in [n.op_type for n in scan.graph.node] and "Scan" in [n.op_type for n in scan.graph.node]
     assert any("MatMul + Scan" in n for n in notes)
@@ -33,7 +33,7 @@ def test_scan_form_equals_the_fused_node(case):
 
 def test_layout_one_stays_fused_with_a_note():
     m = recurrent_model("LSTM", layout=1)
-    notes = to_scan(m)
+    notes, _ = to_scan(m)
     assert "LSTM" in [n.op_type for n in m.graph.node] and any("layout 1" in n for n in notes)
 
 
@@ -71,3 +71,17 @@ def test_low_rank_r_shrinks_the_cell():
     assert row.params_after == 2 * (H + 4 * H) < row.params_before == 4 * H * H
     x = feeds(m)
     assert np.isfinite(run(new, x)[0]).all()
+
+
+def test_aware_fit_calibrates_r_on_the_state_sequence(tmp_path):
+    m = recurrent_model("GRU", linear_before_reset=1)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, X=np.random.default_rng(3).standard_normal((T, 32, I)).astype(np.float32))
+    scan = onnx.ModelProto()
+    scan.CopyFrom(m)
+    _, states = to_scan(scan)
+    assert set(states) == {"rnn/R0"}
+    _, report = api.rewrite(m, format="svd", rank=4, recurrent="scan", validate=False, timing=False,
+                            fit="aware", calib=str(calib))
+    rows = {r.name: r for r in report.rows}
+    assert rows["rnn/R0"].output_error is not None and rows["rnn/W0"].output_error is not None

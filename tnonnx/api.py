@@ -83,8 +83,10 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     new.CopyFrom(original)
     if recurrent not in RECURRENT_MODES:
         raise TnonnxError(f"--recurrent {recurrent}: choose from {', '.join(RECURRENT_MODES)}")
-    early_notes = to_scan(new) if recurrent == "scan" else []
+    early_notes, states = to_scan(new) if recurrent == "scan" else ([], {})
     layers = find_layers(new)
+    for layer in layers:  # R of a Scan cell is calibrated on the state sequence the Scan outputs
+        layer.probe_x = states.get(layer.name, "")
     selection = Selection(ops=tuple(ops), include=include, exclude=exclude, min_params=min_params)
     plans = make_plan(layers, format, spec, selection, modes, order)
     if not plans:
@@ -106,7 +108,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     data = {}
     if fit == "aware" or (fit == "sequential" and (budget is not None or format == "auto")):
         # every layer's inputs in the original model (sequential: for choosing ranks only)
-        data = layer_data(original, [p.layer for p in plans], batches)
+        data = layer_data(new if states else original, [p.layer for p in plans], batches)
     fitter = Fitter(format_options, data)
     deployment = Deployment.of(batch, shapes, threads)
     clock = Clock(timer if timer is not None else (default_timer() if timing else CostModelTimer()),
@@ -277,13 +279,14 @@ def layer_data(model: onnx.ModelProto, layers: list[Layer], batches, reference: 
     probes: dict[str, list] = {}
     for layer in layers:
         probe = fitting.probe_for(layer)
-        if probe is not None and probe.key not in [p.key for p in probes.get(layer.x, [])]:
-            probes.setdefault(layer.x, []).append(probe)
+        source = layer.probe_x or layer.x
+        if probe is not None and probe.key not in [p.key for p in probes.get(source, [])]:
+            probes.setdefault(source, []).append(probe)
     captures = calibrate.capture(model, probes, batches, reference=reference)
     data, bases = embedding_data(model, layers, batches), {}
     for layer in layers:
         probe = fitting.probe_for(layer)
-        capture = captures.get((layer.x, probe.key)) if probe is not None else None
+        capture = captures.get((layer.probe_x or layer.x, probe.key)) if probe is not None else None
         if capture is not None:
             data[layer.name] = fitting.layer_data(layer, capture, bases)
     return data

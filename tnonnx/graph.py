@@ -53,6 +53,7 @@ class Layer:
     geometry: ConvGeometry | None = None
     groups: int = 1  # conv group count; each group is factorised on its own
     weight_path: list[str] = field(default_factory=list)  # tensors between the constant and the node
+    probe_x: str = ""  # a main-graph tensor whose rows stand for x in calibration (x inside a Scan cell)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:

@@ -31,10 +31,13 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
 
 
-def to_scan(model: onnx.ModelProto) -> list[str]:
-    """Rewrite every eligible recurrent node of the main graph in place; returns notes."""
+def to_scan(model: onnx.ModelProto) -> tuple[list[str], dict[str, str]]:
+    """Rewrite every eligible recurrent node of the main graph in place. Returns notes, and
+    for each cell MatMul that multiplies the state h by R, the Scan output holding the
+    states: calibration rows for R (the states h_1..h_T stand for the h_0..h_{T-1} the cell
+    multiplies: all but one row in common)."""
     opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
-    graph, notes, converted = model.graph, [], 0
+    graph, notes, converted, states = model.graph, [], 0, {}
     scope = Scope(graph)
     new_nodes = []
     for node in graph.node:
@@ -47,7 +50,7 @@ def to_scan(model: onnx.ModelProto) -> list[str]:
             new_nodes.append(node)
             continue
         b = _Emitter(node.name or f"{node.op_type}_{converted}", graph, opset)
-        _convert(b, node, scope)
+        states.update(_convert(b, node, scope))
         new_nodes.extend(b.nodes)
         converted += 1
     del graph.node[:]
@@ -56,7 +59,7 @@ def to_scan(model: onnx.ModelProto) -> list[str]:
     if converted:
         notes.append(f"--recurrent scan: {converted} recurrent node(s) written as MatMul + Scan; their W and R "
                      "are rewritten as MatMul layers")
-    return notes
+    return notes, states
 
 
 def _ineligible(node, scope, opset) -> str | None:
@@ -124,7 +127,7 @@ class _Emitter:
         return self.op("Slice", [x, c(start), c(stop), c(1)], "gate", nodes)
 
 
-def _convert(b: _Emitter, node, scope) -> None:
+def _convert(b: _Emitter, node, scope) -> dict[str, str]:
     op, hidden = node.op_type, _attr(node, "hidden_size", None)
     w, r = scope.resolve(node.input[1])[0], scope.resolve(node.input[2])[0]
     g, dirs = GATES[op], w.shape[0]
@@ -140,7 +143,7 @@ def _convert(b: _Emitter, node, scope) -> None:
         ["forward", "reverse"] if _direction(node) == "bidirectional" else ["forward"]
     mask = _mask(b, x, lens) if lens else None
     zeros = None
-    ys, yhs, ycs = [], [], []
+    ys, yhs, ycs, states_of = [], [], [], {}
     for d, direction in enumerate(directions):
         wb, rb = bias[d, : g * hidden], bias[d, g * hidden:]
         # GRU's R bias of the candidate gate meets r * (h R^T) or r * h: it stays in the cell
@@ -165,6 +168,7 @@ def _convert(b: _Emitter, node, scope) -> None:
         b.nodes.append(helper.make_node(
             "Scan", states + scan_in, outs, name=f"{b.prefix}/Scan{d}", body=body, num_scan_inputs=len(scan_in),
             scan_input_directions=[reverse] * len(scan_in), scan_output_directions=[reverse]))
+        states_of[f"{b.prefix}/R{d}"] = outs[-1] if mask is None else None  # masked outputs hold zeros
         ys.append(b.unsqueeze(outs[-1], 1))
         yhs.append(b.unsqueeze(outs[0], 0))
         if op == "LSTM":
@@ -172,6 +176,7 @@ def _convert(b: _Emitter, node, scope) -> None:
     for k, parts in enumerate((ys, yhs, ycs)):
         if k < len(node.output) and node.output[k] and parts:
             b.op("Concat", parts, "out", output=node.output[k], axis=1 if k == 0 else 0)
+    return {k: v for k, v in states_of.items() if v}
 
 
 def _zeros(b, x, hidden, dtype):
