@@ -107,6 +107,13 @@ def onnx_accuracy(path, x: np.ndarray, y: np.ndarray, batch: int = 1000) -> floa
 def train(x_train, y_train, epochs: int, batch_size: int = 128, lr: float = 2e-3, log=print):
     seed_everything()
     model, *_ = reference.lenet5()
+    return fit_classifier(model, x_train, y_train, epochs, batch_size, lr, log)
+
+
+def fit_classifier(model, x_train, y_train, epochs: int, batch_size: int, lr: float, log=print,
+                   clip: float | None = None, name: str = ""):
+    """Adam with a cosine schedule on shuffled minibatches (cross-entropy); `clip`: the
+    gradient norm is clipped to it (recurrent networks)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * (len(x_train) // batch_size))
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
@@ -121,10 +128,12 @@ def train(x_train, y_train, epochs: int, batch_size: int = 128, lr: float = 2e-3
             loss = F.cross_entropy(model(xt[idx]), yt[idx])
             opt.zero_grad()
             loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
             sched.step()
             total += loss.item()
-        log(f"epoch {epoch + 1}/{epochs}: loss {total / nb:.4f} ({time.perf_counter() - t0:.1f} s)")
+        log(f"{name}epoch {epoch + 1}/{epochs}: loss {total / nb:.4f} ({time.perf_counter() - t0:.1f} s)")
     return model.eval()
 
 

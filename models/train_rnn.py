@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.export import export_module
-from models.train_lenet import DEFAULT_DATA_DIR, SEED, load_split, normalise, onnx_accuracy, seed_everything
+from models.train_lenet import DEFAULT_DATA_DIR, fit_classifier, load_split, normalise, onnx_accuracy, seed_everything
 
 HIDDEN = 64
 N_SAMPLE = 2000
@@ -54,34 +52,15 @@ class RowReader(torch.nn.Module):
 def train(kind, x_train, y_train, epochs: int, batch_size: int = 128, lr: float = 3e-3, log=print):
     seed_everything()
     model = RowReader(kind)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * (len(x_train) // batch_size))
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    gen = torch.Generator().manual_seed(SEED)
-    for epoch in range(epochs):
-        model.train()
-        t0, total = time.perf_counter(), 0.0
-        perm = torch.randperm(len(xt), generator=gen)
-        nb = len(xt) // batch_size
-        for b in range(nb):
-            idx = perm[b * batch_size:(b + 1) * batch_size]
-            loss = F.cross_entropy(model(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            total += loss.item()
-        log(f"{kind} epoch {epoch + 1}/{epochs}: loss {total / nb:.4f} ({time.perf_counter() - t0:.1f} s)")
-    return model.eval()
+    return fit_classifier(model, x_train, y_train, epochs, batch_size, lr, log, clip=1.0, name=f"{kind} ")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Train a row-reading LSTM and GRU on Fashion-MNIST and export them.")
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FASHION_MNIST_DIR", DEFAULT_DATA_DIR)))
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--kind", default="lstm,gru")
     ap.add_argument("--dynamo", action="store_true", help="also write the dynamo exporter's model")
     args = ap.parse_args(argv)
