@@ -70,11 +70,19 @@ def test_tt_pads_the_vocabulary():
     assert rel_err(run(m, {"ids": x})[0], run(new, {"ids": x})[0]) < 1.0
 
 
-def test_tied_table_both_uses_rewritten_exactly(tmp_path):
+@pytest.mark.parametrize("fit", ["data-free", "aware"])
+def test_tied_table_shares_one_factorisation(tmp_path, fit):
     m = embedding_model(tied=True)
-    new, report = api.rewrite(m, format="svd", rank=12, ops="Gather,MatMul", include="embed|unembed",
-                              force=True, validate=False, timing=False)
-    assert {r.name for r in report.rows if r.format} == {"embed", "unembed"}
+    layers = {l.name: l for l in find_layers(m)}
+    assert layers["unembed"].kind == "tied" and layers["unembed"].weight_key == layers["embed"].weight_key
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, ids=ids(seed=5, shape=(16, 7)))
+    new, report = api.rewrite(m, format="svd", rank=12, ops="Gather,MatMul", include="embed|unembed", force=True,
+                              validate=False, timing=False, fit=fit, calib=str(calib) if fit == "aware" else None)
+    rows = {r.name: r for r in report.rows}
+    assert rows["embed"].format == rows["unembed"].format == "svd"
+    assert rows["unembed"].shared_with == "embed" and rows["unembed"].params_after == 0
+    assert "table" not in {t.name for t in new.graph.initializer}  # one set of factors, no table
     x = ids()
     assert rel_err(run(m, {"ids": x})[0], run(new, {"ids": x})[0]) < 1e-5
 

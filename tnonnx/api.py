@@ -370,10 +370,11 @@ def emit_layer(builder: Builder, layer: Layer, fact: Factorization, emit: str = 
     """Append to `builder` the nodes computing what `layer.node` computed, into its output,
     in emission `emit` (EMIT_MODES; "auto" here means the plain MatMul chain)."""
     output = layer.node.output[0]
-    if layer.kind in ("embedding", "recurrent"):  # their own emission (one form each)
+    if layer.kind in ("embedding", "tied", "recurrent"):  # their own emission (one form each)
         from . import embedding, recurrent
 
-        (embedding if layer.kind == "embedding" else recurrent).emit(builder, layer, fact)
+        {"embedding": embedding.emit, "tied": embedding.emit_tied, "recurrent": recurrent.emit}[layer.kind](
+            builder, layer, fact)
         return
     if layer.kind == "conv":
         fact.emit(builder, layer.x, layer.geometry, layer.bias, output)

@@ -46,7 +46,7 @@ def emissions_for(fact, emit: str, layer: Layer) -> tuple[str, ...]:
     nodes); chains all standard-op layouts under --emit auto, else the one asked for.
     Features-first is float32 only: onnxruntime (1.2x CPU) crashed loading a float16 one,
     and float16 models are not what its layout was measured on."""
-    if not hasattr(fact, "chain") or layer.kind in ("embedding", "recurrent"):
+    if not hasattr(fact, "chain") or layer.kind in ("embedding", "tied", "recurrent"):
         return ("matmul",)
     features_first = np.dtype(layer.compute_dtype or np.float32) == np.float32
     if emit == "auto":

@@ -54,6 +54,25 @@ def describe(layer, found, indices_shape) -> None:
         layer.reason = "rank of the indices is unknown (shape inference failed)"
 
 
+def link_tied(layers) -> None:
+    """A dense layer multiplying by an embedding table's transpose (a tied output projection)
+    becomes kind "tied": it carries the table itself, with its weight key, so that the two
+    share one plan, one fit and one set of factors (svd: h V^T U^T from U and V)."""
+    tables = {_digest(l.weight): l for l in layers if l.kind == "embedding" and l.reason is None}
+    for layer in layers:
+        if layer.kind == "dense" and layer.reason is None and layer.side == "right" and not layer.trans_x \
+                and layer.bias_input is None and layer.weight.ndim == 2:
+            table = tables.get(_digest(layer.weight.T))
+            if table is not None:
+                layer.kind, layer.weight, layer.weight_key = "tied", table.weight, table.weight_key
+
+
+def _digest(w: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(w, dtype=np.float64).tobytes()).hexdigest()
+
+
 def vocabulary_modes(v: int, d: int) -> tuple[int, ...]:
     """d modes whose product is the smallest balanced cover of v: all ceil(v^(1/d)), each
     lowered by one while the product still covers v (30522, 3 -> 31 x 31 x 32 = 30752)."""
@@ -89,6 +108,8 @@ def fit(module, layer, spec, modes=None, order=None, data: EmbeddingData | None 
 
     if module.NAME not in FORMATS:
         raise NotApplicable(f"embedding tables are rewritten in {' or '.join(FORMATS)}, not {module.NAME}")
+    if layer.kind == "tied" and module.NAME != "svd":
+        raise NotApplicable("a tied output projection shares its table's factors in svd only")
     w = layer.weight
     v, dim = w.shape
     if module.NAME == "svd":
@@ -172,11 +193,25 @@ def emit(builder, layer, fact) -> None:
     builder.rename_output(layer.node.output[0])
 
 
+def emit_tied(builder, layer, fact) -> None:
+    """h @ W^T with the table's svd factors (W ~ U V): h V^T U^T, the same initializers as the
+    Gather's (Builder.weight shares them by order), transposed in the graph."""
+    (u, _), (v, _) = train_cores(fact)
+    table_u = builder.weight(np.moveaxis(u, 1, 0).reshape(u.shape[1], -1), "core")
+    table_v = builder.weight(v.reshape(v.shape[0], -1), "core")
+    y = builder.op("MatMul", [layer.x, builder.op("Transpose", [table_v], "transpose", perm=[1, 0])], "matmul")
+    y = builder.op("MatMul", [y, builder.op("Transpose", [table_u], "transpose", perm=[1, 0])], "matmul")
+    if layer.bias is not None:
+        builder.op("Add", [y, builder.cast(builder.constant(layer.bias, "bias"))], "bias")
+    builder.rename_output(layer.node.output[0])
+
+
 def layer_data(model, layers, batches) -> dict:
     """EmbeddingData per embedding layer whose indices are a main-graph tensor onnxruntime
     can expose (or a graph input), from the calibration batches."""
     from . import runtime
 
+    tied = [l for l in layers if l.kind == "tied"]
     layers = [l for l in layers if l.kind == "embedding"]
     if not layers:
         return {}
@@ -196,5 +231,9 @@ def layer_data(model, layers, batches) -> dict:
             if l.x in values:
                 v = l.weight.shape[0]
                 counts[l.name] += np.bincount(np.mod(values[l.x].ravel().astype(np.int64), v), minlength=v)[:v]
-    return {l.name: EmbeddingData(counts[l.name], l.weight) for l in layers
-            if l.x in inputs or l.x in wanted}
+    data = {l.name: EmbeddingData(counts[l.name], l.weight) for l in layers if l.x in inputs or l.x in wanted}
+    for layer in tied:  # a tied projection is fitted with its table (one fit, shared factors)
+        source = next((l for l in layers if l.weight_key == layer.weight_key and l.name in data), None)
+        if source is not None:
+            data[layer.name] = data[source.name]
+    return data

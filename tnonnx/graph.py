@@ -37,7 +37,7 @@ class Layer:
     op_type: str
     node: onnx.NodeProto
     graph: onnx.GraphProto
-    kind: str = ""  # "dense", "conv", "embedding" or "recurrent" when rewritable
+    kind: str = ""  # "dense", "conv", "embedding", "tied" (an embedding's transpose) or "recurrent"
     reason: str | None = None
     weight: np.ndarray | None = None  # canonical float64 weight
     weight_key: str = ""  # equal for layers that share one weight (factorised once)
@@ -255,6 +255,10 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
             recurrent.describe(layer, scope_of(chain), shapes)
             _check_weight(layer)
             layers.append(layer)
+    if any(layer.kind == "embedding" for layer in layers):
+        from .embedding import link_tied
+
+        link_tied(layers)
     return layers
 
 

@@ -363,6 +363,12 @@ def dense_nodes(layer: Layer, builder) -> None:
     if layer.kind == "embedding":
         builder.op("Gather", [builder.weight(layer.weight, "w"), layer.x], "gather", output=layer.node.output[0])
         return
+    if layer.kind == "tied":  # h @ table^T
+        y = builder.op("MatMul", [layer.x, builder.weight(layer.weight.T, "w")], "matmul")
+        if layer.bias is not None:
+            y = builder.op("Add", [y, builder.cast(builder.constant(layer.bias, "bias"))], "bias")
+        builder.rename_output(layer.node.output[0])
+        return
     x = layer.x
     if layer.trans_x:
         x = builder.op("Transpose", [x], "transpose", perm=[1, 0])

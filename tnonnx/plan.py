@@ -144,12 +144,12 @@ class Fitter:
         module = FORMATS[format]
         data = self.data.get(layer.name)
         takes_data = getattr(module, "SUPPORTS_DATA", False) or getattr(module, "NEEDS_DATA", False) \
-            or layer.kind == "embedding"  # row weights, see tnonnx/embedding.py
+            or layer.kind in ("embedding", "tied")  # row weights, see tnonnx/embedding.py
         refine = data is not None and final and not takes_data
         key = (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine)
         if key not in self.cache:
             options = dict(self.options, data=data) if takes_data and data is not None else self.options
-            if layer.kind == "embedding":
+            if layer.kind in ("embedding", "tied"):
                 from .embedding import fit as fit_embedding
 
                 fact = fit_embedding(module, layer, spec, modes, order, data)
