@@ -323,7 +323,11 @@ def layer_feeds(model: onnx.ModelProto, layers: list[Layer], deployment: Deploym
             continue
         if layer.kind == "recurrent":  # its node needs more than x: predicted from shapes
             continue
-        feed = {"x": rng.standard_normal(values[layer.x].shape).astype(values[layer.x].dtype)}
+        shape, dtype = values[layer.x].shape, values[layer.x].dtype
+        if layer.kind == "embedding":  # row indices of the table
+            feed = {"x": rng.integers(0, layer.weight.shape[0], shape).astype(dtype)}
+        else:
+            feed = {"x": rng.standard_normal(shape).astype(dtype)}
         if layer.bias_input:
             c = values[layer.bias_input]
             feed["c"] = rng.standard_normal(c.shape).astype(c.dtype)
