@@ -85,3 +85,16 @@ def test_aware_fit_calibrates_r_on_the_state_sequence(tmp_path):
                             fit="aware", calib=str(calib))
     rows = {r.name: r for r in report.rows}
     assert rows["rnn/R0"].output_error is not None and rows["rnn/W0"].output_error is not None
+
+
+def test_finetune_interpreter_runs_the_scan_form():
+    import torch
+
+    from tnonnx.finetune import GraphModule
+
+    m = recurrent_model("LSTM", direction="bidirectional", lens=True, states=True)
+    x = feeds(m)
+    to_scan(m)
+    got = GraphModule(m, set())({k: torch.as_tensor(v) for k, v in x.items()})
+    for a, b in zip(run(m, x), got):
+        assert rel_err(a, b.detach().numpy()) < 1e-5

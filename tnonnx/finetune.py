@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper
 
 from .errors import TnonnxError
 from .fit import torch_threads
+from .macs import all_graphs
 
 LEARNING_RATE = 1e-2  # Adam, relative: each tensor's step is scaled by its RMS
 # below this many trainable parameters a step is too small to share among threads (they only
@@ -134,7 +135,8 @@ class GraphModule:
                 self.params[t.name] = torch.tensor(array.astype(np.float32), requires_grad=True)
             else:
                 self.constants[t.name] = torch.as_tensor(np.array(array))
-        unknown = sorted({n.op_type for n in model.graph.node if n.op_type not in OPS or n.domain not in ("", "ai.onnx")})
+        unknown = sorted({n.op_type for g in all_graphs(model.graph) for n in g.node
+                          if (n.op_type not in OPS and n.op_type != "Scan") or n.domain not in ("", "ai.onnx")})
         if unknown:
             raise TnonnxError(f"--finetune: the graph uses ops the torch interpreter does not run: {', '.join(unknown)}")
 
@@ -143,14 +145,47 @@ class GraphModule:
         env = dict(self.constants)
         env.update(self.params)
         env.update(feeds)
-        for node in self.graph.node:
-            inputs = [env[i] if i else None for i in node.input]
+        _run_nodes(self.graph.node, env)
+        return [env[n] for n in (names if names is not None else [o.name for o in self.graph.output])]
+
+
+def _run_nodes(nodes, env: dict) -> None:
+    for node in nodes:
+        inputs = [env[i] if i else None for i in node.input]
+        if node.op_type == "Scan":
+            outs = _scan(node, inputs, env)
+        else:
             attrs = {a.name: _decoded(helper.get_attribute_value(a)) for a in node.attribute}
             outs = OPS[node.op_type](inputs, attrs)
-            if not isinstance(outs, (list, tuple)):
-                outs = [outs]
-            env.update(zip(node.output, outs))
-        return [env[n] for n in (names if names is not None else [o.name for o in self.graph.output])]
+        if not isinstance(outs, (list, tuple)):
+            outs = [outs]
+        env.update(zip(node.output, outs))
+
+
+def _scan(node, inputs, env: dict) -> list:
+    """ONNX Scan over axis 0 (the form tnonnx.recurrent_scan writes): the body runs once per
+    step with the outer scope visible; scan outputs are stacked in the output direction."""
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    body, count = a["body"], a["num_scan_inputs"]
+    if any(a.get("scan_input_axes", [])) or any(a.get("scan_output_axes", [])):
+        raise TnonnxError("--finetune: Scan over an axis other than 0 is not supported")
+    states, scans = list(inputs[: len(inputs) - count]), inputs[len(inputs) - count:]
+    directions = a.get("scan_input_directions", [0] * count)
+    steps, names = scans[0].shape[0], [i.name for i in body.input]
+    torch = _torch()
+    scope = dict(env)
+    scope.update({t.name: torch.as_tensor(np.array(numpy_helper.to_array(t))) for t in body.initializer})
+    per_step = []
+    for t in range(steps):
+        local = dict(scope)
+        local.update(zip(names, states + [s[steps - 1 - t] if d else s[t] for s, d in zip(scans, directions)]))
+        _run_nodes(body.node, local)
+        outs = [local[o.name] for o in body.output]
+        states, ys = outs[: len(states)], outs[len(states):]
+        per_step.append(ys)
+    stacked = [torch.stack([step[k] for step in per_step]) for k in range(len(per_step[0]))]
+    out_dirs = a.get("scan_output_directions", [0] * len(stacked))
+    return states + [y.flip(0) if d else y for y, d in zip(stacked, out_dirs)]
 
 
 def _decoded(value):
