@@ -13,6 +13,10 @@ factor back through diag(d)^-1, which folds the weighting into the table at no r
 cost (every row is the original row projected on the r right singular vectors the
 frequent rows choose). tt is fitted data-free; its output error is then reported and
 compared (by the --budget allocator) in the same frequency-weighted measure.
+
+A MatMul by the table's transpose (an output projection tied to the embedding) is a layer
+of kind "tied" carrying the table itself: it shares the embedding's plan, fit and svd
+factors (h V^T U^T), so the table is stored once, factorised.
 """
 
 from __future__ import annotations
