@@ -101,8 +101,10 @@ def test_minilm_full_rank(minilm, dynamo):
     assert len(report.rewritten) == 36
     assert {r.op for r in report.rewritten} == {"MatMul"}
     assert worst_rel_l2(report) < 1e-4
-    attention = [r for r in report.rows if not r.format]
+    attention = [r for r in report.rows if not r.format and r.op == "MatMul"]
     assert len(attention) == 12 and all("both inputs are computed" in r.reason for r in attention)
+    tables = [r for r in report.rows if r.op == "Gather"]  # word, position, token type: not in the default --ops
+    assert len(tables) == 3 and all("not selected" in r.reason for r in tables)
 
 
 def test_minilm_tt_rank8_shrinks_the_encoder(minilm):
