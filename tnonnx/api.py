@@ -13,7 +13,7 @@ from . import calibrate, macs
 from . import fit as fitting
 from . import model as model_io
 from .emit import Builder
-from .errors import NotApplicable, TnonnxError
+from .errors import NotApplicable, OriginalDoesNotRun, TnonnxError
 from .finetune import HIDDEN_WEIGHT
 from .formats import Factorization
 from .graph import CANDIDATE_OPS, Layer, find_layers, replace_nodes
@@ -23,7 +23,7 @@ from .choose import Planner, SpeedRules, emissions_for, meet_speedup, slower_not
 from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, fit_error, make_plan, rank_spec
 from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals, describe_calibration, source_info
 from .tensorize import format_modes, parse_modes
-from .validate import check_thresholds, count_samples, with_default_threshold
+from .validate import check_thresholds, count_samples, skipped_note, with_default_threshold
 from .validate import run as run_model
 from .validate import validate as compare_models
 
@@ -39,7 +39,7 @@ def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
     rows = [LayerRow.for_layer(layer, cost.per_node.get(layer.name)) for layer in layers]
     return InspectReport(rows=rows, totals=Totals(cost.params, cost.params, m.ByteSize(), m.ByteSize(),
                                                   cost.total, cost.total), batch=batch,
-                         notes=calibrate.assumed_dims(m, shapes), source=source_info(model))
+                         notes=calibrate.assumed_dims(m, shapes) + cost.notes, source=source_info(model))
 
 
 def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | None = None,
@@ -179,17 +179,25 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
 
     concrete = calibrate.concrete_shapes(original, batch, shapes)
     before, after = macs.count(original, concrete), macs.count(new, concrete)
+    notes.extend(after.notes)
     rows = _rows(layers, replacements, before, after)
-    result = None
+    result = skipped = None
     if validate:
+        # checks the user asked for (a threshold, or --inputs) fail loudly; the default check skips
+        asked = inputs is not None or any(v is not None for v in (atol, rtol, min_cosine, max_accuracy_drop))
         min_cosine = with_default_threshold(atol, rtol, min_cosine, max_accuracy_drop)
-        result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol, rtol=rtol,
-                                min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
+        try:
+            result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol, rtol=rtol,
+                                    min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
+        except OriginalDoesNotRun as exc:
+            if asked:
+                raise
+            skipped = skipped_note(exc)
     totals = Totals(before.params, after.params, original.ByteSize(), new.ByteSize(), before.total, after.total,
                     ms_before=before_ms, ms_after=after_ms)
     report = RewriteReport(
         format=format, spec=f"budget {budget:g}x" if budget else spec.describe(), emit=emit, batch=batch, rows=rows,
-        totals=totals, validation=result, seconds=seconds, fit=fit, notes=notes,
+        totals=totals, validation=result, validation_skipped=skipped, seconds=seconds, fit=fit, notes=notes,
         latency=LatencyInfo(deployment=deployment.describe(original), threads=threads, measured=clock.measures,
                             speedup_target=speedup, timing_seconds=round(clock.seconds, 3),
                             timed=clock.timed, cache_hits=clock.cache.hits, cache=str(clock.cache.path)

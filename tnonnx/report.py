@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .report_table import Column, fit_table, legend
@@ -159,6 +160,7 @@ class RewriteReport:
     rows: list[LayerRow]
     totals: Totals
     validation: object | None = None  # validate.ValidationResult
+    validation_skipped: str | None = None  # why, and how to give feeds (validate.skipped_note)
     seconds: float = 0.0
     output_path: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -180,6 +182,7 @@ class RewriteReport:
             "totals": asdict(self.totals),
             "latency": asdict(self.latency) if self.latency is not None else None,
             "validation": self.validation.to_dict() if self.validation is not None else None,
+            "validation_skipped": self.validation_skipped,
             "layers": [asdict(r) for r in self.rows],
         }
 
@@ -246,6 +249,8 @@ class RewriteReport:
                           markup=True, highlight=False)
         if self.validation is not None:
             render_validation(self.validation, console)
+        if self.validation_skipped:
+            console.print(f"[yellow]{escape(self.validation_skipped)}[/yellow]", markup=True, highlight=False)
 
 
 def render_validation(result, console: Console) -> None:
