@@ -39,7 +39,8 @@ def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
     rows = [LayerRow.for_layer(layer, cost.per_node.get(layer.name)) for layer in layers]
     return InspectReport(rows=rows, totals=Totals(cost.params, cost.params, m.ByteSize(), m.ByteSize(),
                                                   cost.total, cost.total), batch=batch,
-                         notes=calibrate.assumed_dims(m, shapes) + cost.notes, source=source_info(model))
+                         notes=model_io.upgrade_note(m) + calibrate.assumed_dims(m, shapes) + cost.notes,
+                         source=source_info(model))
 
 
 def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | None = None,
@@ -109,7 +110,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     speed_feeds = deployment_feeds(original, deployment)
     rules = SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
                        emit=emit)
-    notes = []
+    notes = model_io.upgrade_note(original)
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
     with threadpool_limits(1, user_api="blas"):
         candidates = AUTO_FORMATS if format == "auto" else (format,)
@@ -135,8 +136,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     if not replacements:
         raise TnonnxError("nothing to rewrite: no layer gets smaller at this rank" + _reasons_summary(layers))
 
-    replace_nodes(new, {k: (r.layer.graph, r.builder.nodes, r.builder.initializers)
-                        for k, r in replacements.items()}, layers)
+    inputs_removed = replace_nodes(new, {k: (r.layer.graph, r.builder.nodes, r.builder.initializers)
+                                         for k, r in replacements.items()}, layers)
+    if inputs_removed:
+        notes.append(f"{len(inputs_removed)} constant(s) of the rewritten layers were also listed as graph inputs (IR 3 style): "
+                     f"removed from the inputs ({', '.join(inputs_removed[:4])}{', ...' if len(inputs_removed) > 4 else ''}),"
+                     " so the output runs on the data inputs alone")
     model_io.normalise_versions(new)
     if emit == "custom":
         from .custom_ops import DOMAIN, needs_library

@@ -19,12 +19,16 @@ from onnx import numpy_helper
 
 from .formats.base import ConvGeometry
 from .macs import all_graphs, iter_nodes, subgraphs
+from .model import default_opset
 
 CANDIDATE_OPS = ("MatMul", "Gemm", "Conv")
 QUANTIZED_OPS = ("MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul")
 OTHER_LINEAR_OPS = ("ConvTranspose", "Einsum")
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
+# ops evaluated when all their inputs are constant: weights computed from constants alone
+FOLDED = ("ConstantOfShape", "Unsqueeze", "Squeeze", "Concat", "Slice", "Reshape", "Flatten", "Expand", "Tile",
+          "Gather", "Split", "Mul", "Add", "Sub", "Div", "Neg", "Range")
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Layer:
     geometry: ConvGeometry | None = None
     groups: int = 1  # conv group count; each group is factorised on its own
     weight_path: list[str] = field(default_factory=list)  # tensors between the constant and the node
+    bias_path: list[str] = field(default_factory=list)  # the same for a constant bias
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -67,8 +72,9 @@ class Layer:
 class Scope:
     """Constants and producers visible from one graph (its own, then its parents')."""
 
-    def __init__(self, graph: onnx.GraphProto, parent: "Scope | None" = None):
+    def __init__(self, graph: onnx.GraphProto, parent: "Scope | None" = None, opset: int | None = None):
         self.graph, self.parent = graph, parent
+        self.opset = opset if opset is not None else (parent.opset if parent is not None else onnx.defs.onnx_opset_version())
         self.initializers = {t.name: t for t in graph.initializer}
         self.producers = {o: n for n in graph.node for o in n.output}
         self.inputs = {i.name for i in graph.input} - set(self.initializers)
@@ -95,7 +101,11 @@ class Scope:
             return None if arr is None else (arr, arr.dtype, [name])
         if node.op_type == "DequantizeLinear":
             return "quantized"
-        if node.op_type not in PASS_THROUGH or node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type in FOLDED:
+            return self._fold(node, name)
+        if node.op_type not in PASS_THROUGH:
             return None
         found = self.resolve(node.input[0])
         if not isinstance(found, tuple):
@@ -108,6 +118,27 @@ class Scope:
             perm = _attr(node, "perm", None)
             arr = np.transpose(arr, perm)
         return arr, stored, path + [name]
+
+
+    def _fold(self, node: onnx.NodeProto, name: str):
+        """A tensor computed from constants alone (a ConstantOfShape, a Reshape of a
+        constant, ...), evaluated by onnx's reference implementation of the node at the
+        model's opset; the path holds every tensor of the computation."""
+        found = [self.resolve(i) if i else None for i in node.input]
+        if any(f is not None and not isinstance(f, tuple) for f in found) or \
+                any(f is None for i, f in zip(node.input, found) if i):
+            return None
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            values = ReferenceEvaluator(node, opsets={"": self.opset}).run(
+                None, {i: f[0] for i, f in zip(node.input, found) if i})
+        except Exception:  # noqa: BLE001 - an op the reference cannot evaluate stays computed
+            return None
+        arr = np.asarray(values[list(node.output).index(name)])
+        path = [t for f in found if f is not None for t in f[2]] + [name]
+        stored = next((f[1] for f in found if f is not None and np.dtype(f[1]).kind == "f"), arr.dtype)
+        return arr, stored, path
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -170,7 +201,7 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
         parent = None
         for graph in chain:
             if id(graph) not in scopes:
-                scopes[id(graph)] = Scope(graph, parent)
+                scopes[id(graph)] = Scope(graph, parent, default_opset(model))
             parent = scopes[id(graph)]
         return parent
 
@@ -234,7 +265,7 @@ def _describe_dense(layer: Layer, consts, shapes) -> None:
         if len(node.input) > 2 and node.input[2]:
             c = consts[2]
             if isinstance(c, tuple):
-                layer.bias = c[0].astype(np.float64) * beta
+                layer.bias, layer.bias_path = c[0].astype(np.float64) * beta, c[2]
             else:
                 layer.bias_input, layer.beta = node.input[2], beta
         layer.kind = "dense"
@@ -275,7 +306,7 @@ def _describe_conv(layer: Layer, consts, shapes) -> None:
         if not isinstance(consts[2], tuple):
             layer.reason = "conv bias is computed, not constant"
             return
-        layer.bias = consts[2][0].astype(np.float64)
+        layer.bias, layer.bias_path = consts[2][0].astype(np.float64), consts[2][2]
     _set_weight(layer, found, found[0], "conv")
     layer.x = node.input[0]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
@@ -293,10 +324,12 @@ def _describe_conv(layer: Layer, consts, shapes) -> None:
 
 
 def replace_nodes(model: onnx.ModelProto, replacements: dict[int, tuple[onnx.GraphProto, list, list]],
-                  layers: list[Layer]) -> None:
+                  layers: list[Layer]) -> list[str]:
     """Swap each replaced node (keyed by id(node)) for its new nodes, in place and order;
     new initializers go to the main graph (visible from every subgraph). Then remove the
-    weight constants and pass-through nodes that nothing uses any more."""
+    weight constants and pass-through nodes that nothing uses any more, and the graph
+    inputs that declared those constants (initializers listed as inputs, as IR 3 models
+    do): returns the names of those inputs."""
     by_graph: dict[int, tuple[onnx.GraphProto, dict]] = {}
     for key, (graph, nodes, inits) in replacements.items():
         by_graph.setdefault(id(graph), (graph, {}))[1][key] = nodes
@@ -307,9 +340,10 @@ def replace_nodes(model: onnx.ModelProto, replacements: dict[int, tuple[onnx.Gra
             new_nodes.extend(table.get(id(node), [node]))
         del graph.node[:]
         graph.node.extend(new_nodes)
-    orphans = {t for layer in layers if id(layer.node) in replacements for t in layer.weight_path}
-    _remove_unused(model.graph, orphans)
+    orphans = {t for layer in layers if id(layer.node) in replacements for t in layer.weight_path + layer.bias_path}
+    removed = _remove_unused(model.graph, orphans)
     _declare_domains(model, [n for _, nodes, _ in replacements.values() for n in nodes])
+    return removed
 
 
 def _declare_domains(model: onnx.ModelProto, nodes) -> None:
@@ -332,19 +366,26 @@ def _used_names(graph: onnx.GraphProto, acc: set) -> set:
     return acc
 
 
-def _remove_unused(root: onnx.GraphProto, candidates: set[str]) -> None:
-    """Drop initializers and nodes producing only `candidates` tensors once unused."""
+def _remove_unused(root: onnx.GraphProto, candidates: set[str]) -> list[str]:
+    """Drop initializers and nodes producing only `candidates` tensors once unused (and
+    the graph inputs naming a dropped initializer); returns those inputs' names."""
+    removed_inputs: list[str] = []
     while True:
         used = _used_names(root, set())
         dead = {c for c in candidates if c not in used}
         if not dead:
-            return
+            return removed_inputs
         changed = False
         for graph in all_graphs(root):
             keep = [t for t in graph.initializer if t.name not in dead]
             if len(keep) != len(graph.initializer):
+                gone = {t.name for t in graph.initializer} - {t.name for t in keep}
                 del graph.initializer[:]
                 graph.initializer.extend(keep)
+                inputs = [i for i in graph.input if i.name not in gone]
+                removed_inputs += [i.name for i in graph.input if i.name in gone]
+                del graph.input[:]
+                graph.input.extend(inputs)
                 changed = True
             nodes = [n for n in graph.node if not (n.output and all(o in dead for o in n.output))]
             if len(nodes) != len(graph.node):
@@ -357,4 +398,4 @@ def _remove_unused(root: onnx.GraphProto, candidates: set[str]) -> None:
                 graph.value_info.extend(vis)
         candidates = candidates - dead
         if not changed:
-            return
+            return removed_inputs
