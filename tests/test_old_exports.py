@@ -52,6 +52,12 @@ def test_old_opset_is_upgraded_and_rewritten(tmp_path):
     assert rel_err(run(upgraded, {"x": x})[0], run(new, {"x": x})[0]) < 1e-5
 
 
+def test_inspect_says_the_model_was_upgraded(tmp_path):
+    onnx.save(_ir3_opset(6), tmp_path / "m.onnx")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0 and "opset 6 is older than onnxruntime runs: upgraded to opset 13" in result.output
+
+
 def test_an_opset_the_converter_cannot_upgrade_is_refused_in_one_line():
     model = _ir3_opset(6)
     model.graph.node[1].op_type = "NoSuchOp"  # the converter has no adapter for it

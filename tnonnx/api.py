@@ -46,7 +46,7 @@ def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
 def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | None = None,
             ratio: float | None = None, budget: float | None = None, modes: str | tuple | None = None,
             order: int | None = None, format_options: dict | None = None,
-            emit: str = "auto", batch: int = 1, ops=("MatMul", "Gemm", "Conv"), include: str | None = None,
+            emit: str = "auto", batch: int = 1, ops=("MatMul", "Gemm", "Conv", "ConvTranspose"), include: str | None = None,
             exclude: str | None = None, min_params: int = 0, force: bool = False, validate: bool = True,
             inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None,
             min_cosine: float | None = None, max_accuracy_drop: float | None = None, fit: str = "data-free", calib=None, finetune: int = 0,
@@ -82,7 +82,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     selection = Selection(ops=tuple(ops), include=include, exclude=exclude, min_params=min_params)
     plans = make_plan(layers, format, spec, selection, modes, order)
     if not plans:
-        raise TnonnxError("nothing to rewrite: no selected MatMul/Gemm/Conv layer with a constant weight"
+        raise TnonnxError("nothing to rewrite: no selected MatMul/Gemm/Conv/ConvTranspose layer with a constant weight"
                           + _reasons_summary(layers))
 
     if fit not in FIT_MODES:

@@ -80,7 +80,8 @@ def _macs_ratio(fact, layer: Layer) -> float | None:
         return fact.chain.macs_per_row() / max(layer.params, 1)
     geometry = layer.geometry
     if geometry is not None and geometry.in_spatial is not None and geometry.out_spatial is not None:
-        dense = layer.params * math.prod(geometry.out_spatial)
+        # a conv costs its parameters per output position, a ConvTranspose per input position
+        dense = layer.params * math.prod(geometry.in_spatial if geometry.transposed else geometry.out_spatial)
         return fact.macs(geometry) / max(dense, 1)
     return None
 

@@ -205,7 +205,7 @@ def inspect(model, batch, shapes, as_json):
               help="Time candidates and models in onnxruntime (--no-timing: predict from the cost model).")
 @click.option("--timing-cache/--no-timing-cache", default=True, show_default=True,
               help="Reuse per-layer timings from $TNONNX_CACHE_DIR (default ~/.cache/tnonnx/timings.json).")
-@click.option("--ops", default="MatMul,Gemm,Conv", show_default=True, help="Op types to rewrite.")
+@click.option("--ops", default="MatMul,Gemm,Conv,ConvTranspose", show_default=True, help="Op types to rewrite.")
 @click.option("--include", default=None, help="Regex: only nodes whose name matches.")
 @click.option("--exclude", default=None, help="Regex: skip nodes whose name matches.")
 @click.option("--min-params", type=click.IntRange(min=0), default=0, show_default=True, help="Skip smaller weights.")

@@ -426,10 +426,10 @@ def emit_chain_einsum(builder: Builder, x: str, chain: Chain, cores: dict, batch
 
 
 def conv_node(builder: Builder, x: str, weight: np.ndarray, hint: str, *, bias: np.ndarray | None = None,
-              attrs: dict | None = None, output: str | None = None) -> str:
-    """A Conv with the given weight (an array, or the name of a tensor already built) and
-    bias; `attrs` carries strides/pads/dilations/auto_pad."""
+              attrs: dict | None = None, output: str | None = None, op: str = "Conv") -> str:
+    """A Conv (or ConvTranspose) with the given weight (an array, or the name of a tensor
+    already built) and bias; `attrs` carries strides/pads/dilations/auto_pad."""
     inputs = [x, weight if isinstance(weight, str) else builder.weight(weight, hint)]
     if bias is not None:
         inputs.append(builder.cast(builder.constant(bias, hint + "_bias")))
-    return builder.op("Conv", inputs, hint, output=output, **(attrs or {}))
+    return builder.op(op, inputs, hint, output=output, **(attrs or {}))

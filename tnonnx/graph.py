@@ -17,13 +17,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .formats.base import ConvGeometry
+from .formats.base import ConvGeometry, flip_kernel
 from .macs import all_graphs, iter_nodes, subgraphs
 from .model import default_opset
 
-CANDIDATE_OPS = ("MatMul", "Gemm", "Conv")
+CANDIDATE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 QUANTIZED_OPS = ("MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul")
-OTHER_LINEAR_OPS = ("ConvTranspose", "Einsum")
+OTHER_LINEAR_OPS = ("Einsum",)
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
 # ops evaluated when all their inputs are constant: weights computed from constants alone
@@ -57,7 +57,12 @@ class Layer:
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape) if self.weight is not None else ()
+        """As the node stores it (a ConvTranspose: in x out/group x k...)."""
+        if self.weight is None:
+            return ()
+        if self.op_type == "ConvTranspose":
+            return (self.weight.shape[1] * self.groups, self.weight.shape[0] // self.groups) + self.weight.shape[2:]
+        return tuple(self.weight.shape)
 
     @property
     def params(self) -> int:
@@ -227,7 +232,7 @@ def _describe(layer: Layer, scope: Scope, shapes: dict) -> None:
     if any(c == "quantized" for c in consts[:2]):
         layer.reason = "weight is quantized (DequantizeLinear)"
         return
-    if node.op_type == "Conv":
+    if node.op_type in ("Conv", "ConvTranspose"):
         _describe_conv(layer, consts, shapes)
     else:
         _describe_dense(layer, consts, shapes)
@@ -298,7 +303,11 @@ def _describe_conv(layer: Layer, consts, shapes) -> None:
         layer.reason = "conv weight is computed, not constant"
         return
     layer.groups = _attr(node, "group", 1)
-    if layer.groups != 1 and found[0].shape[1] == 1:
+    transposed = node.op_type == "ConvTranspose"
+    # the canonical kernel is a Conv's (out, in/group, k...); a ConvTranspose stores (in, out/group, k...)
+    kernel = flip_kernel(found[0], layer.groups) if transposed else found[0]
+    found = (kernel,) + tuple(found[1:])
+    if layer.groups != 1 and kernel.shape[1] == 1:
         _set_weight(layer, found, found[0], "conv")  # left alone, but its shape and parameters are reported
         layer.reason = f"depthwise conv (group={layer.groups}): one input channel per filter, nothing to factorise"
         return
@@ -307,15 +316,16 @@ def _describe_conv(layer: Layer, consts, shapes) -> None:
             layer.reason = "conv bias is computed, not constant"
             return
         layer.bias, layer.bias_path = consts[2][0].astype(np.float64), consts[2][2]
-    _set_weight(layer, found, found[0], "conv")
+    _set_weight(layer, found, found[0], "conv-transpose" if transposed else "conv")
     layer.x = node.input[0]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
-             if a.name in ("strides", "pads", "dilations", "auto_pad")}
+             if a.name in ("strides", "pads", "dilations", "auto_pad", "output_padding", "output_shape")}
     if isinstance(attrs.get("auto_pad"), bytes):
         attrs["auto_pad"] = attrs["auto_pad"].decode()
     in_shape, out_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
     spatial = lambda s: tuple(s[2:]) if s and all(isinstance(v, int) and v > 0 for v in s[2:]) else None
-    layer.geometry = ConvGeometry(tuple(found[0].shape[2:]), attrs, spatial(in_shape), spatial(out_shape))
+    layer.geometry = ConvGeometry(tuple(found[0].shape[2:]), attrs, spatial(in_shape), spatial(out_shape),
+                                  transposed=transposed)
     layer.x_shape = in_shape
     layer.kind = "conv"
 

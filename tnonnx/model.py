@@ -147,6 +147,8 @@ def upgrade_old_opset(model: onnx.ModelProto, what: str = "model") -> onnx.Model
 
     _, max_opset = runtime_limits()
     try:
+        # IR 3 wants initializers listed as inputs; the converter refuses models that do not
+        model.ir_version = max(model.ir_version, 4)
         upgraded = version_converter.convert_version(model, UPGRADE_OPSET)
         onnx.checker.check_model(upgraded)
     except Exception as exc:

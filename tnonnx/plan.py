@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .errors import TnonnxError
 from .formats import FORMATS, RankSpec
-from .formats.base import GroupedConvFactorization
+from .formats.base import GroupedConvFactorization, check_transposable
 from .graph import Layer
 from .tensorize import format_modes
 
@@ -25,7 +25,7 @@ AUTO_FORMATS = tuple(f for f in FORMATS
 class Selection:
     """Layer selection in the style of onnxruntime.quantization."""
 
-    ops: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+    ops: tuple[str, ...] = ("MatMul", "Gemm", "Conv", "ConvTranspose")
     include: str | None = None  # regex on node names
     exclude: str | None = None
     min_params: int = 0
@@ -148,6 +148,9 @@ class Fitter:
         key = (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine)
         if key not in self.cache:
             options = dict(self.options, data=data) if takes_data and data is not None else self.options
+            transposed = layer.kind == "conv" and layer.geometry.transposed
+            if transposed:  # formats with a choice of layout take one a ConvTranspose keeps
+                options = dict(options, transposed=True)
             if layer.kind == "conv" and layer.groups > 1:
                 per = layer.weight.shape[0] // layer.groups
                 fact = GroupedConvFactorization(format, [
@@ -157,6 +160,8 @@ class Fitter:
                 fact = module.fit_conv(layer.weight, spec, **options)
             else:
                 fact = module.fit_dense(layer.weight, spec, modes=modes, order=order, **options)
+            if transposed:
+                check_transposable(fact)
             if refine:
                 from .fit import refine as refine_on_data
 
