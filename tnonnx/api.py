@@ -37,8 +37,10 @@ def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
     layers = find_layers(m)
     cost = macs.count(m, calibrate.concrete_shapes(m, batch, shapes))
     rows = [LayerRow.for_layer(layer, cost.per_node.get(layer.name)) for layer in layers]
+    rewritable = {l.weight_key: l.params for l in layers if l.reason is None}  # a shared weight once
     return InspectReport(rows=rows, totals=Totals(cost.params, cost.params, m.ByteSize(), m.ByteSize(),
                                                   cost.total, cost.total), batch=batch,
+                         rewritable_params=sum(rewritable.values()),
                          notes=model_io.upgrade_note(m) + calibrate.assumed_dims(m, shapes) + cost.notes,
                          source=source_info(model))
 

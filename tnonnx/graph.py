@@ -22,8 +22,6 @@ from .macs import all_graphs, iter_nodes, subgraphs
 from .model import default_opset
 
 CANDIDATE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
-QUANTIZED_OPS = ("MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul")
-OTHER_LINEAR_OPS = ("Einsum",)
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
 # ops evaluated when all their inputs are constant: weights computed from constants alone
@@ -51,6 +49,7 @@ class Layer:
     bias_input: str | None = None  # computed Gemm C
     beta: float = 1.0
     geometry: ConvGeometry | None = None
+    other_weights: list = field(default_factory=list)  # further constants the node carries (LSTM's R, B)
     groups: int = 1  # conv group count; each group is factorised on its own
     weight_path: list[str] = field(default_factory=list)  # tensors between the constant and the node
     bias_path: list[str] = field(default_factory=list)  # the same for a constant bias
@@ -66,7 +65,9 @@ class Layer:
 
     @property
     def params(self) -> int:
-        return int(self.weight.size) if self.weight is not None else 0
+        if self.weight is None:
+            return 0
+        return int(self.weight.size) + sum(int(np.size(w)) for w in self.other_weights)
 
     @property
     def batch_rank(self) -> int:
@@ -212,18 +213,53 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
 
     layers: list[Layer] = []
     for name, node, chain in nodes:
-        if node.domain not in ("", "ai.onnx", "com.microsoft"):
+        describe = OP_KINDS.get(node.op_type) if node.domain in ("", "ai.onnx", "com.microsoft") else None
+        if describe is None or (node.domain == "com.microsoft") != (node.op_type in MICROSOFT_OPS):
             continue
-        graph = chain[-1]
-        if node.op_type in QUANTIZED_OPS:
-            layers.append(Layer(name, node.op_type, node, graph, reason="already quantized"))
-        elif node.op_type in OTHER_LINEAR_OPS:
-            layers.append(Layer(name, node.op_type, node, graph, reason=f"{node.op_type} is not rewritten yet"))
-        elif node.op_type in CANDIDATE_OPS and node.domain in ("", "ai.onnx"):
-            layer = Layer(name, node.op_type, node, graph)
-            _describe(layer, scope_of(chain), shapes)
+        layer = Layer(name, node.op_type, node, chain[-1])
+        if describe(layer, scope_of(chain), shapes) is not False:
             layers.append(layer)
     return layers
+
+
+def _left_alone(reason: str, inputs: tuple[int, ...] = (1,), table: bool = False):
+    """A describer for nodes tnonnx lists but does not rewrite (yet): the constants at
+    `inputs` are the weight (the first) and the node's other weights; `table`: only a
+    float table of rank >= 2 is a weight (an embedding; a Gather of shape constants is
+    no layer). Nodes without a constant weight get no row when `table`, else the reason."""
+
+    def describe(layer: Layer, scope: Scope, shapes: dict):
+        found = [scope.resolve(layer.node.input[i]) if i < len(layer.node.input) and layer.node.input[i] else None
+                 for i in inputs]
+        arrays = [f[0] for f in found if isinstance(f, tuple)]
+        if table and not (arrays and isinstance(found[0], tuple) and arrays[0].ndim >= 2
+                          and arrays[0].dtype.kind == "f"):
+            return False
+        if arrays and isinstance(found[0], tuple):
+            layer.weight, layer.other_weights = arrays[0], arrays[1:]
+            layer.weight_key = f"{layer.op_type}:{id(layer.node)}"
+        layer.reason = reason
+
+    return describe
+
+
+# What find_layers does with each op type: the candidates are described for rewriting, the
+# others listed with the reason they are left alone. A new kind of layer plugs in here.
+OP_KINDS = {op: lambda layer, scope, shapes: _describe(layer, scope, shapes) for op in CANDIDATE_OPS}
+OP_KINDS.update({
+    "LSTM": _left_alone("recurrent layer: not rewritten yet", (1, 2, 3)),
+    "GRU": _left_alone("recurrent layer: not rewritten yet", (1, 2, 3)),
+    "RNN": _left_alone("recurrent layer: not rewritten yet", (1, 2, 3)),
+    "Gather": _left_alone("embedding table: not rewritten yet", (0,), table=True),
+    "Einsum": _left_alone("Einsum is not rewritten yet", (1, 0)),
+    "MatMulInteger": _left_alone("already quantized", (1,)),
+    "ConvInteger": _left_alone("already quantized", (1,)),
+    "QLinearMatMul": _left_alone("already quantized", (3,)),
+    "QLinearConv": _left_alone("already quantized", (3,)),
+    "MatMulNBits": _left_alone("already quantized", (1,)),
+    "DynamicQuantizeMatMul": _left_alone("already quantized", (1,)),
+})
+MICROSOFT_OPS = ("MatMulNBits", "DynamicQuantizeMatMul")  # kinds of the com.microsoft domain
 
 
 def _describe(layer: Layer, scope: Scope, shapes: dict) -> None:

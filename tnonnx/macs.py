@@ -6,6 +6,8 @@ MACs per run at the given input shapes:
   MatMulInteger and QLinearMatMul alike. Gemm: M * K * N (the bias add is no MAC).
 - Conv (also ConvInteger, QLinearConv): N * C_out * prod(out spatial) * C_in/group *
   prod(kernel). ConvTranspose: N * C_in * prod(in spatial) * C_out/group * prod(kernel).
+- LSTM, GRU, RNN: seq * batch * (elements of W + elements of R), all directions and
+  gates (the gate nonlinearities and elementwise products are not MACs).
 - Einsum, any number of operands, implicit output and ``...`` included: evaluated pairwise
   left to right, each step costing the product of the sizes of all distinct indices of its
   two operands (a one-operand Einsum costs 0). That is the order the graph states, not
@@ -112,6 +114,16 @@ def _conv_transpose(node, ins, outs):
     return None if x is None or w is None else math.prod(x) * math.prod(w[1:])
 
 
+def _recurrent(node, ins, outs):
+    """LSTM/GRU/RNN: every step multiplies the input by W and the state by R, per
+    direction: seq * batch * (|W| + |R|)."""
+    x, w, r = ins[0], ins[1], ins[2]
+    if x is None or w is None or r is None or len(x) != 3:
+        return None
+    seq, batch = (x[1], x[0]) if _attr(node, "layout", 0) else (x[0], x[1])
+    return seq * batch * (math.prod(w) + math.prod(r))
+
+
 def _einsum(node, ins, outs):
     if any(s is None for s in ins):
         return None
@@ -152,6 +164,9 @@ COUNTERS: dict[tuple[str, str], Callable] = {
     ("", "QLinearConv"): _conv(3),
     ("", "ConvTranspose"): _conv_transpose,
     ("", "Einsum"): _einsum,
+    ("", "LSTM"): _recurrent,
+    ("", "GRU"): _recurrent,
+    ("", "RNN"): _recurrent,
 }
 """(domain, op_type) -> counter; a module that emits a custom op registers its counter here."""
 

@@ -116,6 +116,7 @@ class InspectReport:
     rows: list[LayerRow]
     totals: Totals
     batch: int
+    rewritable_params: int = 0  # parameters of the candidate layers (a shared weight once)
     notes: list[str] = field(default_factory=list)  # e.g. the symbolic dims tnonnx assumed
     source: dict | None = None  # input path and sha256
     versions: dict = field(default_factory=versions)
@@ -125,13 +126,13 @@ class InspectReport:
         t = self.totals
         return {"input": self.source, "versions": self.versions, "batch": self.batch, "notes": self.notes,
                 "totals": {"params_before": t.params_before, "bytes_before": t.bytes_before,
-                           "macs_before": t.macs_before},
+                           "macs_before": t.macs_before, "params_rewritable": self.rewritable_params},
                 "layers": [{k: v for k, v in asdict(r).items() if k not in AFTER_FIELDS} for r in self.rows]}
 
     def render(self, console: Console) -> None:
         t = self.totals
         if not self.rows:
-            console.print("no MatMul, Gemm or Conv layers in this model: nothing tnonnx can rewrite")
+            console.print("no node with a constant weight in this model: nothing tnonnx can rewrite")
         columns = [Column("layer", name=True), Column("op", group="op"), Column("weight", group="weight"),
                    Column("params", "right"), Column("MACs", "right", group="MACs"), Column("% MACs", "right"),
                    Column("note", wrap=True)]
@@ -140,13 +141,17 @@ class InspectReport:
             share = f"{100 * r.macs_before / t.macs_before:.1f}" if r.macs_before and t.macs_before else "-"
             rows.append([r.name, r.op, _shape(r.weight_shape), _n(r.params_before), _n(r.macs_before), share,
                          r.reason or "candidate"])
-        table, dropped = fit_table(f"candidate layers (MACs at batch {self.batch})", columns, rows, console.width,
+        table, dropped = fit_table(f"weights (MACs at batch {self.batch})", columns, rows, console.width,
                                    ("MACs", "weight", "op"), n_essential=2)
         console.print(table)
         if dropped:
             console.print(legend(dropped, console.width, "tnonnx inspect --json"), highlight=False)
         console.print(f"model: {_n(t.params_before)} parameters, {_bytes(t.bytes_before)}, "
                       f"{_n(t.macs_before)} MACs at batch {self.batch}")
+        candidates = sum(1 for r in self.rows if r.reason is None)
+        share = f" ({100 * self.rewritable_params / t.params_before:.1f}% of the model)" if t.params_before else ""
+        console.print(f"rewritable: {_n(self.rewritable_params)} parameters in {candidates} candidate layers{share}; "
+                      f"{len(self.rows) - candidates} layers left alone, each with its reason", highlight=False)
         for note in self.notes:
             console.print(note, highlight=False)
 
