@@ -1,11 +1,13 @@
 """Finding the layers to rewrite and putting their replacements in place.
 
-A Layer is a MatMul/Gemm/Conv node with everything needed to factorise it: the weight in
-a canonical form (dense: N x M acting as y = x W; conv: T x S x k...), where it came
-from, and how the node uses it. Weights are found as initializers or Constant nodes,
-through Identity/Cast/Transpose, in the node's own graph or an enclosing one (If/Loop
-bodies may use outer-scope initializers). Nodes that cannot be rewritten become Layers
-with a `reason`.
+A Layer is a node that carries a weight, with everything needed to factorise it: the
+weight in a canonical form (dense: N x M acting as y = x W; conv and ConvTranspose:
+T x S x k...), where it came from, and how the node uses it. OP_KINDS maps each op type to
+the function describing its nodes: candidates (MatMul, Gemm, Conv, ConvTranspose) or
+kinds listed with the reason they are left alone. Weights are found as initializers or
+Constant nodes, through Identity/Cast/Transpose, computed from constants alone (FOLDED
+ops), in the node's own graph or an enclosing one (If/Loop bodies may use outer-scope
+initializers). Nodes that cannot be rewritten become Layers with a `reason`.
 """
 
 from __future__ import annotations
@@ -197,8 +199,8 @@ def value_shapes(model: onnx.ModelProto, needed: set[str] = frozenset()) -> dict
 
 
 def find_layers(model: onnx.ModelProto) -> list[Layer]:
-    """Every MatMul/Gemm/Conv (and quantized or unsupported linear op) in the model, named
-    as tnonnx.macs names nodes (so per-node costs line up)."""
+    """A Layer for every node of a kind in OP_KINDS that carries a weight (or, for the
+    candidates, would need one), named as tnonnx.macs names nodes (so per-node costs line up)."""
     nodes = list(iter_nodes(model))
     shapes = value_shapes(model, {n.input[0] for _, n, _ in nodes if n.op_type in CANDIDATE_OPS and n.input})
     scopes: dict[int, Scope] = {}
@@ -220,46 +222,6 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
         if describe(layer, scope_of(chain), shapes) is not False:
             layers.append(layer)
     return layers
-
-
-def _left_alone(reason: str, inputs: tuple[int, ...] = (1,), table: bool = False):
-    """A describer for nodes tnonnx lists but does not rewrite (yet): the constants at
-    `inputs` are the weight (the first) and the node's other weights; `table`: only a
-    float table of rank >= 2 is a weight (an embedding; a Gather of shape constants is
-    no layer). Nodes without a constant weight get no row when `table`, else the reason."""
-
-    def describe(layer: Layer, scope: Scope, shapes: dict):
-        found = [scope.resolve(layer.node.input[i]) if i < len(layer.node.input) and layer.node.input[i] else None
-                 for i in inputs]
-        arrays = [f[0] for f in found if isinstance(f, tuple)]
-        if table and not (arrays and isinstance(found[0], tuple) and arrays[0].ndim >= 2
-                          and arrays[0].dtype.kind == "f"):
-            return False
-        if arrays and isinstance(found[0], tuple):
-            layer.weight, layer.other_weights = arrays[0], arrays[1:]
-            layer.weight_key = f"{layer.op_type}:{id(layer.node)}"
-        layer.reason = reason
-
-    return describe
-
-
-# What find_layers does with each op type: the candidates are described for rewriting, the
-# others listed with the reason they are left alone. A new kind of layer plugs in here.
-OP_KINDS = {op: lambda layer, scope, shapes: _describe(layer, scope, shapes) for op in CANDIDATE_OPS}
-OP_KINDS.update({
-    "LSTM": _left_alone("recurrent layer: not rewritten yet", (1, 2, 3)),
-    "GRU": _left_alone("recurrent layer: not rewritten yet", (1, 2, 3)),
-    "RNN": _left_alone("recurrent layer: not rewritten yet", (1, 2, 3)),
-    "Gather": _left_alone("embedding table: not rewritten yet", (0,), table=True),
-    "Einsum": _left_alone("Einsum is not rewritten yet", (1, 0)),
-    "MatMulInteger": _left_alone("already quantized", (1,)),
-    "ConvInteger": _left_alone("already quantized", (1,)),
-    "QLinearMatMul": _left_alone("already quantized", (3,)),
-    "QLinearConv": _left_alone("already quantized", (3,)),
-    "MatMulNBits": _left_alone("already quantized", (1,)),
-    "DynamicQuantizeMatMul": _left_alone("already quantized", (1,)),
-})
-MICROSOFT_OPS = ("MatMulNBits", "DynamicQuantizeMatMul")  # kinds of the com.microsoft domain
 
 
 def _describe(layer: Layer, scope: Scope, shapes: dict) -> None:
@@ -364,6 +326,46 @@ def _describe_conv(layer: Layer, consts, shapes) -> None:
                                   transposed=transposed)
     layer.x_shape = in_shape
     layer.kind = "conv"
+
+
+def _left_alone(reason: str, inputs: tuple[int, ...] = (1,), table: bool = False):
+    """A describer for nodes tnonnx lists but does not rewrite (yet): the constants at
+    `inputs` are the weight (the first) and the node's other weights; `table`: only a
+    float table of rank >= 2 is a weight (an embedding; a Gather of shape constants is
+    no layer). Nodes without a constant weight get no row when `table`, else the reason."""
+
+    def describe(layer: Layer, scope: Scope, shapes: dict):
+        found = [scope.resolve(layer.node.input[i]) if i < len(layer.node.input) and layer.node.input[i] else None
+                 for i in inputs]
+        arrays = [f[0] for f in found if isinstance(f, tuple)]
+        if table and not (arrays and isinstance(found[0], tuple) and arrays[0].ndim >= 2
+                          and arrays[0].dtype.kind == "f"):
+            return False
+        if arrays and isinstance(found[0], tuple):
+            layer.weight, layer.other_weights = arrays[0], arrays[1:]
+            layer.weight_key = f"{layer.op_type}:{id(layer.node)}"
+        layer.reason = reason
+
+    return describe
+
+
+# What find_layers does with each op type: the candidates are described for rewriting, the
+# others listed with the reason they are left alone. A new kind of layer plugs in here.
+OP_KINDS = {op: _describe for op in CANDIDATE_OPS}
+OP_KINDS.update({
+    "LSTM": _left_alone("recurrent layer: not rewritten yet", (1, 2, 3)),
+    "GRU": _left_alone("recurrent layer: not rewritten yet", (1, 2, 3)),
+    "RNN": _left_alone("recurrent layer: not rewritten yet", (1, 2, 3)),
+    "Gather": _left_alone("embedding table: not rewritten yet", (0,), table=True),
+    "Einsum": _left_alone("Einsum is not rewritten yet", (1, 0)),
+    "MatMulInteger": _left_alone("already quantized", (1,)),
+    "ConvInteger": _left_alone("already quantized", (1,)),
+    "QLinearMatMul": _left_alone("already quantized", (3,)),
+    "QLinearConv": _left_alone("already quantized", (3,)),
+    "MatMulNBits": _left_alone("already quantized", (1,)),
+    "DynamicQuantizeMatMul": _left_alone("already quantized", (1,)),
+})
+MICROSOFT_OPS = ("MatMulNBits", "DynamicQuantizeMatMul")  # kinds of the com.microsoft domain
 
 
 # ----------------------------------------------------------------------- replacement
