@@ -558,7 +558,7 @@ def test_inspect_json_has_no_after_fields(good):
     after = {"format", "ranks", "params_after", "macs_after", "weight_error", "output_error", "ms_before",
              "ms_after", "ms_predicted", "ms_measured", "emission", "shared_with"}
     assert not after & set(data["layers"][0]) and set(data["totals"]) == {"params_before", "bytes_before",
-                                                                         "macs_before"}
+                                                                         "macs_before", "params_rewritable"}
     assert data["input"]["sha256"] and data["versions"]["onnx"]
 
 
