@@ -34,27 +34,31 @@ from tnonnx.runtime import with_outputs  # noqa: E402
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 LINES = ["Tensor networks compress exported models", "PP-OCR detects text lines 2026",
          "invoice no. 4711  total 12.50 EUR", "the quick brown fox jumps over the lazy dog"]
+CALIB_LINES = ["calibration text is never evaluated", "order 0815 shipped on 3 May",
+               "Pack my box with five dozen liquor jugs", "ONNX Runtime 1.31 on two cores"]
 
 
-def images(size: int) -> np.ndarray:
+def images(size: int, calib: bool = False) -> np.ndarray:
+    """Evaluation images, or (calib) others: other text, other offsets, mirrored photos."""
     from PIL import Image, ImageDraw, ImageFont
     from sklearn.datasets import load_sample_image
 
-    rng = np.random.default_rng(0)
-    font = ImageFont.load_default(size=max(10, size // 16))
+    rng = np.random.default_rng(1 if calib else 0)
+    font = ImageFont.load_default(size=max(10, size // (14 if calib else 16)))
     out = []
     for k in range(4):
         shade = 255 if k % 2 == 0 else 200
         img = Image.new("RGB", (size, size), (shade, shade, shade))
         draw = ImageDraw.Draw(img)
-        for i, line in enumerate(LINES):
-            draw.text((8 + 4 * k, 12 + i * size // 5 + 3 * k), line, fill=(0, 0, 0), font=font)
+        for i, line in enumerate(CALIB_LINES if calib else LINES):
+            draw.text((8 + (7 if calib else 4) * k, 12 + i * size // 5 + 3 * k), line, fill=(0, 0, 0), font=font)
         arr = np.asarray(img, np.float64)
         if k >= 2:
             arr = np.clip(arr + rng.normal(0, 12, arr.shape), 0, 255)
         out.append(arr)
     for name in ("china.jpg", "flower.jpg"):
-        out.append(np.asarray(Image.fromarray(load_sample_image(name)).resize((size, size)), np.float64))
+        photo = np.asarray(Image.fromarray(load_sample_image(name)).resize((size, size)), np.float64)
+        out.append(photo[:, ::-1] if calib else photo)
     batch = (np.stack(out) / 255.0 - MEAN) / STD
     return batch.transpose(0, 3, 1, 2).astype(np.float32)
 
@@ -84,6 +88,9 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=2.0)
     ap.add_argument("--format", default="tucker")
     ap.add_argument("--formats", default="svd,tucker,tt,cp,ht", help="formats of the full-rank check")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="also a --budget run with --fit aware, calibrated on other images")
+    ap.add_argument("--skip-full", action="store_true", help="leave out the full-rank table")
     args = ap.parse_args()
     path = ppocr_model_path("det")
     original = onnx.load(path)
@@ -98,26 +105,32 @@ def main() -> None:
     print("| format (full rank, --ops ConvTranspose) | layers rewritten | layer output rel. error | "
           "probability map rel. error | max abs |")
     print("|---|---|---|---|---|")
-    for fmt in args.formats.split(","):
+    for fmt in [] if args.skip_full else args.formats.split(","):
         new, report = tnonnx.rewrite(str(path), format=fmt, ops="ConvTranspose", rank=100000, force=True,
                                      shapes=shapes, validate=False, timing=False)
         got_map, got_layer = probability_maps(new, x, [layer_out])
         print(f"| {fmt} | {', '.join(r.name for r in report.rewritten)} | {rel(ref_layer, got_layer):.2e} | "
               f"{rel(ref_map, got_map):.2e} | {np.abs(got_map - ref_map).max():.2e} |")
 
-    print(f"\n| --format {args.format} --ratio {args.ratio:g} | ConvTranspose.0 ranks | params | "
+    calib = {"x": images(args.size, calib=True)}
+    runs = [(f"--ratio {args.ratio:g} --ops ConvTranspose", dict(ratio=args.ratio, ops="ConvTranspose")),
+            (f"--ratio {args.ratio:g}", dict(ratio=args.ratio)),
+            (f"--ratio {args.ratio:g} --ops MatMul,Gemm,Conv", dict(ratio=args.ratio, ops="MatMul,Gemm,Conv"))]
+    if args.budget:
+        runs.append((f"--budget {args.budget:g}x --fit aware", dict(budget=args.budget, fit="aware", calib=calib)))
+    print(f"\n| --format {args.format} ... | ConvTranspose.0 ranks | params | "
           "latency (p50) | map cosine | text-mask IoU | rewrite s |")
     print("|---|---|---|---|---|---|---|")
-    for ops in ("MatMul,Gemm,Conv,ConvTranspose", "MatMul,Gemm,Conv"):
+    for label, options in runs:
         started = time.perf_counter()
-        new, report = tnonnx.rewrite(str(path), format=args.format, ratio=args.ratio, ops=ops, shapes=shapes,
-                                     threads=args.threads, validate=False)
+        new, report = tnonnx.rewrite(str(path), format=args.format, shapes=shapes, threads=args.threads,
+                                     validate=False, **options)
         seconds = time.perf_counter() - started
         got = probability_maps(new, x)[0]
         cos = float(np.dot(ref_map.ravel(), got.ravel()) / (np.linalg.norm(ref_map) * np.linalg.norm(got)))
         row = next(r for r in report.rows if r.name == layer)
         t = report.totals
-        print(f"| --ops {ops} | {','.join(map(str, row.ranks)) if row.ranks else 'dense'} | "
+        print(f"| {label} | {','.join(map(str, row.ranks)) if row.ranks else 'dense'} | "
               f"{t.params_before / 1e6:.3f}M -> {t.params_after / 1e6:.3f}M ({t.params_before / t.params_after:.2f}x) | "
               f"{t.ms_before:.1f} -> {t.ms_after:.1f} ms ({t.ms_before / t.ms_after:.2f}x) | {cos:.4f} | "
               f"{iou(ref_map, got):.3f} | {seconds:.0f} |")
