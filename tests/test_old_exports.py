@@ -98,3 +98,28 @@ def test_weight_computed_from_constants_is_folded_and_rewritten(tmp_path):
     assert {n.op_type for n in new.graph.node}.isdisjoint({"ConstantOfShape", "Concat", "Add"})  # chain removed
     x = randn(3, 8, seed=5)
     assert rel_err(run(model, {"x": x})[0], run(new, {"x": x})[0]) < 1e-5
+
+
+def test_weight_concatenated_inside_an_if_body_is_folded_and_rewritten(tmp_path):
+    """An If branch multiplies by Concat(Unsqueeze(a), b) of outer-scope constants."""
+    then = helper.make_graph([
+        helper.make_node("Unsqueeze", ["row", "ax0"], ["row2"]),
+        helper.make_node("Concat", ["row2", "rest"], ["w"], axis=0),
+        helper.make_node("MatMul", ["x", "w"], ["y_then"], name="branch_mm"),
+    ], "then", [], [value("y_then", ["b", 6])])
+    other = helper.make_graph([helper.make_node("Identity", ["x6"], ["y_else"])], "else", [],
+                              [value("y_else", ["b", 6])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other)], "if_model",
+        [value("x", ["b", 8]), value("x6", ["b", 6])], [value("y", ["b", 6])],
+        [init("flag", np.array(True)), init("row", randn(6, seed=1)), init("rest", randn(7, 6, seed=2)),
+         init("ax0", np.array([0]))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    new, report = _rewrite(tmp_path, model)
+    assert [r["format"] for r in report["layers"]] == ["svd"]
+    from tnonnx.macs import all_graphs
+
+    assert not [n for g in all_graphs(new.graph) for n in g.node if n.op_type in ("Concat", "Unsqueeze")]
+    feeds = {"x": randn(3, 8, seed=5), "x6": randn(3, 6, seed=6)}
+    assert rel_err(run(model, feeds)[0], run(new, feeds)[0]) < 1e-5
