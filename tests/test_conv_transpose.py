@@ -96,3 +96,42 @@ def test_forms_without_a_conv_transpose_equivalent_are_not_applicable():
         Fitter({"conv_layout": "cp4"}).fit(layer, "cp", RankSpec(rank=3))
     with pytest.raises(NotApplicable, match="no ConvTranspose equivalent"):  # tr folds the batch
         Fitter().fit(layer, "tr", RankSpec(rank=2))
+
+
+def _with_kernels_of(model, rows, fmt):
+    """The original with each rewritten layer's weight replaced by its factorisation's kernel."""
+    from onnx import numpy_helper
+
+    swapped = onnx.ModelProto()
+    swapped.CopyFrom(model)
+    for row in rows:
+        layer = next(l for l in find_layers(model) if l.name == row.name)
+        kernel = Fitter().fit(layer, fmt, RankSpec(rank=row.ranks[0])).to_dense()
+        weight = next(t for t in swapped.graph.initializer if t.name == f"W_{row.name}")
+        weight.CopyFrom(numpy_helper.from_array(flip_kernel(kernel, layer.groups).astype(np.float32), weight.name))
+    return swapped
+
+
+@pytest.mark.parametrize("fmt", ["svd", "tt", "cp"])
+def test_low_ranks_emit_the_conv_transpose_of_their_kernel(fmt):
+    """Below full rank (groups included) the emitted subgraph computes the ConvTranspose of
+    the factorisation's kernel: the original with that kernel swapped in agrees."""
+    from tnonnx import api
+
+    model = _model()
+    new, report = api.rewrite(model, format=fmt, rank=2, force=True, validate=False, timing=False)
+    assert len(report.rewritten) == 3
+    for ref, got in zip(run(_with_kernels_of(model, report.rewritten, fmt), _feeds()), run(new, _feeds())):
+        assert rel_err(ref, got) < 1e-5
+
+
+def test_budget_allocates_over_conv_transpose_layers():
+    from tnonnx import api
+
+    model = _model()
+    new, report = api.rewrite(model, format="svd", budget=1.3, allow_slower=True, timing=False, validate=False)
+    assert report.totals.params_after * 1.3 <= report.totals.params_before
+    rewritten = [r for r in report.rewritten if r.op == "ConvTranspose"]
+    assert rewritten
+    for ref, got in zip(run(_with_kernels_of(model, rewritten, "svd"), _feeds()), run(new, _feeds())):
+        assert rel_err(ref, got) < 1e-5
