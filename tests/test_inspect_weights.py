@@ -63,6 +63,7 @@ def test_every_weight_gets_a_row_with_its_reason():
     assert rows["embedding"].reason == "embedding table: not rewritten yet"
     assert rows["int8_matmul"].reason == "already quantized"
     assert rows["dequantized"].reason == "weight is quantized (DequantizeLinear)"
+    assert rows["dequantized"].weight_shape == [IN, 3] and rows["dequantized"].params_before == IN * 3
     # parameters: every constant the node carries; MACs as the node computes them
     assert rows["lstm"].params_before == 4 * H * IN + 4 * H * H + 8 * H
     assert rows["lstm"].weight_shape == [1, 4 * H, IN]

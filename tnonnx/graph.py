@@ -77,6 +77,16 @@ class Layer:
         return len(self.x_shape) - 1 if self.x_shape is not None else 1
 
 
+class Quantized(str):
+    """Scope.resolve's answer for a weight that DequantizeLinear computes: equal to
+    "quantized", with the quantized array (None when that is not constant either)."""
+
+    def __new__(cls, array):
+        out = super().__new__(cls, "quantized")
+        out.array = array
+        return out
+
+
 class Scope:
     """Constants and producers visible from one graph (its own, then its parents')."""
 
@@ -108,7 +118,8 @@ class Scope:
             arr = _constant_value(node)
             return None if arr is None else (arr, arr.dtype, [name])
         if node.op_type == "DequantizeLinear":
-            return "quantized"
+            found = self.resolve(node.input[0])
+            return Quantized(found[0] if isinstance(found, tuple) else None)
         if node.domain not in ("", "ai.onnx"):
             return None
         if node.op_type in FOLDED:
@@ -227,8 +238,11 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
 def _describe(layer: Layer, scope: Scope, shapes: dict) -> None:
     node = layer.node
     consts = [scope.resolve(n) if n else None for n in node.input]
-    if any(c == "quantized" for c in consts[:2]):
+    quantized = next((c for c in consts[:2] if c == "quantized"), None)
+    if quantized is not None:
         layer.reason = "weight is quantized (DequantizeLinear)"
+        if quantized.array is not None:  # listed with its shape and parameters
+            layer.weight, layer.weight_key = quantized.array, f"{layer.op_type}:{id(layer.node)}"
         return
     if node.op_type in ("Conv", "ConvTranspose"):
         _describe_conv(layer, consts, shapes)
