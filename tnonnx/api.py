@@ -369,12 +369,22 @@ def emit_layer(builder: Builder, layer: Layer, fact: Factorization, emit: str = 
     swap = list(range(batch_rank - 1)) + [batch_rank, batch_rank - 1]
     if layer.side == "left":  # W @ x  ==  (x^T W^T)^T over the last two axes
         x = builder.op("Transpose", [x], "transpose", perm=swap)
+    unflat = None
+    if emit == "rows" and batch_rank > 1:  # batch axes folded into one row axis (edge: rank <= 4)
+        unflat = x
+        x = builder.op("Reshape", [x, builder.int64s([-1, layer.weight.shape[0]])], "rows")
     if emit == "einsum":
         y = fact.emit_einsum(builder, x, batch_rank)
     elif emit == "features-first":  # rows trailing: cores multiply from the left, few Transposes
         y = fact.emit_features_first(builder, x, batch_rank)
     elif emit == "custom":  # one fused operator from the tnonnx custom-op library
         y = fact.emit_custom(builder, x, batch_rank)
+    elif unflat is not None:
+        y = fact.emit(builder, x, 1)
+        lead = builder.op("Slice", [builder.op("Shape", [unflat], "shape"), builder.int64s([0]), builder.int64s([-1])],
+                          "batch_shape")
+        shape = builder.op("Concat", [lead, builder.int64s([layer.weight.shape[1]])], "out_shape", axis=0)
+        y = builder.op("Reshape", [y, shape], "reshape")
     else:
         y = fact.emit(builder, x, batch_rank)
     if layer.side == "left":
