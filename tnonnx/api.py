@@ -3,13 +3,15 @@ validate -> report. The CLI and the Python API both call these functions."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from . import calibrate, macs
+from . import calibrate, deploy, macs
 from . import fit as fitting
 from . import model as model_io
 from .emit import Builder
@@ -51,16 +53,20 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             min_cosine: float | None = None, max_accuracy_drop: float | None = None, fit: str = "data-free", calib=None, finetune: int = 0,
             finetune_hidden: float = HIDDEN_WEIGHT, threads: int | None = None, speedup: float | None = None,
             allow_slower: bool = False, keep_best: bool = False, timing: bool = True, timing_cache: bool = True,
-            timer=None, progress: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
+            timer=None, progress: bool = False, target: str = "cpu", quantize: str | None = None,
+            max_model_bytes: int | None = None) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
 
     Returns the new model and its report. The input is never modified. Options take the
-    CLI's values: budget="2x", modes="8x8x6,4x8x12", ops="MatMul,Gemm".
+    CLI's values: budget="2x", modes="8x8x6,4x8x12", ops="MatMul,Gemm". `target` (cpu, gpu,
+    edge) and `quantize` (int8, int4) make the factorised model ready for where it runs
+    (deploy.py); the report's `deploy` says what was done and checked.
     """
     started = time.perf_counter()
     if emit not in EMIT_MODES:
         raise TnonnxError(f"--emit {emit}: choose from {', '.join(EMIT_MODES)}")
     check_thresholds(atol, rtol, min_cosine, max_accuracy_drop, batch)
+    deployment_target, quantization, emit = deploy.plan(target, quantize, emit, calib is not None, max_model_bytes)
     ops = _parse_ops(ops)
     if threads is not None and threads < 1:
         raise TnonnxError(f"--threads {threads}: must be >= 1")
@@ -96,11 +102,13 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             what = f"--fit {fit}" if fit != "data-free" else "--finetune"
             raise TnonnxError(f"{what} needs calibration data: give --calib FILE.npz or --calib-random N")
         batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes, what="--calib")
+    elif calib is not None and (target == "gpu" or (quantization is not None and quantization.static)):
+        batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes, what="--calib")
     data = {}
     if fit == "aware" or (fit == "sequential" and (budget is not None or format == "auto")):
         # every layer's inputs in the original model (sequential: for choosing ranks only)
         data = layer_data(original, [p.layer for p in plans], batches)
-    fitter = Fitter(format_options, data)
+    fitter = Fitter(format_options, data, balance=target == "gpu")
     deployment = Deployment.of(batch, shapes, threads)
     clock = Clock(timer if timer is not None else (default_timer() if timing else CostModelTimer()),
                   TimingCache(enabled=timing and timing_cache), threads)
@@ -157,6 +165,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         notes.append(f"finetune: relative output error on the calibration data {before_ft:.4g} -> {after_ft:.4g} "
                      f"after {finetune} epoch(s) of end-to-end distillation ({matched})")
     _check(new)
+    factorised, deployed, baseline = new, None, None
+    if target != "cpu" or quantization is not None or max_model_bytes is not None:
+        emitted = {n.name for r in replacements.values() for n in r.builder.nodes}
+        stem = Path(model).stem if isinstance(model, (str, os.PathLike)) else "model"
+        new, deployed, baseline = deploy.finish(original, new, deployment_target, quantization, batches, emitted,
+                                                shapes, stem)
     before_ms, after_ms = clock.models([original, new], speed_feeds)
     if before_ms is None or after_ms is None:
         if speedup:
@@ -178,18 +192,25 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     notes.extend(calibrate.assumed_dims(original, shapes))
 
     concrete = calibrate.concrete_shapes(original, batch, shapes)
-    before, after = macs.count(original, concrete), macs.count(new, concrete)
+    before, after = macs.count(original, concrete), macs.count(factorised, concrete)
     rows = _rows(layers, replacements, before, after)
     result = None
     if validate:
         min_cosine = with_default_threshold(atol, rtol, min_cosine, max_accuracy_drop)
-        result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol, rtol=rtol,
-                                min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
+        if deployed is not None:
+            result = deploy.compare(deployed, original, factorised, new, baseline, inputs=inputs, shapes=shapes,
+                                    batch=batch, thresholds=dict(atol=atol, rtol=rtol, min_cosine=min_cosine,
+                                                                 max_accuracy_drop=max_accuracy_drop))
+        else:
+            result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol, rtol=rtol,
+                                    min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
+    elif deployed is not None:
+        deploy.check_ort(deployed, new, inputs=inputs, shapes=shapes, batch=batch)
     totals = Totals(before.params, after.params, original.ByteSize(), new.ByteSize(), before.total, after.total,
                     ms_before=before_ms, ms_after=after_ms)
     report = RewriteReport(
         format=format, spec=f"budget {budget:g}x" if budget else spec.describe(), emit=emit, batch=batch, rows=rows,
-        totals=totals, validation=result, seconds=seconds, fit=fit, notes=notes,
+        totals=totals, validation=result, seconds=seconds, fit=fit, notes=notes, deploy=deployed,
         latency=LatencyInfo(deployment=deployment.describe(original), threads=threads, measured=clock.measures,
                             speedup_target=speedup, timing_seconds=round(clock.seconds, 3),
                             timed=clock.timed, cache_hits=clock.cache.hits, cache=str(clock.cache.path)
@@ -203,7 +224,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                   "deployment": {"batch": batch, "shapes": {k: list(v) for k, v in (shapes or {}).items()},
                                  "threads": threads},
                   "speedup": speedup, "allow_slower": allow_slower, "keep_best": keep_best, "timing": timing,
-                  "validate": validate, "inputs": describe_calibration(inputs, None)["source"] if inputs is not None else None,
+                  "target": target, "quantize": quantize, "max_model_bytes": max_model_bytes, "validate": validate, "inputs": describe_calibration(inputs, None)["source"] if inputs is not None else None,
                   "thresholds": {"atol": atol, "rtol": rtol, "min_cosine": min_cosine,
                                  "max_accuracy_drop": max_accuracy_drop}},
     )

@@ -27,6 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import TnonnxError
+from .fp16 import name_nodes as _name_nodes
 
 QUANT_MODES = ("int8", "int4")
 INT4_BLOCK = 32  # MatMulNBits block along the contracted dimension (a power of two >= 16)
@@ -200,15 +201,3 @@ def _constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
         del out.graph.node[:]
         out.graph.node.extend(keep)
     return out
-
-
-def _name_nodes(model: onnx.ModelProto) -> None:
-    """Give unnamed nodes a name (the int4 quantizer selects nodes by name)."""
-    taken = {n.name for n in model.graph.node}
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
