@@ -23,6 +23,7 @@ from .macs import all_graphs
 from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer, deployment_feeds
 from .choose import Planner, SpeedRules, emissions_for, meet_speedup, slower_note
 from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, fit_error, make_plan, rank_spec
+from .targets import EDGE_MAX_RANK
 from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals, describe_calibration, source_info
 from .tensorize import format_modes, parse_modes
 from .validate import check_thresholds, count_samples, with_default_threshold
@@ -391,6 +392,8 @@ def emit_layer(builder: Builder, layer: Layer, fact: Factorization, emit: str = 
     if layer.side == "left":  # W @ x  ==  (x^T W^T)^T over the last two axes
         x = builder.op("Transpose", [x], "transpose", perm=swap)
     unflat = None
+    if emit == "rows":
+        builder.max_rank = EDGE_MAX_RANK
     if emit == "rows" and batch_rank > 1:  # batch axes folded into one row axis (edge: rank <= 4)
         unflat = x
         x = builder.op("Reshape", [x, builder.int64s([-1, layer.weight.shape[0]])], "rows")

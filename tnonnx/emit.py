@@ -96,10 +96,27 @@ def run_chain(ops, x, chain: Chain, cores: dict):
     def permute(t, order):
         nonlocal phys
         groups, perm = merged_axes(labels, order)
-        if perm != list(range(len(perm))):
+        if perm == list(range(len(perm))):
+            return t
+        limit = getattr(ops, "max_axes", None)
+        if limit is None or len(groups) <= limit:
             t = to_shape(t, [_prod(sizes, g) for g in groups])
             t = ops.transpose(t, perm)
             phys = [_prod(sizes, groups[p]) for p in perm]
+            return t
+        # too many axes for one Transpose: move the target's groups to the end one by one,
+        # each move a Transpose of at most 3 axes ([X, g, Y] -> [X, Y, g])
+        current = list(groups)
+        for g in (groups[p] for p in perm):
+            i = current.index(g)
+            if i == len(current) - 1:
+                continue
+            x, y = current[:i], current[i + 1:]
+            dims = ([_prod(sizes, sum(x, []))] if x else []) + [_prod(sizes, g), _prod(sizes, sum(y, []))]
+            t = to_shape(t, dims)
+            t = ops.transpose(t, [0, 2, 1] if x else [1, 0])
+            phys = [dims[0], dims[2], dims[1]] if x else [dims[1], dims[0]]
+            current = x + y + [g]
         return t
 
     state = x
@@ -280,6 +297,8 @@ class OnnxOps:
     def __init__(self, builder: "Builder", batch_rank: int):
         self.b = builder
         self.batch_rank = batch_rank
+        # a Transpose's axes after the batch axes, when the builder limits tensor ranks
+        self.max_axes = builder.max_rank - batch_rank if builder.max_rank else None
 
     def reshape(self, t, tail):
         shape = [0] * self.batch_rank + [int(v) for v in tail]
@@ -366,6 +385,7 @@ class Builder:
     share_key: str = ""
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
+    max_rank: int | None = None  # the largest tensor rank chains may use (the edge target)
     _count: int = 0
     _weights: int = 0
 
