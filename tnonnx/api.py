@@ -23,7 +23,7 @@ from .macs import all_graphs
 from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer, deployment_feeds
 from .choose import Planner, SpeedRules, emissions_for, meet_speedup, slower_note
 from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, fit_error, make_plan, rank_spec
-from .targets import EDGE_MAX_RANK
+from .targets import EDGE_MAX_RANK, edge_violations
 from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals, describe_calibration, source_info
 from .tensorize import format_modes, parse_modes
 from .validate import check_thresholds, count_samples, with_default_threshold
@@ -141,6 +141,13 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         else:
             replacements = build(0.0)
         notes.extend(planner.notes)
+    if emit == "rows":  # edge: a layer whose emission still breaks the rules stays dense
+        for key in list(replacements):
+            r = replacements[key]
+            broken = edge_violations(_partial(new, {key: r}), {n.name for n in r.builder.nodes})
+            if broken:
+                r.layer.reason = f"left dense for --target edge: {broken[0].split(': ', 1)[1]} in its {r.plan.format} emission"
+                del replacements[key]
     if not replacements:
         raise TnonnxError("nothing to rewrite: no layer gets smaller at this rank" + _reasons_summary(layers))
 

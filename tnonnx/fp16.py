@@ -3,7 +3,7 @@
 Before converting, the cores of each factorisation are scaled to equal norms (the weight
 they multiply to is unchanged), so that no intermediate of a chain is much larger than the
 layer's input or output; then the range of every float tensor is measured on calibration
-data, and a node whose output reaches FP16_MAX / HEADROOM stays in fp32. The conversion
+data, and a node whose output or input reaches FP16_MAX / HEADROOM stays in fp32. The conversion
 itself is onnxruntime.transformers.float16's.
 """
 
@@ -76,14 +76,52 @@ def to_fp16(model: onnx.ModelProto, batches) -> tuple[onnx.ModelProto, list[str]
     name_nodes(model)
     ranges = measure_ranges(model, batches)
     limit = FP16_MAX / HEADROOM
-    keep = [n.name for n in model.graph.node if any(ranges.get(o, 0.0) >= limit for o in n.output)]
+    # a node producing or reading a tensor out of fp16's range stays fp32 (a Cast to fp16 of
+    # its input would overflow as surely as its own fp16 output)
+    keep = [n.name for n in model.graph.node if any(ranges.get(t, 0.0) >= limit for t in (*n.input, *n.output))]
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # the converter warns about every clamped value
     try:
         half = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
     finally:
         logging.getLogger().setLevel(level)
+    _drop_round_trips(half)
     return half, keep, max(ranges.values(), default=0.0)
+
+
+def _drop_round_trips(model: onnx.ModelProto) -> None:
+    """Remove the Cast fp32 -> fp16 -> fp32 pairs the converter leaves between two nodes kept
+    in fp32: they would overflow the very tensors kept in fp32 for their range."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    drop, rename = set(), {}
+
+    def cast_to(node, dtype) -> bool:
+        return node.op_type == "Cast" and any(a.name == "to" and a.i == dtype for a in node.attribute)
+
+    for down in graph.node:
+        if not cast_to(down, onnx.TensorProto.FLOAT):
+            continue
+        up = producer.get(down.input[0])
+        if up is None or not cast_to(up, onnx.TensorProto.FLOAT16) or down.output[0] in outputs:
+            continue
+        if all(cast_to(c, onnx.TensorProto.FLOAT) for c in consumers.get(up.output[0], [])) \
+                and up.output[0] not in outputs:
+            rename[down.output[0]] = up.input[0]
+            drop |= {id(up), id(down)}
+    if not drop:
+        return
+    keep = [n for n in graph.node if id(n) not in drop]
+    for n in keep:
+        for k, name in enumerate(n.input):
+            n.input[k] = rename.get(name, name)
+    del graph.node[:]
+    graph.node.extend(keep)
 
 
 def name_nodes(model: onnx.ModelProto) -> None:

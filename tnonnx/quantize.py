@@ -10,9 +10,9 @@ every weight was quantized.
   weight has at least `block_size` rows (its contracted dimension); weights too narrow
   for one block, convolutions and Gemm weights go to int8 as above.
 
-Only MatMul with a constant right operand, Gemm and Conv are quantized (weights, not the
-attention products), in the original and in the factorised model alike, so the baseline
-"quantize alone" is quantized the same way as the factorised model.
+Only MatMul with a constant right operand, Gemm, Conv and Gather tables are quantized
+(weights, not the attention products), in the original and in the factorised model alike,
+so the baseline "quantize alone" is quantized the same way as the factorised model.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .fp16 import name_nodes as _name_nodes
 
 QUANT_MODES = ("int8", "int4")
 INT4_BLOCK = 32  # MatMulNBits block along the contracted dimension (a power of two >= 16)
-QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv", "Gather")  # Gather: embedding tables
 _FLOAT = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
 
@@ -86,12 +86,14 @@ class _Reader:
 
 
 def constant_weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """The float initializers a MatMul (right operand), Gemm or Conv takes as weight."""
+    """The float initializers a MatMul (right operand), Gemm or Conv takes as weight, and
+    the tables Gather looks up."""
     inits = {t.name: t for t in model.graph.initializer}
     out = {}
     for node in model.graph.node:
-        if node.op_type in QUANTIZED_OPS and len(node.input) > 1 and node.input[1] in inits:
-            t = inits[node.input[1]]
+        at = 0 if node.op_type == "Gather" else 1
+        if node.op_type in QUANTIZED_OPS and len(node.input) > at and node.input[at] in inits:
+            t = inits[node.input[at]]
             if t.data_type in _FLOAT:
                 out[t.name] = t
     return out
