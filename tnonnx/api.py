@@ -74,6 +74,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     if speedup is not None and not speedup > 0:
         raise TnonnxError(f"--speedup {speedup:g}: must be > 0 (e.g. 1.5)")
     budget = parse_budget(budget)
+    if target == "gpu" and isinstance(rank, int) and not isinstance(rank, bool) and rank > 0:
+        rank = -(-rank // 8) * 8  # tensor cores work on multiples of 8
     spec = rank_spec(rank, tol, ratio, budget)
     modes_text = modes if isinstance(modes, str) or modes is None else format_modes(modes)
     if isinstance(modes, str):
@@ -202,6 +204,11 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     concrete = calibrate.concrete_shapes(original, batch, shapes)
     before, after = macs.count(original, concrete), macs.count(factorised, concrete)
     rows = _rows(layers, replacements, before, after)
+    if target == "gpu":
+        odd = [f"{r.name} {_ranks_text(r.ranks)}" for r in rows if r.ranks and any(k % 8 for k in r.ranks)]
+        if odd:
+            notes.append(f"--target gpu: ranks not multiples of 8 (chosen by the rank rule, or bounded by mode "
+                         f"sizes): {'; '.join(odd[:5])}" + (" ..." if len(odd) > 5 else ""))
     result = None
     if validate:
         min_cosine = with_default_threshold(atol, rtol, min_cosine, max_accuracy_drop)
@@ -459,6 +466,10 @@ def _rows(layers, replacements, before, after) -> list[LayerRow]:
                 row.ms_before = rep.plan.dense_timing.ms
         rows.append(row)
     return rows
+
+
+def _ranks_text(ranks) -> str:
+    return ",".join(map(str, ranks))
 
 
 def _reasons_summary(layers: list[Layer]) -> str:

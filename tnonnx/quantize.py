@@ -131,7 +131,11 @@ def _int4_nodes(model: onnx.ModelProto, block: int) -> list[str]:
 
 
 def _int4(model: onnx.ModelProto, block: int, nodes: list[str]) -> onnx.ModelProto:
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    except ImportError as exc:
+        raise TnonnxError(f"--quantize int4 needs onnxruntime's MatMulNBits quantizer ({exc}): "
+                          "pip install 'tnonnx[int4]'") from None
 
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in nodes]
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, op_types_to_quantize=("MatMul",))
