@@ -43,17 +43,18 @@ def _cos(result) -> float:
 
 
 def lenet(args) -> None:
-    print("| budget | final size (x smaller) | int8 alone (x smaller) | accuracy original / final / int8 alone | "
-          "cosine final / int8 alone |")
-    print("|---|---|---|---|---|")
-    for budget in args.budget:
+    print("| budget | quantize | final size (x smaller) | quantized alone (x smaller) | accuracy original / final / "
+          "quantized alone | cosine final / quantized alone |")
+    print("|---|---|---|---|---|---|")
+    for budget, mode in ((b, m) for m in args.quantize for b in args.budget):
         _, report = tnonnx.rewrite(ROOT / "models" / "lenet5_fashion.onnx", format="svd", budget=budget,
                                    calib=str(ROOT / "models" / "fashion_calib.npz"), fit="aware", finetune=10,
                                    finetune_hidden=0, inputs=str(ROOT / "models" / "fashion_test.npz"), batch=32,
-                                   threads=2, quantize="int8")
+                                   threads=2, quantize=mode)
         d, s = report.deploy, report.deploy.sizes
         final, base = d.comparisons["original → final"], d.comparisons["original → baseline"]
-        print(f"| {budget:g}x | {_kib(s['final'])} ({s['original'] / s['final']:.2f}x) | {_kib(s['baseline'])} "
+        print(f"| {budget:g}x | {d.quantization.method} | {_kib(s['final'])} ({s['original'] / s['final']:.2f}x) | "
+              f"{_kib(s['baseline'])} "
               f"({s['original'] / s['baseline']:.2f}x) | {final.accuracy_ref:.4f} / {final.accuracy_test:.4f} / "
               f"{base.accuracy_test:.4f} | {_cos(final):.4f} / {_cos(base):.4f} |", flush=True)
 
