@@ -235,3 +235,21 @@ def test_wheel_carries_the_custom_op_sources(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"tnonnx/_custom_ops/tnonnx_ops.cc", "tnonnx/_custom_ops/tnonnx_kernels.h"} <= names
     assert "tnonnx/custom_ops.py" in names
+
+
+def test_cuda_kernel_check():
+    """Ops without a CUDA kernel at their precision are named: a float16 Range, a custom op."""
+    from tnonnx import cuda_kernels
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
+             helper.make_node("Range", ["a", "b", "c"], ["r"], name="range"),
+             helper.make_node("ContractionChain", ["y"], ["z"], name="custom", domain="ai.tnonnx")]
+    graph = helper.make_graph(nodes, "g", [value("x", [2, 4], onnx.TensorProto.FLOAT16),
+                                           value("a", [], onnx.TensorProto.FLOAT16),
+                                           value("b", [], onnx.TensorProto.FLOAT16),
+                                           value("c", [], onnx.TensorProto.FLOAT16)],
+                              [value("z", None), value("r", None)],
+                              [init("W", randn(4, 3).astype(np.float16))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.tnonnx", 1)])
+    found = cuda_kernels.fallbacks(model)
+    assert len(found) == 2 and "range" in found[0] and "custom" in found[1]

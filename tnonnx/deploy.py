@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import fp16, runtime, targets
+from . import cuda_kernels, fp16, runtime, targets
 from . import validate as validation
 from .errors import TnonnxError
 from .quantize import QUANT_MODES, QuantInfo, Quantization, quantize
@@ -90,6 +90,10 @@ def finish(original: onnx.ModelProto, factorised: onnx.ModelProto, target: targe
         report.target.add("fp16 ranges measured on calibration data", True,
                           f"largest |value| {report.max_range:.4g}; kept in fp32 (>= {fp16.FP16_MAX / fp16.HEADROOM:g}):"
                           f" {', '.join(report.kept_fp32) or 'none'}")
+    if target.name == "gpu":
+        missing = cuda_kernels.fallbacks(final)
+        report.target.add("every op has a CUDA kernel (onnxruntime's OperatorKernels list)", not missing,
+                          "; ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
     report.target.ops = targets.ops_used(final)
     runtime.session(final, what="final model")  # loads in the CPU provider (TnonnxError otherwise)
     report.target.add("loads in onnxruntime's CPU provider", True, f"onnxruntime {ort.__version__}")
