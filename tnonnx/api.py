@@ -144,12 +144,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             replacements = build(0.0)
         notes.extend(planner.notes)
     if emit == "rows":  # edge: a layer whose emission still breaks the rules stays dense
-        for key in list(replacements):
-            r = replacements[key]
-            broken = edge_violations(_partial(new, {key: r}), {n.name for n in r.builder.nodes})
-            if broken:
-                r.layer.reason = f"left dense for --target edge: {broken[0].split(': ', 1)[1]} in its {r.plan.format} emission"
-                del replacements[key]
+        owner = {n.name: key for key, r in replacements.items() for n in r.builder.nodes}
+        for broken in edge_violations(_partial(new, replacements), set(owner)):
+            node, what = broken.split(": ", 1)
+            r = replacements.pop(owner.get(node), None)
+            if r is not None:
+                r.layer.reason = f"left dense for --target edge: {what} in its {r.plan.format} emission"
     if not replacements:
         raise TnonnxError("nothing to rewrite: no layer gets smaller at this rank" + _reasons_summary(layers))
 
