@@ -29,6 +29,8 @@ SequenceLength Shape Shrink Sigmoid Sign SimplifiedLayerNormalization Sin Size S
 Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tanh TensorScatter ThresholdedRelu Tile
 TopK Transpose Trilu Unsqueeze Upsample Where
 """.split())
+# default domain, no kernel needed: onnxruntime turns them into initializers when loading
+NO_KERNEL = frozenset({"Constant"})
 # default domain, kernels for other types only (bool, int8, float32)
 OTHER = frozenset("And Not Or Xor EyeLike GridSample Range RoiAlign MatMulInteger".split())
 # com.microsoft ops with a float16 CUDA kernel that onnxruntime's quantizers and fusions write
@@ -49,7 +51,7 @@ def fallbacks(model: onnx.ModelProto) -> list[str]:
     for node in model.graph.node:
         half = any(types.get(t) == onnx.TensorProto.FLOAT16 for t in (*node.input, *node.output))
         if node.domain in ("", "ai.onnx"):
-            ok = node.op_type in FP16 or (not half and node.op_type in OTHER)
+            ok = node.op_type in FP16 | NO_KERNEL or (not half and node.op_type in OTHER)
         elif node.domain == "com.microsoft":
             ok = node.op_type in CONTRIB_FP16
         else:
