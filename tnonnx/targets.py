@@ -85,13 +85,23 @@ def fix_shapes(model: onnx.ModelProto, shapes: dict | None) -> None:
     """Fix the given inputs' shapes (--shape) in place, and the output shapes that follow."""
     if not shapes:
         return
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes
 
-    names = {i.name for i in model.graph.input}
-    for name, dims in shapes.items():
-        if name in names:
-            make_input_shape_fixed(model.graph, name, [int(d) for d in dims])
-    fix_output_shapes(model)
+    for inp in model.graph.input:
+        if inp.name not in shapes:
+            continue
+        dims, wanted = inp.type.tensor_type.shape.dim, [int(d) for d in shapes[inp.name]]
+        if len(dims) != len(wanted):
+            raise TnonnxError(f"--shape {inp.name}: {len(wanted)} dims given, the input has {len(dims)}")
+        for i, (d, v) in enumerate(zip(dims, wanted)):
+            if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != v:
+                raise TnonnxError(f"--shape {inp.name}: dim {i} is fixed at {d.dim_value} in the model, not {v}")
+            d.Clear()
+            d.dim_value = v
+    try:
+        fix_output_shapes(model)
+    except Exception:  # outputs whose shape inference cannot fix stay as they were
+        pass
 
 
 def edge_violations(model: onnx.ModelProto, emitted: set[str]) -> list[str]:
