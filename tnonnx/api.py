@@ -3,13 +3,15 @@ validate -> report. The CLI and the Python API both call these functions."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from . import calibrate, macs
+from . import calibrate, deploy, macs
 from . import fit as fitting
 from . import model as model_io
 from .emit import Builder
@@ -21,6 +23,7 @@ from .macs import all_graphs
 from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer, deployment_feeds
 from .choose import Planner, SpeedRules, emissions_for, meet_speedup, slower_note
 from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, fit_error, make_plan, rank_spec
+from .targets import EDGE_MAX_RANK, edge_violations
 from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals, describe_calibration, source_info
 from .tensorize import format_modes, parse_modes
 from .validate import check_thresholds, count_samples, skipped_note, with_default_threshold
@@ -54,22 +57,28 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             min_cosine: float | None = None, max_accuracy_drop: float | None = None, fit: str = "data-free", calib=None, finetune: int = 0,
             finetune_hidden: float = HIDDEN_WEIGHT, threads: int | None = None, speedup: float | None = None,
             allow_slower: bool = False, keep_best: bool = False, timing: bool = True, timing_cache: bool = True,
-            timer=None, progress: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
+            timer=None, progress: bool = False, target: str = "cpu", quantize: str | None = None,
+            max_model_bytes: int | None = None) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
 
     Returns the new model and its report. The input is never modified. Options take the
-    CLI's values: budget="2x", modes="8x8x6,4x8x12", ops="MatMul,Gemm".
+    CLI's values: budget="2x", modes="8x8x6,4x8x12", ops="MatMul,Gemm". `target` (cpu, gpu,
+    edge) and `quantize` (int8, int4) make the factorised model ready for where it runs
+    (deploy.py); the report's `deploy` says what was done and checked.
     """
     started = time.perf_counter()
     if emit not in EMIT_MODES:
         raise TnonnxError(f"--emit {emit}: choose from {', '.join(EMIT_MODES)}")
     check_thresholds(atol, rtol, min_cosine, max_accuracy_drop, batch)
+    deployment_target, quantization, emit = deploy.plan(target, quantize, emit, calib is not None, max_model_bytes)
     ops = _parse_ops(ops)
     if threads is not None and threads < 1:
         raise TnonnxError(f"--threads {threads}: must be >= 1")
     if speedup is not None and not speedup > 0:
         raise TnonnxError(f"--speedup {speedup:g}: must be > 0 (e.g. 1.5)")
     budget = parse_budget(budget)
+    if target == "gpu" and isinstance(rank, int) and not isinstance(rank, bool) and rank > 0:
+        rank = -(-rank // 8) * 8  # tensor cores work on multiples of 8
     spec = rank_spec(rank, tol, ratio, budget)
     modes_text = modes if isinstance(modes, str) or modes is None else format_modes(modes)
     if isinstance(modes, str):
@@ -99,11 +108,13 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             what = f"--fit {fit}" if fit != "data-free" else "--finetune"
             raise TnonnxError(f"{what} needs calibration data: give --calib FILE.npz or --calib-random N")
         batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes, what="--calib")
+    elif calib is not None and (target == "gpu" or (quantization is not None and quantization.static)):
+        batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes, what="--calib")
     data = {}
     if fit == "aware" or (fit == "sequential" and (budget is not None or format == "auto")):
         # every layer's inputs in the original model (sequential: for choosing ranks only)
         data = layer_data(original, [p.layer for p in plans], batches)
-    fitter = Fitter(format_options, data)
+    fitter = Fitter(format_options, data, balance=target == "gpu")
     deployment = Deployment.of(batch, shapes, threads)
     clock = Clock(timer if timer is not None else (default_timer() if timing else CostModelTimer()),
                   TimingCache(enabled=timing and timing_cache), threads)
@@ -135,6 +146,13 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         else:
             replacements = build(0.0)
         notes.extend(planner.notes)
+    if emit == "rows":  # edge: a layer whose emission still breaks the rules stays dense
+        owner = {n.name: key for key, r in replacements.items() for n in r.builder.nodes}
+        for broken in edge_violations(_partial(new, replacements), set(owner)):
+            node, what = broken.split(": ", 1)
+            r = replacements.pop(owner.get(node), None)
+            if r is not None:
+                r.layer.reason = f"left dense for --target edge: {what} in its {r.plan.format} emission"
     if not replacements:
         raise TnonnxError("nothing to rewrite: no layer gets smaller at this rank" + _reasons_summary(layers))
 
@@ -164,6 +182,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         notes.append(f"finetune: relative output error on the calibration data {before_ft:.4g} -> {after_ft:.4g} "
                      f"after {finetune} epoch(s) of end-to-end distillation ({matched})")
     _check(new)
+    factorised, deployed, baseline = new, None, None
+    if target != "cpu" or quantization is not None or max_model_bytes is not None:
+        emitted = {n.name for r in replacements.values() for n in r.builder.nodes}
+        stem = Path(model).stem if isinstance(model, (str, os.PathLike)) else "model"
+        new, deployed, baseline = deploy.finish(original, new, deployment_target, quantization, batches, emitted,
+                                                shapes, stem)
     before_ms, after_ms = clock.models([original, new], speed_feeds)
     if before_ms is None or after_ms is None:
         if speedup:
@@ -185,26 +209,39 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     notes.extend(calibrate.assumed_dims(original, shapes))
 
     concrete = calibrate.concrete_shapes(original, batch, shapes)
-    before, after = macs.count(original, concrete), macs.count(new, concrete)
+    before, after = macs.count(original, concrete), macs.count(factorised, concrete)
     notes.extend(after.notes)
     rows = _rows(layers, replacements, before, after)
+    if target == "gpu":
+        odd = [f"{r.name} {_ranks_text(r.ranks)}" for r in rows if r.ranks and any(k % 8 for k in r.ranks)]
+        if odd:
+            notes.append(f"--target gpu: ranks not multiples of 8 (chosen by the rank rule, or bounded by mode "
+                         f"sizes): {'; '.join(odd[:5])}" + (" ..." if len(odd) > 5 else ""))
     result = skipped = None
     if validate:
         # checks the user asked for (a threshold, or --inputs) fail loudly; the default check skips
         asked = inputs is not None or any(v is not None for v in (atol, rtol, min_cosine, max_accuracy_drop))
         min_cosine = with_default_threshold(atol, rtol, min_cosine, max_accuracy_drop)
-        try:
-            result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol, rtol=rtol,
-                                    min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
-        except OriginalDoesNotRun as exc:
-            if asked:
-                raise
-            skipped = skipped_note(exc)
+        if deployed is not None:
+            result = deploy.compare(deployed, original, factorised, new, baseline, inputs=inputs, shapes=shapes,
+                                    batch=batch, thresholds=dict(atol=atol, rtol=rtol, min_cosine=min_cosine,
+                                                                 max_accuracy_drop=max_accuracy_drop))
+        else:
+            try:
+                result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol,
+                                        rtol=rtol, min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
+            except OriginalDoesNotRun as exc:
+                if asked:
+                    raise
+                skipped = skipped_note(exc)
+    elif deployed is not None:
+        deploy.check_ort(deployed, new, inputs=inputs, shapes=shapes, batch=batch)
     totals = Totals(before.params, after.params, original.ByteSize(), new.ByteSize(), before.total, after.total,
                     ms_before=before_ms, ms_after=after_ms)
     report = RewriteReport(
         format=format, spec=f"budget {budget:g}x" if budget else spec.describe(), emit=emit, batch=batch, rows=rows,
         totals=totals, validation=result, validation_skipped=skipped, seconds=seconds, fit=fit, notes=notes,
+        deploy=deployed,
         latency=LatencyInfo(deployment=deployment.describe(original), threads=threads, measured=clock.measures,
                             speedup_target=speedup, timing_seconds=round(clock.seconds, 3),
                             timed=clock.timed, cache_hits=clock.cache.hits, cache=str(clock.cache.path)
@@ -218,7 +255,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                   "deployment": {"batch": batch, "shapes": {k: list(v) for k, v in (shapes or {}).items()},
                                  "threads": threads},
                   "speedup": speedup, "allow_slower": allow_slower, "keep_best": keep_best, "timing": timing,
-                  "validate": validate, "inputs": describe_calibration(inputs, None)["source"] if inputs is not None else None,
+                  "target": target, "quantize": quantize, "max_model_bytes": max_model_bytes, "validate": validate, "inputs": describe_calibration(inputs, None)["source"] if inputs is not None else None,
                   "thresholds": {"atol": atol, "rtol": rtol, "min_cosine": min_cosine,
                                  "max_accuracy_drop": max_accuracy_drop}},
     )
@@ -384,12 +421,24 @@ def emit_layer(builder: Builder, layer: Layer, fact: Factorization, emit: str = 
     swap = list(range(batch_rank - 1)) + [batch_rank, batch_rank - 1]
     if layer.side == "left":  # W @ x  ==  (x^T W^T)^T over the last two axes
         x = builder.op("Transpose", [x], "transpose", perm=swap)
+    unflat = None
+    if emit == "rows":
+        builder.max_rank = EDGE_MAX_RANK
+    if emit == "rows" and batch_rank > 1:  # batch axes folded into one row axis (edge: rank <= 4)
+        unflat = x
+        x = builder.op("Reshape", [x, builder.int64s([-1, layer.weight.shape[0]])], "rows")
     if emit == "einsum":
         y = fact.emit_einsum(builder, x, batch_rank)
     elif emit == "features-first":  # rows trailing: cores multiply from the left, few Transposes
         y = fact.emit_features_first(builder, x, batch_rank)
     elif emit == "custom":  # one fused operator from the tnonnx custom-op library
         y = fact.emit_custom(builder, x, batch_rank)
+    elif unflat is not None:
+        y = fact.emit(builder, x, 1)
+        lead = builder.op("Slice", [builder.op("Shape", [unflat], "shape"), builder.int64s([0]), builder.int64s([-1])],
+                          "batch_shape")
+        shape = builder.op("Concat", [lead, builder.int64s([layer.weight.shape[1]])], "out_shape", axis=0)
+        y = builder.op("Reshape", [y, shape], "reshape")
     else:
         y = fact.emit(builder, x, batch_rank)
     if layer.side == "left":
@@ -433,6 +482,10 @@ def _rows(layers, replacements, before, after) -> list[LayerRow]:
                 row.ms_before = rep.plan.dense_timing.ms
         rows.append(row)
     return rows
+
+
+def _ranks_text(ranks) -> str:
+    return ",".join(map(str, ranks))
 
 
 def _reasons_summary(layers: list[Layer]) -> str:

@@ -51,6 +51,8 @@ def emissions_for(fact, emit: str, layer: Layer) -> tuple[str, ...]:
     features_first = np.dtype(layer.compute_dtype or np.float32) == np.float32
     if emit == "auto":
         return ("matmul", "features-first") if features_first else ("matmul",)
+    if emit == "rows":  # the edge target: matmul over 2-D rows, nothing else
+        return ("rows",)
     if emit == "features-first" and not features_first:
         return ("matmul",)
     return (emit,)

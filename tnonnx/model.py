@@ -241,6 +241,21 @@ def save(model: onnx.ModelProto, path, *, external_data: bool | None = None) -> 
     return path
 
 
+def write_bytes(path, data: bytes) -> Path:
+    """Write a side file atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise TnonnxError(f"output '{path}': cannot write it ({exc.strerror or _short(exc)})") from None
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

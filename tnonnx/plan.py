@@ -135,8 +135,9 @@ class Fitter:
     it from their data-free decomposition in the final fit (`final=True`); the budget
     allocator's trials skip that refinement and are ranked by their measured output error."""
 
-    def __init__(self, options: dict | None = None, data: dict | None = None):
+    def __init__(self, options: dict | None = None, data: dict | None = None, balance: bool = False):
         self.options = options or {}
+        self.balance = balance  # cores scaled to equal norms (the gpu target's fp16 range)
         self.data = data if data is not None else {}
         self.cache: dict = {}
 
@@ -166,6 +167,10 @@ class Fitter:
                 from .fit import refine as refine_on_data
 
                 refine_on_data(fact, data)
+            if self.balance:
+                from .fp16 import balance_cores
+
+                balance_cores(fact)
             fact.weight_error = fact.relative_error(layer.weight) if fact.linear else None
             fact.output_error = data.output_error(fact) if data is not None else None
             self.cache[key] = fact

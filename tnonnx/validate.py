@@ -247,21 +247,30 @@ def validate(
     ref = _model.load(reference, what="reference")
     cand = _model.load(candidate, what="candidate")
     runtime.check_same_inputs(ref, cand)
-
-    if inputs is None:
-        try:
-            batches, extras = calibrate.random_batches(ref, RANDOM_SAMPLES, batch, shapes, seed), {}
-            ref_out = run(ref, batches, what="reference")
-        except TnonnxError as exc:
-            raise OriginalDoesNotRun(str(exc)) from None
-    else:
-        batches, extras = calibrate.feed_batches(inputs, ref, batch=batch, shapes=shapes, seed=seed, chunk=RUN_CHUNK)
+    try:
+        batches, extras = feeds(ref, inputs, shapes=shapes, batch=batch, seed=seed)
         ref_out = run(ref, batches, what="reference")
-    test_out = run(cand, batches, what="candidate")
-    outputs = compare(ref_out, test_out)
+    except TnonnxError as exc:
+        if inputs is not None:
+            raise
+        raise OriginalDoesNotRun(str(exc)) from None
+    return result(ref_out, run(cand, batches, what="candidate"), batches, ref,
+                  inputs=inputs, labels=extras.get("labels") if labels is None else labels, shapes=shapes,
+                  atol=atol, rtol=rtol, min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
 
-    if labels is None:
-        labels = extras.get("labels")
+
+def feeds(ref: onnx.ModelProto, inputs=None, *, shapes=None, batch: int = 1, seed: int = 0):
+    """(batches, extras) a validation runs on: `inputs` (see validate), or RANDOM_SAMPLES
+    made-up samples from the reference's shapes."""
+    if inputs is None:
+        return calibrate.random_batches(ref, RANDOM_SAMPLES, batch, shapes, seed), {}
+    return calibrate.feed_batches(inputs, ref, batch=batch, shapes=shapes, seed=seed, chunk=RUN_CHUNK)
+
+
+def result(ref_out, test_out, batches, ref: onnx.ModelProto, *, inputs=None, labels=None, shapes=None,
+           atol=None, rtol=None, min_cosine=None, max_accuracy_drop=None) -> "ValidationResult":
+    """The ValidationResult of two models' outputs (`run`) on the same `batches`."""
+    outputs = compare(ref_out, test_out)
     acc_ref = acc_test = None
     if labels is not None:
         acc_ref, acc_test = _accuracies(np.asarray(labels), outputs)
