@@ -272,7 +272,7 @@ def render_deploy(d, console: Console) -> None:
     and one table that fit 80 columns."""
     t = d.target
     console.print(f"target {t.target}: ops {', '.join(t.ops)}", highlight=False)
-    q, b = d.quantization, d.baseline
+    q = d.quantization
     if q is not None:
         bits = f"{q.bits_per_weight:.2f}" if q.bits_per_weight is not None else "-"
         console.print(f"quantized: {q.method}; {len(q.int4)} weights in int4, {len(q.int8)} in int8, "
