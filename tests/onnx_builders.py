@@ -78,3 +78,36 @@ def emit_alone(model: onnx.ModelProto, module, spec, emit: str = "matmul", dense
     del new.graph.initializer[:]
     new.graph.initializer.extend(b.initializers)
     return new, fact, layer
+
+
+def speech_model(through: str = "Unsqueeze", pad: int = 96) -> onnx.ModelProto:
+    """A voice-activity-detector-like model: audio x [batch, samples] and an int64 scalar
+    sample rate sr. The graph checks sr == 16000 (Equal -> If); the 16 kHz branch lifts x to
+    [batch, 1, samples] (through `through`: Unsqueeze, which tnonnx's feed hints follow, or
+    Reshape, which they do not), reflect-pads it by `pad` on each side (onnxruntime needs
+    samples > pad), then Conv 1->16, Conv 16->16, mean over time and a MatMul 16->8. Any
+    other rate takes the else branch, which fails (an out-of-range Gather), as exported
+    models that support only some rates do."""
+    lift = (helper.make_node("Unsqueeze", ["x", "ax1"], ["u"]) if through == "Unsqueeze"
+            else helper.make_node("Reshape", ["x", "shape3"], ["u"]))
+    then = helper.make_graph([
+        lift,
+        helper.make_node("Pad", ["u", "pads"], ["p"], mode="reflect"),
+        helper.make_node("Conv", ["p", "W1"], ["c1"], name="conv1", pads=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="conv2", pads=[1, 1]),
+        helper.make_node("ReduceMean", ["c2"], ["m"], axes=[2], keepdims=0),
+        helper.make_node("MatMul", ["m", "W3"], ["y_then"], name="head"),
+    ], "sr16k", [], [value("y_then", ["n", 8])])
+    other = helper.make_graph([
+        helper.make_node("Gather", ["table", "bad"], ["y_else"], axis=0),
+    ], "unsupported", [], [value("y_else", ["n", 8])])
+    nodes = [helper.make_node("Equal", ["sr", "rate16k"], ["is16k"]),
+             helper.make_node("If", ["is16k"], ["y"], then_branch=then, else_branch=other)]
+    inits = [init("rate16k", np.array(16000, np.int64)), init("ax1", np.array([1], np.int64)),
+             init("shape3", np.array([0, 1, -1], np.int64)),
+             init("pads", np.array([0, 0, pad, 0, 0, pad], np.int64)), init("W1", randn(16, 1, 5, seed=1)),
+             init("W2", randn(16, 16, 3, seed=2)), init("B2", randn(16, seed=3)), init("W3", randn(16, 8, seed=4)),
+             init("table", randn(4, 8, seed=5)), init("bad", np.array([10**6], np.int64))]
+    return make_model(nodes, [value("x", ["batch", "samples"]), value("sr", [], TensorProto.INT64)],
+                      [value("y", ["n", 8])], inits)

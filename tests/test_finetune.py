@@ -138,3 +138,14 @@ def test_small_models_train_on_one_thread_and_the_thread_count_is_restored(monke
             assert seen == [want] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(outer)
+
+
+def test_interpreter_runs_conv_transpose_and_its_rewrite():
+    """ConvTranspose (asymmetric pads, output_padding, groups, dilations) as onnxruntime runs it."""
+    from test_conv_transpose import _feeds, _model
+
+    model = _model()
+    for m in (model, tnonnx.rewrite(model, format="svd", rank=2, validate=False, timing=False)[0]):
+        want, got = run(m, [_feeds()]), _interpret(m, _feeds())
+        for g, (key, w) in zip(got, want.items()):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()), err_msg=key)

@@ -193,13 +193,15 @@ def test_node_in_if_branch_is_counted():
     sess.run(None, {"x": np.ones((2, 3), np.float32), "cond": np.array(True)})
     cost = macs.count(m, {"x": (2, 3)})
     assert cost.per_node["if"] == 0
-    assert cost.per_node["inner"] == cost.per_node["inner_else"] == 2 * 3 * 4  # each branch once
-    assert cost.total == 2 * 2 * 3 * 4 and cost.unknown == []
+    assert cost.per_node["inner"] == cost.per_node["inner_else"] == 2 * 3 * 4  # each branch's own cost
+    # the condition is a graph input: which branch runs is not known, the larger counts
+    assert cost.total == 2 * 3 * 4 and cost.unknown == []
+    assert cost.notes == ["If if: MACs of its else branch counted (the larger branch, which one runs is not known)"]
 
 
-def test_loop_body_counted_once():
-    """One iteration is counted (the trip count is not known statically). A loop-carried
-    value whose body input declares no shape has none after inference: unknown."""
+def test_loop_body_counted_per_iteration():
+    """A constant trip count multiplies the body's MACs. A loop-carried value whose body
+    input declares no shape has none after inference: unknown."""
     body = h.make_graph(
         [h.make_node("Identity", ["c_in"], ["c_out"]),
          h.make_node("MatMul", ["x", "w"], ["t"], name="body_mm"),  # x from the outer scope
@@ -217,8 +219,9 @@ def test_loop_body_counted_once():
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=10)
     _run(m, {"x": (2, 3)})
     cost = macs.count(m, {"x": (2, 3)})
-    assert cost.per_node["body_mm"] == cost.total == 2 * 3 * 3
+    assert cost.per_node["body_mm"] == cost.total == 5 * 2 * 3 * 3
     assert cost.unknown == ["carried_mm"]
+    assert cost.notes == ["Loop loop: body MACs counted 5 times (its trip count)"]
 
 
 def test_symbolic_fallback_for_old_opset_reshape():

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime
 import pytest
 
 import tnonnx
@@ -105,6 +107,7 @@ def test_minilm_full_rank(minilm, dynamo):
     assert len(attention) == 12 and all("both inputs are computed" in r.reason for r in attention)
     tables = [r for r in report.rows if r.op == "Gather"]  # word, position, token type: not in the default --ops
     assert len(tables) == 3 and all("not selected" in r.reason for r in tables)
+    assert max(r.params_before for r in tables) == 30522 * 384
 
 
 def test_minilm_tt_rank8_shrinks_the_encoder(minilm):
@@ -136,3 +139,25 @@ def test_lenet_tt_rank8_report_and_validate_round_trip(tmp_path):
     assert done.returncode == 0, done.stderr
     acc = report["validation"]["accuracy_test"]
     assert f"rewritten {acc:.4f}" in done.stdout
+
+
+def test_ppocr_detector_conv_transpose_full_rank():
+    """The detector's upsampling ConvTranspose layers, rewritten at full rank, reproduce the
+    original's layer output in onnxruntime (its final sigmoid map is ~1e-5 on random
+    inputs, too small for a relative check); the one with a single output channel is left
+    alone with its reason."""
+    from tnonnx.calibrate import random_feeds
+    from tnonnx.runtime import with_outputs
+
+    path = _ppocr("det")
+    new, report = tnonnx.rewrite(path, format="svd", ops="ConvTranspose", shapes={"x": (1, 3, 64, 64)}, **FULL)
+    rows = {r.name: r for r in report.rows if r.op == "ConvTranspose"}
+    assert [r.name for r in report.rewritten] == ["p2o.ConvTranspose.0"]
+    assert "single input or output channel" in rows["p2o.ConvTranspose.2"].reason
+    assert [n.op_type for n in new.graph.node].count("ConvTranspose") == 2
+    original = onnx.load(path)
+    layer_out = next(n.output[0] for n in original.graph.node if n.name == "p2o.ConvTranspose.0")
+    feeds = random_feeds(original, shapes={"x": (2, 3, 64, 64)})
+    ref, got = (onnxruntime.InferenceSession(with_outputs(m, [layer_out])[0].SerializeToString()).run(
+        [layer_out], feeds)[0] for m in (original, new))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4

@@ -3,18 +3,20 @@ validate -> report. The CLI and the Python API both call these functions."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from . import calibrate, macs
+from . import calibrate, deploy, macs
 from . import fit as fitting
 from . import model as model_io
 from .embedding import layer_data as embedding_data
 from .emit import Builder
-from .errors import NotApplicable, TnonnxError
+from .errors import NotApplicable, OriginalDoesNotRun, TnonnxError
 from .finetune import HIDDEN_WEIGHT
 from .formats import Factorization
 from .recurrent_scan import to_scan
@@ -23,9 +25,10 @@ from .macs import all_graphs
 from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer, deployment_feeds
 from .choose import Planner, SpeedRules, emissions_for, meet_speedup, slower_note
 from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, fit_error, make_plan, rank_spec
+from .targets import EDGE_MAX_RANK, edge_violations
 from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals, describe_calibration, source_info
 from .tensorize import format_modes, parse_modes
-from .validate import check_thresholds, count_samples, with_default_threshold
+from .validate import check_thresholds, count_samples, skipped_note, with_default_threshold
 from .validate import run as run_model
 from .validate import validate as compare_models
 
@@ -40,37 +43,46 @@ def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
     layers = find_layers(m)
     cost = macs.count(m, calibrate.concrete_shapes(m, batch, shapes))
     rows = [LayerRow.for_layer(layer, cost.per_node.get(layer.name)) for layer in layers]
+    rewritable = {l.weight_key: l.params for l in layers if l.reason is None}  # a shared weight once
     return InspectReport(rows=rows, totals=Totals(cost.params, cost.params, m.ByteSize(), m.ByteSize(),
                                                   cost.total, cost.total), batch=batch,
-                         notes=calibrate.assumed_dims(m, shapes), source=source_info(model))
+                         rewritable_params=sum(rewritable.values()),
+                         notes=model_io.upgrade_note(m) + calibrate.assumed_dims(m, shapes) + cost.notes,
+                         source=source_info(model))
 
 
 def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | None = None,
             ratio: float | None = None, budget: float | None = None, modes: str | tuple | None = None,
             order: int | None = None, format_options: dict | None = None,
-            emit: str = "auto", batch: int = 1, ops=("MatMul", "Gemm", "Conv"), recurrent: str = "fused",
+            emit: str = "auto", batch: int = 1, ops=("MatMul", "Gemm", "Conv", "ConvTranspose"), recurrent: str = "fused",
             include: str | None = None,
             exclude: str | None = None, min_params: int = 0, force: bool = False, validate: bool = True,
             inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None,
             min_cosine: float | None = None, max_accuracy_drop: float | None = None, fit: str = "data-free", calib=None, finetune: int = 0,
             finetune_hidden: float = HIDDEN_WEIGHT, threads: int | None = None, speedup: float | None = None,
             allow_slower: bool = False, keep_best: bool = False, timing: bool = True, timing_cache: bool = True,
-            timer=None, progress: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
+            timer=None, progress: bool = False, target: str = "cpu", quantize: str | None = None,
+            max_model_bytes: int | None = None) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
 
     Returns the new model and its report. The input is never modified. Options take the
-    CLI's values: budget="2x", modes="8x8x6,4x8x12", ops="MatMul,Gemm".
+    CLI's values: budget="2x", modes="8x8x6,4x8x12", ops="MatMul,Gemm". `target` (cpu, gpu,
+    edge) and `quantize` (int8, int4) make the factorised model ready for where it runs
+    (deploy.py); the report's `deploy` says what was done and checked.
     """
     started = time.perf_counter()
     if emit not in EMIT_MODES:
         raise TnonnxError(f"--emit {emit}: choose from {', '.join(EMIT_MODES)}")
     check_thresholds(atol, rtol, min_cosine, max_accuracy_drop, batch)
+    deployment_target, quantization, emit = deploy.plan(target, quantize, emit, calib is not None, max_model_bytes)
     ops = _parse_ops(ops)
     if threads is not None and threads < 1:
         raise TnonnxError(f"--threads {threads}: must be >= 1")
     if speedup is not None and not speedup > 0:
         raise TnonnxError(f"--speedup {speedup:g}: must be > 0 (e.g. 1.5)")
     budget = parse_budget(budget)
+    if target == "gpu" and isinstance(rank, int) and not isinstance(rank, bool) and rank > 0:
+        rank = -(-rank // 8) * 8  # tensor cores work on multiples of 8
     spec = rank_spec(rank, tol, ratio, budget)
     modes_text = modes if isinstance(modes, str) or modes is None else format_modes(modes)
     if isinstance(modes, str):
@@ -90,7 +102,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     selection = Selection(ops=tuple(ops), include=include, exclude=exclude, min_params=min_params)
     plans = make_plan(layers, format, spec, selection, modes, order)
     if not plans:
-        raise TnonnxError("nothing to rewrite: no selected MatMul/Gemm/Conv layer with a constant weight"
+        raise TnonnxError("nothing to rewrite: no selected MatMul/Gemm/Conv/ConvTranspose layer with a constant weight"
                           + _reasons_summary(layers))
 
     if fit not in FIT_MODES:
@@ -105,11 +117,13 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             what = f"--fit {fit}" if fit != "data-free" else "--finetune"
             raise TnonnxError(f"{what} needs calibration data: give --calib FILE.npz or --calib-random N")
         batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes, what="--calib")
+    elif calib is not None and (target == "gpu" or (quantization is not None and quantization.static)):
+        batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes, what="--calib")
     data = {}
     if fit == "aware" or (fit == "sequential" and (budget is not None or format == "auto")):
         # every layer's inputs in the original model (sequential: for choosing ranks only)
         data = layer_data(new if states else original, [p.layer for p in plans], batches)
-    fitter = Fitter(format_options, data)
+    fitter = Fitter(format_options, data, balance=target == "gpu")
     deployment = Deployment.of(batch, shapes, threads)
     clock = Clock(timer if timer is not None else (default_timer() if timing else CostModelTimer()),
                   TimingCache(enabled=timing and timing_cache), threads)
@@ -118,7 +132,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     speed_feeds = deployment_feeds(original, deployment)
     rules = SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
                        emit=emit)
-    notes = early_notes
+    notes = model_io.upgrade_note(original) + early_notes
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
     with threadpool_limits(1, user_api="blas"):
         candidates = AUTO_FORMATS if format == "auto" else (format,)
@@ -141,11 +155,22 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         else:
             replacements = build(0.0)
         notes.extend(planner.notes)
+    if emit == "rows":  # edge: a layer whose emission still breaks the rules stays dense
+        owner = {n.name: key for key, r in replacements.items() for n in r.builder.nodes}
+        for broken in edge_violations(_partial(new, replacements), set(owner)):
+            node, what = broken.split(": ", 1)
+            r = replacements.pop(owner.get(node), None)
+            if r is not None:
+                r.layer.reason = f"left dense for --target edge: {what} in its {r.plan.format} emission"
     if not replacements:
         raise TnonnxError("nothing to rewrite: no layer gets smaller at this rank" + _reasons_summary(layers))
 
-    replace_nodes(new, {k: (r.layer.graph, r.builder.nodes, r.builder.initializers)
-                        for k, r in replacements.items()}, layers)
+    inputs_removed = replace_nodes(new, {k: (r.layer.graph, r.builder.nodes, r.builder.initializers)
+                                         for k, r in replacements.items()}, layers)
+    if inputs_removed:
+        notes.append(f"{len(inputs_removed)} constant(s) of the rewritten layers were also listed as graph inputs (IR 3 style): "
+                     f"removed from the inputs ({', '.join(inputs_removed[:4])}{', ...' if len(inputs_removed) > 4 else ''}),"
+                     " so the output runs on the data inputs alone")
     model_io.normalise_versions(new)
     if emit == "custom":
         from .custom_ops import DOMAIN, needs_library
@@ -166,6 +191,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         notes.append(f"finetune: relative output error on the calibration data {before_ft:.4g} -> {after_ft:.4g} "
                      f"after {finetune} epoch(s) of end-to-end distillation ({matched})")
     _check(new)
+    factorised, deployed, baseline = new, None, None
+    if target != "cpu" or quantization is not None or max_model_bytes is not None:
+        emitted = {n.name for r in replacements.values() for n in r.builder.nodes}
+        stem = Path(model).stem if isinstance(model, (str, os.PathLike)) else "model"
+        new, deployed, baseline = deploy.finish(original, new, deployment_target, quantization, batches, emitted,
+                                                shapes, stem)
     before_ms, after_ms = clock.models([original, new], speed_feeds)
     if before_ms is None or after_ms is None:
         if speedup:
@@ -187,18 +218,39 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     notes.extend(calibrate.assumed_dims(original, shapes))
 
     concrete = calibrate.concrete_shapes(original, batch, shapes)
-    before, after = macs.count(original, concrete), macs.count(new, concrete)
+    before, after = macs.count(original, concrete), macs.count(factorised, concrete)
+    notes.extend(after.notes)
     rows = _rows(layers, replacements, before, after)
-    result = None
+    if target == "gpu":
+        odd = [f"{r.name} {_ranks_text(r.ranks)}" for r in rows if r.ranks and any(k % 8 for k in r.ranks)]
+        if odd:
+            notes.append(f"--target gpu: ranks not multiples of 8 (chosen by the rank rule, or bounded by mode "
+                         f"sizes): {'; '.join(odd[:5])}" + (" ..." if len(odd) > 5 else ""))
+    result = skipped = None
     if validate:
+        # checks the user asked for (a threshold, or --inputs) fail loudly; the default check skips
+        asked = inputs is not None or any(v is not None for v in (atol, rtol, min_cosine, max_accuracy_drop))
         min_cosine = with_default_threshold(atol, rtol, min_cosine, max_accuracy_drop)
-        result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol, rtol=rtol,
-                                min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
+        if deployed is not None:
+            result = deploy.compare(deployed, original, factorised, new, baseline, inputs=inputs, shapes=shapes,
+                                    batch=batch, thresholds=dict(atol=atol, rtol=rtol, min_cosine=min_cosine,
+                                                                 max_accuracy_drop=max_accuracy_drop))
+        else:
+            try:
+                result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol,
+                                        rtol=rtol, min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
+            except OriginalDoesNotRun as exc:
+                if asked:
+                    raise
+                skipped = skipped_note(exc)
+    elif deployed is not None:
+        deploy.check_ort(deployed, new, inputs=inputs, shapes=shapes, batch=batch)
     totals = Totals(before.params, after.params, original.ByteSize(), new.ByteSize(), before.total, after.total,
                     ms_before=before_ms, ms_after=after_ms)
     report = RewriteReport(
         format=format, spec=f"budget {budget:g}x" if budget else spec.describe(), emit=emit, batch=batch, rows=rows,
-        totals=totals, validation=result, seconds=seconds, fit=fit, notes=notes,
+        totals=totals, validation=result, validation_skipped=skipped, seconds=seconds, fit=fit, notes=notes,
+        deploy=deployed,
         latency=LatencyInfo(deployment=deployment.describe(original), threads=threads, measured=clock.measures,
                             speedup_target=speedup, timing_seconds=round(clock.seconds, 3),
                             timed=clock.timed, cache_hits=clock.cache.hits, cache=str(clock.cache.path)
@@ -212,7 +264,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                   "deployment": {"batch": batch, "shapes": {k: list(v) for k, v in (shapes or {}).items()},
                                  "threads": threads},
                   "speedup": speedup, "allow_slower": allow_slower, "keep_best": keep_best, "timing": timing,
-                  "validate": validate, "inputs": describe_calibration(inputs, None)["source"] if inputs is not None else None,
+                  "target": target, "quantize": quantize, "max_model_bytes": max_model_bytes, "validate": validate, "inputs": describe_calibration(inputs, None)["source"] if inputs is not None else None,
                   "thresholds": {"atol": atol, "rtol": rtol, "min_cosine": min_cosine,
                                  "max_accuracy_drop": max_accuracy_drop}},
     )
@@ -385,12 +437,24 @@ def emit_layer(builder: Builder, layer: Layer, fact: Factorization, emit: str = 
     swap = list(range(batch_rank - 1)) + [batch_rank, batch_rank - 1]
     if layer.side == "left":  # W @ x  ==  (x^T W^T)^T over the last two axes
         x = builder.op("Transpose", [x], "transpose", perm=swap)
+    unflat = None
+    if emit == "rows":
+        builder.max_rank = EDGE_MAX_RANK
+    if emit == "rows" and batch_rank > 1:  # batch axes folded into one row axis (edge: rank <= 4)
+        unflat = x
+        x = builder.op("Reshape", [x, builder.int64s([-1, layer.weight.shape[0]])], "rows")
     if emit == "einsum":
         y = fact.emit_einsum(builder, x, batch_rank)
     elif emit == "features-first":  # rows trailing: cores multiply from the left, few Transposes
         y = fact.emit_features_first(builder, x, batch_rank)
     elif emit == "custom":  # one fused operator from the tnonnx custom-op library
         y = fact.emit_custom(builder, x, batch_rank)
+    elif unflat is not None:
+        y = fact.emit(builder, x, 1)
+        lead = builder.op("Slice", [builder.op("Shape", [unflat], "shape"), builder.int64s([0]), builder.int64s([-1])],
+                          "batch_shape")
+        shape = builder.op("Concat", [lead, builder.int64s([layer.weight.shape[1]])], "out_shape", axis=0)
+        y = builder.op("Reshape", [y, shape], "reshape")
     else:
         y = fact.emit(builder, x, batch_rank)
     if layer.side == "left":
@@ -434,6 +498,10 @@ def _rows(layers, replacements, before, after) -> list[LayerRow]:
                 row.ms_before = rep.plan.dense_timing.ms
         rows.append(row)
     return rows
+
+
+def _ranks_text(ranks) -> str:
+    return ",".join(map(str, ranks))
 
 
 def _reasons_summary(layers: list[Layer]) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from . import feed_hints
 from . import model as _model
 from .errors import TnonnxError
 from .runtime import InputSpec, input_specs
@@ -21,9 +22,6 @@ from .runtime import InputSpec, input_specs
 # Size given to a symbolic or unknown dimension that is not the batch axis (axis 0)
 # and that the user did not set with --shape (e.g. a sequence length).
 DEFAULT_FREE_DIM = 64
-
-# Ops whose consumption of an integer input says "these are indices": Cast is looked through.
-_PASS_THROUGH = ("Cast",)
 
 
 # --- shapes ---------------------------------------------------------------------------
@@ -68,7 +66,7 @@ def assumed_dims(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] |
     out = []
     for name, axis, dim, example in _resolve(model, 1, shapes)[1]:
         label = dim if isinstance(dim, str) else "an unknown dim"
-        out.append(f"assumed {label} = {DEFAULT_FREE_DIM} for input {name} (axis {axis}); "
+        out.append(f"assumed {label} = {example[axis]} for input {name} (axis {axis}); "
                    f"set it with --shape {name}:{'x'.join(map(str, example))}")
     return out
 
@@ -108,6 +106,9 @@ def _resolve(model, batch, shapes) -> tuple[dict[str, tuple[int, ...]], list[tup
     for spec in specs:  # axis 0 claims its symbolic name for the batch before other axes do
         if spec.shape and isinstance(spec.shape[0], str):
             named.setdefault(spec.shape[0], batch)
+    # a free dim takes DEFAULT_FREE_DIM, or more where the graph's constants need more
+    minimum = feed_hints.minimum_lengths(model)
+    free = lambda name, axis: max(DEFAULT_FREE_DIM, minimum.get((name, axis), 0))
 
     result: dict[str, tuple[int, ...]] = {}
     assumed, defaulted = [], set()  # names that took DEFAULT_FREE_DIM
@@ -124,11 +125,11 @@ def _resolve(model, batch, shapes) -> tuple[dict[str, tuple[int, ...]], list[tup
             elif isinstance(dim, str):
                 if axis > 0 and dim not in named:
                     defaulted.add(dim)
-                dims.append(named.setdefault(dim, batch if axis == 0 else DEFAULT_FREE_DIM))
+                dims.append(named.setdefault(dim, batch if axis == 0 else free(spec.name, axis)))
                 if axis > 0 and dim in defaulted:
                     guessed.append((axis, dim))
             else:
-                dims.append(batch if axis == 0 else DEFAULT_FREE_DIM)
+                dims.append(batch if axis == 0 else free(spec.name, axis))
                 if axis > 0:
                     guessed.append((axis, None))
         result[spec.name] = tuple(dims)
@@ -158,12 +159,14 @@ def random_feeds(
     """Random inputs shaped by concrete_shapes(), deterministic for a given seed.
 
     float: standard normal; bool: fair coin; integers: ones for names containing "mask",
-    valid indices for inputs used as Gather indices into a constant table, else 0 or 1.
+    for one-element inputs a value the graph compares them with, valid indices for inputs
+    used as Gather indices into a constant table, else 0 or 1.
     """
     if not isinstance(model, onnx.ModelProto):
         model = _model.load(model)
     rng = np.random.default_rng(seed)
     concrete = concrete_shapes(model, batch, shapes)
+    index = feed_hints.GraphIndex(model)
     feeds = {}
     for spec in input_specs(model):
         shape = concrete[spec.name]
@@ -173,10 +176,13 @@ def random_feeds(
         elif kind == "b":
             feeds[spec.name] = rng.random(shape) < 0.5
         elif kind in "iu":
+            seen = feed_hints.compared_value(index, spec.name) if int(np.prod(shape)) == 1 else None
             if "mask" in spec.name.lower():
                 feeds[spec.name] = np.ones(shape, spec.dtype)
+            elif seen is not None:  # e.g. a sample rate the graph checks against 16000
+                feeds[spec.name] = np.full(shape, seen, spec.dtype)
             else:
-                high = _gather_table_size(model, spec.name) or 2
+                high = feed_hints.gather_table_size(index, spec.name) or 2
                 feeds[spec.name] = rng.integers(0, high, size=shape).astype(spec.dtype)
         else:
             raise TnonnxError(
@@ -198,36 +204,6 @@ def random_batches(model: onnx.ModelProto, samples: int, batch: int = 1,
             break
         made += max(int(np.shape(first)[0]), 1)
     return out
-
-
-def _gather_table_size(model: onnx.ModelProto, name: str) -> int | None:
-    """Size of the gathered axis if `name` (directly or through one Cast) indexes a constant."""
-    graph = model.graph
-    names = {name} | {n.output[0] for n in graph.node if n.op_type in _PASS_THROUGH and n.input[:1] == [name]}
-    sizes = []
-    for node in graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in names:
-            shape = _constant_shape(graph, node.input[0])
-            if shape:
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                size = shape[axis % len(shape)]
-                if size > 0:
-                    sizes.append(size)
-    return min(sizes) if sizes else None
-
-
-def _constant_shape(graph: onnx.GraphProto, name: str) -> list[int] | None:
-    for t in graph.initializer:
-        if t.name == name:
-            return list(t.dims)
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output[:1] == [name]:
-            for a in node.attribute:
-                if a.name == "value":
-                    return list(a.t.dims)
-                if a.name in ("value_ints", "value_floats"):
-                    return [len(a.ints) or len(a.floats)]
-    return None
 
 
 # --- feeds from files and readers -----------------------------------------------------

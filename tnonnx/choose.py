@@ -51,6 +51,8 @@ def emissions_for(fact, emit: str, layer: Layer) -> tuple[str, ...]:
     features_first = np.dtype(layer.compute_dtype or np.float32) == np.float32
     if emit == "auto":
         return ("matmul", "features-first") if features_first else ("matmul",)
+    if emit == "rows":  # the edge target: matmul over 2-D rows, nothing else
+        return ("rows",)
     if emit == "features-first" and not features_first:
         return ("matmul",)
     return (emit,)
@@ -80,7 +82,8 @@ def _macs_ratio(fact, layer: Layer) -> float | None:
         return fact.chain.macs_per_row() / max(layer.params, 1)
     geometry = layer.geometry
     if geometry is not None and geometry.in_spatial is not None and geometry.out_spatial is not None:
-        dense = layer.params * math.prod(geometry.out_spatial)
+        # a conv costs its parameters per output position, a ConvTranspose per input position
+        dense = layer.params * math.prod(geometry.in_spatial if geometry.transposed else geometry.out_spatial)
         return fact.macs(geometry) / max(dense, 1)
     return None
 

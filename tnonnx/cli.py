@@ -17,6 +17,8 @@ from .emit import ACTIVATIONS
 from .errors import TnonnxError
 from .finetune import HIDDEN_WEIGHT
 from .formats import FORMATS
+from .quantize import QUANT_MODES
+from .targets import TARGETS
 from .report import render_validation
 from .validate import validate as compare_models
 from .validate import with_default_threshold
@@ -205,7 +207,7 @@ def inspect(model, batch, shapes, as_json):
               help="Time candidates and models in onnxruntime (--no-timing: predict from the cost model).")
 @click.option("--timing-cache/--no-timing-cache", default=True, show_default=True,
               help="Reuse per-layer timings from $TNONNX_CACHE_DIR (default ~/.cache/tnonnx/timings.json).")
-@click.option("--ops", default="MatMul,Gemm,Conv", show_default=True,
+@click.option("--ops", default="MatMul,Gemm,Conv,ConvTranspose", show_default=True,
               help="Op types to rewrite (also Gather: embedding tables; LSTM, GRU, RNN: their input weights).")
 @click.option("--recurrent", type=click.Choice(api.RECURRENT_MODES), default="fused", show_default=True,
               help="scan: write LSTM/GRU/RNN nodes as MatMul + Scan first, so that their recurrent weights "
@@ -229,6 +231,14 @@ def inspect(model, batch, shapes, as_json):
               help="Calibration feeds (.npz named after the model inputs) for --fit aware/sequential.")
 @click.option("--calib-random", type=click.IntRange(min=1), default=None, metavar="N",
               help="N random calibration samples from the model's input shapes.")
+@click.option("--target", "target_name", type=click.Choice(TARGETS), default="cpu", show_default=True,
+              help="Where the model runs: cpu (as is), gpu (fp16 with fp32 inputs/outputs; needs calibration data), "
+                   "edge (standard ops, rank <= 4, fixed --shape, plus <output>.ort and its required-operators config).")
+@click.option("--quantize", type=click.Choice(QUANT_MODES), default=None,
+              help="Then quantize with onnxruntime's quantizers: int8 (dynamic; static QDQ per-channel with --calib, "
+                   "always for gpu/edge) or int4 (MatMulNBits where a factor spans a block, else int8).")
+@click.option("--max-model-bytes", type=click.IntRange(min=1), default=None, metavar="BYTES",
+              help="Fail, writing nothing, when the output (or its .ort) is larger; the largest tensors are listed.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with the original.")
 @input_options("rewrite")
 @threshold_options
@@ -239,7 +249,8 @@ def inspect(model, batch, shapes, as_json):
 @handles_errors
 def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, threads, speedup,
             allow_slower, keep_best, timing, timing_cache, ops, recurrent, include,
-            exclude, min_params, force, fit_mode, finetune, finetune_hidden, act, calib, calib_random, validate, inputs, shapes, batch, atol, rtol,
+            exclude, min_params, force, fit_mode, finetune, finetune_hidden, act, calib, calib_random, target_name,
+            quantize, max_model_bytes, validate, inputs, shapes, batch, atol, rtol,
             min_cosine, max_accuracy_drop, report_path, plot_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
     source = model_io.check_path(model)
@@ -265,8 +276,14 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         max_accuracy_drop=max_accuracy_drop, fit=fit_mode,
         calib=_calibration(calib, calib_random), finetune=finetune, finetune_hidden=finetune_hidden,
         threads=threads, speedup=speedup, allow_slower=allow_slower, keep_best=keep_best, timing=timing,
-        timing_cache=timing_cache, progress=sys.stderr.isatty())
+        timing_cache=timing_cache, progress=sys.stderr.isatty(), target=target_name, quantize=quantize,
+        max_model_bytes=max_model_bytes)
     api.save(new, target)
+    files = report.deploy.target.files if report.deploy is not None else {}
+    for suffix, content in files.items():  # the edge target's .ort and required-operators config
+        side = target.with_name(target.stem + suffix)
+        model_io.write_bytes(side, content if isinstance(content, bytes) else content.encode())
+        click.echo(f"wrote {side}")
     report.output_path = str(target)
     report.render(_console())
     click.echo(f"wrote {target}")
@@ -275,7 +292,7 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
     if plot_path:
         _write(plot_path, "--plot", lambda p: plot.plot_report(report.to_dict(), p))
         click.echo(f"wrote {plot_path}")
-    if report.validation is not None and not report.validation.ok:
+    if not report.ok:
         sys.exit(1)
 
 

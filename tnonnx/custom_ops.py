@@ -55,7 +55,9 @@ _DEB_NAME = f"{ORT_DEV_PACKAGE}_{ORT_DEV_VERSION}_{ORT_DEV_ARCH}.deb"
 _POOL_URL = f"{DEBIAN_MIRROR}/pool/main/o/onnxruntime/{_DEB_NAME}"
 
 _REPO = Path(__file__).resolve().parents[1]
-SOURCE = _REPO / "custom_ops" / "tnonnx_ops.cc"
+# a source checkout's custom_ops/, else the copy an installed wheel carries (tnonnx/_custom_ops)
+_CHECKOUT = (_REPO / "custom_ops" / "tnonnx_ops.cc").is_file()
+SOURCE = (_REPO / "custom_ops" if _CHECKOUT else Path(__file__).resolve().parent / "_custom_ops") / "tnonnx_ops.cc"
 SOURCES = (SOURCE, SOURCE.with_name("tnonnx_kernels.h"))  # what the library is built from
 LIBRARY_NAME = "libtnonnx_ops" + (".dylib" if sys.platform == "darwin" else ".so")
 # -fno-trapping-math lets the activations vectorise; -ffp-contract=fast fuses multiply-adds
@@ -196,7 +198,7 @@ _register_schema()
 
 def default_build_dir() -> Path:
     """`build/custom_ops` of a source checkout, else the user's cache folder."""
-    if SOURCE.is_file():
+    if _CHECKOUT:
         return _REPO / "build" / "custom_ops"
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "tnonnx" / "custom_ops"

@@ -93,26 +93,57 @@ def run_chain(ops, x, chain: Chain, cores: dict):
             t, phys = ops.reshape(t, target), list(target)
         return t
 
+    def permute(t, order):
+        nonlocal phys
+        groups, perm = merged_axes(labels, order)
+        if perm == list(range(len(perm))):
+            return t
+        limit = getattr(ops, "max_axes", None)
+        if limit is None or len(groups) <= limit:
+            t = to_shape(t, [_prod(sizes, g) for g in groups])
+            t = ops.transpose(t, perm)
+            phys = [_prod(sizes, groups[p]) for p in perm]
+            return t
+        # too many axes for one Transpose: move the target's groups to the end one by one,
+        # each move a Transpose of at most 3 axes ([X, g, Y] -> [X, Y, g])
+        current = list(groups)
+        for g in (groups[p] for p in perm):
+            i = current.index(g)
+            if i == len(current) - 1:
+                continue
+            x, y = current[:i], current[i + 1:]
+            dims = ([_prod(sizes, sum(x, []))] if x else []) + [_prod(sizes, g), _prod(sizes, sum(y, []))]
+            t = to_shape(t, dims)
+            t = ops.transpose(t, [0, 2, 1] if x else [1, 0])
+            phys = [dims[0], dims[2], dims[1]] if x else [dims[1], dims[0]]
+            current = x + y + [g]
+        return t
+
     state = x
     for i, (core, (keep, free, contracted, new)) in enumerate(zip(chain.steps, chain.plan())):
-        order = keep + free + contracted
-        perm = [labels.index(l) for l in order]
-        if perm != list(range(len(labels))):
-            state = to_shape(state, [sizes[l] for l in labels])
-            state = ops.transpose(state, perm)
-            phys = [sizes[l] for l in order]
+        state = permute(state, keep + free + contracted)
         lead = [_prod(sizes, keep)] if keep else []
         state = to_shape(state, lead + [_prod(sizes, free), _prod(sizes, contracted)])
         state = ops.matmul(state, ops.core_matrix(cores[core.key], core.labels, keep, contracted, new, sizes))
         labels, phys = keep + free + new, lead + [_prod(sizes, free), _prod(sizes, new)]
         if chain.activation and i < len(chain.steps) - 1:
             state = ops.activation(state, chain.activation)
-    perm = [labels.index(l) for l in chain.out_labels]
-    if perm != list(range(len(labels))):
-        state = to_shape(state, [sizes[l] for l in labels])
-        state = ops.transpose(state, perm)
-        phys = [sizes[l] for l in chain.out_labels]
+    state = permute(state, list(chain.out_labels))
     return to_shape(state, [chain.out_features])
+
+
+def merged_axes(labels: list[str], order: list[str]) -> tuple[list[list[str]], list[int]]:
+    """The permutation taking `labels` to `order` on as few axes as possible: runs of labels
+    adjacent in both move as one axis. Returns the groups in `labels` order and the
+    permutation of the groups (fewer, larger axes for Transpose: the edge target's rank limit)."""
+    runs: list[list[str]] = []
+    for l in order:
+        if runs and labels.index(l) == labels.index(runs[-1][-1]) + 1:
+            runs[-1].append(l)
+        else:
+            runs.append([l])
+    groups = sorted(runs, key=lambda g: labels.index(g[0]))
+    return groups, [groups.index(g) for g in runs]
 
 
 def core_matrix_np(core: np.ndarray, labels, keep, contracted, new, sizes) -> np.ndarray:
@@ -266,6 +297,8 @@ class OnnxOps:
     def __init__(self, builder: "Builder", batch_rank: int):
         self.b = builder
         self.batch_rank = batch_rank
+        # a Transpose's axes after the batch axes, when the builder limits tensor ranks
+        self.max_axes = builder.max_rank - batch_rank if builder.max_rank else None
 
     def reshape(self, t, tail):
         shape = [0] * self.batch_rank + [int(v) for v in tail]
@@ -352,6 +385,7 @@ class Builder:
     share_key: str = ""
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
+    max_rank: int | None = None  # the largest tensor rank chains may use (the edge target)
     _count: int = 0
     _weights: int = 0
 
@@ -426,10 +460,10 @@ def emit_chain_einsum(builder: Builder, x: str, chain: Chain, cores: dict, batch
 
 
 def conv_node(builder: Builder, x: str, weight: np.ndarray, hint: str, *, bias: np.ndarray | None = None,
-              attrs: dict | None = None, output: str | None = None) -> str:
-    """A Conv with the given weight (an array, or the name of a tensor already built) and
-    bias; `attrs` carries strides/pads/dilations/auto_pad."""
+              attrs: dict | None = None, output: str | None = None, op: str = "Conv") -> str:
+    """A Conv (or ConvTranspose) with the given weight (an array, or the name of a tensor
+    already built) and bias; `attrs` carries strides/pads/dilations/auto_pad."""
     inputs = [x, weight if isinstance(weight, str) else builder.weight(weight, hint)]
     if bias is not None:
         inputs.append(builder.cast(builder.constant(bias, hint + "_bias")))
-    return builder.op("Conv", inputs, hint, output=output, **(attrs or {}))
+    return builder.op(op, inputs, hint, output=output, **(attrs or {}))

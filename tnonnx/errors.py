@@ -12,6 +12,11 @@ class NotApplicable(TnonnxError):
     ratio): the layer is left alone with this message as its reason."""
 
 
+class OriginalDoesNotRun(TnonnxError):
+    """The original model cannot run on the feeds tnonnx made up for it (a graph that needs
+    particular values or lengths): a rewrite that asked for no checks skips validation."""
+
+
 class ValidationFailed(Exception):
     """Two models disagree beyond the requested thresholds (exit code 1)."""
 

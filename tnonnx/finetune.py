@@ -319,6 +319,25 @@ def _conv(inputs, a):
     return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nsp](x, w, b, stride, 0, dilation, group)
 
 
+def _conv_transpose(inputs, a):
+    """ONNX ConvTranspose: torch's without padding, then ONNX's (asymmetric) pads cropped
+    and output_padding appended (positions no input reaches: bias only)."""
+    from torch.nn import functional as F
+
+    x, w = inputs[0], inputs[1]
+    b = inputs[2] if len(inputs) > 2 else None
+    nsp = w.dim() - 2
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET") or a.get("output_shape"):
+        raise TnonnxError("--finetune: ConvTranspose with auto_pad or output_shape is not supported")
+    stride, dilation = a.get("strides", [1] * nsp), a.get("dilations", [1] * nsp)
+    pads, extra = a.get("pads", [0] * 2 * nsp), a.get("output_padding", [0] * nsp)
+    y = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nsp](
+        x, w, None, stride, 0, 0, a.get("group", 1), dilation)
+    y = F.pad(y, [v for i in reversed(range(nsp)) for v in (0, extra[i])])
+    y = y[(slice(None), slice(None)) + tuple(slice(pads[i], y.shape[2 + i] - pads[i + nsp]) for i in range(nsp))]
+    return y if b is None else y + b.reshape((1, -1) + (1,) * nsp)
+
+
 def _maxpool(inputs, a):
     from torch.nn import functional as F
 
@@ -433,7 +452,7 @@ OPS = {
     "Range": lambda i, a: _torch().arange(i[0].item(), i[1].item(), i[2].item(), dtype=i[0].dtype),
     "Expand": _expand, "Softmax": _softmax, "ReduceSum": _reduce(lambda x, **k: x.sum(**k)),
     "ReduceMean": _reduce(lambda x, **k: x.mean(**k)), "Clip": _clip, "LayerNormalization": _layer_norm,
-    "Gemm": _gemm, "Conv": _conv, "MaxPool": _maxpool,
+    "Gemm": _gemm, "Conv": _conv, "ConvTranspose": _conv_transpose, "MaxPool": _maxpool,
     "Einsum": lambda i, a: _torch().einsum(a["equation"], *i),
     "Gelu": lambda i, a: _torch().nn.functional.gelu(i[0]),
     "GlobalAveragePool": _global_pool(lambda x, **k: x.mean(**k)),

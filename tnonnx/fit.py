@@ -64,10 +64,11 @@ def _relative(approx: np.ndarray, target: np.ndarray) -> float:
 
 def probe_for(layer: Layer) -> Probe | None:
     """What to capture for a layer, or None when data-aware fitting does not apply to it
-    (dense layers whose weight acts on the left or on a transposed input; grouped convs)."""
+    (dense layers whose weight acts on the left or on a transposed input; grouped convs;
+    ConvTranspose, fitted on its weight)."""
     if layer.kind in ("dense", "recurrent") and layer.side == "right" and not layer.trans_x:
         return Probe("dense")  # recurrent: W acts on the rows of the sequence input
-    if layer.kind == "conv" and layer.groups == 1:
+    if layer.kind == "conv" and layer.groups == 1 and not layer.geometry.transposed:
         return Probe("conv", tuple(layer.geometry.kernel), dict(layer.geometry.attrs))
     return None
 

@@ -1,11 +1,13 @@
 """Finding the layers to rewrite and putting their replacements in place.
 
-A Layer is a MatMul/Gemm/Conv node with everything needed to factorise it: the weight in
-a canonical form (dense: N x M acting as y = x W; conv: T x S x k...), where it came
-from, and how the node uses it. Weights are found as initializers or Constant nodes,
-through Identity/Cast/Transpose, in the node's own graph or an enclosing one (If/Loop
-bodies may use outer-scope initializers). Nodes that cannot be rewritten become Layers
-with a `reason`.
+A Layer is a node that carries a weight, with everything needed to factorise it: the
+weight in a canonical form (dense: N x M acting as y = x W; conv and ConvTranspose:
+T x S x k...), where it came from, and how the node uses it. OP_KINDS maps each op type to
+the function describing its nodes: candidates (MatMul, Gemm, Conv, ConvTranspose) or
+kinds listed with the reason they are left alone. Weights are found as initializers or
+Constant nodes, through Identity/Cast/Transpose, computed from constants alone (FOLDED
+ops), in the node's own graph or an enclosing one (If/Loop bodies may use outer-scope
+initializers). Nodes that cannot be rewritten become Layers with a `reason`.
 """
 
 from __future__ import annotations
@@ -17,18 +19,19 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .formats.base import ConvGeometry
+from .formats.base import ConvGeometry, flip_kernel
 from .macs import all_graphs, iter_nodes, subgraphs
+from .model import default_opset
 
-CANDIDATE_OPS = ("MatMul", "Gemm", "Conv")
-QUANTIZED_OPS = ("MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul")
-OTHER_LINEAR_OPS = ("ConvTranspose", "Einsum")
+CANDIDATE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
-SHAPE_OPS = ("Unsqueeze", "Squeeze", "Concat", "Slice", "Reshape")  # folded when all inputs are constant
 EMBEDDING_OPS = ("Gather",)  # on a constant 2-D float table (tnonnx/embedding.py)
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # input weights hoisted (tnonnx/recurrent.py)
 REWRITABLE_OPS = CANDIDATE_OPS + EMBEDDING_OPS + RECURRENT_OPS
+# ops evaluated when all their inputs are constant: weights computed from constants alone
+FOLDED = ("ConstantOfShape", "Unsqueeze", "Squeeze", "Concat", "Slice", "Reshape", "Flatten", "Expand", "Tile",
+          "Gather", "Split", "Mul", "Add", "Sub", "Div", "Neg", "Range")
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Layer:
     op_type: str
     node: onnx.NodeProto
     graph: onnx.GraphProto
-    kind: str = ""  # "dense", "conv", "embedding", "tied" (an embedding's transpose) or "recurrent"
+    kind: str = ""  # "dense" or "conv" when rewritable
     reason: str | None = None
     weight: np.ndarray | None = None  # canonical float64 weight
     weight_key: str = ""  # equal for layers that share one weight (factorised once)
@@ -51,17 +54,26 @@ class Layer:
     bias_input: str | None = None  # computed Gemm C
     beta: float = 1.0
     geometry: ConvGeometry | None = None
+    other_weights: list = field(default_factory=list)  # further constants the node carries (LSTM's R, B)
     groups: int = 1  # conv group count; each group is factorised on its own
     weight_path: list[str] = field(default_factory=list)  # tensors between the constant and the node
+    bias_path: list[str] = field(default_factory=list)  # the same for a constant bias
     probe_x: str = ""  # a main-graph tensor whose rows stand for x in calibration (x inside a Scan cell)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape) if self.weight is not None else ()
+        """As the node stores it (a ConvTranspose: in x out/group x k...)."""
+        if self.weight is None:
+            return ()
+        if self.op_type == "ConvTranspose":
+            return (self.weight.shape[1] * self.groups, self.weight.shape[0] // self.groups) + self.weight.shape[2:]
+        return tuple(self.weight.shape)
 
     @property
     def params(self) -> int:
-        return int(self.weight.size) if self.weight is not None else 0
+        if self.weight is None:
+            return 0
+        return int(self.weight.size) + sum(int(np.size(w)) for w in self.other_weights)
 
     @property
     def batch_rank(self) -> int:
@@ -69,11 +81,22 @@ class Layer:
         return len(self.x_shape) - 1 if self.x_shape is not None else 1
 
 
+class Quantized(str):
+    """Scope.resolve's answer for a weight that DequantizeLinear computes: equal to
+    "quantized", with the quantized array (None when that is not constant either)."""
+
+    def __new__(cls, array):
+        out = super().__new__(cls, "quantized")
+        out.array = array
+        return out
+
+
 class Scope:
     """Constants and producers visible from one graph (its own, then its parents')."""
 
-    def __init__(self, graph: onnx.GraphProto, parent: "Scope | None" = None):
+    def __init__(self, graph: onnx.GraphProto, parent: "Scope | None" = None, opset: int | None = None):
         self.graph, self.parent = graph, parent
+        self.opset = opset if opset is not None else (parent.opset if parent is not None else onnx.defs.onnx_opset_version())
         self.initializers = {t.name: t for t in graph.initializer}
         self.producers = {o: n for n in graph.node for o in n.output}
         self.inputs = {i.name for i in graph.input} - set(self.initializers)
@@ -99,10 +122,13 @@ class Scope:
             arr = _constant_value(node)
             return None if arr is None else (arr, arr.dtype, [name])
         if node.op_type == "DequantizeLinear":
-            return "quantized"
-        if node.op_type in SHAPE_OPS and node.domain in ("", "ai.onnx"):
+            found = self.resolve(node.input[0])
+            return Quantized(found[0] if isinstance(found, tuple) else None)
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type in FOLDED:
             return self._fold(node, name)
-        if node.op_type not in PASS_THROUGH or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in PASS_THROUGH:
             return None
         found = self.resolve(node.input[0])
         if not isinstance(found, tuple):
@@ -118,48 +144,24 @@ class Scope:
 
 
     def _fold(self, node: onnx.NodeProto, name: str):
-        """A weight assembled from constants (exporters' Unsqueeze/Concat/Slice of gates)."""
+        """A tensor computed from constants alone (a ConstantOfShape, a Reshape of a
+        constant, ...), evaluated by onnx's reference implementation of the node at the
+        model's opset; the path holds every tensor of the computation."""
         found = [self.resolve(i) if i else None for i in node.input]
-        if any(i and not isinstance(f, tuple) for i, f in zip(node.input, found)):
+        if any(f is not None and not isinstance(f, tuple) for f in found) or \
+                any(f is None for i, f in zip(node.input, found) if i):
             return None
-        arrays = [f[0] if f is not None else None for f in found]
+        from onnx.reference import ReferenceEvaluator
+
         try:
-            arr = _shape_op(node, arrays)
-        except (ValueError, IndexError, TypeError, AttributeError):
+            values = ReferenceEvaluator(node, opsets={"": self.opset}).run(
+                None, {i: f[0] for i, f in zip(node.input, found) if i})
+        except Exception:  # noqa: BLE001 - an op the reference cannot evaluate stays computed
             return None
-        path = [t for f in found if f is not None for t in f[2]]
-        return arr, found[0][1], path + [name]
-
-
-def _shape_op(node: onnx.NodeProto, a: list) -> np.ndarray:
-    """Unsqueeze/Squeeze/Concat/Slice/Reshape on constant arrays (axes as attribute or input)."""
-    op, x = node.op_type, a[0]
-    if op in ("Unsqueeze", "Squeeze"):
-        axes = [int(v) for v in (a[1] if len(a) > 1 and a[1] is not None else _attr(node, "axes", []))]
-    if op == "Unsqueeze":
-        rank = x.ndim + len(axes)
-        for ax in sorted(v % rank for v in axes):
-            x = np.expand_dims(x, ax)
-        return x
-    if op == "Squeeze":
-        return np.squeeze(x, axis=tuple(axes)) if axes else np.squeeze(x)
-    if op == "Concat":
-        return np.concatenate(a, axis=_attr(node, "axis", 0))
-    if op == "Reshape":
-        shape = [x.shape[i] if v == 0 else v for i, v in enumerate(a[1].tolist())]
-        return x.reshape(shape)
-    # Slice: starts, ends[, axes[, steps]] as inputs (opset >= 10) or attributes
-    if len(a) >= 3:
-        starts, ends = a[1].tolist(), a[2].tolist()
-        axes = a[3].tolist() if len(a) > 3 and a[3] is not None else list(range(len(starts)))
-        steps = a[4].tolist() if len(a) > 4 and a[4] is not None else [1] * len(starts)
-    else:
-        starts, ends = _attr(node, "starts", []), _attr(node, "ends", [])
-        axes, steps = _attr(node, "axes", list(range(len(starts)))), [1] * len(starts)
-    index = [slice(None)] * x.ndim
-    for s, e, ax, st in zip(starts, ends, axes, steps):
-        index[ax] = slice(s, e, st)
-    return x[tuple(index)]
+        arr = np.asarray(values[list(node.output).index(name)])
+        path = [t for f in found if f is not None for t in f[2]] + [name]
+        stored = next((f[1] for f in found if f is not None and np.dtype(f[1]).kind == "f"), arr.dtype)
+        return arr, stored, path
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -212,8 +214,8 @@ def value_shapes(model: onnx.ModelProto, needed: set[str] = frozenset()) -> dict
 
 
 def find_layers(model: onnx.ModelProto) -> list[Layer]:
-    """Every MatMul/Gemm/Conv (and quantized or unsupported linear op) in the model, named
-    as tnonnx.macs names nodes (so per-node costs line up)."""
+    """A Layer for every node of a kind in OP_KINDS that carries a weight (or, for the
+    candidates, would need one), named as tnonnx.macs names nodes (so per-node costs line up)."""
     nodes = list(iter_nodes(model))
     shapes = value_shapes(model, {n.input[0] for _, n, _ in nodes if n.op_type in CANDIDATE_OPS and n.input})
     scopes: dict[int, Scope] = {}
@@ -222,38 +224,17 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
         parent = None
         for graph in chain:
             if id(graph) not in scopes:
-                scopes[id(graph)] = Scope(graph, parent)
+                scopes[id(graph)] = Scope(graph, parent, default_opset(model))
             parent = scopes[id(graph)]
         return parent
 
     layers: list[Layer] = []
     for name, node, chain in nodes:
-        if node.domain not in ("", "ai.onnx", "com.microsoft"):
+        describe = OP_KINDS.get(node.op_type) if node.domain in ("", "ai.onnx", "com.microsoft") else None
+        if describe is None or (node.domain == "com.microsoft") != (node.op_type in MICROSOFT_OPS):
             continue
-        graph = chain[-1]
-        if node.op_type in QUANTIZED_OPS:
-            layers.append(Layer(name, node.op_type, node, graph, reason="already quantized"))
-        elif node.op_type in OTHER_LINEAR_OPS:
-            layers.append(Layer(name, node.op_type, node, graph, reason=f"{node.op_type} is not rewritten yet"))
-        elif node.op_type in CANDIDATE_OPS and node.domain in ("", "ai.onnx"):
-            layer = Layer(name, node.op_type, node, graph)
-            _describe(layer, scope_of(chain), shapes)
-            layers.append(layer)
-        elif node.op_type in EMBEDDING_OPS and node.domain in ("", "ai.onnx"):
-            table = _embedding_table(node, scope_of(chain))
-            if table is not None:  # other Gathers (shapes, indices) carry no weight
-                from . import embedding
-
-                layer = Layer(name, node.op_type, node, graph)
-                embedding.describe(layer, table, shapes.get(node.input[1]))
-                _check_weight(layer)
-                layers.append(layer)
-        elif node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
-            from . import recurrent
-
-            layer = Layer(name, node.op_type, node, graph)
-            recurrent.describe(layer, scope_of(chain), shapes)
-            _check_weight(layer)
+        layer = Layer(name, node.op_type, node, chain[-1])
+        if describe(layer, scope_of(chain), shapes) is not False:
             layers.append(layer)
     if any(layer.kind == "embedding" for layer in layers):
         from .embedding import link_tied
@@ -262,24 +243,16 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
     return layers
 
 
-def _embedding_table(node: onnx.NodeProto, scope: Scope):
-    """The resolved constant table of a Gather that looks rows up (2-D float data, axis 0,
-    computed indices), else None."""
-    if len(node.input) < 2 or _attr(node, "axis", 0) not in (0, -2):
-        return None
-    found = scope.resolve(node.input[0])
-    if not isinstance(found, tuple) or found[0].ndim != 2 or found[0].dtype.kind != "f":
-        return None
-    return None if isinstance(scope.resolve(node.input[1]), tuple) else found
-
-
 def _describe(layer: Layer, scope: Scope, shapes: dict) -> None:
     node = layer.node
     consts = [scope.resolve(n) if n else None for n in node.input]
-    if any(c == "quantized" for c in consts[:2]):
+    quantized = next((c for c in consts[:2] if c == "quantized"), None)
+    if quantized is not None:
         layer.reason = "weight is quantized (DequantizeLinear)"
+        if quantized.array is not None:  # listed with its shape and parameters
+            layer.weight, layer.weight_key = quantized.array, f"{layer.op_type}:{id(layer.node)}"
         return
-    if node.op_type == "Conv":
+    if node.op_type in ("Conv", "ConvTranspose"):
         _describe_conv(layer, consts, shapes)
     else:
         _describe_dense(layer, consts, shapes)
@@ -321,7 +294,7 @@ def _describe_dense(layer: Layer, consts, shapes) -> None:
         if len(node.input) > 2 and node.input[2]:
             c = consts[2]
             if isinstance(c, tuple):
-                layer.bias = c[0].astype(np.float64) * beta
+                layer.bias, layer.bias_path = c[0].astype(np.float64) * beta, c[2]
             else:
                 layer.bias_input, layer.beta = node.input[2], beta
         layer.kind = "dense"
@@ -354,7 +327,11 @@ def _describe_conv(layer: Layer, consts, shapes) -> None:
         layer.reason = "conv weight is computed, not constant"
         return
     layer.groups = _attr(node, "group", 1)
-    if layer.groups != 1 and found[0].shape[1] == 1:
+    transposed = node.op_type == "ConvTranspose"
+    # the canonical kernel is a Conv's (out, in/group, k...); a ConvTranspose stores (in, out/group, k...)
+    kernel = flip_kernel(found[0], layer.groups) if transposed else found[0]
+    found = (kernel,) + tuple(found[1:])
+    if layer.groups != 1 and kernel.shape[1] == 1:
         _set_weight(layer, found, found[0], "conv")  # left alone, but its shape and parameters are reported
         layer.reason = f"depthwise conv (group={layer.groups}): one input channel per filter, nothing to factorise"
         return
@@ -362,28 +339,92 @@ def _describe_conv(layer: Layer, consts, shapes) -> None:
         if not isinstance(consts[2], tuple):
             layer.reason = "conv bias is computed, not constant"
             return
-        layer.bias = consts[2][0].astype(np.float64)
-    _set_weight(layer, found, found[0], "conv")
+        layer.bias, layer.bias_path = consts[2][0].astype(np.float64), consts[2][2]
+    _set_weight(layer, found, found[0], "conv-transpose" if transposed else "conv")
     layer.x = node.input[0]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
-             if a.name in ("strides", "pads", "dilations", "auto_pad")}
+             if a.name in ("strides", "pads", "dilations", "auto_pad", "output_padding", "output_shape")}
     if isinstance(attrs.get("auto_pad"), bytes):
         attrs["auto_pad"] = attrs["auto_pad"].decode()
     in_shape, out_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
     spatial = lambda s: tuple(s[2:]) if s and all(isinstance(v, int) and v > 0 for v in s[2:]) else None
-    layer.geometry = ConvGeometry(tuple(found[0].shape[2:]), attrs, spatial(in_shape), spatial(out_shape))
+    layer.geometry = ConvGeometry(tuple(found[0].shape[2:]), attrs, spatial(in_shape), spatial(out_shape),
+                                  transposed=transposed)
     layer.x_shape = in_shape
     layer.kind = "conv"
+
+
+def _left_alone(reason: str, inputs: tuple[int, ...] = (1,), table: bool = False):
+    """A describer for nodes tnonnx lists but does not rewrite (yet): the constants at
+    `inputs` are the weight (the first) and the node's other weights; `table`: only a
+    float table of rank >= 2 is a weight (an embedding; a Gather of shape constants is
+    no layer). Nodes without a constant weight get no row when `table`, else the reason."""
+
+    def describe(layer: Layer, scope: Scope, shapes: dict):
+        found = [scope.resolve(layer.node.input[i]) if i < len(layer.node.input) and layer.node.input[i] else None
+                 for i in inputs]
+        arrays = [f[0] for f in found if isinstance(f, tuple)]
+        if table and not (arrays and isinstance(found[0], tuple) and arrays[0].ndim >= 2
+                          and arrays[0].dtype.kind == "f"):
+            return False
+        if arrays and isinstance(found[0], tuple):
+            layer.weight, layer.other_weights = arrays[0], arrays[1:]
+            layer.weight_key = f"{layer.op_type}:{id(layer.node)}"
+        layer.reason = reason
+
+    return describe
+
+
+def _describe_recurrent(layer: Layer, scope: Scope, shapes: dict):
+    from . import recurrent
+
+    recurrent.describe(layer, scope, shapes)
+    _check_weight(layer)
+
+
+def _describe_embedding(layer: Layer, scope: Scope, shapes: dict):
+    """A Gather of rows from a constant 2-D float table (axis 0, computed indices); other
+    Gathers (shapes, indices) are no layer."""
+    node = layer.node
+    if len(node.input) < 2 or _attr(node, "axis", 0) not in (0, -2):
+        return False
+    found = scope.resolve(node.input[0])
+    if not isinstance(found, tuple) or found[0].ndim != 2 or found[0].dtype.kind != "f" \
+            or isinstance(scope.resolve(node.input[1]), tuple):
+        return False
+    from . import embedding
+
+    embedding.describe(layer, found, shapes.get(node.input[1]))
+    _check_weight(layer)
+
+
+# What find_layers does with each op type: the candidates are described for rewriting, the
+# others listed with the reason they are left alone. A new kind of layer plugs in here.
+OP_KINDS = {op: _describe for op in CANDIDATE_OPS}
+OP_KINDS.update({
+    "LSTM": _describe_recurrent, "GRU": _describe_recurrent, "RNN": _describe_recurrent,
+    "Gather": _describe_embedding,
+    "Einsum": _left_alone("Einsum is not rewritten yet", (1, 0)),
+    "MatMulInteger": _left_alone("already quantized", (1,)),
+    "ConvInteger": _left_alone("already quantized", (1,)),
+    "QLinearMatMul": _left_alone("already quantized", (3,)),
+    "QLinearConv": _left_alone("already quantized", (3,)),
+    "MatMulNBits": _left_alone("already quantized", (1,)),
+    "DynamicQuantizeMatMul": _left_alone("already quantized", (1,)),
+})
+MICROSOFT_OPS = ("MatMulNBits", "DynamicQuantizeMatMul")  # kinds of the com.microsoft domain
 
 
 # ----------------------------------------------------------------------- replacement
 
 
 def replace_nodes(model: onnx.ModelProto, replacements: dict[int, tuple[onnx.GraphProto, list, list]],
-                  layers: list[Layer]) -> None:
+                  layers: list[Layer]) -> list[str]:
     """Swap each replaced node (keyed by id(node)) for its new nodes, in place and order;
     new initializers go to the main graph (visible from every subgraph). Then remove the
-    weight constants and pass-through nodes that nothing uses any more."""
+    weight constants and pass-through nodes that nothing uses any more, and the graph
+    inputs that declared those constants (initializers listed as inputs, as IR 3 models
+    do): returns the names of those inputs."""
     by_graph: dict[int, tuple[onnx.GraphProto, dict]] = {}
     for key, (graph, nodes, inits) in replacements.items():
         by_graph.setdefault(id(graph), (graph, {}))[1][key] = nodes
@@ -397,9 +438,10 @@ def replace_nodes(model: onnx.ModelProto, replacements: dict[int, tuple[onnx.Gra
             new_nodes.extend(table.get(id(node), [node]))
         del graph.node[:]
         graph.node.extend(new_nodes)
-    orphans = {t for layer in layers if id(layer.node) in replacements for t in layer.weight_path}
-    _remove_unused(model.graph, orphans)
+    orphans = {t for layer in layers if id(layer.node) in replacements for t in layer.weight_path + layer.bias_path}
+    removed = _remove_unused(model.graph, orphans)
     _declare_domains(model, [n for _, nodes, _ in replacements.values() for n in nodes])
+    return removed
 
 
 def _declare_domains(model: onnx.ModelProto, nodes) -> None:
@@ -422,19 +464,26 @@ def _used_names(graph: onnx.GraphProto, acc: set) -> set:
     return acc
 
 
-def _remove_unused(root: onnx.GraphProto, candidates: set[str]) -> None:
-    """Drop initializers and nodes producing only `candidates` tensors once unused."""
+def _remove_unused(root: onnx.GraphProto, candidates: set[str]) -> list[str]:
+    """Drop initializers and nodes producing only `candidates` tensors once unused (and
+    the graph inputs naming a dropped initializer); returns those inputs' names."""
+    removed_inputs: list[str] = []
     while True:
         used = _used_names(root, set())
         dead = {c for c in candidates if c not in used}
         if not dead:
-            return
+            return removed_inputs
         changed = False
         for graph in all_graphs(root):
             keep = [t for t in graph.initializer if t.name not in dead]
             if len(keep) != len(graph.initializer):
+                gone = {t.name for t in graph.initializer} - {t.name for t in keep}
                 del graph.initializer[:]
                 graph.initializer.extend(keep)
+                inputs = [i for i in graph.input if i.name not in gone]
+                removed_inputs += [i.name for i in graph.input if i.name in gone]
+                del graph.input[:]
+                graph.input.extend(inputs)
                 changed = True
             nodes = [n for n in graph.node if not (n.output and all(o in dead for o in n.output))]
             if len(nodes) != len(graph.node):
@@ -447,4 +496,4 @@ def _remove_unused(root: onnx.GraphProto, candidates: set[str]) -> None:
                 graph.value_info.extend(vis)
         candidates = candidates - dead
         if not changed:
-            return
+            return removed_inputs

@@ -355,14 +355,17 @@ def one_layer_model(layer: Layer, nodes, initializers, feeds: dict, opset: int) 
 def dense_nodes(layer: Layer, builder) -> None:
     """The original layer, as the fastest standard form of its op (MatMul, Conv)."""
     from .emit import conv_node
+    from .formats.base import flip_kernel
 
     if layer.kind == "conv":
-        w = layer.weight
+        w, op = layer.weight, "Conv"
+        if layer.geometry.transposed:
+            w, op = flip_kernel(w, layer.groups), "ConvTranspose"
         if layer.groups > 1:
             attrs = dict(layer.geometry.spatial_attrs(), group=layer.groups)
         else:
             attrs = layer.geometry.spatial_attrs()
-        conv_node(builder, layer.x, w, "conv", bias=layer.bias, attrs=attrs, output=layer.node.output[0])
+        conv_node(builder, layer.x, w, "conv", bias=layer.bias, attrs=attrs, output=layer.node.output[0], op=op)
         return
     if layer.kind == "embedding":
         builder.op("Gather", [builder.weight(layer.weight, "w"), layer.x], "gather", output=layer.node.output[0])

@@ -6,6 +6,8 @@ MACs per run at the given input shapes:
   MatMulInteger and QLinearMatMul alike. Gemm: M * K * N (the bias add is no MAC).
 - Conv (also ConvInteger, QLinearConv): N * C_out * prod(out spatial) * C_in/group *
   prod(kernel). ConvTranspose: N * C_in * prod(in spatial) * C_out/group * prod(kernel).
+- LSTM, GRU, RNN: seq * batch * (elements of W + elements of R), all directions and
+  gates (the gate nonlinearities and elementwise products are not MACs).
 - Einsum, any number of operands, implicit output and ``...`` included: evaluated pairwise
   left to right, each step costing the product of the sizes of all distinct indices of its
   two operands (a one-operand Einsum costs 0). That is the order the graph states, not
@@ -18,8 +20,12 @@ MACs per run at the given input shapes:
   0 and stay in ``per_node`` with 0: a layer that rebuilds its weight from cores in-graph
   is free at run time. (ORT also folds Shape of static tensors; not modelled, and it only
   reaches nodes that cost 0 here.)
-- Nodes inside If/Loop/Scan bodies count once each: both If branches, one iteration of a
-  Loop or Scan (trip counts are not known statically).
+- Nodes inside If/Loop/Scan bodies: an If counts the branch that runs (its condition is
+  constant, or read off one ONNX Runtime run on the inputs), else the larger branch; a
+  Scan body counts once per step of its scanned axis, a Loop body once per iteration of a
+  constant trip count (else once). ``notes`` says which, per node; ``per_node`` keeps each
+  node's own cost per run of its graph, scaled by the trip counts of Scan/Loop bodies
+  around it.
 
 Shapes: graph inputs are fixed to ``input_shapes`` and ``onnx.shape_inference`` runs with
 data propagation; if a MAC op still lacks a shape, ONNX Runtime's SymbolicShapeInference
@@ -66,6 +72,7 @@ class ModelCost:
     unknown: list[str] = field(default_factory=list)
     params: int = 0
     param_bytes: int = 0
+    notes: list[str] = field(default_factory=list)  # how If/Loop/Scan bodies were counted
 
 
 def macs_of(cost: ModelCost, names: Iterable[str]) -> int:
@@ -105,6 +112,16 @@ def _conv(w_idx: int):
 def _conv_transpose(node, ins, outs):
     x, w = ins[0], ins[1]  # N C_in in... * C_out/g kernel...
     return None if x is None or w is None else math.prod(x) * math.prod(w[1:])
+
+
+def _recurrent(node, ins, outs):
+    """LSTM/GRU/RNN: every step multiplies the input by W and the state by R, per
+    direction: seq * batch * (|W| + |R|)."""
+    x, w, r = ins[0], ins[1], ins[2]
+    if x is None or w is None or r is None or len(x) != 3:
+        return None
+    seq, batch = (x[1], x[0]) if _attr(node, "layout", 0) else (x[0], x[1])
+    return seq * batch * (math.prod(w) + math.prod(r))
 
 
 def _einsum(node, ins, outs):
@@ -147,6 +164,9 @@ COUNTERS: dict[tuple[str, str], Callable] = {
     ("", "QLinearConv"): _conv(3),
     ("", "ConvTranspose"): _conv_transpose,
     ("", "Einsum"): _einsum,
+    ("", "LSTM"): _recurrent,
+    ("", "GRU"): _recurrent,
+    ("", "RNN"): _recurrent,
 }
 """(domain, op_type) -> counter; a module that emits a custom op registers its counter here."""
 
@@ -402,7 +422,9 @@ def count(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> M
         cost.per_node.clear()
         unknown = _count_macs(m, symbolic_shapes(model, input_shapes), cost)
     cost.unknown = unknown
-    cost.total = sum(cost.per_node.values())
+    from .macs_bodies import weigh_subgraphs
+
+    cost.total = weigh_subgraphs(model, m, input_shapes, cost)
     return cost
 
 

@@ -21,6 +21,10 @@ _ORT_LIMITS = {
     (1, 19): (10, 21), (1, 18): (10, 21),
 }
 MIN_OPSET = 7
+# what onnx's version converter upgrades older models to: the first opset with every op form
+# tnonnx emits (Slice and Unsqueeze with input axes), and one each runtime in _ORT_LIMITS runs
+UPGRADE_OPSET = 13
+_UPGRADED = "tnonnx.upgraded_from"
 _TWO_GB = 2**31
 
 
@@ -47,7 +51,7 @@ def load(source, *, what: str = "model") -> onnx.ModelProto:
     Raises TnonnxError with one clear line for anything a user can get wrong.
     """
     if isinstance(source, onnx.ModelProto):
-        model = _copy(source)
+        model = upgrade_old_opset(_copy(source), what)
         check_supported(model, what)
         return model
     path = check_path(source, what)
@@ -66,6 +70,7 @@ def load(source, *, what: str = "model") -> onnx.ModelProto:
         except Exception as exc:
             raise TnonnxError(f"{label}: cannot read its external data ({_short(exc)})") from None
         model.metadata_props.add(key="tnonnx.external_data", value="1")
+    model = upgrade_old_opset(model, label)
     check_supported(model, label)
     # A file cut at a field boundary can still parse (e.g. with an opset import or a
     # function missing): the checker catches what the parser cannot.
@@ -131,15 +136,54 @@ def check_supported(model: onnx.ModelProto, what: str = "model") -> None:
         )
 
 
+def upgrade_old_opset(model: onnx.ModelProto, what: str = "model") -> onnx.ModelProto:
+    """A model of an opset older than onnxruntime runs, upgraded to UPGRADE_OPSET by onnx's
+    version converter (marked, for upgrade_note); other models as they are. TnonnxError
+    when the converter cannot do it."""
+    opset = default_opset(model)
+    if not 0 < opset < MIN_OPSET:
+        return model
+    from onnx import version_converter
+
+    _, max_opset = runtime_limits()
+    try:
+        # IR 3 wants initializers listed as inputs; the converter refuses models that do not
+        model.ir_version = max(model.ir_version, 4)
+        upgraded = version_converter.convert_version(model, UPGRADE_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:
+        raise TnonnxError(f"{what}: opset {opset} is older than onnxruntime {ort.__version__} runs "
+                          f"({MIN_OPSET}..{max_opset}) and onnx's version converter cannot upgrade it "
+                          f"({_short(exc)})") from None
+    upgraded.metadata_props.add(key=_UPGRADED, value=str(opset))
+    return upgraded
+
+
+def upgrade_note(model: onnx.ModelProto) -> list[str]:
+    """The report's line for a model load() upgraded (none for others)."""
+    old = next((p.value for p in model.metadata_props if p.key == _UPGRADED), None)
+    if old is None:
+        return []
+    return [f"opset {old} is older than onnxruntime runs: upgraded to opset {default_opset(model)} with onnx's "
+            "version converter before rewriting (the output has that opset)"]
+
+
 def came_with_external_data(model: onnx.ModelProto) -> bool:
     return any(p.key == "tnonnx.external_data" for p in model.metadata_props)
 
 
 def normalise_versions(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Clamp the IR version to what the installed runtime accepts (opset is kept)."""
+    """Clamp the IR version to what the installed runtime accepts (opset is kept); raise an
+    IR version older than the opsets need, or older than 4 (IR 3 wants every initializer
+    listed as a graph input, which the weights tnonnx adds are not)."""
     max_ir, _ = runtime_limits()
     if model.ir_version > max_ir or model.ir_version == 0:
         model.ir_version = max_ir
+    try:
+        needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except Exception:  # noqa: BLE001 - an opset onnx does not know: leave the version alone
+        needed = model.ir_version
+    model.ir_version = min(max(model.ir_version, needed, 4), max_ir)
     return model
 
 
@@ -154,7 +198,7 @@ def save(model: onnx.ModelProto, path, *, external_data: bool | None = None) -> 
         external_data = came_with_external_data(model) or model.ByteSize() > _TWO_GB - 2**20
     model = _copy(model)
     for i in reversed(range(len(model.metadata_props))):
-        if model.metadata_props[i].key == "tnonnx.external_data":
+        if model.metadata_props[i].key in ("tnonnx.external_data", _UPGRADED):
             del model.metadata_props[i]
     normalise_versions(model)
     if path.is_dir():
@@ -194,6 +238,21 @@ def save(model: onnx.ModelProto, path, *, external_data: bool | None = None) -> 
         if isinstance(exc, OSError):  # disk full, permissions: the user's to fix
             raise TnonnxError(f"output '{path}': cannot write it ({exc.strerror or _short(exc)})") from None
         raise
+    return path
+
+
+def write_bytes(path, data: bytes) -> Path:
+    """Write a side file atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise TnonnxError(f"output '{path}': cannot write it ({exc.strerror or _short(exc)})") from None
     return path
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .errors import TnonnxError
 from .formats import FORMATS, RankSpec
-from .formats.base import GroupedConvFactorization
+from .formats.base import GroupedConvFactorization, check_transposable
 from .graph import Layer
 from .tensorize import format_modes
 
@@ -25,7 +25,7 @@ AUTO_FORMATS = tuple(f for f in FORMATS
 class Selection:
     """Layer selection in the style of onnxruntime.quantization."""
 
-    ops: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+    ops: tuple[str, ...] = ("MatMul", "Gemm", "Conv", "ConvTranspose")
     include: str | None = None  # regex on node names
     exclude: str | None = None
     min_params: int = 0
@@ -135,8 +135,9 @@ class Fitter:
     it from their data-free decomposition in the final fit (`final=True`); the budget
     allocator's trials skip that refinement and are ranked by their measured output error."""
 
-    def __init__(self, options: dict | None = None, data: dict | None = None):
+    def __init__(self, options: dict | None = None, data: dict | None = None, balance: bool = False):
         self.options = options or {}
+        self.balance = balance  # cores scaled to equal norms (the gpu target's fp16 range)
         self.data = data if data is not None else {}
         self.cache: dict = {}
 
@@ -149,6 +150,9 @@ class Fitter:
         key = (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine)
         if key not in self.cache:
             options = dict(self.options, data=data) if takes_data and data is not None else self.options
+            transposed = layer.kind == "conv" and layer.geometry.transposed
+            if transposed:  # formats with a choice of layout take one a ConvTranspose keeps
+                options = dict(options, transposed=True)
             if layer.kind in ("embedding", "tied"):
                 from .embedding import fit as fit_embedding
 
@@ -166,10 +170,16 @@ class Fitter:
                 fact = module.fit_conv(layer.weight, spec, **options)
             else:
                 fact = module.fit_dense(layer.weight, spec, modes=modes, order=order, **options)
+            if transposed:
+                check_transposable(fact)
             if refine:
                 from .fit import refine as refine_on_data
 
                 refine_on_data(fact, data)
+            if self.balance:
+                from .fp16 import balance_cores
+
+                balance_cores(fact)
             fact.weight_error = fact.relative_error(layer.weight) if fact.linear else None
             fact.output_error = data.output_error(fact) if data is not None else None
             self.cache[key] = fact

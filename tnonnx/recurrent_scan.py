@@ -38,7 +38,7 @@ def to_scan(model: onnx.ModelProto) -> tuple[list[str], dict[str, str]]:
     multiplies: all but one row in common)."""
     opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
     graph, notes, converted, states = model.graph, [], 0, {}
-    scope = Scope(graph)
+    scope = Scope(graph, None, opset)
     new_nodes = []
     for node in graph.node:
         if node.op_type not in RECURRENT_OPS or node.domain not in ("", "ai.onnx"):

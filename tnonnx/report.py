@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .report_table import Column, fit_table, legend
@@ -115,6 +116,7 @@ class InspectReport:
     rows: list[LayerRow]
     totals: Totals
     batch: int
+    rewritable_params: int = 0  # parameters of the candidate layers (a shared weight once)
     notes: list[str] = field(default_factory=list)  # e.g. the symbolic dims tnonnx assumed
     source: dict | None = None  # input path and sha256
     versions: dict = field(default_factory=versions)
@@ -124,13 +126,13 @@ class InspectReport:
         t = self.totals
         return {"input": self.source, "versions": self.versions, "batch": self.batch, "notes": self.notes,
                 "totals": {"params_before": t.params_before, "bytes_before": t.bytes_before,
-                           "macs_before": t.macs_before},
+                           "macs_before": t.macs_before, "params_rewritable": self.rewritable_params},
                 "layers": [{k: v for k, v in asdict(r).items() if k not in AFTER_FIELDS} for r in self.rows]}
 
     def render(self, console: Console) -> None:
         t = self.totals
         if not self.rows:
-            console.print("no MatMul, Gemm or Conv layers in this model: nothing tnonnx can rewrite")
+            console.print("no node with a constant weight in this model: nothing tnonnx can rewrite")
         columns = [Column("layer", name=True), Column("op", group="op"), Column("weight", group="weight"),
                    Column("params", "right"), Column("MACs", "right", group="MACs"), Column("% MACs", "right"),
                    Column("note", wrap=True)]
@@ -139,13 +141,17 @@ class InspectReport:
             share = f"{100 * r.macs_before / t.macs_before:.1f}" if r.macs_before and t.macs_before else "-"
             rows.append([r.name, r.op, _shape(r.weight_shape), _n(r.params_before), _n(r.macs_before), share,
                          r.reason or "candidate"])
-        table, dropped = fit_table(f"candidate layers (MACs at batch {self.batch})", columns, rows, console.width,
+        table, dropped = fit_table(f"weights (MACs at batch {self.batch})", columns, rows, console.width,
                                    ("MACs", "weight", "op"), n_essential=2)
         console.print(table)
         if dropped:
             console.print(legend(dropped, console.width, "tnonnx inspect --json"), highlight=False)
         console.print(f"model: {_n(t.params_before)} parameters, {_bytes(t.bytes_before)}, "
                       f"{_n(t.macs_before)} MACs at batch {self.batch}")
+        candidates = sum(1 for r in self.rows if r.reason is None)
+        share = f" ({100 * self.rewritable_params / t.params_before:.1f}% of the model)" if t.params_before else ""
+        console.print(f"rewritable: {_n(self.rewritable_params)} parameters in {candidates} candidate layers{share}; "
+                      f"{len(self.rows) - candidates} layers left alone, each with its reason", highlight=False)
         for note in self.notes:
             console.print(note, highlight=False)
 
@@ -159,6 +165,7 @@ class RewriteReport:
     rows: list[LayerRow]
     totals: Totals
     validation: object | None = None  # validate.ValidationResult
+    validation_skipped: str | None = None  # why, and how to give feeds (validate.skipped_note)
     seconds: float = 0.0
     output_path: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -167,6 +174,12 @@ class RewriteReport:
     source: dict | None = None  # input path and sha256 (source_info)
     settings: dict = field(default_factory=dict)  # every option of the run, as given
     versions: dict = field(default_factory=versions)
+    deploy: object | None = None  # deploy.DeployReport: target, quantization, comparisons
+
+    @property
+    def ok(self) -> bool:
+        """Validation passed (when run) and the target's checks held."""
+        return (self.validation is None or self.validation.ok) and (self.deploy is None or self.deploy.ok)
 
     @property
     def rewritten(self) -> list[LayerRow]:
@@ -180,6 +193,8 @@ class RewriteReport:
             "totals": asdict(self.totals),
             "latency": asdict(self.latency) if self.latency is not None else None,
             "validation": self.validation.to_dict() if self.validation is not None else None,
+            "validation_skipped": self.validation_skipped,
+            "deploy": self.deploy.to_dict() if self.deploy is not None else None,
             "layers": [asdict(r) for r in self.rows],
         }
 
@@ -244,8 +259,53 @@ class RewriteReport:
         for note in self.notes:
             console.print(f"[yellow]{note}[/yellow]" if "SLOWER" in note or "not reached" in note else note,
                           markup=True, highlight=False)
+        if self.deploy is not None:
+            render_deploy(self.deploy, console)
         if self.validation is not None:
             render_validation(self.validation, console)
+        if self.validation_skipped:
+            console.print(f"[yellow]{escape(self.validation_skipped)}[/yellow]", markup=True, highlight=False)
+
+
+def render_deploy(d, console: Console) -> None:
+    """Target checks, quantization and the comparisons of the combined result, in lines
+    and one table that fit 80 columns."""
+    t = d.target
+    console.print(f"target {t.target}: ops {', '.join(t.ops)}", highlight=False)
+    q = d.quantization
+    if q is not None:
+        bits = f"{q.bits_per_weight:.2f}" if q.bits_per_weight is not None else "-"
+        console.print(f"quantized: {q.method}; {len(q.int4)} weights in int4, {len(q.int8)} in int8, "
+                      f"{len(q.left_float)} left float; {bits} bits per weight", highlight=False)
+    s = d.sizes
+    if s.get("baseline"):
+        console.print(f"size: original {_bytes(s['original'])}, factorised {_bytes(s['factorised'])}, final "
+                      f"{_bytes(s['final'])} ({_ratio(s['original'], s['final'])}); quantized alone "
+                      f"{_bytes(s['baseline'])} ({_ratio(s['original'], s['baseline'])})", highlight=False)
+    if d.comparisons:
+        table = Table(title="comparisons (same feeds)")
+        for col in ("models", "cosine", "rel L2", "max abs", "top-1"):
+            table.add_column(col, justify="left" if col == "models" else "right")
+        for label, r in d.comparisons.items():
+            o = min(r.outputs, key=lambda o: o.cosine)
+            table.add_row(label, f"{o.cosine:.6f}", f"{o.rel_l2:.2e}", f"{o.max_abs:.2e}",
+                          "-" if o.top1 is None else f"{o.top1:.4f}")
+        console.print(table)
+        final, base = d.comparisons.get("original → final"), d.comparisons.get("original → baseline")
+        if final is not None and base is not None and final.accuracy_ref is not None:
+            console.print(f"accuracy: original {final.accuracy_ref:.4f}, final {final.accuracy_test:.4f}, "
+                          f"quantized alone {base.accuracy_test:.4f}", highlight=False)
+        if final is not None and base is not None and s.get("baseline"):
+            smaller = s["final"] <= s["baseline"]
+            better = min(o.cosine for o in final.outputs) >= min(o.cosine for o in base.outputs)
+            console.print("factorise-then-quantize " + ("is" if smaller else "is not") + " smaller than quantizing "
+                          "alone and " + ("agrees at least as well" if better else "agrees less well")
+                          + " with the original", highlight=False)
+    for c in t.checks:
+        mark = "[green]ok[/green]" if c["ok"] else "[red]FAIL[/red]"
+        console.print(f"{mark} {c['check']}" + (f": {c['detail']}" if c["detail"] else ""), highlight=False)
+    if t.ort_version:
+        console.print(f".ort written by onnxruntime {t.ort_version}: loads in that version or newer", highlight=False)
 
 
 def render_validation(result, console: Console) -> None:

@@ -13,7 +13,7 @@ import onnx
 
 from . import calibrate, runtime
 from . import model as _model
-from .errors import TnonnxError
+from .errors import OriginalDoesNotRun, TnonnxError
 
 # Chunk size for many-sample inputs when the model's batch dim is symbolic.
 RUN_CHUNK = 64
@@ -236,7 +236,8 @@ def validate(
     """Run both models on the same inputs and compare every output.
 
     ``inputs``: None (RANDOM_SAMPLES made-up samples from the reference's shapes in batches
-    of ``batch``, with ``shapes`` and ``seed``; the result says they were random),
+    of ``batch``, with ``shapes`` and ``seed``; the result says they were random; when the
+    reference cannot run on them: OriginalDoesNotRun),
     a path to an .npz, a dict of arrays, or an object with get_next(). Labels: ``labels``, or
     the ``labels`` array of an .npz/dict; they give top-1 accuracy of both models.
     ``max_accuracy_drop`` (percentage points): with labels, the most accuracy may drop;
@@ -246,18 +247,30 @@ def validate(
     ref = _model.load(reference, what="reference")
     cand = _model.load(candidate, what="candidate")
     runtime.check_same_inputs(ref, cand)
+    try:
+        batches, extras = feeds(ref, inputs, shapes=shapes, batch=batch, seed=seed)
+        ref_out = run(ref, batches, what="reference")
+    except TnonnxError as exc:
+        if inputs is not None:
+            raise
+        raise OriginalDoesNotRun(str(exc)) from None
+    return result(ref_out, run(cand, batches, what="candidate"), batches, ref,
+                  inputs=inputs, labels=extras.get("labels") if labels is None else labels, shapes=shapes,
+                  atol=atol, rtol=rtol, min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
 
+
+def feeds(ref: onnx.ModelProto, inputs=None, *, shapes=None, batch: int = 1, seed: int = 0):
+    """(batches, extras) a validation runs on: `inputs` (see validate), or RANDOM_SAMPLES
+    made-up samples from the reference's shapes."""
     if inputs is None:
-        batches, extras = calibrate.random_batches(ref, RANDOM_SAMPLES, batch, shapes, seed), {}
-    else:
-        batches, extras = calibrate.feed_batches(inputs, ref, batch=batch, shapes=shapes, seed=seed, chunk=RUN_CHUNK)
+        return calibrate.random_batches(ref, RANDOM_SAMPLES, batch, shapes, seed), {}
+    return calibrate.feed_batches(inputs, ref, batch=batch, shapes=shapes, seed=seed, chunk=RUN_CHUNK)
 
-    ref_out = run(ref, batches, what="reference")
-    test_out = run(cand, batches, what="candidate")
+
+def result(ref_out, test_out, batches, ref: onnx.ModelProto, *, inputs=None, labels=None, shapes=None,
+           atol=None, rtol=None, min_cosine=None, max_accuracy_drop=None) -> "ValidationResult":
+    """The ValidationResult of two models' outputs (`run`) on the same `batches`."""
     outputs = compare(ref_out, test_out)
-
-    if labels is None:
-        labels = extras.get("labels")
     acc_ref = acc_test = None
     if labels is not None:
         acc_ref, acc_test = _accuracies(np.asarray(labels), outputs)
@@ -276,6 +289,17 @@ def validate(
         random_feeds=inputs is None or (isinstance(inputs, int) and not isinstance(inputs, bool)),
         assumed=calibrate.assumed_dims(ref, shapes) if inputs is None or isinstance(inputs, int) else [],
     )
+
+
+def skipped_note(exc: OriginalDoesNotRun) -> str:
+    """What a rewrite says when it skips validation because the original does not run on
+    made-up feeds: why (onnxruntime's message, shortened) and how to give feeds."""
+    why = str(exc).removeprefix("reference: ")
+    if "Status Message: " in why:  # a failure inside an If/Loop body: its innermost message says why
+        why = "onnxruntime failed to run it: " + why.rsplit("Status Message: ", 1)[1]
+    why = calibrate.clip(why, 200)
+    return (f"validation skipped: the original does not run on the inputs tnonnx made up ({why}); "
+            "give real inputs with --inputs FILE.npz, or input shapes with --shape NAME:DIMS")
 
 
 def _accuracies(labels: np.ndarray, outputs: list[OutputAgreement]) -> tuple[float | None, float | None]:

@@ -37,9 +37,12 @@ class ConvGeometry:
     """The conv attributes a factorised conv must keep on its spatial stage."""
 
     kernel: tuple[int, ...]
-    attrs: dict  # strides, pads, dilations, auto_pad as found on the node
+    attrs: dict  # strides, pads, dilations, auto_pad (ConvTranspose: output_padding/shape) as found on the node
     in_spatial: tuple[int, ...] | None = None  # per-sample spatial sizes, when known
     out_spatial: tuple[int, ...] | None = None
+    # a ConvTranspose: the spatial stage is a ConvTranspose with these attributes, the
+    # pointwise stages plain 1x1 Convs (channel maps commute with the transposed conv)
+    transposed: bool = False
 
     def pointwise_attrs(self) -> dict:
         return {"kernel_shape": [1] * len(self.kernel)}
@@ -211,23 +214,33 @@ class ConvFactorization(Factorization):
         return out
 
     def macs(self, geometry: ConvGeometry) -> int:
-        """Per sample, following the spatial size through the stages."""
+        """Per sample, following the spatial size through the stages (a ConvTranspose stage
+        costs per input position)."""
         size, total = tuple(geometry.in_spatial), 0
         for w, stage in zip(self.stage_weights(), self.stages):
-            size = conv_output_size(size, tuple(w.shape[2:]), stage.conv_attrs(geometry))
-            total += math.prod(size) * w.shape[0] * w.shape[1] * math.prod(w.shape[2:])
+            per_position = w.shape[0] * w.shape[1] * math.prod(w.shape[2:])
+            if geometry.transposed and stage.spatial:
+                total += math.prod(size) * per_position
+                size = conv_transpose_output_size(size, tuple(w.shape[2:]), stage.conv_attrs(geometry))
+            else:
+                size = conv_output_size(size, tuple(w.shape[2:]), stage.conv_attrs(geometry))
+                total += math.prod(size) * per_position
         return total
 
     def emit(self, builder: Builder, x: str, geometry: ConvGeometry, bias: np.ndarray | None, output: str) -> str:
-        """Conv nodes in both emission modes: ONNX Runtime's Conv beats any Einsum form."""
+        """Conv nodes in both emission modes: ONNX Runtime's Conv beats any Einsum form.
+        For a ConvTranspose layer the spatial stage is a ConvTranspose (weight in its layout)."""
         weights = self.stage_weights()
         for i, (w, stage) in enumerate(zip(weights, self.stages)):
             last = i == len(self.stages) - 1
             attrs = stage.conv_attrs(geometry)
-            if stage.train and self._stored_size(stage, w) < w.size:
+            op = "Conv"
+            if geometry.transposed and stage.spatial:
+                op, w = "ConvTranspose", flip_kernel(w, stage.group)
+            elif stage.train and self._stored_size(stage, w) < w.size:
                 w = self._merge_in_graph(builder, stage.train, w.shape)
             x = conv_node(builder, x, w, "conv", bias=bias if last else None, attrs=attrs,
-                          output=output if last else None)
+                          output=output if last else None, op=op)
             if self.activation is not None and not last:
                 x = onnx_activation(builder, x, self.activation)
         return x
@@ -259,6 +272,43 @@ def conv_output_size(size: tuple[int, ...], kernel: tuple[int, ...], attrs: dict
     pads = [0] * 2 * n if auto_pad == "VALID" else attrs.get("pads", [0] * 2 * n)
     return tuple((s + pads[i] + pads[i + n] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
                  for i, s in enumerate(size))
+
+
+def conv_transpose_output_size(size: tuple[int, ...], kernel: tuple[int, ...], attrs: dict) -> tuple[int, ...]:
+    """Spatial output size of an ONNX ConvTranspose (output_shape, auto_pad or pads)."""
+    n = len(size)
+    if attrs.get("output_shape"):
+        return tuple(attrs["output_shape"][-n:])
+    strides = attrs.get("strides", [1] * n)
+    if attrs.get("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER"):
+        return tuple(s * st for s, st in zip(size, strides))
+    dilations = attrs.get("dilations", [1] * n)
+    extra = attrs.get("output_padding", [0] * n)
+    pads = [0] * 2 * n if attrs.get("auto_pad") == "VALID" else attrs.get("pads", [0] * 2 * n)
+    return tuple(strides[i] * (s - 1) + extra[i] + (kernel[i] - 1) * dilations[i] + 1 - pads[i] - pads[i + n]
+                 for i, s in enumerate(size))
+
+
+def flip_kernel(w: np.ndarray, group: int = 1) -> np.ndarray:
+    """A grouped Conv kernel (out, in/g, k...) as the ConvTranspose kernel (in, out/g, k...)
+    of the same channel map, and back: each group's (out, in) block transposed."""
+    a, b, ks = w.shape[0], w.shape[1], w.shape[2:]
+    return np.swapaxes(w.reshape((group, a // group, b) + ks), 1, 2).reshape((group * b, a // group) + ks)
+
+
+def check_transposable(fact) -> None:
+    """NotApplicable unless `fact` emits as 1x1 Convs around one plain spatial stage, the
+    form a ConvTranspose layer keeps (formats with several spatial stages, folded batches or
+    stacked pieces are left alone there)."""
+    from ..errors import NotApplicable
+
+    parts = fact.groups if isinstance(fact, GroupedConvFactorization) else [fact]
+    for part in parts:
+        spatial = [s for s in getattr(part, "stages", []) if s.spatial]
+        if (not isinstance(part, ConvFactorization) or type(part).emit is not ConvFactorization.emit
+                or len(spatial) != 1 or spatial[0].attrs is not None):
+            raise NotApplicable(f"{fact.format}: this factorised form has no ConvTranspose equivalent "
+                                "(svd, tucker, tt, cp and ht do)")
 
 
 def pointwise(matrix: np.ndarray, spatial_rank: int):

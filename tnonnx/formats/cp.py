@@ -300,11 +300,13 @@ def _split_attrs(axis: int, nsp: int):
     return attrs
 
 
-def fit_conv(kernel: np.ndarray, spec: RankSpec, *, conv_layout: str | None = None, **options) -> ConvFactorization:
+def fit_conv(kernel: np.ndarray, spec: RankSpec, *, conv_layout: str | None = None, transposed: bool = False,
+             **options) -> ConvFactorization:
+    """transposed: for a ConvTranspose layer, whose one spatial stage cp3 keeps (the default there)."""
     t, s = kernel.shape[:2]
     ks = tuple(kernel.shape[2:])
     nsp = len(ks)
-    layout = conv_layout or ("cp4" if nsp == 2 else "cp3")
+    layout = conv_layout or ("cp4" if nsp == 2 and not transposed else "cp3")
     if layout not in ("cp3", "cp4"):
         raise TnonnxError(f"cp: conv_layout {layout!r}: choose 'cp4' (2-D kernels) or 'cp3'")
     if layout == "cp4" and nsp != 2:
