@@ -59,19 +59,20 @@ def test_every_weight_gets_a_row_with_its_reason():
     assert rows["dense"].reason is None and rows["upsample"].reason is None
     assert "both inputs are computed" in rows["attention"].reason and rows["attention"].params_before == 0
     assert rows["depthwise"].reason.startswith("depthwise conv")
-    assert rows["lstm"].reason == rows["gru"].reason == rows["rnn"].reason == "recurrent layer: not rewritten yet"
-    assert rows["embedding"].reason == "embedding table: not rewritten yet"
+    # recurrent nodes and embedding tables are candidates (tnonnx/recurrent.py, tnonnx/embedding.py)
+    assert rows["lstm"].reason is rows["gru"].reason is rows["rnn"].reason is rows["embedding"].reason is None
     assert rows["int8_matmul"].reason == "already quantized"
     assert rows["dequantized"].reason == "weight is quantized (DequantizeLinear)"
     assert rows["dequantized"].weight_shape == [IN, 3] and rows["dequantized"].params_before == IN * 3
-    # parameters: every constant the node carries; MACs as the node computes them
-    assert rows["lstm"].params_before == 4 * H * IN + 4 * H * H + 8 * H
-    assert rows["lstm"].weight_shape == [1, 4 * H, IN]
+    # parameters: the weight a rewrite replaces (a recurrent node's W, its R and B stay with
+    # the node unless --recurrent scan); MACs as the node computes them
+    assert rows["lstm"].params_before == 4 * H * IN
+    assert rows["lstm"].weight_shape == [IN, 4 * H]
     assert rows["lstm"].macs_before == SEQ * 2 * (4 * H * IN + 4 * H * H)
     assert rows["gru"].macs_before == SEQ * 2 * (3 * H * IN + 3 * H * H)
     assert rows["embedding"].params_before == 200 and rows["embedding"].macs_before == 0
     assert rows["upsample"].weight_shape == [4, 3, 2, 2] and rows["upsample"].macs_before == 4 * 36 * 3 * 4
-    assert report.rewritable_params == IN * 4 + 4 * 3 * 2 * 2
+    assert report.rewritable_params == IN * 4 + 4 * 3 * 2 * 2 + IN * H * (4 + 3 + 1) + 200
 
 
 def test_inspect_prints_the_rewritable_share_within_80_columns(tmp_path):
@@ -81,11 +82,11 @@ def test_inspect_prints_the_rewritable_share_within_80_columns(tmp_path):
     assert result.exit_code == 0, result.output
     assert max(len(line) for line in result.output.splitlines()) <= 80
     total = api.inspect(_zoo()).totals.params_before
-    assert f"rewritable: 72 parameters in 2 candidate layers ({100 * 72 / total:.1f}% of the model)" in result.output
+    assert f"rewritable: 656 parameters in 6 candidate layers ({100 * 656 / total:.1f}% of the model)" in result.output
     assert "lstm" in result.output and "candidate" in result.output
     result = CliRunner().invoke(main, ["inspect", str(path), "--json"])
     data = json.loads(result.output)
-    assert data["totals"]["params_rewritable"] == 72 and len(data["layers"]) == 10
+    assert data["totals"]["params_rewritable"] == 656 and len(data["layers"]) == 10
 
 
 def test_the_zoo_runs():
