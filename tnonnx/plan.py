@@ -152,15 +152,8 @@ class Fitter:
             transposed = layer.kind == "conv" and layer.geometry.transposed
             if transposed:  # formats with a choice of layout take one a ConvTranspose keeps
                 options = dict(options, transposed=True)
-            if layer.kind == "conv" and layer.groups > 1:
-                per = layer.weight.shape[0] // layer.groups
-                fact = GroupedConvFactorization(format, [
-                    module.fit_conv(layer.weight[i * per:(i + 1) * per], spec, **options)
-                    for i in range(layer.groups)])
-            elif layer.kind == "conv":
-                fact = module.fit_conv(layer.weight, spec, **options)
-            else:
-                fact = module.fit_dense(layer.weight, spec, modes=modes, order=order, **options)
+            fact = fit_weight(format, layer.weight, spec, groups=layer.groups if layer.kind == "conv" else 1,
+                              modes=modes, order=order, options=options)
             if transposed:
                 check_transposable(fact)
             if refine:
@@ -175,6 +168,25 @@ class Fitter:
             fact.output_error = data.output_error(fact) if data is not None else None
             self.cache[key] = fact
         return self.cache[key]
+
+
+def fit_weight(format: str, weight, spec: RankSpec, *, groups: int = 1, modes=None, order=None,
+               options: dict | None = None, fitted: bool = True):
+    """The format's factorisation of a dense weight (N x M, y = x W) or a conv kernel
+    (T x S/g x k...; a grouped conv group by group). `fitted=False`: only the structure
+    (nonlinear formats skip their distillation), for training from scratch."""
+    module = FORMATS[format]
+    options = options or {}
+    fit_dense, fit_conv = module.fit_dense, module.fit_conv
+    if not fitted and hasattr(module, "start"):
+        fit_dense = fit_conv = module.start
+    if weight.ndim == 2:
+        return fit_dense(weight, spec, modes=modes, order=order, **options)
+    if groups > 1:
+        per = weight.shape[0] // groups
+        return GroupedConvFactorization(format, [fit_conv(weight[i * per:(i + 1) * per], spec, **options)
+                                                 for i in range(groups)])
+    return fit_conv(weight, spec, **options)
 
 
 def fit_error(fact) -> float:
