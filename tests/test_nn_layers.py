@@ -27,6 +27,15 @@ CONVS = [  # (dim, in, out, kernel, stride, padding, dilation, groups)
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small layers run many times slower on two contended threads than on one."""
+    from tnonnx.fit import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 def emitted(layer, conv=None):
     """The ONNX subgraph `tnonnx rewrite` emits for the layer's current cores and bias,
     as a one-layer model."""
