@@ -145,7 +145,7 @@ class Fitter:
         module = FORMATS[format]
         data = self.data.get(layer.name)
         takes_data = getattr(module, "SUPPORTS_DATA", False) or getattr(module, "NEEDS_DATA", False)
-        refine = data is not None and final and not takes_data
+        refine = data is not None and final and not takes_data and not getattr(module, "DATA_FREE", False)
         key = (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine)
         if key not in self.cache:
             options = dict(self.options, data=data) if takes_data and data is not None else self.options

@@ -81,6 +81,13 @@ def with_cores(fact, cores: dict):
     return replace(fact, **changes)
 
 
+def _own_init(fact, rng: np.random.Generator, rms: float) -> dict | None:
+    if isinstance(fact, GroupedConvFactorization):
+        parts = [_own_init(g, rng, rms) for g in fact.groups]
+        return None if parts[0] is None else {f"g{i}.{k}": v for i, p in enumerate(parts) for k, v in p.items()}
+    return fact.init_cores(rng, rms) if hasattr(fact, "init_cores") else None
+
+
 class _Factorized(nn.Module):
     """What the linear and conv layers share: the structure, the cores, the bias."""
 
@@ -104,6 +111,12 @@ class _Factorized(nn.Module):
 
     def _init_cores(self, fan_in: int, probe: torch.Tensor, generator: torch.Generator) -> None:
         cores = list(cores_of(self.layer).values())
+        own = _own_init(self._fact, np.random.default_rng(generator.initial_seed()), 1 / math.sqrt(fan_in))
+        if own is not None:  # a format with an initialisation of its own (adtn)
+            with torch.no_grad():
+                for k, p in cores_of(self.layer).items():
+                    p.copy_(torch.as_tensor(own[k]))
+            return
         with torch.no_grad():
             for p in cores:
                 p.copy_(torch.randn(p.shape, generator=generator))
@@ -139,7 +152,7 @@ class FactorizedLinear(_Factorized):
         self.in_features, self.out_features = in_features, out_features
         scratch = _fact is None
         if scratch:
-            spec = rank_spec(rank, ratio, scratch=True)
+            spec = rank_spec(options.get("depth", rank) if ratio is None else rank, ratio, scratch=True)
             gaussian = np.random.default_rng(seed).standard_normal((in_features, out_features))
             _fact = fit(format, gaussian, spec, modes=modes, order=order, fitted=False, **options)
         self._setup(_fact, _fact.torch_module(), _bias, out_features, bias)
@@ -207,7 +220,7 @@ class FactorizedConv(_Factorized):
         self.geometry = ConvGeometry(kernel, onnx_conv_attrs(kernel, stride, padding, dilation))
         scratch = _fact is None
         if scratch:
-            spec = rank_spec(rank, ratio, scratch=True)
+            spec = rank_spec(options.get("depth", rank) if ratio is None else rank, ratio, scratch=True)
             shape = (out_channels, in_channels // groups) + kernel
             gaussian = np.random.default_rng(seed).standard_normal(shape)
             _fact = fit(format, gaussian, spec, groups=groups, fitted=False, **options)
