@@ -200,8 +200,8 @@ def onnx_conv_attrs(kernel, stride, padding, dilation) -> dict:
 
 
 class FactorizedConv(_Factorized):
-    """A factorised Conv1d/2d/3d (the dimension from kernel_size, or `dim` for an int
-    kernel_size): FactorizedConv(in_channels, out_channels, kernel_size, stride=, padding=,
+    """A factorised Conv1d/2d/3d (the dimension from a kernel_size tuple; for an int
+    kernel_size `dim`, default 2): FactorizedConv(in_channels, out_channels, kernel_size, stride=, padding=,
     dilation=, groups=, bias=, format=, rank=/ratio=, ...). Zero padding only."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -210,6 +210,8 @@ class FactorizedConv(_Factorized):
         super().__init__()
         if isinstance(kernel_size, (tuple, list)):
             dim = len(kernel_size)
+        elif dim is None:
+            dim = 2
         if dim not in (1, 2, 3):
             raise TnonnxError("FactorizedConv: give a kernel_size tuple of 1 to 3 sizes, or dim=1, 2 or 3")
         kernel = _tuple(kernel_size, dim)
