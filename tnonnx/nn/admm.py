@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import TnonnxError
 from ..formats import FORMATS
 from .convert import candidates, factorize
-from .layers import fit, rank_spec
+from .layers import check_format, fit, rank_spec
 
 RHO = 1e-3
 
@@ -32,9 +32,7 @@ class ADMM:
     def __init__(self, model: nn.Module, *, format: str = "tt", rank=None, ratio: float | None = None,
                  rho: float = RHO, include: str | None = None, exclude: str | None = None, min_params: int = 0,
                  **options):
-        if format not in FORMATS:
-            raise TnonnxError(f"format '{format}': choose from {', '.join(FORMATS)}")
-        if getattr(FORMATS[format], "NONLINEAR", False):
+        if getattr(FORMATS[check_format(format)], "NONLINEAR", False):
             raise TnonnxError(f"ADMM: {format} has no dense weight to project on; use a linear format")
         if not rho > 0:
             raise TnonnxError(f"rho={rho}: must be > 0")

@@ -45,7 +45,7 @@ def rank_spec(rank=None, ratio=None, tol=None, *, scratch: bool = False) -> Rank
     return RankSpec(rank=rank, tol=tol, ratio=ratio)
 
 
-def _check_format(format: str) -> str:
+def check_format(format: str) -> str:
     if format not in FORMATS:
         raise TnonnxError(f"format '{format}': choose from {', '.join(FORMATS)}")
     return format
@@ -55,7 +55,7 @@ def fit(format: str, weight: np.ndarray, spec: RankSpec, *, groups: int = 1, mod
         fitted: bool = True, **options):
     from ..plan import fit_weight
 
-    return fit_weight(_check_format(format), np.asarray(weight, dtype=np.float64), spec, groups=groups,
+    return fit_weight(check_format(format), np.asarray(weight, dtype=np.float64), spec, groups=groups,
                       modes=modes, order=order, options=options, fitted=fitted)
 
 
@@ -174,10 +174,6 @@ class FactorizedLinear(_Factorized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer(x)
         return y if self.bias is None else y + self.bias
-
-    def dense_weight(self) -> torch.Tensor:
-        """(out, in) like nn.Linear.weight (linear formats), differentiable."""
-        return self.layer(torch.eye(self.in_features, dtype=self.bias.dtype if self.bias is not None else None)).T
 
 
 def _tuple(v, n: int) -> tuple[int, ...]:
