@@ -153,7 +153,8 @@ def test_capture_keeps_a_bounded_uniform_sample(monkeypatch):
 
 # ------------------------------------------------------------------ refinement of every linear format
 
-LINEAR_FORMATS = [f for f, m in FORMATS.items() if f != "svd" and not getattr(m, "NONLINEAR", False)]
+LINEAR_FORMATS = [f for f, m in FORMATS.items() if f != "svd" and not getattr(m, "NONLINEAR", False)
+                  and not getattr(m, "DATA_FREE", False)]
 
 
 def _dense_data(w, seed=40):

@@ -146,7 +146,7 @@ class Fitter:
         data = self.data.get(layer.name)
         takes_data = getattr(module, "SUPPORTS_DATA", False) or getattr(module, "NEEDS_DATA", False) \
             or layer.kind in ("embedding", "tied")  # row weights, see tnonnx/embedding.py
-        refine = data is not None and final and not takes_data
+        refine = data is not None and final and not takes_data and not getattr(module, "DATA_FREE", False)
         key = (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine)
         if key not in self.cache:
             options = dict(self.options, data=data) if takes_data and data is not None else self.options
@@ -161,15 +161,9 @@ class Fitter:
                 from .recurrent import fit as fit_recurrent
 
                 fact = fit_recurrent(module, layer, spec, modes, order, **options)
-            elif layer.kind == "conv" and layer.groups > 1:
-                per = layer.weight.shape[0] // layer.groups
-                fact = GroupedConvFactorization(format, [
-                    module.fit_conv(layer.weight[i * per:(i + 1) * per], spec, **options)
-                    for i in range(layer.groups)])
-            elif layer.kind == "conv":
-                fact = module.fit_conv(layer.weight, spec, **options)
             else:
-                fact = module.fit_dense(layer.weight, spec, modes=modes, order=order, **options)
+                fact = fit_weight(format, layer.weight, spec, groups=layer.groups if layer.kind == "conv" else 1,
+                                  modes=modes, order=order, options=options)
             if transposed:
                 check_transposable(fact)
             if refine:
@@ -184,6 +178,25 @@ class Fitter:
             fact.output_error = data.output_error(fact) if data is not None else None
             self.cache[key] = fact
         return self.cache[key]
+
+
+def fit_weight(format: str, weight, spec: RankSpec, *, groups: int = 1, modes=None, order=None,
+               options: dict | None = None, fitted: bool = True):
+    """The format's factorisation of a dense weight (N x M, y = x W) or a conv kernel
+    (T x S/g x k...; a grouped conv group by group). `fitted=False`: only the structure
+    (nonlinear formats skip their distillation), for training from scratch."""
+    module = FORMATS[format]
+    options = options or {}
+    fit_dense, fit_conv = module.fit_dense, module.fit_conv
+    if not fitted and hasattr(module, "start"):
+        fit_dense = fit_conv = module.start
+    if weight.ndim == 2:
+        return fit_dense(weight, spec, modes=modes, order=order, **options)
+    if groups > 1:
+        per = weight.shape[0] // groups
+        return GroupedConvFactorization(format, [fit_conv(weight[i * per:(i + 1) * per], spec, **options)
+                                                 for i in range(groups)])
+    return fit_conv(weight, spec, **options)
 
 
 def fit_error(fact) -> float:

@@ -16,7 +16,7 @@ import numpy as np
 from ..emit import onnx_activation
 from . import tr
 from .base import RankSpec, _no_dense_weight
-from .ntt import ITERATIONS, nonlinear_conv, nonlinear_dense
+from .ntt import ITERATIONS, nonlinear_conv, nonlinear_dense, unfitted
 
 NAME = "ntr"
 NEEDS_DATA = True
@@ -33,6 +33,11 @@ def fit_conv(kernel: np.ndarray, spec: RankSpec, *, data=None, act: str = "relu"
              samples: int | None = None, **options):
     return nonlinear_conv(tr, NAME, kernel, spec, data=data, act=act, iters=iters, samples=samples,
                           factory=NonlinearRingConvFactorization, **options)
+
+
+def start(weight: np.ndarray, spec: RankSpec, **options):
+    """The structure without fitting (tnonnx.nn trains it from scratch)."""
+    return unfitted(tr, NAME, weight, spec, factory=NonlinearRingConvFactorization, **options)
 
 
 class NonlinearRingConvFactorization(tr.RingConvFactorization):

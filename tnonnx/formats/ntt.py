@@ -93,7 +93,21 @@ def fit_conv(kernel: np.ndarray, spec: RankSpec, *, data=None, act: str = "relu"
     return nonlinear_conv(tt, NAME, kernel, spec, data=data, act=act, iters=iters, samples=samples, **options)
 
 
+def start(weight: np.ndarray, spec: RankSpec, **options):
+    """The structure without fitting (tnonnx.nn trains it from scratch)."""
+    return unfitted(tt, NAME, weight, spec, **options)
+
+
 # ------------------------------------------------------------------ shared with ntr
+
+
+def unfitted(linear, name: str, weight: np.ndarray, spec: RankSpec, *, modes=None, order: int | None = None,
+             act: str = "relu", factory=None, **options):
+    """The `linear` format's decomposition of `weight` (dense N x M or conv kernel) with
+    `act` between its steps, not distilled."""
+    if weight.ndim > 2:
+        return activated(linear.fit_conv(weight, spec, **options), name, act, factory)
+    return activated(linear.fit_dense(weight, spec, modes=modes, order=order, **options), name, act)
 
 
 def check_activation(act: str) -> str:
@@ -102,16 +116,27 @@ def check_activation(act: str) -> str:
     return act
 
 
+def activated(start, name: str, act: str, factory=None):
+    """The linear factorisation `start` (a chain or conv stages) with `act` between its
+    steps, cores as they are: the nonlinear format's structure before any fitting (also
+    what tnonnx.nn trains from scratch). `factory` (conv): the class built from the
+    start's fields, default its own."""
+    from dataclasses import fields, replace
+
+    check_activation(act)
+    if isinstance(start, ChainFactorization):
+        return ChainFactorization(name, replace(start.chain, activation=act), start.cores, start.ranks, start.modes)
+    values = {f.name: getattr(start, f.name) for f in fields(start)} | {"format": name, "activation": act}
+    return (factory or type(start))(**values)
+
+
 def nonlinear_dense(linear, name: str, weight: np.ndarray, spec: RankSpec, *, modes, order, data, act: str,
                     iters: int, samples: int | None, **options) -> ChainFactorization:
     """The `linear` format's chain (tt or tr) with `act` between its steps, fitted as the
     module docstring says."""
-    from dataclasses import replace
-
-    check_activation(act)
     start = linear.fit_dense(weight, spec, modes=modes, order=order, **options)
     _refine(start, data)
-    fact = ChainFactorization(name, replace(start.chain, activation=act), start.cores, start.ranks, start.modes)
+    fact = activated(start, name, act)
     rows = _count(samples, fact.chain.macs_per_row())
     rng = np.random.default_rng(0)
     if _has_samples(data):
@@ -128,17 +153,13 @@ def nonlinear_conv(linear, name: str, kernel: np.ndarray, spec: RankSpec, *, dat
                    samples: int | None, factory=None, **options) -> ConvFactorization:
     """The `linear` format's Conv stages (tt or tr) with `act` between them; `factory`
     builds the nonlinear factorisation from the linear one's fields (default: the same class)."""
-    from dataclasses import fields
-
-    check_activation(act)
     auto_pad = data.geometry.attrs.get("auto_pad", "NOTSET") if data is not None and data.geometry else "NOTSET"
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad not in ("NOTSET", "VALID"):
         raise NotApplicable(f"{name}: auto_pad {auto_pad} convs are not fitted (the torch module takes explicit pads)")
     start = linear.fit_conv(kernel, spec, **options)
     _refine(start, data)
-    values = {f.name: getattr(start, f.name) for f in fields(start)} | {"format": name, "activation": act}
-    fact = (factory or type(start))(**values)
+    fact = activated(start, name, act, factory)
     rng = np.random.default_rng(0)
     if _has_samples(data):
         geometry = data.geometry

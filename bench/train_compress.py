@@ -1,0 +1,178 @@
+"""Training-time compression on Fashion-MNIST: dense, decompose-then-fine-tune, ADMM then
+fine-tune, and the factorised network trained from scratch, at equal compression.
+
+    python bench/train_compress.py --model lenet5 --format tt --ratio 10 [--quick]
+    python bench/train_compress.py --model lenet5 --format ntt --ratio 10 --methods dense,scratch
+    python bench/train_compress.py --model fc2 --format adtn --ratio 150 --methods dense,scratch
+
+Compressed layers: LeNet-5's conv2, fc1, fc2 (conv1: 150 and fc3: 840 weights stay dense);
+FC-2's two layers (784-256-10). "params" counts the weights of the compressed layers (no
+biases): dense weights before, factor cores after. Every method starts from the same seed;
+dense training is Adam 2e-3 with a cosine schedule, fine-tuning Adam 1e-3. ADMM (Yin et al.)
+continues from the dense network for --admm-epochs under admm.penalty() with one
+admm.step() per epoch, then factorizes and fine-tunes for --finetune epochs, as
+decompose-then-fine-tune does. Scratch trains the factorised network for --epochs plus
+--finetune epochs (the same number of passes as the dense network plus its fine-tuning).
+
+--quick: 10,000 training images, 3 dense epochs, 2 of ADMM, 2 of fine-tuning; the full
+10,000 test images always. One torch thread (--threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.reference import LeNet5  # noqa: E402
+from models.train_lenet import DEFAULT_DATA_DIR, load_split, normalise  # noqa: E402
+from tnonnx.nn import ADMM, factorize  # noqa: E402
+from tnonnx.nn.convert import candidates  # noqa: E402
+from tnonnx.nn.layers import cores_of  # noqa: E402
+
+INCLUDE = {"lenet5": "^(conv2|fc1|fc2)$", "fc2": "^(fc1|fc2)$"}
+
+
+class FC2(nn.Module):
+    def __init__(self, hidden: int = 256):
+        super().__init__()
+        self.fc1 = nn.Linear(784, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def make(model: str) -> nn.Module:
+    torch.manual_seed(0)
+    return LeNet5() if model == "lenet5" else FC2()
+
+
+def compressed_params(net: nn.Module, include: str) -> int:
+    total = 0
+    for name, module in net.named_modules():
+        if hasattr(module, "factorization") and callable(module.factorization):
+            total += sum(p.numel() for p in cores_of(module.layer).values())
+    if total:
+        return total
+    return sum(m.weight.numel() for _, m in candidates(net, include=include))
+
+
+def run_epochs(net, data, epochs: int, lr: float, *, admm=None, seed: int = 0, batch: int = 128):
+    x, y = data
+    if epochs == 0:
+        return
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    steps = epochs * (len(x) // batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        net.train()
+        perm = torch.randperm(len(x), generator=gen)
+        for b in range(len(x) // batch):
+            idx = perm[b * batch:(b + 1) * batch]
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            if admm is not None:
+                loss = loss + admm.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if admm is not None:
+            admm.step()
+
+
+@torch.no_grad()
+def accuracy(net, data) -> float:
+    net.eval()
+    x, y = data
+    correct = sum(int((net(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum()) for i in range(0, len(x), 1000))
+    return correct / len(x)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(INCLUDE), default="lenet5")
+    ap.add_argument("--format", default="tt")
+    ap.add_argument("--ratio", type=float, default=10.0)
+    ap.add_argument("--methods", default="dense,decompose,admm,scratch")
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--admm-epochs", type=int, default=10)
+    ap.add_argument("--finetune", type=int, default=5)
+    ap.add_argument("--rho", type=float, default=1e-2)
+    ap.add_argument("--train", type=int, default=60000, help="training images used")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    ap.add_argument("--option", action="append", default=[], help="format option key=value (e.g. act=tanh)")
+    ap.add_argument("--json", help="append the results as one JSON line to this file")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.train, args.epochs, args.admm_epochs, args.finetune = 10000, 3, 2, 2
+    torch.set_num_threads(args.threads)
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        options[key] = int(value) if value.isdigit() else value
+    data_dir = Path(args.data_dir)
+    xtr, ytr = load_split(data_dir, "train")
+    xte, yte = load_split(data_dir, "t10k")
+    train = (torch.from_numpy(normalise(xtr[:args.train])), torch.from_numpy(ytr[:args.train]))
+    test = (torch.from_numpy(normalise(xte)), torch.from_numpy(yte))
+    include = INCLUDE[args.model]
+    methods = args.methods.split(",")
+    spec = dict(format=args.format, ratio=args.ratio, include=include, **options)
+    rows, started = {}, time.perf_counter()
+
+    def record(method, net, seconds):
+        rows[method] = {"accuracy": accuracy(net, test), "params": compressed_params(net, include),
+                        "seconds": round(seconds, 1)}
+        print(method, rows[method], flush=True)
+
+    t = time.perf_counter()
+    dense = make(args.model)
+    run_epochs(dense, train, args.epochs, 2e-3)
+    record("dense", dense, time.perf_counter() - t)
+    if "decompose" in methods:
+        t = time.perf_counter()
+        net = factorize(dense, **spec)
+        rows["decompose_start"] = accuracy(net, test)
+        run_epochs(net, train, args.finetune, 1e-3, seed=1)
+        record("decompose", net, time.perf_counter() - t)
+    if "admm" in methods:
+        t = time.perf_counter()
+        net = make(args.model)
+        net.load_state_dict(dense.state_dict())
+        admm = ADMM(net, format=args.format, ratio=args.ratio, rho=args.rho, include=include, **options)
+        before = admm.distance()
+        run_epochs(net, train, args.admm_epochs, 1e-3, admm=admm, seed=2)
+        after = admm.distance()
+        small = admm.factorize()
+        rows["admm_start"] = accuracy(small, test)
+        rows["admm_distance"] = {"before": before, "after": after}
+        run_epochs(small, train, args.finetune, 1e-3, seed=1)
+        record("admm", small, time.perf_counter() - t)
+    if "scratch" in methods:
+        t = time.perf_counter()
+        net = factorize(make(args.model), pretrained=False, **spec)
+        run_epochs(net, train, args.epochs + args.finetune, 2e-3, seed=3)
+        record("scratch", net, time.perf_counter() - t)
+    result = {"args": vars(args), "results": rows, "seconds": round(time.perf_counter() - started, 1),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

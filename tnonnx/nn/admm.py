@@ -1,0 +1,88 @@
+"""ADMM rank-constrained training (Yin et al., CVPR 2021; ALGORITHMS.md section 9).
+
+The network trains in its dense form on loss(W) + rho/2 sum_layers ||W - Z + U||^2 (the
+user adds `admm.penalty()` to the loss); `admm.step()`, once per epoch as in the authors'
+code, projects Z <- Pi(W + U), Pi being the format's truncation at the given rank rule
+(the same fit `tnonnx rewrite` uses, rebuilt to a dense weight), then U <- U + W - Z.
+Z starts at Pi(W) and U at zero. Afterwards `admm.factorize()` decomposes the weights,
+now close to the rank set, into factorised layers to fine-tune.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import TnonnxError
+from ..formats import FORMATS
+from .convert import candidates, factorize
+from .layers import check_format, fit, rank_spec
+
+RHO = 1e-3
+
+
+class ADMM:
+    """ADMM(model, format="tt", rank=8 | ratio=10, rho=1e-3, include=, exclude=, min_params=):
+    the model's Linear and Conv layers (as `factorize` selects them) pulled towards the
+    format's rank set. Format options (modes, order, ...) as for factorize."""
+
+    def __init__(self, model: nn.Module, *, format: str = "tt", rank=None, ratio: float | None = None,
+                 rho: float = RHO, include: str | None = None, exclude: str | None = None, min_params: int = 0,
+                 **options):
+        if getattr(FORMATS[check_format(format)], "NONLINEAR", False):
+            raise TnonnxError(f"ADMM: {format} has no dense weight to project on; use a linear format")
+        if not rho > 0:
+            raise TnonnxError(f"rho={rho}: must be > 0")
+        self.model, self.format, self.rho = model, format, rho
+        self.spec = rank_spec(rank, ratio)
+        self.rank, self.ratio, self.options = rank, ratio, options
+        self.selection = dict(include=include, exclude=exclude, min_params=min_params)
+        self.layers = dict(candidates(model, **self.selection))
+        if not self.layers:
+            raise TnonnxError("ADMM: no Linear or Conv layer selected")
+        self.Z = {name: self.project(layer.weight.detach(), _groups(layer)) for name, layer in self.layers.items()}
+        self.U = {name: torch.zeros_like(z) for name, z in self.Z.items()}
+
+    def project(self, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """The format's truncation of a weight in torch's layout ((out, in) or a conv kernel
+        of a conv with `groups` groups)."""
+        w = weight.detach().double().cpu().numpy()
+        if w.ndim == 2:
+            dense = fit(self.format, w.T, self.spec, **self.options).to_dense().T
+        else:
+            dense = fit(self.format, w, self.spec, groups=groups, **self.options).to_dense()
+        return torch.as_tensor(np.ascontiguousarray(dense), dtype=weight.dtype, device=weight.device)
+
+    def penalty(self) -> torch.Tensor:
+        """rho/2 sum ||W - Z + U||^2, differentiable in the weights."""
+        terms = [((layer.weight - self.Z[n] + self.U[n]) ** 2).sum() for n, layer in self.layers.items()]
+        return self.rho / 2 * torch.stack(terms).sum()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Z <- Pi(W + U), U <- U + W - Z (call once per epoch)."""
+        for name, layer in self.layers.items():
+            w = layer.weight.detach()
+            self.Z[name] = self.project(w + self.U[name], _groups(layer))
+            self.U[name] = self.U[name] + w - self.Z[name]
+
+    @torch.no_grad()
+    def distance(self) -> dict[str, float]:
+        """Per layer, ||W - Pi(W)|| / ||W||: how far each weight is from its rank set."""
+        out = {}
+        for name, layer in self.layers.items():
+            w = layer.weight.detach()
+            out[name] = float((w - self.project(w, _groups(layer))).norm() / w.norm().clamp_min(1e-30))
+        return out
+
+    def factorize(self) -> nn.Module:
+        """A copy of the model with the selected layers factorised from their current weights."""
+        return factorize(copy.deepcopy(self.model), format=self.format, rank=self.rank, ratio=self.ratio,
+                         inplace=True, **self.selection, **self.options)
+
+
+def _groups(layer: nn.Module) -> int:
+    return getattr(layer, "groups", 1)
