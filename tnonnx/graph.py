@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import external
 from .formats.base import ConvGeometry
 from .macs import all_graphs, iter_nodes, subgraphs
 
@@ -27,6 +28,23 @@ FLOAT_TYPES = (np.float16, np.float32, np.float64)
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
 
 
+class _Weight:
+    """Layer.weight: set directly, or read from the layer's `lazy` external weight on first
+    use (and dropped again by Layer.release())."""
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return None
+        value = layer.__dict__.get("_weight")
+        if value is None and layer.__dict__.get("lazy") is not None:
+            lazy = layer.lazy
+            value = layer.__dict__["_weight"] = lazy.read(np.float64 if lazy.dtype.kind == "f" else None)
+        return value
+
+    def __set__(self, layer, value):
+        layer.__dict__["_weight"] = None if isinstance(value, _Weight) else value  # the default
+
+
 @dataclass
 class Layer:
     name: str
@@ -35,7 +53,7 @@ class Layer:
     graph: onnx.GraphProto
     kind: str = ""  # "dense" or "conv" when rewritable
     reason: str | None = None
-    weight: np.ndarray | None = None  # canonical float64 weight
+    weight: np.ndarray | None = field(default=_Weight(), repr=False, compare=False)  # canonical float64 weight
     weight_key: str = ""  # equal for layers that share one weight (factorised once)
     store_dtype: np.dtype | None = None  # dtype of the constant the weight is stored as
     compute_dtype: np.dtype | None = None  # dtype the node computes in
@@ -49,14 +67,26 @@ class Layer:
     geometry: ConvGeometry | None = None
     groups: int = 1  # conv group count; each group is factorised on its own
     weight_path: list[str] = field(default_factory=list)  # tensors between the constant and the node
+    lazy: external.Lazy | None = None  # the weight while still in its data file
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
+        if self.lazy is not None:
+            return tuple(self.lazy.shape)
         return tuple(self.weight.shape) if self.weight is not None else ()
 
     @property
     def params(self) -> int:
-        return int(self.weight.size) if self.weight is not None else 0
+        return int(np.prod(self.weight_shape)) if self.weight_shape else 0
+
+    @property
+    def has_weight(self) -> bool:
+        return self.lazy is not None or self.weight is not None
+
+    def release(self) -> None:
+        """Let go of a weight read from a data file (it is read again if needed)."""
+        if self.lazy is not None:
+            self.__dict__["_weight"] = None
 
     @property
     def batch_rank(self) -> int:
@@ -67,8 +97,8 @@ class Layer:
 class Scope:
     """Constants and producers visible from one graph (its own, then its parents')."""
 
-    def __init__(self, graph: onnx.GraphProto, parent: "Scope | None" = None):
-        self.graph, self.parent = graph, parent
+    def __init__(self, graph: onnx.GraphProto, parent: "Scope | None" = None, base: str | None = None):
+        self.graph, self.parent, self.base = graph, parent, base
         self.initializers = {t.name: t for t in graph.initializer}
         self.producers = {o: n for n in graph.node for o in n.output}
         self.inputs = {i.name for i in graph.input} - set(self.initializers)
@@ -81,7 +111,7 @@ class Scope:
             if name in scope.inputs:
                 return None
             if name in scope.initializers:
-                arr = numpy_helper.to_array(scope.initializers[name])
+                arr = external.lazy_or_array(scope.initializers[name], scope.base)
                 return arr, arr.dtype, [name]
             node = scope.producers.get(name)
             if node is not None:
@@ -106,7 +136,7 @@ class Scope:
             arr = arr.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
         elif node.op_type == "Transpose":
             perm = _attr(node, "perm", None)
-            arr = np.transpose(arr, perm)
+            arr = arr.transpose(perm)
         return arr, stored, path + [name]
 
 
@@ -165,12 +195,13 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
     nodes = list(iter_nodes(model))
     shapes = value_shapes(model, {n.input[0] for _, n, _ in nodes if n.op_type in CANDIDATE_OPS and n.input})
     scopes: dict[int, Scope] = {}
+    base = external.base_dir(model)
 
     def scope_of(chain) -> Scope:
         parent = None
         for graph in chain:
             if id(graph) not in scopes:
-                scopes[id(graph)] = Scope(graph, parent)
+                scopes[id(graph)] = Scope(graph, parent, base)
             parent = scopes[id(graph)]
         return parent
 
@@ -200,21 +231,26 @@ def _describe(layer: Layer, scope: Scope, shapes: dict) -> None:
         _describe_conv(layer, consts, shapes)
     else:
         _describe_dense(layer, consts, shapes)
-    if layer.weight is not None and layer.reason is None:
+    if layer.has_weight and layer.reason is None:
+        shape = layer.weight_shape
         if np.dtype(layer.compute_dtype) not in [np.dtype(t) for t in FLOAT_TYPES]:
             layer.reason = f"weight dtype {layer.compute_dtype} is not float16/32/64"
-        elif layer.kind == "conv" and min(layer.weight.shape[0] // layer.groups, layer.weight.shape[1]) < 2:
+        elif layer.kind == "conv" and min(shape[0] // layer.groups, shape[1]) < 2:
             layer.reason = "conv with a single input or output channel per group: nothing to factorise"
-        elif min(layer.weight.shape[:2]) < 2:
+        elif min(shape[:2]) < 2:
             layer.reason = "weight has a dimension of size 1"
 
 
-def _set_weight(layer: Layer, found, weight: np.ndarray, signature: str) -> None:
+def _set_weight(layer: Layer, found, weight, signature: str) -> None:
     _, stored, path = found
     layer.compute_dtype = weight.dtype
     layer.store_dtype = stored if np.dtype(stored) in [np.dtype(t) for t in FLOAT_TYPES] else weight.dtype
-    layer.weight = weight.astype(np.float64) if weight.dtype.kind == "f" else weight
     layer.weight_path = path
+    if isinstance(weight, external.Lazy):  # identified by where it lies, not read
+        layer.lazy = weight
+        layer.weight_key = f"{signature}:{weight.shape}:{weight.key}"
+        return
+    layer.weight = weight.astype(np.float64) if weight.dtype.kind == "f" else weight
     digest = hashlib.sha1(np.ascontiguousarray(weight).tobytes()).hexdigest()[:16]
     layer.weight_key = f"{signature}:{weight.shape}:{digest}"
 
@@ -234,7 +270,7 @@ def _describe_dense(layer: Layer, consts, shapes) -> None:
         if len(node.input) > 2 and node.input[2]:
             c = consts[2]
             if isinstance(c, tuple):
-                layer.bias = c[0].astype(np.float64) * beta
+                layer.bias = np.asarray(c[0], np.float64) * beta
             else:
                 layer.bias_input, layer.beta = node.input[2], beta
         layer.kind = "dense"
@@ -275,7 +311,7 @@ def _describe_conv(layer: Layer, consts, shapes) -> None:
         if not isinstance(consts[2], tuple):
             layer.reason = "conv bias is computed, not constant"
             return
-        layer.bias = consts[2][0].astype(np.float64)
+        layer.bias = np.asarray(consts[2][0], np.float64)
     _set_weight(layer, found, found[0], "conv")
     layer.x = node.input[0]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute

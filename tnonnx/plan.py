@@ -103,7 +103,7 @@ def make_plan(layers: list[Layer], format: str, spec: RankSpec, selection: Selec
             continue
         layer_modes = None
         if modes is not None and layer.kind == "dense":
-            n, m = layer.weight.shape
+            n, m = layer.weight_shape
             if _prod(modes[0]) == n and _prod(modes[1]) == m:
                 layer_modes = modes
         plans.append(LayerPlan(layer, format, spec, layer_modes, order))
@@ -149,7 +149,7 @@ class Fitter:
         if key not in self.cache:
             options = dict(self.options, data=data) if takes_data and data is not None else self.options
             if layer.kind == "conv" and layer.groups > 1:
-                per = layer.weight.shape[0] // layer.groups
+                per = layer.weight_shape[0] // layer.groups
                 fact = GroupedConvFactorization(format, [
                     module.fit_conv(layer.weight[i * per:(i + 1) * per], spec, **options)
                     for i in range(layer.groups)])
