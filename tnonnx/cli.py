@@ -262,7 +262,7 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         calib=_calibration(calib, calib_random), finetune=finetune, finetune_hidden=finetune_hidden,
         threads=threads, speedup=speedup, allow_slower=allow_slower, keep_best=keep_best, timing=timing,
         timing_cache=timing_cache, progress=sys.stderr.isatty())
-    api.save(new, target)
+    api.save(new, target, progress=sys.stderr.isatty())
     report.output_path = str(target)
     report.render(_console())
     click.echo(f"wrote {target}")
