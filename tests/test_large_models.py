@@ -164,3 +164,20 @@ def test_rewrite_memory_does_not_grow_with_the_number_of_layers(tmp_path):
     few, many = peak_rewrite_bytes(tmp_path, 2), peak_rewrite_bytes(tmp_path, 10)
     # eight more layers held at once would add 8 x 393 kB; one layer at a time adds nothing
     assert many - few < layer, (few, many)
+
+
+@pytest.mark.parametrize("shape", [(40, 130), (130, 40), (60, 60)])
+def test_large_weight_svd_through_the_gram_matrix_matches_lapack(monkeypatch, shape):
+    from tnonnx.formats import svd
+    from tnonnx.formats.base import RankSpec
+
+    g = rng(3)
+    w = g.standard_normal(shape) * np.exp(-np.arange(shape[1]) / 8)  # decaying spectrum
+    lapack = svd.balanced_factors(w, RankSpec(rank=12))
+    monkeypatch.setattr(svd, "GRAM_ABOVE", 0)
+    u, v = svd.balanced_factors(w, RankSpec(rank=12))
+    assert u.shape == (shape[0], 12) and v.shape == (12, shape[1])
+    np.testing.assert_allclose(u @ v, lapack[0] @ lapack[1], atol=1e-8 * np.abs(w).max())
+    np.testing.assert_allclose(np.linalg.norm(u, axis=0), np.linalg.norm(v, axis=1), rtol=1e-8)  # balanced
+    full = svd.balanced_factors(w, RankSpec(rank=min(shape)))
+    np.testing.assert_allclose(full[0] @ full[1], w, atol=1e-9 * np.abs(w).max())  # exact at full rank
