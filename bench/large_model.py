@@ -120,6 +120,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="rows of the agreement check")
     p.add_argument("--log", default=None, help="children's output (default: stderr)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--no-agree", action="store_true",
+                   help="skip the agreement check (it holds the whole original in onnxruntime's memory)")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     p.add_argument("--agree", nargs=2, metavar=("ORIGINAL", "REWRITTEN"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -148,13 +150,14 @@ def main() -> None:
             if row["rewrite"]["rc"] == 0:
                 row["output_bytes"] = folder_bytes(folder, out.name)
                 row["output_files"] = sorted(p.name for p in folder.iterdir() if p.name.startswith(out.name))
+            if row["rewrite"]["rc"] == 0 and not args.no_agree:
                 check = measured([sys.executable, __file__, "--batch", str(args.batch), "--agree", str(model), str(out)],
                                  log)
                 row["agreement"] = json.loads(check["output"].strip().splitlines()[-1]) if check["rc"] == 0 else None
                 row["agreement_run"] = {k: check[k] for k in ("seconds", "peak_rss_mb", "rc")}
-                for p in folder.iterdir():
-                    if p.name.startswith(out.name):
-                        p.unlink()
+            for p in folder.iterdir():
+                if p.name.startswith(out.name):
+                    p.unlink()
             row["rewrite"].pop("output", None)
             results["runs"].append(row)
             print(json.dumps(row, default=str), file=log, flush=True)
