@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,12 +211,9 @@ class Lazy:
         if self.stored.itemsize * self.size != self.length or self.stored == np.dtype(object):
             raise ValueError(f"tensor '{self.name}': {self.length} bytes in the data file for "
                              f"{self.size} values of {self.stored}")
-        arr = np.fromfile(self.path, dtype=self.stored.newbyteorder("<"), count=self.size, offset=self.offset)
+        arr = self._values(np.dtype(dtype) if dtype is not None and not self.ops else self.stored)
         traffic.read += self.length
         traffic.tensors_read.append(self.name)
-        arr = arr.reshape(self.dims)
-        if sys.byteorder != "little":
-            arr = arr.astype(self.stored.newbyteorder("="))
         for op, arg in self.ops:
             if op == "transpose":
                 arr = np.transpose(arr, arg)
@@ -226,6 +222,21 @@ class Lazy:
             else:
                 arr = (arr * arg).astype(arr.dtype)
         return np.ascontiguousarray(arr, dtype=dtype)
+
+    def _values(self, dtype: np.dtype) -> np.ndarray:
+        """The stored values as `dtype`, read in blocks straight into the result (a float32
+        weight wanted as float64 never exists twice in memory)."""
+        out = np.empty(self.size, dtype)
+        step = max(1, _CHUNK // self.stored.itemsize)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            for i in range(0, self.size, step):
+                n = min(step, self.size - i)
+                block = np.fromfile(f, dtype=self.stored.newbyteorder("<"), count=n)
+                if block.size != n:
+                    raise ValueError(f"tensor '{self.name}': data file '{self.path}' ends early")
+                out[i:i + n] = block
+        return out.reshape(self.dims)
 
     def __array__(self, dtype=None, copy=None):
         return self.read(dtype)
