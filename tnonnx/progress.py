@@ -17,11 +17,11 @@ def size(n: int) -> str:
 
 
 def layers(items, enabled: bool, description: str = "fitting layers"):
-    """Yield `items`, showing a bar with the weight bytes read so far when `enabled`."""
-    if not enabled:
-        yield from items
-        return
-    items = list(items)
+    """`items`, iterated under a bar with the weight bytes read so far when `enabled`."""
+    return _layers(list(items), description) if enabled else items
+
+
+def _layers(items: list, description: str):
     start = external.traffic.read
     with _bar() as bar:
         task = bar.add_task(description, total=len(items), io="")
