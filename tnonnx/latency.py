@@ -336,8 +336,10 @@ def _inferred_specs(model: onnx.ModelProto, names: list[str], deployment: Deploy
     """(shape, dtype) of each main-graph tensor in `names` from onnx's shape inference at the
     deployment shape, or None unless every one comes out concrete. Spares the run of the
     whole model (which holds all its weights: the size of the model, for a large one)."""
-    from .macs import _with_inputs
+    from .macs import _with_inputs, subgraphs
 
+    if any(subgraphs(n) for n in model.graph.node):
+        return None  # control flow: the run says which tensors it really carries
     try:
         concrete = calibrate.concrete_shapes(model, deployment.batch, deployment.shape_map)
         inferred = onnx.shape_inference.infer_shapes(_with_inputs(model, concrete, strip=True), data_prop=True)
