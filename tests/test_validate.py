@@ -177,7 +177,7 @@ def test_session_from_large_proto_and_new_ir(monkeypatch):
     big = classifier(w)
     big.graph.initializer.append(numpy_helper.from_array(np.zeros((64, 64), np.float32), "unused"))
     x = np.ones((2, 4), np.float32)
-    monkeypatch.setattr(runtime, "_MAX_PROTO_BYTES", 0)  # take the external-data route
+    monkeypatch.setattr(tmodel, "PROTO_LIMIT", 0)  # take the external-data route
     np.testing.assert_allclose(runtime.session(big).run(None, {"x": x})[0], x @ w, rtol=1e-6)
     monkeypatch.undo()
     newer = classifier()

@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from . import calibrate, deploy, macs
+from . import calibrate, deploy, external, macs
+from . import progress as progress_bars
 from . import fit as fitting
 from . import model as model_io
 from .embedding import layer_data as embedding_data
@@ -44,7 +45,8 @@ def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
     cost = macs.count(m, calibrate.concrete_shapes(m, batch, shapes))
     rows = [LayerRow.for_layer(layer, cost.per_node.get(layer.name)) for layer in layers]
     rewritable = {l.weight_key: l.params for l in layers if l.reason is None}  # a shared weight once
-    return InspectReport(rows=rows, totals=Totals(cost.params, cost.params, m.ByteSize(), m.ByteSize(),
+    size = model_io.nbytes(m)
+    return InspectReport(rows=rows, totals=Totals(cost.params, cost.params, size, size,
                                                   cost.total, cost.total), batch=batch,
                          rewritable_params=sum(rewritable.values()),
                          notes=model_io.upgrade_note(m) + calibrate.assumed_dims(m, shapes) + cost.notes,
@@ -70,7 +72,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     edge) and `quantize` (int8, int4) make the factorised model ready for where it runs
     (deploy.py); the report's `deploy` says what was done and checked.
     """
-    started = time.perf_counter()
+    started, read_before = time.perf_counter(), external.traffic.read
     if emit not in EMIT_MODES:
         raise TnonnxError(f"--emit {emit}: choose from {', '.join(EMIT_MODES)}")
     check_thresholds(atol, rtol, min_cosine, max_accuracy_drop, batch)
@@ -215,6 +217,9 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     if before_ms and after_ms and after_ms > before_ms:
         notes.append(slower_note(format, budget, speedup, allow_slower, before_ms, after_ms))
     seconds = time.perf_counter() - started
+    if external.traffic.read > read_before:
+        notes.append(f"weights read from the input's data file: {progress_bars.size(external.traffic.read - read_before)}"
+                     f" of {progress_bars.size(external.data_bytes(original))}")
     notes.extend(calibrate.assumed_dims(original, shapes))
 
     concrete = calibrate.concrete_shapes(original, batch, shapes)
@@ -245,7 +250,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                 skipped = skipped_note(exc)
     elif deployed is not None:
         deploy.check_ort(deployed, new, inputs=inputs, shapes=shapes, batch=batch)
-    totals = Totals(before.params, after.params, original.ByteSize(), new.ByteSize(), before.total, after.total,
+    totals = Totals(before.params, after.params, model_io.nbytes(original), model_io.nbytes(new),
+                    before.total, after.total,
                     ms_before=before_ms, ms_after=after_ms)
     report = RewriteReport(
         format=format, spec=f"budget {budget:g}x" if budget else spec.describe(), emit=emit, batch=batch, rows=rows,
@@ -302,26 +308,34 @@ def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, timer: La
     replacements = {} if replacements is None else replacements
     shared = {} if shared is None else shared
     for plan in _progress(plans, progress):
-        layer = plan.layer
         try:
-            fact = fitter.fit(layer, plan.format, plan.spec, plan.modes, plan.order)
-        except NotApplicable as exc:
-            layer.reason = str(exc)
-            continue
-        saved = fact.params() < layer.params or any(o.fact is fact for o in replacements.values())
-        if not saved and not force:
-            layer.reason = f"no saving at this rank ({fact.params()} >= {layer.params} parameters; --force rewrites anyway)"
-            continue
-        emissions = (plan.emission,) if plan.emission else emissions_for(fact, rules.emit, layer)
-        timings = timer.candidates(layer, [(fact, e) for e in emissions])
-        best = min(range(len(emissions)), key=lambda i: (timings[i].ms is None, timings[i].ms or 0.0))
-        plan.emission, plan.timing, plan.dense_timing = emissions[best], timings[best], timer.dense(layer)
-        # layers given the same factorisation object (one weight, one fit) share its cores
-        builder = Builder(f"{layer.name}/{plan.format}", layer.store_dtype, layer.compute_dtype,
-                          shared=shared, share_key=str(id(fact)))
-        emit_layer(builder, layer, fact, plan.emission)
-        replacements[id(layer.node)] = _Replacement(layer, plan, fact, builder)
+            _fit_one(plan, fitter, force, timer, rules, shared, replacements)
+        finally:  # a weight read from a data file goes with its layer: memory stays one layer's
+            plan.layer.release()
     return replacements
+
+
+def _fit_one(plan: LayerPlan, fitter: Fitter, force: bool, timer: LayerTimer, rules: SpeedRules,
+             shared: dict, replacements: dict) -> None:
+    layer = plan.layer
+    try:
+        fact = fitter.fit(layer, plan.format, plan.spec, plan.modes, plan.order)
+    except NotApplicable as exc:
+        layer.reason = str(exc)
+        return
+    saved = fact.params() < layer.params or any(o.fact is fact for o in replacements.values())
+    if not saved and not force:
+        layer.reason = f"no saving at this rank ({fact.params()} >= {layer.params} parameters; --force rewrites anyway)"
+        return
+    emissions = (plan.emission,) if plan.emission else emissions_for(fact, rules.emit, layer)
+    timings = timer.candidates(layer, [(fact, e) for e in emissions])
+    best = min(range(len(emissions)), key=lambda i: (timings[i].ms is None, timings[i].ms or 0.0))
+    plan.emission, plan.timing, plan.dense_timing = emissions[best], timings[best], timer.dense(layer)
+    # layers given the same factorisation object (one weight, one fit) share its cores
+    builder = Builder(f"{layer.name}/{plan.format}", layer.store_dtype, layer.compute_dtype,
+                      shared=shared, share_key=str(id(fact)))
+    emit_layer(builder, layer, fact, plan.emission)
+    replacements[id(layer.node)] = _Replacement(layer, plan, fact, builder)
 
 
 def layer_data(model: onnx.ModelProto, layers: list[Layer], batches, reference: onnx.ModelProto | None = None) -> dict:
@@ -471,7 +485,9 @@ def emit_layer(builder: Builder, layer: Layer, fact: Factorization, emit: str = 
 
 
 def _check(model: onnx.ModelProto) -> None:
-    if model.ByteSize() < 2**31 - 2**20:
+    if model_io.came_with_external_data(model):  # their data files were checked when loaded
+        model = external.emptied(model)
+    if model.ByteSize() < model_io.PROTO_LIMIT:
         onnx.checker.check_model(model)
 
 
@@ -510,19 +526,10 @@ def _reasons_summary(layers: list[Layer]) -> str:
 
 
 def _progress(items, enabled: bool, description: str = "fitting layers"):
-    """Per-layer progress on stderr when asked for (the CLI asks only on a terminal)."""
-    if not enabled:
-        return items
-    from rich.progress import track
-
-    return track(items, description=description, transient=True, console=_stderr_console())
+    return progress_bars.layers(items, enabled, description)
 
 
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def save(model: onnx.ModelProto, path, **kwargs):
-    return model_io.save(model, path, **kwargs)
+def save(model: onnx.ModelProto, path, *, progress: bool = False, **kwargs):
+    """model_io.save, with a bar of the bytes written when `progress`."""
+    with progress_bars.writing(str(path), model_io.nbytes(model), progress) as update:
+        return model_io.save(model, path, progress=update, **kwargs)

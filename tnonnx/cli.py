@@ -278,7 +278,7 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         threads=threads, speedup=speedup, allow_slower=allow_slower, keep_best=keep_best, timing=timing,
         timing_cache=timing_cache, progress=sys.stderr.isatty(), target=target_name, quantize=quantize,
         max_model_bytes=max_model_bytes)
-    api.save(new, target)
+    api.save(new, target, progress=sys.stderr.isatty())
     files = report.deploy.target.files if report.deploy is not None else {}
     for suffix, content in files.items():  # the edge target's .ort and required-operators config
         side = target.with_name(target.stem + suffix)

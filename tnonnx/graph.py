@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import external
 from .formats.base import ConvGeometry, flip_kernel
 from .macs import all_graphs, iter_nodes, subgraphs
 from .model import default_opset
@@ -34,6 +35,23 @@ FOLDED = ("ConstantOfShape", "Unsqueeze", "Squeeze", "Concat", "Slice", "Reshape
           "Gather", "Split", "Mul", "Add", "Sub", "Div", "Neg", "Range")
 
 
+class _Weight:
+    """Layer.weight: set directly, or read from the layer's `lazy` external weight on first
+    use (and dropped again by Layer.release())."""
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return None
+        value = layer.__dict__.get("_weight")
+        if value is None and layer.__dict__.get("lazy") is not None:
+            lazy = layer.lazy
+            value = layer.__dict__["_weight"] = lazy.read(np.float64 if lazy.dtype.kind == "f" else None)
+        return value
+
+    def __set__(self, layer, value):
+        layer.__dict__["_weight"] = None if isinstance(value, _Weight) else value  # the default
+
+
 @dataclass
 class Layer:
     name: str
@@ -42,7 +60,7 @@ class Layer:
     graph: onnx.GraphProto
     kind: str = ""  # "dense" or "conv" when rewritable
     reason: str | None = None
-    weight: np.ndarray | None = None  # canonical float64 weight
+    weight: np.ndarray | None = field(default=_Weight(), repr=False, compare=False)  # canonical float64 weight
     weight_key: str = ""  # equal for layers that share one weight (factorised once)
     store_dtype: np.dtype | None = None  # dtype of the constant the weight is stored as
     compute_dtype: np.dtype | None = None  # dtype the node computes in
@@ -59,10 +77,13 @@ class Layer:
     weight_path: list[str] = field(default_factory=list)  # tensors between the constant and the node
     bias_path: list[str] = field(default_factory=list)  # the same for a constant bias
     probe_x: str = ""  # a main-graph tensor whose rows stand for x in calibration (x inside a Scan cell)
+    lazy: external.Lazy | None = None  # the weight while still in its data file
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
         """As the node stores it (a ConvTranspose: in x out/group x k...)."""
+        if self.lazy is not None:
+            return tuple(self.lazy.shape)
         if self.weight is None:
             return ()
         if self.op_type == "ConvTranspose":
@@ -71,9 +92,18 @@ class Layer:
 
     @property
     def params(self) -> int:
-        if self.weight is None:
+        if not self.has_weight:
             return 0
-        return int(self.weight.size) + sum(int(np.size(w)) for w in self.other_weights)
+        return int(np.prod(self.weight_shape)) + sum(int(np.size(w)) for w in self.other_weights)
+
+    @property
+    def has_weight(self) -> bool:
+        return self.lazy is not None or self.weight is not None
+
+    def release(self) -> None:
+        """Let go of a weight read from a data file (it is read again if needed)."""
+        if self.lazy is not None:
+            self.__dict__["_weight"] = None
 
     @property
     def batch_rank(self) -> int:
@@ -94,8 +124,9 @@ class Quantized(str):
 class Scope:
     """Constants and producers visible from one graph (its own, then its parents')."""
 
-    def __init__(self, graph: onnx.GraphProto, parent: "Scope | None" = None, opset: int | None = None):
-        self.graph, self.parent = graph, parent
+    def __init__(self, graph: onnx.GraphProto, parent: "Scope | None" = None, opset: int | None = None,
+                 base: str | None = None):
+        self.graph, self.parent, self.base = graph, parent, base
         self.opset = opset if opset is not None else (parent.opset if parent is not None else onnx.defs.onnx_opset_version())
         self.initializers = {t.name: t for t in graph.initializer}
         self.producers = {o: n for n in graph.node for o in n.output}
@@ -109,13 +140,21 @@ class Scope:
             if name in scope.inputs:
                 return None
             if name in scope.initializers:
-                arr = numpy_helper.to_array(scope.initializers[name])
+                arr = external.lazy_or_array(scope.initializers[name], scope.base)
                 return arr, arr.dtype, [name]
             node = scope.producers.get(name)
             if node is not None:
                 return scope._through(node, name)
             scope = scope.parent
         return None
+
+    def resolve_values(self, name: str):
+        """resolve(), with a weight still in its data file read into memory: for describers
+        that compute on the values (folding, flipping, stacking, embedding tables)."""
+        found = self.resolve(name)
+        if isinstance(found, tuple) and isinstance(found[0], external.Lazy):
+            return (found[0].read(),) + tuple(found[1:])
+        return found
 
     def _through(self, node: onnx.NodeProto, name: str):
         if node.op_type == "Constant":
@@ -139,7 +178,7 @@ class Scope:
             arr = arr.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
         elif node.op_type == "Transpose":
             perm = _attr(node, "perm", None)
-            arr = np.transpose(arr, perm)
+            arr = arr.transpose(perm)
         return arr, stored, path + [name]
 
 
@@ -147,7 +186,7 @@ class Scope:
         """A tensor computed from constants alone (a ConstantOfShape, a Reshape of a
         constant, ...), evaluated by onnx's reference implementation of the node at the
         model's opset; the path holds every tensor of the computation."""
-        found = [self.resolve(i) if i else None for i in node.input]
+        found = [self.resolve_values(i) if i else None for i in node.input]
         if any(f is not None and not isinstance(f, tuple) for f in found) or \
                 any(f is None for i, f in zip(node.input, found) if i):
             return None
@@ -219,12 +258,13 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
     nodes = list(iter_nodes(model))
     shapes = value_shapes(model, {n.input[0] for _, n, _ in nodes if n.op_type in CANDIDATE_OPS and n.input})
     scopes: dict[int, Scope] = {}
+    base = external.base_dir(model)
 
     def scope_of(chain) -> Scope:
         parent = None
         for graph in chain:
             if id(graph) not in scopes:
-                scopes[id(graph)] = Scope(graph, parent, default_opset(model))
+                scopes[id(graph)] = Scope(graph, parent, default_opset(model), base)
             parent = scopes[id(graph)]
         return parent
 
@@ -260,21 +300,26 @@ def _describe(layer: Layer, scope: Scope, shapes: dict) -> None:
 
 
 def _check_weight(layer: Layer) -> None:
-    if layer.weight is not None and layer.reason is None:
+    if layer.has_weight and layer.reason is None:
+        shape = layer.weight_shape
         if np.dtype(layer.compute_dtype) not in [np.dtype(t) for t in FLOAT_TYPES]:
             layer.reason = f"weight dtype {layer.compute_dtype} is not float16/32/64"
-        elif layer.kind == "conv" and min(layer.weight.shape[0] // layer.groups, layer.weight.shape[1]) < 2:
+        elif layer.kind == "conv" and min(shape[0] // layer.groups, shape[1]) < 2:
             layer.reason = "conv with a single input or output channel per group: nothing to factorise"
-        elif min(layer.weight.shape[:2]) < 2:
+        elif min(shape[:2]) < 2:
             layer.reason = "weight has a dimension of size 1"
 
 
-def _set_weight(layer: Layer, found, weight: np.ndarray, signature: str) -> None:
+def _set_weight(layer: Layer, found, weight, signature: str) -> None:
     _, stored, path = found
     layer.compute_dtype = weight.dtype
     layer.store_dtype = stored if np.dtype(stored) in [np.dtype(t) for t in FLOAT_TYPES] else weight.dtype
-    layer.weight = weight.astype(np.float64) if weight.dtype.kind == "f" else weight
     layer.weight_path = path
+    if isinstance(weight, external.Lazy):  # identified by where it lies, not read
+        layer.lazy = weight
+        layer.weight_key = f"{signature}:{weight.shape}:{weight.key}"
+        return
+    layer.weight = weight.astype(np.float64) if weight.dtype.kind == "f" else weight
     digest = hashlib.sha1(np.ascontiguousarray(weight).tobytes()).hexdigest()[:16]
     layer.weight_key = f"{signature}:{weight.shape}:{digest}"
 
@@ -294,7 +339,7 @@ def _describe_dense(layer: Layer, consts, shapes) -> None:
         if len(node.input) > 2 and node.input[2]:
             c = consts[2]
             if isinstance(c, tuple):
-                layer.bias, layer.bias_path = c[0].astype(np.float64) * beta, c[2]
+                layer.bias, layer.bias_path = np.asarray(c[0], np.float64) * beta, c[2]
             else:
                 layer.bias_input, layer.beta = node.input[2], beta
         layer.kind = "dense"
@@ -329,7 +374,7 @@ def _describe_conv(layer: Layer, consts, shapes) -> None:
     layer.groups = _attr(node, "group", 1)
     transposed = node.op_type == "ConvTranspose"
     # the canonical kernel is a Conv's (out, in/group, k...); a ConvTranspose stores (in, out/group, k...)
-    kernel = flip_kernel(found[0], layer.groups) if transposed else found[0]
+    kernel = flip_kernel(np.asarray(found[0]), layer.groups) if transposed else found[0]
     found = (kernel,) + tuple(found[1:])
     if layer.groups != 1 and kernel.shape[1] == 1:
         _set_weight(layer, found, found[0], "conv")  # left alone, but its shape and parameters are reported
@@ -339,7 +384,7 @@ def _describe_conv(layer: Layer, consts, shapes) -> None:
         if not isinstance(consts[2], tuple):
             layer.reason = "conv bias is computed, not constant"
             return
-        layer.bias, layer.bias_path = consts[2][0].astype(np.float64), consts[2][2]
+        layer.bias, layer.bias_path = np.asarray(consts[2][0], np.float64), consts[2][2]
     _set_weight(layer, found, found[0], "conv-transpose" if transposed else "conv")
     layer.x = node.input[0]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
@@ -361,7 +406,7 @@ def _left_alone(reason: str, inputs: tuple[int, ...] = (1,), table: bool = False
     no layer). Nodes without a constant weight get no row when `table`, else the reason."""
 
     def describe(layer: Layer, scope: Scope, shapes: dict):
-        found = [scope.resolve(layer.node.input[i]) if i < len(layer.node.input) and layer.node.input[i] else None
+        found = [scope.resolve_values(layer.node.input[i]) if i < len(layer.node.input) and layer.node.input[i] else None
                  for i in inputs]
         arrays = [f[0] for f in found if isinstance(f, tuple)]
         if table and not (arrays and isinstance(found[0], tuple) and arrays[0].ndim >= 2
@@ -388,7 +433,7 @@ def _describe_embedding(layer: Layer, scope: Scope, shapes: dict):
     node = layer.node
     if len(node.input) < 2 or _attr(node, "axis", 0) not in (0, -2):
         return False
-    found = scope.resolve(node.input[0])
+    found = scope.resolve_values(node.input[0])
     if not isinstance(found, tuple) or found[0].ndim != 2 or found[0].dtype.kind != "f" \
             or isinstance(scope.resolve(node.input[1]), tuple):
         return False

@@ -309,13 +309,15 @@ def layer_feeds(model: onnx.ModelProto, layers: list[Layer], deployment: Deploym
     with those tensors exposed. Layers inside subgraphs, or a model that does not run on
     random inputs, get none (their times are then predicted from shapes alone)."""
     wanted = [t for layer in layers for t in (layer.x, layer.bias_input) if t]
-    try:
-        exposed, names = runtime.with_outputs(model, wanted)
-        feeds = calibrate.random_feeds(model, deployment.batch, deployment.shape_map, seed=0)
-        sess = runtime.session(exposed, optimize=False, what="model")
-        values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-    except Exception:  # noqa: BLE001 - timing then falls back to predictions
-        return {}
+    values = _inferred_specs(model, wanted, deployment)
+    if values is None:  # shape inference left one open: read them off a run
+        try:
+            exposed, names = runtime.with_outputs(model, wanted)
+            feeds = calibrate.random_feeds(model, deployment.batch, deployment.shape_map, seed=0)
+            sess = runtime.session(exposed, optimize=False, what="model")
+            values = {o.name: (v.shape, v.dtype) for o, v in zip(sess.get_outputs(), sess.run(None, feeds))}
+        except Exception:  # noqa: BLE001 - timing then falls back to predictions
+            return {}
     rng = np.random.default_rng(0)
     out = {}
     for layer in layers:
@@ -323,15 +325,45 @@ def layer_feeds(model: onnx.ModelProto, layers: list[Layer], deployment: Deploym
             continue
         if layer.kind == "recurrent":  # its node needs more than x: predicted from shapes
             continue
-        shape, dtype = values[layer.x].shape, values[layer.x].dtype
+        shape, dtype = values[layer.x]
         if layer.kind == "embedding":  # row indices of the table
-            feed = {"x": rng.integers(0, layer.weight.shape[0], shape).astype(dtype)}
+            feed = {"x": rng.integers(0, layer.weight_shape[0], shape).astype(dtype)}
         else:
             feed = {"x": rng.standard_normal(shape).astype(dtype)}
         if layer.bias_input:
-            c = values[layer.bias_input]
-            feed["c"] = rng.standard_normal(c.shape).astype(c.dtype)
+            shape, dtype = values[layer.bias_input]
+            feed["c"] = rng.standard_normal(shape).astype(dtype)
         out[layer.name] = feed
+    return out
+
+
+def _inferred_specs(model: onnx.ModelProto, names: list[str], deployment: Deployment) -> dict | None:
+    """(shape, dtype) of each main-graph tensor in `names` from onnx's shape inference at the
+    deployment shape, or None unless every one comes out concrete. Spares the run of the
+    whole model (which holds all its weights: the size of the model, for a large one)."""
+    from .macs import _with_inputs, subgraphs
+
+    if any(subgraphs(n) for n in model.graph.node):
+        return None  # control flow: the run says which tensors it really carries
+    try:
+        concrete = calibrate.concrete_shapes(model, deployment.batch, deployment.shape_map)
+        inferred = onnx.shape_inference.infer_shapes(_with_inputs(model, concrete, strip=True), data_prop=True)
+    except Exception:  # noqa: BLE001 - the run decides
+        return None
+    graph = inferred.graph
+    types = {vi.name: vi.type.tensor_type for vi in (*graph.value_info, *graph.input, *graph.output)}
+    main = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    out = {}
+    for name in names:
+        if name not in main:
+            continue  # inside a subgraph: no feeds, as from a run
+        t = types.get(name)
+        if t is None or not t.elem_type or not t.HasField("shape"):
+            return None
+        shape = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+        if any(d <= 0 for d in shape):
+            return None
+        out[name] = (tuple(shape), np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)))
     return out
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from . import external
 from .errors import TnonnxError
 
 # The newest IR version / default-domain opset the installed onnxruntime loads.
@@ -25,7 +26,9 @@ MIN_OPSET = 7
 # tnonnx emits (Slice and Unsqueeze with input axes), and one each runtime in _ORT_LIMITS runs
 UPGRADE_OPSET = 13
 _UPGRADED = "tnonnx.upgraded_from"
-_TWO_GB = 2**31
+# Protobuf refuses to serialise messages of 2 GB or more: models past this size are only ever
+# held with their weights in external data. Module-level so tests can lower it.
+PROTO_LIMIT = 2**31 - 2**20
 
 
 def runtime_limits() -> tuple[int, int]:
@@ -65,18 +68,21 @@ def load(source, *, what: str = "model") -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise TnonnxError(f"{label}: not an ONNX model (no graph found)")
     if _uses_external_data(model):
+        # weights stay in the data file (read per layer, copied on save): see external.py
+        base = str(path.parent.resolve())
         try:
-            onnx.load_external_data_for_model(model, str(path.parent))
+            external.check_spans(model, base)
+            external.read_small(model, base)
         except Exception as exc:
             raise TnonnxError(f"{label}: cannot read its external data ({_short(exc)})") from None
-        model.metadata_props.add(key="tnonnx.external_data", value="1")
+        model.metadata_props.add(key=external.BASE_KEY, value=base)
     model = upgrade_old_opset(model, label)
     check_supported(model, label)
     # A file cut at a field boundary can still parse (e.g. with an opset import or a
     # function missing): the checker catches what the parser cannot.
-    if model.ByteSize() < _TWO_GB - 2**20:
-        try:
-            onnx.checker.check_model(model)
+    if model.ByteSize() < PROTO_LIMIT:
+        try:  # with external data, the file: its data-file locations are checked beside it
+            onnx.checker.check_model(str(path) if came_with_external_data(model) else model)
         except Exception as exc:
             raise TnonnxError(f"{label}: invalid or truncated ONNX model ({_short(exc)})") from None
     return model
@@ -169,7 +175,16 @@ def upgrade_note(model: onnx.ModelProto) -> list[str]:
 
 
 def came_with_external_data(model: onnx.ModelProto) -> bool:
-    return any(p.key == "tnonnx.external_data" for p in model.metadata_props)
+    return external.base_dir(model) is not None
+
+
+def nbytes(model: onnx.ModelProto) -> int:
+    """The model's size in bytes, external data included, without serialising a message
+    that may be too large to serialise."""
+    inline = sum(len(t.raw_data) if t.HasField("raw_data") else 0 for t in external.tensors(model))
+    if inline < PROTO_LIMIT:
+        inline = model.ByteSize()
+    return inline + external.data_bytes(model)
 
 
 def normalise_versions(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -187,53 +202,45 @@ def normalise_versions(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def save(model: onnx.ModelProto, path, *, external_data: bool | None = None) -> Path:
-    """Write atomically: to a temporary file in the same folder, then rename.
+def save(model: onnx.ModelProto, path, *, external_data: bool | None = None, progress=None) -> Path:
+    """Write atomically: to temporary files in the same folder, then rename.
 
-    External data is used when the model is over 2 GB, when it came with external data,
-    or when asked for; the data file is `<name>.data` beside the model.
+    External data is used when the model is over PROTO_LIMIT, when it came with external
+    data, or when asked for; the data file is `<name>.data` beside the model. Weights still
+    in the input's data file are copied from it byte for byte. `progress(bytes_written)`
+    is called after each tensor written to the data file.
     """
     path = Path(path)
     if external_data is None:
-        external_data = came_with_external_data(model) or model.ByteSize() > _TWO_GB - 2**20
+        external_data = came_with_external_data(model) or nbytes(model) > PROTO_LIMIT
+    base = external.base_dir(model)
     model = _copy(model)
     for i in reversed(range(len(model.metadata_props))):
-        if model.metadata_props[i].key in ("tnonnx.external_data", _UPGRADED):
+        if model.metadata_props[i].key in (external.BASE_KEY, _UPGRADED):
             del model.metadata_props[i]
     normalise_versions(model)
     if path.is_dir():
         raise TnonnxError(f"output '{path}': is a directory")
+    if not external_data and base is not None:
+        onnx.load_external_data_for_model(model, base)
+    tmps = []
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise TnonnxError(f"output '{path}': cannot write there ({exc.strerror or _short(exc)})") from None
-    # mkstemp creates the file 0600; give the model the permissions of an ordinary new file
-    os.fchmod(fd, 0o666 & ~_umask())
-    os.close(fd)
-    data_tmp = None
-    try:
+        tmp = _temporary(path.name, path.parent)
+        tmps.append(tmp)
         if external_data:
             data_name = path.name + ".data"
-            data_tmp = path.parent / (f".{data_name}.tmp")
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_tmp.name, size_threshold=1024)
-            # the model refers to the final data-file name, so rewrite the location
-            m = onnx.load(tmp, load_external_data=False)
-            for t in _all_tensors(m):
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            with open(tmp, "wb") as f:
-                f.write(m.SerializeToString())
+            data_tmp = _temporary(data_name, path.parent)
+            tmps.append(data_tmp)
+            external.write_data_file(model, base, Path(data_tmp), data_name, progress)
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString())
+        if external_data:
             os.replace(data_tmp, path.parent / data_name)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
         os.replace(tmp, path)
     except BaseException as exc:
-        for p in (tmp, data_tmp):
-            if p is not None and os.path.exists(p):
+        for p in tmps:
+            if os.path.exists(p):
                 os.unlink(p)
         if isinstance(exc, OSError):  # disk full, permissions: the user's to fix
             raise TnonnxError(f"output '{path}': cannot write it ({exc.strerror or _short(exc)})") from None
@@ -246,14 +253,21 @@ def write_bytes(path, data: bytes) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
+        tmp = _temporary(path.name, path.parent)
+        with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except OSError as exc:
         raise TnonnxError(f"output '{path}': cannot write it ({exc.strerror or _short(exc)})") from None
     return path
+
+
+def _temporary(name: str, folder: Path) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    # mkstemp creates the file 0600; give it the permissions of an ordinary new file
+    os.fchmod(fd, 0o666 & ~_umask())
+    os.close(fd)
+    return tmp
 
 
 def _umask() -> int:
@@ -269,13 +283,7 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model))
-
-
-def _all_tensors(model: onnx.ModelProto):
-    from onnx.external_data_helper import _get_all_tensors
-
-    return _get_all_tensors(model)
+    return any(external.is_external(t) for t in external.tensors(model))
 
 
 def _short(exc: Exception) -> str:

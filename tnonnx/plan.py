@@ -103,7 +103,7 @@ def make_plan(layers: list[Layer], format: str, spec: RankSpec, selection: Selec
             continue
         layer_modes = None
         if modes is not None and layer.kind == "dense":
-            n, m = layer.weight.shape
+            n, m = layer.weight_shape
             if _prod(modes[0]) == n and _prod(modes[1]) == m:
                 layer_modes = modes
         plans.append(LayerPlan(layer, format, spec, layer_modes, order))

@@ -29,7 +29,7 @@ def describe(layer, scope, shapes) -> None:
     from .graph import _set_weight
 
     node = layer.node
-    found = scope.resolve(node.input[1]) if len(node.input) > 1 else None
+    found = scope.resolve_values(node.input[1]) if len(node.input) > 1 else None
     if found == "quantized":
         layer.reason = "weight is quantized (DequantizeLinear)"
         return

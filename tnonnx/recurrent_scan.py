@@ -129,12 +129,12 @@ class _Emitter:
 
 def _convert(b: _Emitter, node, scope) -> dict[str, str]:
     op, hidden = node.op_type, _attr(node, "hidden_size", None)
-    w, r = scope.resolve(node.input[1])[0], scope.resolve(node.input[2])[0]
+    w, r = scope.resolve_values(node.input[1])[0], scope.resolve_values(node.input[2])[0]
     g, dirs = GATES[op], w.shape[0]
     hidden = hidden or r.shape[-1]
     dtype = w.dtype
     has_bias = len(node.input) > 3 and node.input[3]
-    bias = scope.resolve(node.input[3])[0] if has_bias else np.zeros((dirs, 2 * g * hidden), dtype)
+    bias = scope.resolve_values(node.input[3])[0] if has_bias else np.zeros((dirs, 2 * g * hidden), dtype)
     inputs = list(node.input) + [""] * (8 - len(node.input))
     lens, h0, c0 = inputs[4], inputs[5], inputs[6]
     x = node.input[0]

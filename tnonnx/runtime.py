@@ -13,12 +13,9 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import EncodeError
 
-from . import custom_ops
+from . import custom_ops, external
 from . import model as _model
 from .errors import TnonnxError
-
-# Protobuf refuses to serialize messages of 2 GB or more; stay clear of that limit.
-_MAX_PROTO_BYTES = 1_900_000_000
 
 Dim = int | str | None
 
@@ -66,17 +63,57 @@ def session(
 
     if not isinstance(model, onnx.ModelProto):
         label = f"{what} '{model}'"
+        check_fits(_file_bytes(model), label)
         return _create(lambda: ort.InferenceSession(str(model), opts, providers=providers), label)
 
     label = f"{what} (graph '{model.graph.name}')" if model.graph.name else what
-    # one serialisation, not a size query first: ByteSize() costs as much as serialising
+    # serialise once and size the bytes: ByteSize() costs as much as serialising
     data = _serialize_for_runtime(model)
-    if data is None or len(data) > _MAX_PROTO_BYTES:
+    size = _model.nbytes(model) if data is None else len(data) + external.data_bytes(model)
+    check_fits(size, label)
+    base = external.base_dir(model)
+    if data is None or size - external.data_bytes(model) > _model.PROTO_LIMIT:
         data = None
         with tempfile.TemporaryDirectory(prefix="tnonnx-", ignore_cleanup_errors=True) as tmp:
             path = _model.save(model, Path(tmp) / "model.onnx", external_data=True)
             return _create(lambda: ort.InferenceSession(str(path), opts, providers=providers), label)
+    if base is not None:  # the graph from memory, its weights from the data file they are in
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", base)
     return _create(lambda: ort.InferenceSession(data, opts, providers=providers), label)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give a process (MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(size: int, label: str) -> None:
+    """TnonnxError, before onnxruntime tries, when a model of `size` bytes cannot be held in
+    the memory available (onnxruntime keeps every weight in memory while it runs)."""
+    free = available_memory()
+    if free is not None and size > free:
+        raise TnonnxError(f"{label}: too large to run on this machine: onnxruntime needs its {_gb(size)} of weights "
+                          f"in memory and {_gb(free)} is available")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def _file_bytes(path) -> int:
+    """Size of a model file, its external data included."""
+    size = os.path.getsize(path)
+    try:
+        return size + external.data_bytes(onnx.load(str(path), load_external_data=False))
+    except Exception:  # noqa: BLE001 - onnxruntime reports an unreadable model itself
+        return size
 
 
 def infer(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], *, what: str = "model") -> list[np.ndarray]:

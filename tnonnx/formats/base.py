@@ -66,7 +66,12 @@ class Factorization:
         raise NotImplementedError
 
     def relative_error(self, weight: np.ndarray) -> float:
-        return float(np.linalg.norm(weight - self.to_dense()) / max(np.linalg.norm(weight), 1e-300))
+        dense = self.to_dense()
+        # by blocks of rows: one weight-sized temporary (the dense rebuild), not two
+        step = max(1, (1 << 22) // max(1, dense[:1].size))
+        err2 = sum(float(np.sum(np.square(dense[i:i + step] - weight[i:i + step])))
+                   for i in range(0, len(dense), step))
+        return float(np.sqrt(err2) / max(np.linalg.norm(weight), 1e-300))
 
 
 # ---------------------------------------------------------------------- dense (chains)

@@ -27,12 +27,48 @@ def svd_rank(s: np.ndarray, n: int, m: int, spec: RankSpec) -> int:
     return truncation_rank(s, cap=spec.rank)
 
 
+# Weights with at least this many entries and a rank cap (--rank N, --ratio) take the Gram route.
+GRAM_ABOVE = 1 << 22
+
+
+def _cap(n: int, m: int, spec: RankSpec) -> int | None:
+    if spec.tol is None and isinstance(spec.rank, int) and not isinstance(spec.rank, bool):
+        return spec.rank
+    if spec.tol is None and spec.rank is None and spec.ratio is not None:
+        return max(1, int(n * m / (spec.ratio * (n + m))))
+    return None
+
+
 def balanced_factors(w: np.ndarray, spec: RankSpec) -> tuple[np.ndarray, np.ndarray]:
     """U (n x r), V (r x m) with U V ~ w, the singular values split evenly between them."""
+    cap = _cap(*w.shape, spec)
+    if cap is not None and w.size >= GRAM_ABOVE:
+        return _gram_factors(w, cap)
     u, s, vt = np.linalg.svd(w, full_matrices=False)
     r = svd_rank(s, *w.shape, spec)
     root = np.sqrt(s[:r])
     return u[:, :r] * root, root[:, None] * vt[:r]
+
+
+def _gram_factors(w: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """balanced_factors for a large weight and a rank cap: the top eigenvectors of the Gram
+    matrix of the smaller side (as tt.leading_subspace does for wide unfoldings), several
+    times faster than LAPACK's full SVD and without its n x m workspace; carrying Q^T W
+    keeps it exact at full rank. Singular values below ~1e-8 of the largest lose accuracy
+    (the Gram squares them), which a rank cap never keeps in preference to larger ones."""
+    import scipy.linalg
+
+    wide = w.shape[1] >= w.shape[0]
+    a = w if wide else w.T
+    side = a.shape[0]
+    k = min(cap, side)
+    evals, q = scipy.linalg.eigh(a @ a.T, subset_by_index=[side - k, side - 1], check_finite=False)
+    evals, q = evals[::-1], q[:, ::-1]
+    s = np.sqrt(np.clip(evals, 0.0, None))
+    r = truncation_rank(s, cap=cap)
+    root, q = np.sqrt(s[:r]), q[:, :r]
+    left, right = q * root, (q.T @ a) / np.maximum(root, 1e-300)[:, None]
+    return (left, right) if wide else (right.T, left.T)
 
 
 def whitened_factors(basis: np.ndarray, target: np.ndarray, spec: RankSpec) -> tuple[np.ndarray, np.ndarray]:
