@@ -17,6 +17,11 @@ class OriginalDoesNotRun(TnonnxError):
     particular values or lengths): a rewrite that asked for no checks skips validation."""
 
 
+class ModelTooLarge(TnonnxError):
+    """A model whose weights do not fit in the memory available to run it: refused before
+    onnxruntime tries, and never taken for a model that merely needs other feeds."""
+
+
 class ValidationFailed(Exception):
     """Two models disagree beyond the requested thresholds (exit code 1)."""
 

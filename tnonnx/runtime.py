@@ -15,7 +15,7 @@ from google.protobuf.message import EncodeError
 
 from . import custom_ops, external
 from . import model as _model
-from .errors import TnonnxError
+from .errors import ModelTooLarge, TnonnxError
 
 Dim = int | str | None
 
@@ -99,7 +99,7 @@ def check_fits(size: int, label: str) -> None:
     the memory available (onnxruntime keeps every weight in memory while it runs)."""
     free = available_memory()
     if free is not None and size > free:
-        raise TnonnxError(f"{label}: too large to run on this machine: onnxruntime needs its {_gb(size)} of weights "
+        raise ModelTooLarge(f"{label}: too large to run on this machine: onnxruntime needs its {_gb(size)} of weights "
                           f"in memory and {_gb(free)} is available")
 
 

@@ -13,7 +13,7 @@ import onnx
 
 from . import calibrate, runtime
 from . import model as _model
-from .errors import OriginalDoesNotRun, TnonnxError
+from .errors import ModelTooLarge, OriginalDoesNotRun, TnonnxError
 
 # Chunk size for many-sample inputs when the model's batch dim is symbolic.
 RUN_CHUNK = 64
@@ -251,7 +251,7 @@ def validate(
         batches, extras = feeds(ref, inputs, shapes=shapes, batch=batch, seed=seed)
         ref_out = run(ref, batches, what="reference")
     except TnonnxError as exc:
-        if inputs is not None:
+        if inputs is not None or isinstance(exc, ModelTooLarge):
             raise
         raise OriginalDoesNotRun(str(exc)) from None
     return result(ref_out, run(cand, batches, what="candidate"), batches, ref,
