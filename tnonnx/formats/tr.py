@@ -24,6 +24,8 @@ from .tr_fit import ALS_SWEEPS, fit_ring
 from .tt import channel_modes
 
 NAME = "tr"
+SLOW_FIT = True  # ALS sweeps: the planner fits it only where its proxy came near the front
+PROXY = "tt"  # a train with the same caps: a ring is a train with one more bond
 
 
 # ------------------------------------------------------------------ dense layers
