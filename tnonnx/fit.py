@@ -44,14 +44,16 @@ class LayerData:
     outputs: np.ndarray | None  # the original layer's outputs for those samples, without bias
     geometry: ConvGeometry | None = None
 
-    def output_error(self, fact) -> float | None:
+    def output_error(self, fact, kernel: np.ndarray | None = None) -> float | None:
         """Relative output error on the calibration data: exact (all rows, through the Gram
-        basis) for linear factorisations, on the samples for the others."""
+        basis) for linear factorisations, on the samples for the others. `kernel`: the
+        factorisation's to_dense() when the caller has it already."""
         if getattr(fact, "linear", True) and self.basis is not None:
             if self.kind == "dense":
                 approx = fact.apply(self.basis)
             else:
-                approx = self.basis @ fact.to_dense().reshape(fact.to_dense().shape[0], -1).T
+                kernel = fact.to_dense() if kernel is None else kernel
+                approx = self.basis @ kernel.reshape(kernel.shape[0], -1).T
             return _relative(approx, self.target)
         if self.inputs is None or not len(self.inputs):
             return None

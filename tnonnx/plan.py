@@ -171,8 +171,9 @@ class Fitter:
                 from .fp16 import balance_cores
 
                 balance_cores(fact)
-            fact.weight_error = fact.relative_error(layer.weight) if fact.linear else None
-            fact.output_error = data.output_error(fact) if data is not None else None
+            dense = fact.to_dense() if fact.linear else None  # once: a ring's takes long
+            fact.weight_error = fact.relative_error(layer.weight, dense) if dense is not None else None
+            fact.output_error = data.output_error(fact, dense) if data is not None else None
             self.cache[key] = fact
         return self.cache[key]
 

@@ -65,8 +65,10 @@ class Factorization:
     def to_dense(self) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def relative_error(self, weight: np.ndarray) -> float:
-        return float(np.linalg.norm(weight - self.to_dense()) / max(np.linalg.norm(weight), 1e-300))
+    def relative_error(self, weight: np.ndarray, dense: np.ndarray | None = None) -> float:
+        """||weight - to_dense()|| / ||weight||; `dense`: to_dense() when the caller has it."""
+        dense = self.to_dense() if dense is None else dense
+        return float(np.linalg.norm(weight - dense) / max(np.linalg.norm(weight), 1e-300))
 
 
 # ---------------------------------------------------------------------- dense (chains)
