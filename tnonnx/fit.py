@@ -43,21 +43,38 @@ class LayerData:
     inputs: np.ndarray | None  # sampled inputs the layer sees: rows (R x N) or maps (B x S x ...)
     outputs: np.ndarray | None  # the original layer's outputs for those samples, without bias
     geometry: ConvGeometry | None = None
+    held_basis: np.ndarray | None = None  # the same over the held-out calibration samples
+    held_target: np.ndarray | None = None
+    rows: int = 0  # calibration rows behind the fitted Gram matrix
+    shrinkage: float = 0.0  # how far that Gram matrix was shrunk towards the scaled identity
+
+    @property
+    def features(self) -> int:
+        return 0 if self.basis is None else self.basis.shape[0]
 
     def output_error(self, fact, kernel: np.ndarray | None = None) -> float | None:
         """Relative output error on the calibration data: exact (all rows, through the Gram
         basis) for linear factorisations, on the samples for the others. `kernel`: the
         factorisation's to_dense() when the caller has it already."""
         if getattr(fact, "linear", True) and self.basis is not None:
-            if self.kind == "dense":
-                approx = fact.apply(self.basis)
-            else:
-                kernel = fact.to_dense() if kernel is None else kernel
-                approx = self.basis @ kernel.reshape(kernel.shape[0], -1).T
-            return _relative(approx, self.target)
+            return _basis_error(fact, self.kind, self.basis, self.target, kernel)
         if self.inputs is None or not len(self.inputs):
             return None
         return _relative(_evaluate(fact, self), self.outputs)
+
+    def held_out_error(self, fact, kernel: np.ndarray | None = None) -> float | None:
+        """Relative output error on the held-out calibration samples (linear factorisations;
+        None without held-out samples)."""
+        if self.held_basis is None or not getattr(fact, "linear", True):
+            return None
+        return _basis_error(fact, self.kind, self.held_basis, self.held_target, kernel)
+
+
+def _basis_error(fact, kind: str, basis: np.ndarray, target: np.ndarray, kernel: np.ndarray | None) -> float:
+    if kind == "dense":
+        return _relative(fact.apply(basis), target)
+    kernel = fact.to_dense() if kernel is None else kernel
+    return _relative(basis @ kernel.reshape(kernel.shape[0], -1).T, target)
 
 
 def _relative(approx: np.ndarray, target: np.ndarray) -> float:
@@ -82,17 +99,18 @@ def layer_data(layer: Layer, capture: Capture, bases: dict | None = None) -> Lay
         matrix = layer.weight  # N x M, y = x W
     else:
         matrix = layer.weight.reshape(layer.weight.shape[0], -1).T  # S*k x T
-    basis = target = None
+    basis = target = held_basis = held_target = None
+    alpha = shrinkage(capture.count, capture.gram.shape[0]) if capture.gram is not None else 0.0
     if capture.gram is not None:
         cache = bases if bases is not None else {}
         if id(capture) not in cache:
-            cache[id(capture)] = _cholesky(capture.gram)
-        chol = cache[id(capture)]
-        basis = chol.T
-        if capture.cross is None:
-            target = basis @ matrix
-        else:
-            target = np.linalg.solve(chol, capture.cross @ matrix)
+            gram, cross = shrink(capture.gram, capture.cross, alpha)
+            held = _cholesky(capture.held_gram) if capture.held_gram is not None else None
+            cache[id(capture)] = (_cholesky(gram), cross, held)
+        chol, cross, held = cache[id(capture)]
+        basis, target = _basis_target(chol, cross, matrix)
+        if held is not None:
+            held_basis, held_target = _basis_target(held, capture.held_cross, matrix)
     inputs, outputs = capture.samples, None
     if inputs is not None:
         source = capture.reference if capture.reference is not None else inputs
@@ -100,7 +118,35 @@ def layer_data(layer: Layer, capture: Capture, bases: dict | None = None) -> Lay
             outputs = source.astype(np.float64) @ matrix
         else:
             outputs = conv_apply(source, matrix, layer.geometry)
-    return LayerData(layer.kind, basis, target, inputs, outputs, layer.geometry if layer.kind == "conv" else None)
+    return LayerData(layer.kind, basis, target, inputs, outputs, layer.geometry if layer.kind == "conv" else None,
+                     held_basis, held_target, capture.count, alpha)
+
+
+def _basis_target(chol: np.ndarray, cross: np.ndarray | None, matrix: np.ndarray):
+    """(A, B) of the module docstring from the Cholesky factor L (and the cross Gram C)."""
+    basis = chol.T
+    target = basis @ matrix if cross is None else np.linalg.solve(chol, cross @ matrix)
+    return basis, target
+
+
+def shrinkage(rows: int, features: int) -> float:
+    """How far a Gram matrix of `rows` rows over `features` input features is shrunk towards
+    the identity (scaled to its mean diagonal): 1 - rows / features when there are fewer
+    rows than features, else 0. Such a Gram matrix has rank at most `rows`: it claims that
+    most input directions are never used, and a fit trusting it is free to do anything in
+    them (the data-free fit, shrinkage 1, treats all directions alike). The output error
+    of such a layer is then measured on the shrunk matrix too."""
+    return max(0.0, 1.0 - rows / features) if features else 0.0
+
+
+def shrink(gram: np.ndarray, cross: np.ndarray | None, alpha: float):
+    """(1 - alpha) G + alpha mu I, and the cross Gram the same way (so that a model fed its
+    own inputs, cross = gram, still gets the plain whitened fit)."""
+    if alpha <= 0:
+        return gram, cross
+    mu = float(np.trace(gram)) / gram.shape[0]
+    eye = alpha * mu * np.eye(gram.shape[0])
+    return (1 - alpha) * gram + eye, None if cross is None else (1 - alpha) * cross + eye
 
 
 def _cholesky(gram: np.ndarray) -> np.ndarray:
