@@ -56,12 +56,16 @@ def _fitted(layer, fitter, specs, fmt="svd", final=False):
     return out
 
 
-@pytest.mark.parametrize("case", ["dense data-free", "dense aware", "conv data-free", "conv aware"])
+@pytest.mark.parametrize("case", ["dense data-free", "dense aware", "dense held-out aware", "conv data-free",
+                                  "conv aware"])
 def test_svd_estimates_are_what_the_fits_measure(case):
     if case.startswith("dense"):
         layer = _dense()
-        x = _inputs(64, 300, seed=1)
-        data = fitting.layer_data(layer, calibrate.Capture(x.T @ x, 300))
+        x, held = _inputs(64, 300, seed=1), _inputs(64, 100, seed=2)
+        capture = calibrate.Capture(x.T @ x, 300)
+        if "held-out" in case:  # errors judged on the held-out rows
+            capture.held_gram, capture.held_count = held.T @ held, 100
+        data = fitting.layer_data(layer, capture)
     else:
         layer, data = _conv()
     fitter = Fitter(data={layer.name: data} if case.endswith("aware") else {})

@@ -124,6 +124,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     rules = SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
                        emit=emit)
     notes = model_io.upgrade_note(original)
+    notes += [n for n in [undersampled_note(data)] if n]
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
     with threadpool_limits(1, user_api="blas"):
         candidates = AUTO_FORMATS if format == "auto" else (format,)
@@ -334,6 +335,18 @@ def layer_data(model: onnx.ModelProto, layers: list[Layer], batches, reference: 
     return data
 
 
+def undersampled_note(data: dict) -> str | None:
+    """The warning for layers whose calibration rows are fewer than their input features."""
+    few = [(name, d.rows, d.features) for name, d in data.items() if d is not None and d.rows < d.features]
+    if not few:
+        return None
+    listed = ", ".join(f"{name} ({rows} < {features})" for name, rows, features in few[:5])
+    more = f" and {len(few) - 5} more" if len(few) > 5 else ""
+    return (f"calibration: {len(few)} layer(s) saw fewer calibration rows than input features ({listed}{more}): "
+            "their fits trust the data only in part (the Gram matrix shrunk towards the identity); "
+            "more calibration samples would help")
+
+
 def _fit_sequential(original, new, plans, fitter, batches, force, timer, rules, progress) -> dict:
     """Fit level by level (fit.levels): each level's layers see, on the calibration data,
     the outputs of the levels before it already rewritten, and fit the original layer's
@@ -473,6 +486,7 @@ def _rows(layers, replacements, before, after) -> list[LayerRow]:
             row.macs_after = sum(after.per_node.get(n.name, 0) for n in rep.builder.nodes)
             row.weight_error = fact.weight_error
             row.output_error = fact.output_error
+            row.held_out_error = getattr(fact, "held_out_error", None)
             row.reason = None
             row.emission = rep.plan.emission
             if rep.plan.timing is not None:

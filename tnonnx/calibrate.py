@@ -430,6 +430,7 @@ class Capture:
     cross: np.ndarray | None = None  # X~^T X, sequential fitting only
     samples: np.ndarray | None = None  # dense: (R, N) rows; conv: (B, S, *spatial) maps
     reference: np.ndarray | None = None  # the original model's inputs at the same samples
+    fourth: float = 0.0  # sum over the Gram matrix's rows of |row|^4 (for the Ledoit-Wolf shrinkage)
     held_gram: np.ndarray | None = None  # the same over the held-out samples (HOLDOUT_EVERY)
     held_count: int = 0
     held_cross: np.ndarray | None = None
@@ -441,6 +442,7 @@ class _Accumulator:
         self.rng = np.random.default_rng(seed)
         self.gram = self.cross = self.held_gram = self.held_cross = None
         self.count = self.seen = self.held_count = self.fed = 0
+        self.fourth = 0.0
         self.samples = self.reference = None
         self.capacity = None
 
@@ -479,6 +481,7 @@ class _Accumulator:
         if cross is not None:
             self.cross = cross if self.cross is None else self.cross + cross
         self.count += rows.shape[0]
+        self.fourth += float(np.sum(np.sum(rows.astype(np.float64) ** 2, axis=1) ** 2))
 
     def _rows(self, value: np.ndarray) -> np.ndarray | None:
         if self.probe.kind == "dense":
@@ -509,7 +512,7 @@ class _Accumulator:
         return Capture(self.gram, self.count, self.cross,
                        None if self.samples is None else self.samples[:kept],
                        None if self.reference is None else self.reference[:kept],
-                       self.held_gram, self.held_count, self.held_cross)
+                       self.fourth, self.held_gram, self.held_count, self.held_cross)
 
 
 def capture(model: onnx.ModelProto, probes: Mapping[str, list[Probe]], batches, *,

@@ -100,7 +100,7 @@ def layer_data(layer: Layer, capture: Capture, bases: dict | None = None) -> Lay
     else:
         matrix = layer.weight.reshape(layer.weight.shape[0], -1).T  # S*k x T
     basis = target = held_basis = held_target = None
-    alpha = shrinkage(capture.count, capture.gram.shape[0]) if capture.gram is not None else 0.0
+    alpha = shrinkage(capture)
     if capture.gram is not None:
         cache = bases if bases is not None else {}
         if id(capture) not in cache:
@@ -129,14 +129,26 @@ def _basis_target(chol: np.ndarray, cross: np.ndarray | None, matrix: np.ndarray
     return basis, target
 
 
-def shrinkage(rows: int, features: int) -> float:
-    """How far a Gram matrix of `rows` rows over `features` input features is shrunk towards
-    the identity (scaled to its mean diagonal): 1 - rows / features when there are fewer
-    rows than features, else 0. Such a Gram matrix has rank at most `rows`: it claims that
-    most input directions are never used, and a fit trusting it is free to do anything in
-    them (the data-free fit, shrinkage 1, treats all directions alike). The output error
-    of such a layer is then measured on the shrunk matrix too."""
-    return max(0.0, 1.0 - rows / features) if features else 0.0
+def shrinkage(capture: Capture) -> float:
+    """How far a layer's Gram matrix is shrunk towards the identity (scaled to its mean
+    diagonal) before the fit: the Ledoit-Wolf intensity (the sampling noise of the Gram
+    matrix's entries, estimated from the rows' fourth moments, over its distance to the
+    scaled identity) when it has fewer rows than features, else 0. Such a Gram matrix has
+    rank at most its row count: it claims that most input directions are never used, and a
+    fit trusting it is free to do anything in them. The intensity is large where the rows
+    scatter over many directions (then the data-free fit, intensity 1, is nearly as good) and
+    small where they keep to a few. The output error of such a layer is measured on the
+    shrunk matrix too."""
+    gram, rows = capture.gram, capture.count
+    if gram is None or rows <= 0 or rows >= gram.shape[0]:
+        return 0.0
+    sample = gram / rows
+    mu = float(np.trace(sample)) / sample.shape[0]
+    distance = float(np.sum(sample**2)) - 2 * mu * float(np.trace(sample)) + mu**2 * sample.shape[0]
+    noise = capture.fourth / rows**2 - float(np.sum(sample**2)) / rows
+    if distance <= 0:
+        return 1.0
+    return float(min(1.0, max(noise / distance, 0.0)))
 
 
 def shrink(gram: np.ndarray, cross: np.ndarray | None, alpha: float):
