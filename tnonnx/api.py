@@ -31,7 +31,7 @@ from .validate import run as run_model
 from .validate import validate as compare_models
 
 EMIT_MODES = ("auto", "matmul", "features-first", "einsum", "custom")
-FIT_MODES = ("data-free", "aware", "sequential")
+FIT_MODES = ("data-free", "aware", "sequential", "blockwise")
 
 
 def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
@@ -111,7 +111,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     elif calib is not None and (target == "gpu" or (quantization is not None and quantization.static)):
         batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes, what="--calib")
     data = {}
-    if fit == "aware" or (fit == "sequential" and (budget is not None or format == "auto")):
+    if fit in ("aware", "blockwise") or (fit == "sequential" and (budget is not None or format == "auto")):
         # every layer's inputs in the original model (sequential: for choosing ranks only)
         data = layer_data(original, [p.layer for p in plans], batches)
     fitter = Fitter(format_options, data, balance=target == "gpu")
@@ -170,11 +170,19 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         if needs_library(new):
             notes.append(f"the output uses tnonnx's custom-op library (domain {DOMAIN}): build it with `tnonnx build-ops`; "
                          "`tnonnx validate`/`bench` load it, other runtimes need register_custom_ops_library")
+    trainable = {t.name for r in replacements.values() for t in r.builder.initializers
+                 if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)}
+    if fit == "blockwise":
+        from .blockwise import refine_blocks
+
+        errors = refine_blocks(new, original, batches, trainable)
+        if errors:
+            notes.append(f"blockwise: {len(errors)} block(s) refined; relative error at their outputs on the "
+                         f"calibration data {np.mean([b for b, _ in errors]):.4g} -> "
+                         f"{np.mean([a for _, a in errors]):.4g} (mean over blocks)")
     if finetune:
         from .finetune import finetune as distill
 
-        trainable = {t.name for r in replacements.values() for t in r.builder.initializers
-                     if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)}
         hidden = [r.layer.x for r in replacements.values()]  # what each rewritten layer is fed
         before_ft, after_ft = distill(new, original, batches, trainable, epochs=finetune, hidden=hidden,
                                       hidden_weight=finetune_hidden)
