@@ -29,22 +29,26 @@ def test_block_boundaries_of_residual_and_plain_networks(exported):
     assert blockwise.boundaries(mlp) == []  # a plain network is one block
 
 
-@pytest.mark.parametrize("name", ["small_resnet", "transformer_block"])
-def test_blockwise_never_raises_a_blocks_calibration_error(exported, name):
+@pytest.mark.parametrize("name", ["transformer_block"])  # small_resnet: the same, four times slower
+def test_blockwise_never_raises_a_blocks_calibration_error(exported, name, monkeypatch):
+    monkeypatch.setattr(blockwise, "BLOCK_MIN_STEPS", 10)  # a few steps show the rule; the default trains more
     path = exported(name)
     original = tnonnx.model.load(path)
-    aware, _ = tnonnx.rewrite(path, format="svd", budget=3, fit="aware", calib=32, validate=False, timing=False)
-    refined, report = tnonnx.rewrite(path, format="svd", budget=3, fit="blockwise", calib=32, validate=False,
-                                     timing=False)
-    assert any(n.startswith("blockwise:") for n in report.notes)
-    trainable = {t.name for t in refined.graph.initializer} - {t.name for t in original.graph.initializer}
-    runs = blockwise.blocks(refined, trainable)
-    assert len(runs) >= 2
-    # the refined model's blocks, fed by the refined prefix, err no more than the per-layer fit's
-    batches, _ = calibrate.feed_batches(32, original)
-    again = blockwise.refine_blocks(refined, original, batches, trainable, epochs=0)
-    first = blockwise.refine_blocks(aware, original, batches, trainable, epochs=0)
-    assert again[0][0] <= first[0][0] + 1e-6  # the first block sees the same inputs in both
-    held = calibrate.random_batches(original, 16, 8, seed=5)
-    ref, got = (next(iter(run(m, held).values())) for m in (original, refined))
+    aware, _ = tnonnx.rewrite(path, format="svd", rank=4, fit="aware", calib=16, validate=False, timing=False)
+    trainable = {t.name for t in aware.graph.initializer} - {t.name for t in original.graph.initializer}
+    assert len(blockwise.blocks(aware, trainable)) >= 2
+    batches, _ = calibrate.feed_batches(16, original)
+    errors = blockwise.refine_blocks(aware, original, batches, trainable, epochs=2)
+    assert len(errors) >= 2
+    assert all(after <= before for before, after in errors)
+    assert any(after < 0.99 * before for before, after in errors)  # the training does something
+    held = calibrate.random_batches(original, 8, 8, seed=5)
+    ref, got = (next(iter(run(m, held).values())) for m in (original, aware))
     assert np.isfinite(got).all() and got.shape == ref.shape
+
+
+def test_fit_blockwise_reports_its_blocks(exported, monkeypatch):
+    monkeypatch.setattr(blockwise, "BLOCK_MIN_STEPS", 10)
+    _, report = tnonnx.rewrite(exported("transformer_block"), format="svd", rank=4, fit="blockwise", calib=16,
+                               validate=False, timing=False)
+    assert any(n.startswith("blockwise: 2 block(s) refined") for n in report.notes)

@@ -2,7 +2,7 @@
 cut into blocks at its residual additions and normalisations, and each block's new cores are
 trained, block after block, to reproduce what the ORIGINAL model computes at the block's
 outputs, fed with what the already refined blocks before it compute (the anchored
-objective of AA-SVD). A few passes of Adam over the calibration batches per block; the
+objective of AA-SVD). A few passes of Adam (cosine-annealed) over the calibration batches per block; the
 block's calibration error is never raised (its start is kept when no pass improves on it).
 Memory: one block's inputs and targets over the calibration batches.
 
@@ -129,8 +129,8 @@ def _train_block(graph: GraphModule, inputs, names, targets, epochs: int, seed: 
     scales = {n: float(p.detach().pow(2).mean().sqrt()) or 1.0 for n, p in graph.params.items()}
     opt = torch.optim.Adam([{"params": [p], "lr": LEARNING_RATE * scales[n]} for n, p in graph.params.items()])
     passes = math.ceil(max(epochs * len(inputs), BLOCK_MIN_STEPS) / len(inputs)) if epochs else 0
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
-                                                   total_steps=max(passes * len(inputs), 1), pct_start=0.1)
+    # from the per-layer fit, a warm start: no warm-up, the rate annealed (cosine) to zero
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(passes * len(inputs), 1))
     order = np.random.default_rng(seed)
     with torch_threads(None):
         before = best = error()
