@@ -57,10 +57,14 @@ def test_capture_accumulates_over_batches():
     xs = [randn(2, 3, 8, seed=s) for s in (6, 7, 8)]
     probe = calibrate.Probe("dense")
     captures = calibrate.capture(m, {"h": [probe]}, [{"x": x} for x in xs])
-    rows = np.concatenate([np.maximum(x, 0).reshape(-1, 8) for x in xs]).astype(np.float64)
+    per_sample = np.concatenate([np.maximum(x, 0) for x in xs]).astype(np.float64)  # 6 samples of 3 rows
+    rows = per_sample.reshape(-1, 8)
+    held = np.arange(6) % calibrate.HOLDOUT_EVERY == calibrate.HOLDOUT_EVERY - 1  # sample 3
+    fitted, kept = per_sample[~held].reshape(-1, 8), per_sample[held].reshape(-1, 8)
     cap = captures[("h", probe.key)]
-    assert cap.count == 18 and cap.cross is None
-    np.testing.assert_allclose(cap.gram, rows.T @ rows, rtol=1e-5, atol=1e-5)
+    assert (cap.count, cap.held_count) == (15, 3) and cap.cross is None
+    np.testing.assert_allclose(cap.gram, fitted.T @ fitted, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cap.held_gram, kept.T @ kept, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cap.samples, rows, rtol=1e-6)  # fewer rows than the sample bound: all kept
 
 
@@ -126,8 +130,10 @@ def test_capture_with_a_reference_pairs_rows_and_accumulates_the_cross_gram():
     cap = calibrate.capture(changed, {"r": [probe]}, [{"x": x} for x in xs], reference=original)[("r", probe.key)]
     mine = np.concatenate([run(_with_output(changed, "r"), {"x": x})[1] for x in xs]).astype(np.float64)
     theirs = np.concatenate([run(_with_output(original, "r"), {"x": x})[1] for x in xs]).astype(np.float64)
-    np.testing.assert_allclose(cap.gram, mine.T @ mine, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(cap.cross, mine.T @ theirs, rtol=1e-5, atol=1e-4)
+    held = np.arange(10) % calibrate.HOLDOUT_EVERY == calibrate.HOLDOUT_EVERY - 1
+    np.testing.assert_allclose(cap.gram, mine[~held].T @ mine[~held], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(cap.cross, mine[~held].T @ theirs[~held], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(cap.held_cross, mine[held].T @ theirs[held], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(cap.samples, mine, rtol=1e-6)
     np.testing.assert_allclose(cap.reference, theirs, rtol=1e-6)
 
@@ -144,7 +150,7 @@ def test_capture_keeps_a_bounded_uniform_sample(monkeypatch):
     xs = [randn(10, 8, seed=s) for s in range(30, 34)]
     probe = calibrate.Probe("dense")
     cap = calibrate.capture(m, {"x": [probe]}, [{"x": x} for x in xs])[("x", probe.key)]
-    assert cap.count == 40 and cap.samples.shape == (7, 8)
+    assert (cap.count, cap.held_count) == (30, 10) and cap.samples.shape == (7, 8)
     everything = np.concatenate(xs)
     for row in cap.samples:  # every kept row is a real row of the data
         assert np.min(np.abs(everything - row).max(axis=1)) == 0

@@ -34,7 +34,7 @@ from .validate import run as run_model
 from .validate import validate as compare_models
 
 EMIT_MODES = ("auto", "matmul", "features-first", "einsum", "custom")
-FIT_MODES = ("data-free", "aware", "sequential")
+FIT_MODES = ("data-free", "aware", "sequential", "blockwise")
 RECURRENT_MODES = ("fused", "scan")
 
 
@@ -122,7 +122,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     elif calib is not None and (target == "gpu" or (quantization is not None and quantization.static)):
         batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes, what="--calib")
     data = {}
-    if fit == "aware" or (fit == "sequential" and (budget is not None or format == "auto")):
+    if fit in ("aware", "blockwise") or (fit == "sequential" and (budget is not None or format == "auto")):
         # every layer's inputs in the original model (sequential: for choosing ranks only)
         data = layer_data(new if states else original, [p.layer for p in plans], batches)
     fitter = Fitter(format_options, data, balance=target == "gpu")
@@ -135,6 +135,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     rules = SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
                        emit=emit)
     notes = model_io.upgrade_note(original) + early_notes
+    notes += [n for n in [undersampled_note(data)] if n]
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
     with threadpool_limits(1, user_api="blas"):
         candidates = AUTO_FORMATS if format == "auto" else (format,)
@@ -180,11 +181,19 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         if needs_library(new):
             notes.append(f"the output uses tnonnx's custom-op library (domain {DOMAIN}): build it with `tnonnx build-ops`; "
                          "`tnonnx validate`/`bench` load it, other runtimes need register_custom_ops_library")
+    trainable = {t.name for r in replacements.values() for t in r.builder.initializers
+                 if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)}
+    if fit == "blockwise":
+        from .blockwise import refine_blocks
+
+        errors = refine_blocks(new, original, batches, trainable)
+        if errors:
+            notes.append(f"blockwise: {len(errors)} block(s) refined; relative error at their outputs on the "
+                         f"calibration data {np.mean([b for b, _ in errors]):.4g} -> "
+                         f"{np.mean([a for _, a in errors]):.4g} (mean over blocks)")
     if finetune:
         from .finetune import finetune as distill
 
-        trainable = {t.name for r in replacements.values() for t in r.builder.initializers
-                     if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)}
         hidden = [r.layer.x for r in replacements.values()]  # what each rewritten layer is fed
         before_ft, after_ft = distill(new, original, batches, trainable, epochs=finetune, hidden=hidden,
                                       hidden_weight=finetune_hidden)
@@ -358,6 +367,18 @@ def layer_data(model: onnx.ModelProto, layers: list[Layer], batches, reference: 
     return data
 
 
+def undersampled_note(data: dict) -> str | None:
+    """The warning for layers whose calibration rows are fewer than their input features."""
+    few = [(name, d.rows, d.features) for name, d in data.items() if d is not None and d.rows < d.features]
+    if not few:
+        return None
+    listed = ", ".join(f"{name} ({rows} < {features})" for name, rows, features in few[:5])
+    more = f" and {len(few) - 5} more" if len(few) > 5 else ""
+    return (f"calibration: {len(few)} layer(s) saw fewer calibration rows than input features ({listed}{more}): "
+            "their fits trust the data only in part (the Gram matrix shrunk towards the identity); "
+            "more calibration samples would help")
+
+
 def _fit_sequential(original, new, plans, fitter, batches, force, timer, rules, progress) -> dict:
     """Fit level by level (fit.levels): each level's layers see, on the calibration data,
     the outputs of the levels before it already rewritten, and fit the original layer's
@@ -505,6 +526,7 @@ def _rows(layers, replacements, before, after) -> list[LayerRow]:
             row.macs_after = sum(after.per_node.get(n.name, 0) for n in rep.builder.nodes)
             row.weight_error = fact.weight_error
             row.output_error = fact.output_error
+            row.held_out_error = getattr(fact, "held_out_error", None)
             row.reason = None
             row.emission = rep.plan.emission
             if rep.plan.timing is not None:

@@ -399,6 +399,10 @@ def feed_batches(inputs, model: onnx.ModelProto, *, batch: int = 1, shapes=None,
 MAX_SAMPLE_ROWS = 8192
 MAX_SAMPLE_BYTES = 64 << 20
 MAX_GRAM_SIZE = 8192
+# every HOLDOUT_EVERY-th calibration sample (axis 0 of a layer's input, counted over the
+# batches) goes into a held-out Gram matrix instead of the fitted one: candidates are judged
+# on samples their fit did not see
+HOLDOUT_EVERY = 4
 
 
 @dataclass
@@ -426,14 +430,19 @@ class Capture:
     cross: np.ndarray | None = None  # X~^T X, sequential fitting only
     samples: np.ndarray | None = None  # dense: (R, N) rows; conv: (B, S, *spatial) maps
     reference: np.ndarray | None = None  # the original model's inputs at the same samples
+    fourth: float = 0.0  # sum over the Gram matrix's rows of |row|^4 (for the Ledoit-Wolf shrinkage)
+    held_gram: np.ndarray | None = None  # the same over the held-out samples (HOLDOUT_EVERY)
+    held_count: int = 0
+    held_cross: np.ndarray | None = None
 
 
 class _Accumulator:
     def __init__(self, probe: Probe, paired: bool, seed: int):
         self.probe, self.paired = probe, paired
         self.rng = np.random.default_rng(seed)
-        self.gram = self.cross = None
-        self.count = self.seen = 0
+        self.gram = self.cross = self.held_gram = self.held_cross = None
+        self.count = self.seen = self.held_count = self.fed = 0
+        self.fourth = 0.0
         self.samples = self.reference = None
         self.capacity = None
 
@@ -445,16 +454,34 @@ class _Accumulator:
         else:
             units, ref_units = value, original
         self._sample(units, ref_units)
+        count = value.shape[0] if value.ndim >= 2 else 1
+        held = (self.fed + np.arange(count)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+        self.fed += count
+        if value.ndim < 2 or not held.any():
+            self._accumulate(value, original, held=False)
+        else:
+            for part, flag in ((~held, False), (held, True)):
+                if part.any():
+                    self._accumulate(value[part], None if original is None else original[part], held=flag)
+
+    def _accumulate(self, value: np.ndarray, original: np.ndarray | None, held: bool) -> None:
         rows = self._rows(value)
         if rows is None:
             return
         # one batch's sum in float32 (twice as fast), the running sum in float64
         gram = (rows.T @ rows).astype(np.float64)
+        cross = None if original is None else (rows.T @ self._rows(original)).astype(np.float64)
+        if held:
+            self.held_gram = gram if self.held_gram is None else self.held_gram + gram
+            if cross is not None:
+                self.held_cross = cross if self.held_cross is None else self.held_cross + cross
+            self.held_count += rows.shape[0]
+            return
         self.gram = gram if self.gram is None else self.gram + gram
-        if original is not None:
-            cross = (rows.T @ self._rows(original)).astype(np.float64)
+        if cross is not None:
             self.cross = cross if self.cross is None else self.cross + cross
         self.count += rows.shape[0]
+        self.fourth += float(np.sum(np.sum(rows.astype(np.float64) ** 2, axis=1) ** 2))
 
     def _rows(self, value: np.ndarray) -> np.ndarray | None:
         if self.probe.kind == "dense":
@@ -484,7 +511,8 @@ class _Accumulator:
         kept = min(self.seen, self.capacity or 0)
         return Capture(self.gram, self.count, self.cross,
                        None if self.samples is None else self.samples[:kept],
-                       None if self.reference is None else self.reference[:kept])
+                       None if self.reference is None else self.reference[:kept],
+                       self.fourth, self.held_gram, self.held_count, self.held_cross)
 
 
 def capture(model: onnx.ModelProto, probes: Mapping[str, list[Probe]], batches, *,

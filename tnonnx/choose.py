@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import estimate
 from .errors import NotApplicable, TnonnxError
 from .formats import RankSpec
 from .graph import Layer
@@ -58,23 +59,54 @@ def emissions_for(fact, emit: str, layer: Layer) -> tuple[str, ...]:
     return (emit,)
 
 
-def candidate_options(plan: LayerPlan, fitter: Fitter, trials: list[tuple[str, RankSpec]]) -> list[Option]:
+def candidate_options(plan: LayerPlan, fitter: Fitter, trials: list[tuple[str, RankSpec]],
+                      counts: dict | None = None) -> list[Option]:
     """Options for the (format, spec) trials of one layer (data-free or closed-form fits);
-    trials that do not apply, or are not smaller than the layer, are left out."""
+    trials that do not apply, or are not smaller than the layer, are left out. svd's come
+    from its spectrum without fitting (estimate.svd_estimates, exact); a format slow to fit
+    is fitted only where its proxy at the same spec may win (estimate.may_win). `counts`
+    (when given) tallies "estimated", "fitted" and "skipped" trials."""
     layer, out, done = plan.layer, [], set()
+    counts = {} if counts is None else counts
+    svd_specs = [spec for fmt, spec in trials if fmt == "svd"]
+    estimates = estimate.svd_estimates(layer, fitter.data.get(layer.name), svd_specs) if svd_specs else None
+    if estimates is not None:
+        for spec, params, error in estimates:
+            if params >= layer.params:
+                break
+            out.append(Option("svd", spec, params, error, macs_ratio=_svd_macs_ratio(params, layer)))
+        counts["estimated"] = counts.get("estimated", 0) + len(out)
+        done.add("svd")
     for fmt, spec in trials:  # a format's trials come in growing rank: stop at the first too large
         if fmt in done:
             continue
+        proxy = estimate.slow(fmt)
+        if proxy is not None:
+            twin = next((o for o in out if o.format == proxy and o.spec == spec), None)
+            if twin is None or not estimate.may_win(twin.params, twin.error,
+                                                     [(o.params, o.error) for o in out if o is not twin]):
+                counts["skipped"] = counts.get("skipped", 0) + 1
+                continue
         try:
             fact = fitter.fit(layer, fmt, spec, plan.modes, plan.order, final=False)
         except NotApplicable:
             done.add(fmt)
             continue
+        counts["fitted"] = counts.get("fitted", 0) + 1
         if fact.params() >= layer.params:
             done.add(fmt)
             continue
         out.append(Option(fmt, spec, fact.params(), fit_error(fact) ** 2, macs_ratio=_macs_ratio(fact, layer)))
     return out
+
+
+def _svd_macs_ratio(params: int, layer: Layer) -> float | None:
+    """_macs_ratio of an svd factorisation with `params` parameters: its two stages take
+    r (n + m) multiply-adds per row (per output position for convs, the first carrying the stride)."""
+    if layer.kind == "dense" or (layer.geometry is not None and layer.geometry.in_spatial is not None
+                                 and layer.geometry.out_spatial is not None):
+        return params / max(layer.params, 1)
+    return None
 
 
 def _macs_ratio(fact, layer: Layer) -> float | None:
@@ -258,6 +290,8 @@ class Planner:
         self.options: dict | None = None
         self.floored: dict[str, int] = {}
         self.notes: list[str] = []
+        self.counts: dict[str, int] = {}  # candidate_options' tally
+        self.timed = 0  # options timed by _timed_front
 
     @property
     def choosing(self) -> bool:
@@ -270,6 +304,7 @@ class Planner:
             return list(self.plans)
         if self.options is None:
             self.options = {key: self._options(group) for key, group in self.groups.items()}
+            self.notes.append(self._effort())
             dropped = sum(self.floored.values())
             if dropped:
                 self.notes.append(f"never slower than dense: {dropped} candidate(s) timed slower than their dense "
@@ -321,12 +356,14 @@ class Planner:
         first = group[0]
         trials = ladder(self.formats, simd=self.rules.speedup is not None) if self.budget is not None else \
             [(f, first.spec) for f in self.formats]
-        options = candidate_options(first, self.fitter, trials)
+        options = candidate_options(first, self.fitter, trials, self.counts)
         if self.sensitivity is not None and options:  # measured at the front's candidate nearest the share
             share = 1.0 / self.budget
             probe = min(pareto(options, by_time=False), key=lambda o: abs(o.params - share * first.layer.params))
             weight = self.sensitivity(first, probe.format, probe.spec)
             options = [dataclasses.replace(o, error=o.error * weight) for o in options]
+        if self.budget is not None and self.rules.speedup is None:
+            return self._timed_front(group, options)
         options = time_options(group, options, self.fitter, self.timer, self.rules.emit)
         if self.rules.floor:  # before the front: a faster option a slower one dominates stays in
             options, dropped = apply_floor(options)
@@ -334,6 +371,38 @@ class Planner:
         if self.budget is not None:
             options = pareto(options, by_time=self.rules.speedup is not None)
         return options
+
+    def _effort(self) -> str:
+        c = self.counts
+        slow = [f for f in self.formats if estimate.slow(f)]
+        timed = f", {self.timed} timed (those that could be on the budget's front)" if self.timed else ""
+        skipped = (f", {c.get('skipped', 0)} {'/'.join(slow)} trial(s) not fitted where "
+                   f"{'/'.join(estimate.slow(f) for f in slow)} at the same cap was far from the best"
+                   if slow else "")
+        return (f"planner: {c.get('estimated', 0)} svd candidate(s) read off the layers' spectra without fitting, "
+                f"{c.get('fitted', 0)} fitted{skipped}{timed}")
+
+    def _timed_front(self, group: list[LayerPlan], options: list[Option]) -> list[Option]:
+        """pareto(apply_floor(time_options(...)), by_time=False), timing only the options that
+        can be on that front: the front of the options not yet timed slower than dense is
+        timed until all its members are timed and kept (an option off that front is dominated
+        by one that is kept, so it is off the final front too)."""
+        first, dense, kept, pending, dropped = group[0], None, [], list(options), 0
+        while True:
+            front = pareto(kept + pending, by_time=False)
+            untimed = [o for o in front if any(o is p for p in pending)]
+            if not untimed and dense is not None:
+                break
+            timed = time_options(group, untimed, self.fitter, self.timer, self.rules.emit)
+            dense = dense or timed[0]
+            pending = [o for o in pending if not any(o is u for u in untimed)]
+            if self.rules.floor:
+                timed, floored = apply_floor([dense] + timed[1:])
+                dropped += floored
+            kept += timed[1:]
+            self.timed += len(timed) - 1
+        self.floored[first.layer.weight_key] = dropped
+        return pareto([dense] + kept, by_time=False)
 
     def _max_ms(self, slack: float) -> float:
         dense = [opts[0].ms for opts in self.options.values()]

@@ -100,12 +100,17 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
                 log(f"finetune epoch {epoch + 1}/{epochs}: relative output error {current:.4g}")
             if current < best:
                 best, best_state = current, {k: v.detach().clone() for k, v in graph.params.items()}
+    store(model, best_state)
+    return before, best
+
+
+def store(model: onnx.ModelProto, values: dict) -> None:
+    """Trained tensors (torch, by initializer name) into `model`'s initializers, in their dtype."""
     by_name = {t.name: t for t in model.graph.initializer}
-    for name, value in best_state.items():
+    for name, value in values.items():
         old = by_name[name]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
         old.CopyFrom(numpy_helper.from_array(value.numpy().astype(dtype), name))
-    return before, best
 
 
 def _relative(got, want):

@@ -11,6 +11,11 @@ the original layer's outputs (X W): then B = L^{-1} C W with the cross Gram C = 
 distance to A W~ differs from ||X~ W~ - X W||_F^2 only by a constant.
 Convolutions use the same algebra on their im2col patches.
 
+Every HOLDOUT_EVERY-th calibration sample (calibrate.py) is kept out of G and enters a
+held-out Gram matrix instead: its basis and target measure a candidate's error on samples
+its fit did not see (LayerData.held_out_error, what the planner ranks by). A G of fewer rows
+than features is shrunk towards the scaled identity first (shrinkage()).
+
 Linear chain formats are refined from their data-free decomposition by L-BFGS on these
 rows (their torch modules run the same chain as the ONNX subgraph); convolutions, and the
 nonlinear formats, fit to sampled inputs and the original layer's outputs on them.
@@ -43,19 +48,38 @@ class LayerData:
     inputs: np.ndarray | None  # sampled inputs the layer sees: rows (R x N) or maps (B x S x ...)
     outputs: np.ndarray | None  # the original layer's outputs for those samples, without bias
     geometry: ConvGeometry | None = None
+    held_basis: np.ndarray | None = None  # the same over the held-out calibration samples
+    held_target: np.ndarray | None = None
+    rows: int = 0  # calibration rows behind the fitted Gram matrix
+    shrinkage: float = 0.0  # how far that Gram matrix was shrunk towards the scaled identity
 
-    def output_error(self, fact) -> float | None:
+    @property
+    def features(self) -> int:
+        return 0 if self.basis is None else self.basis.shape[0]
+
+    def output_error(self, fact, kernel: np.ndarray | None = None) -> float | None:
         """Relative output error on the calibration data: exact (all rows, through the Gram
-        basis) for linear factorisations, on the samples for the others."""
+        basis) for linear factorisations, on the samples for the others. `kernel`: the
+        factorisation's to_dense() when the caller has it already."""
         if getattr(fact, "linear", True) and self.basis is not None:
-            if self.kind == "dense":
-                approx = fact.apply(self.basis)
-            else:
-                approx = self.basis @ fact.to_dense().reshape(fact.to_dense().shape[0], -1).T
-            return _relative(approx, self.target)
+            return _basis_error(fact, self.kind, self.basis, self.target, kernel)
         if self.inputs is None or not len(self.inputs):
             return None
         return _relative(_evaluate(fact, self), self.outputs)
+
+    def held_out_error(self, fact, kernel: np.ndarray | None = None) -> float | None:
+        """Relative output error on the held-out calibration samples (linear factorisations;
+        None without held-out samples)."""
+        if self.held_basis is None or not getattr(fact, "linear", True):
+            return None
+        return _basis_error(fact, self.kind, self.held_basis, self.held_target, kernel)
+
+
+def _basis_error(fact, kind: str, basis: np.ndarray, target: np.ndarray, kernel: np.ndarray | None) -> float:
+    if kind == "dense":
+        return _relative(fact.apply(basis), target)
+    kernel = fact.to_dense() if kernel is None else kernel
+    return _relative(basis @ kernel.reshape(kernel.shape[0], -1).T, target)
 
 
 def _relative(approx: np.ndarray, target: np.ndarray) -> float:
@@ -81,17 +105,18 @@ def layer_data(layer: Layer, capture: Capture, bases: dict | None = None) -> Lay
         matrix = layer.weight  # N x M, y = x W
     else:
         matrix = layer.weight.reshape(layer.weight.shape[0], -1).T  # S*k x T
-    basis = target = None
+    basis = target = held_basis = held_target = None
+    alpha = shrinkage(capture)
     if capture.gram is not None:
         cache = bases if bases is not None else {}
         if id(capture) not in cache:
-            cache[id(capture)] = _cholesky(capture.gram)
-        chol = cache[id(capture)]
-        basis = chol.T
-        if capture.cross is None:
-            target = basis @ matrix
-        else:
-            target = np.linalg.solve(chol, capture.cross @ matrix)
+            gram, cross = shrink(capture.gram, capture.cross, alpha)
+            held = _cholesky(capture.held_gram) if capture.held_gram is not None else None
+            cache[id(capture)] = (_cholesky(gram), cross, held)
+        chol, cross, held = cache[id(capture)]
+        basis, target = _basis_target(chol, cross, matrix)
+        if held is not None:
+            held_basis, held_target = _basis_target(held, capture.held_cross, matrix)
     inputs, outputs = capture.samples, None
     if inputs is not None:
         source = capture.reference if capture.reference is not None else inputs
@@ -99,7 +124,47 @@ def layer_data(layer: Layer, capture: Capture, bases: dict | None = None) -> Lay
             outputs = source.astype(np.float64) @ matrix
         else:
             outputs = conv_apply(source, matrix, layer.geometry)
-    return LayerData(kind, basis, target, inputs, outputs, layer.geometry if kind == "conv" else None)
+    return LayerData(kind, basis, target, inputs, outputs, layer.geometry if kind == "conv" else None,
+                     held_basis, held_target, capture.count, alpha)
+
+
+def _basis_target(chol: np.ndarray, cross: np.ndarray | None, matrix: np.ndarray):
+    """(A, B) of the module docstring from the Cholesky factor L (and the cross Gram C)."""
+    basis = chol.T
+    target = basis @ matrix if cross is None else np.linalg.solve(chol, cross @ matrix)
+    return basis, target
+
+
+def shrinkage(capture: Capture) -> float:
+    """How far a layer's Gram matrix is shrunk towards the identity (scaled to its mean
+    diagonal) before the fit: the Ledoit-Wolf intensity (the sampling noise of the Gram
+    matrix's entries, estimated from the rows' fourth moments, over its distance to the
+    scaled identity) when it has fewer rows than features, else 0. Such a Gram matrix has
+    rank at most its row count: it claims that most input directions are never used, and a
+    fit trusting it is free to do anything in them. The intensity is large where the rows
+    scatter over many directions (then the data-free fit, intensity 1, is nearly as good) and
+    small where they keep to a few. The output error of such a layer is measured on the
+    shrunk matrix too."""
+    gram, rows = capture.gram, capture.count
+    if gram is None or rows <= 0 or rows >= gram.shape[0]:
+        return 0.0
+    sample = gram / rows
+    mu = float(np.trace(sample)) / sample.shape[0]
+    distance = float(np.sum(sample**2)) - 2 * mu * float(np.trace(sample)) + mu**2 * sample.shape[0]
+    noise = capture.fourth / rows**2 - float(np.sum(sample**2)) / rows
+    if distance <= 0:
+        return 1.0
+    return float(min(1.0, max(noise / distance, 0.0)))
+
+
+def shrink(gram: np.ndarray, cross: np.ndarray | None, alpha: float):
+    """(1 - alpha) G + alpha mu I, and the cross Gram the same way (so that a model fed its
+    own inputs, cross = gram, still gets the plain whitened fit)."""
+    if alpha <= 0:
+        return gram, cross
+    mu = float(np.trace(gram)) / gram.shape[0]
+    eye = alpha * mu * np.eye(gram.shape[0])
+    return (1 - alpha) * gram + eye, None if cross is None else (1 - alpha) * cross + eye
 
 
 def _cholesky(gram: np.ndarray) -> np.ndarray:

@@ -174,8 +174,10 @@ class Fitter:
                 from .fp16 import balance_cores
 
                 balance_cores(fact)
-            fact.weight_error = fact.relative_error(layer.weight) if fact.linear else None
-            fact.output_error = data.output_error(fact) if data is not None else None
+            dense = fact.to_dense() if fact.linear else None  # once: a ring's takes long
+            fact.weight_error = fact.relative_error(layer.weight, dense) if dense is not None else None
+            fact.output_error = data.output_error(fact, dense) if data is not None else None
+            fact.held_out_error = data.held_out_error(fact, dense) if data is not None else None
             self.cache[key] = fact
         return self.cache[key]
 
@@ -200,6 +202,10 @@ def fit_weight(format: str, weight, spec: RankSpec, *, groups: int = 1, modes=No
 
 
 def fit_error(fact) -> float:
-    """The error a choice between candidates minimises: the output error on calibration data
-    when measured, else the weight error."""
-    return fact.output_error if fact.output_error is not None else fact.weight_error
+    """The error a choice between candidates minimises: the output error on the held-out
+    calibration samples when there are some, else on the calibration data when measured,
+    else the weight error."""
+    for error in (getattr(fact, "held_out_error", None), fact.output_error):
+        if error is not None:
+            return error
+    return fact.weight_error

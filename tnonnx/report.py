@@ -14,7 +14,8 @@ from rich.table import Table
 from .report_table import Column, fit_table, legend
 
 # what a layer row means only after a rewrite: left out of `inspect --json`
-AFTER_FIELDS = ("format", "ranks", "params_after", "macs_after", "weight_error", "output_error", "shared_with",
+AFTER_FIELDS = ("format", "ranks", "params_after", "macs_after", "weight_error", "output_error", "held_out_error",
+                "shared_with",
                 "emission", "ms_before", "ms_after", "ms_predicted", "ms_measured")
 
 
@@ -31,6 +32,7 @@ class LayerRow:
     macs_after: int | None = None
     weight_error: float | None = None
     output_error: float | None = None  # relative output error on calibration data (data-aware fitting)
+    held_out_error: float | None = None  # the same on the calibration samples held out of the fit
     shared_with: str | None = None  # the layer whose factors this one reuses
     reason: str | None = None  # why the layer was left alone
     emission: str | None = None  # how the replacement is emitted (matmul, features-first, ...)
@@ -215,15 +217,19 @@ class RewriteReport:
         if timed:
             columns += [Column("ms", "right", group="ms"), Column("→  ", "right", group="ms")]
         columns.append(Column("weight err", "right", group="weight err", short_header=True))
+        with_held = any(r.held_out_error is not None for r in self.rows)
         if with_output:
             columns.append(Column("output err", "right", group="output err", short_header=True))
+        if with_held:
+            columns.append(Column("held-out err", "right", group="held-out err", short_header=True))
         columns.append(Column("note", wrap=True))
         rows = []
         for r in self.rows:
             times = [_ms(r.ms_before), _ms(r.ms_after, r.ms_measured)] if timed else []
             if r.format:
                 notes = [f"shares {r.shared_with}" if r.shared_with else "", _growth(r, self.spec)]
-                errors = [_err(r.weight_error)] + ([_err(r.output_error)] if with_output else [])
+                errors = ([_err(r.weight_error)] + ([_err(r.output_error)] if with_output else [])
+                          + ([_err(r.held_out_error)] if with_held else []))
                 rows.append([r.name, r.op, _shape(r.weight_shape), r.format, r.emission or "-", _ranks(r.ranks),
                              _n(r.params_before),
                              _n(r.params_after), _n(r.macs_before), _n(r.macs_after), *times, *errors,
@@ -231,9 +237,10 @@ class RewriteReport:
             else:
                 rows.append([r.name, r.op, _shape(r.weight_shape), "dense", "-", "-", _n(r.params_before), "-",
                              _n(r.macs_before), "-", *(["-", "-"] if timed else []), "-",
-                             *(["-"] if with_output else []), f"left alone: {r.reason}"])
+                             *(["-"] if with_output else []), *(["-"] if with_held else []),
+                             f"left alone: {r.reason}"])
         # on a narrow console: the output error is what a data-aware fit keeps small, so it stays longer
-        errors = ("weight err", "output err") if with_output else ("weight err",)
+        errors = ("weight err",) + (("output err",) if with_output else ()) + (("held-out err",) if with_held else ())
         table, dropped = fit_table(title, columns, rows, console.width,
                                    ("MACs", "ms", "emit", "weight", "op") + errors, n_essential=len(errors))
         console.print(table)

@@ -65,8 +65,9 @@ class Factorization:
     def to_dense(self) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def relative_error(self, weight: np.ndarray) -> float:
-        dense = self.to_dense()
+    def relative_error(self, weight: np.ndarray, dense: np.ndarray | None = None) -> float:
+        """||weight - to_dense()|| / ||weight||; `dense`: to_dense() when the caller has it."""
+        dense = self.to_dense() if dense is None else dense
         # by blocks of rows: one weight-sized temporary (the dense rebuild), not two
         step = max(1, (1 << 22) // max(1, dense[:1].size))
         err2 = sum(float(np.sum(np.square(dense[i:i + step] - weight[i:i + step])))

@@ -6,6 +6,8 @@ conv S -> r carrying the original stride/pads/dilations, then a 1x1 conv r -> T.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from ..emit import Chain, Core
@@ -39,12 +41,29 @@ def _cap(n: int, m: int, spec: RankSpec) -> int | None:
     return None
 
 
+# the last few SVDs by content: the planner asks for one matrix at many ranks (and its
+# error estimates read the same spectrum), each SVD is then computed once
+_SVDS: dict = {}
+_SVDS_KEPT = 8
+
+
+def thin_svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """np.linalg.svd(a, full_matrices=False), remembered for the last few matrices."""
+    a = np.ascontiguousarray(a)
+    key = (a.shape, a.dtype.str, hashlib.blake2b(a.tobytes(), digest_size=16).digest())
+    if key not in _SVDS:
+        if len(_SVDS) >= _SVDS_KEPT:
+            _SVDS.pop(next(iter(_SVDS)))
+        _SVDS[key] = np.linalg.svd(a, full_matrices=False)
+    return _SVDS[key]
+
+
 def balanced_factors(w: np.ndarray, spec: RankSpec) -> tuple[np.ndarray, np.ndarray]:
     """U (n x r), V (r x m) with U V ~ w, the singular values split evenly between them."""
     cap = _cap(*w.shape, spec)
     if cap is not None and w.size >= GRAM_ABOVE:
         return _gram_factors(w, cap)
-    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    u, s, vt = thin_svd(w)
     r = svd_rank(s, *w.shape, spec)
     root = np.sqrt(s[:r])
     return u[:, :r] * root, root[:, None] * vt[:r]
@@ -75,7 +94,7 @@ def whitened_factors(basis: np.ndarray, target: np.ndarray, spec: RankSpec) -> t
     """The rank-r (U, V) minimising ||A U V - B|| (ALGORITHMS.md section 11; A = L^T and B as
     in tnonnx/fit.py): the truncated SVD of B mapped back through A^{-1}. With a tolerance,
     it bounds the relative output error on the calibration inputs."""
-    u, s, vt = np.linalg.svd(target, full_matrices=False)
+    u, s, vt = thin_svd(target)
     r = svd_rank(s, basis.shape[1], target.shape[1], spec)
     root = np.sqrt(s[:r])
     return np.linalg.solve(basis, u[:, :r] * root), root[:, None] * vt[:r]

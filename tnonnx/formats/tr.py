@@ -24,6 +24,8 @@ from .tr_fit import ALS_SWEEPS, fit_ring
 from .tt import channel_modes
 
 NAME = "tr"
+SLOW_FIT = True  # ALS sweeps: the planner fits it only where its proxy came near the front
+PROXY = "tt"  # a train with the same caps: a ring is a train with one more bond
 
 
 # ------------------------------------------------------------------ dense layers
@@ -71,7 +73,8 @@ class RingConvFactorization(ConvFactorization):
         w_in, w_sp, w_out = self.stage_weights()
         r0, rm, rn = self.bonds
         t, s = self.channels
-        return np.einsum("tac,cb...,abs->ts...", w_out.reshape(t, r0, rn), w_sp, w_in.reshape(r0, rm, s))
+        return np.einsum("tac,cb...,abs->ts...", w_out.reshape(t, r0, rn), w_sp, w_in.reshape(r0, rm, s),
+                         optimize=True)
 
     def macs(self, geometry) -> int:
         size, total = tuple(geometry.in_spatial), 0

@@ -1,0 +1,54 @@
+"""Block-wise refinement (--fit blockwise) on the exported reference networks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tnonnx
+from tnonnx import blockwise, calibrate
+from tnonnx.validate import run
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from models.export import export
+
+    out = tmp_path_factory.mktemp("blockwise")
+    return lambda name: export(name, out / f"{name}.onnx")
+
+
+def test_block_boundaries_of_residual_and_plain_networks(exported):
+    resnet = tnonnx.model.load(exported("small_resnet"))
+    adds = [n for n in resnet.graph.node if n.op_type == "Add"]
+    assert len(blockwise.boundaries(resnet)) == len(adds) == 6  # one per BasicBlock: the residual additions
+    block = tnonnx.model.load(exported("transformer_block"))
+    kinds = [block.graph.node[i].op_type for i in blockwise.boundaries(block)]
+    assert kinds.count("Add") == 2  # attention and feed-forward residuals; biases are not boundaries
+    mlp = tnonnx.model.load(exported("mlp"))
+    assert blockwise.boundaries(mlp) == []  # a plain network is one block
+
+
+@pytest.mark.parametrize("name", ["transformer_block"])  # small_resnet: the same, four times slower
+def test_blockwise_never_raises_a_blocks_calibration_error(exported, name, monkeypatch):
+    monkeypatch.setattr(blockwise, "BLOCK_MIN_STEPS", 10)  # a few steps show the rule; the default trains more
+    path = exported(name)
+    original = tnonnx.model.load(path)
+    aware, _ = tnonnx.rewrite(path, format="svd", rank=4, fit="aware", calib=16, validate=False, timing=False)
+    trainable = {t.name for t in aware.graph.initializer} - {t.name for t in original.graph.initializer}
+    assert len(blockwise.blocks(aware, trainable)) >= 2
+    batches, _ = calibrate.feed_batches(16, original)
+    errors = blockwise.refine_blocks(aware, original, batches, trainable, epochs=2)
+    assert len(errors) >= 2
+    assert all(after <= before for before, after in errors)
+    assert any(after < 0.99 * before for before, after in errors)  # the training does something
+    held = calibrate.random_batches(original, 8, 8, seed=5)
+    ref, got = (next(iter(run(m, held).values())) for m in (original, aware))
+    assert np.isfinite(got).all() and got.shape == ref.shape
+
+
+def test_fit_blockwise_reports_its_blocks(exported, monkeypatch):
+    monkeypatch.setattr(blockwise, "BLOCK_MIN_STEPS", 10)
+    _, report = tnonnx.rewrite(exported("transformer_block"), format="svd", rank=4, fit="blockwise", calib=16,
+                               validate=False, timing=False)
+    assert any(n.startswith("blockwise: 2 block(s) refined") for n in report.notes)
