@@ -369,7 +369,8 @@ def layer_data(model: onnx.ModelProto, layers: list[Layer], batches, reference: 
 
 def undersampled_note(data: dict) -> str | None:
     """The warning for layers whose calibration rows are fewer than their input features."""
-    few = [(name, d.rows, d.features) for name, d in data.items() if d is not None and d.rows < d.features]
+    few = [(name, d.rows, d.features) for name, d in data.items()
+           if isinstance(d, fitting.LayerData) and d.rows < d.features]  # embeddings have index counts
     if not few:
         return None
     listed = ", ".join(f"{name} ({rows} < {features})" for name, rows, features in few[:5])

@@ -99,11 +99,17 @@ class EmbeddingData:
         c = self.counts.astype(np.float64)
         return np.sqrt(c + RIDGE * max(c.mean(), 1e-12))
 
-    def output_error(self, fact) -> float:
-        """Relative error of the looked-up rows over the calibration indices."""
+    def output_error(self, fact, dense: np.ndarray | None = None) -> float:
+        """Relative error of the looked-up rows over the calibration indices (`dense`: the
+        factorisation's to_dense() when the caller has it)."""
         w = self.counts.astype(np.float64)[:, None]
-        error = np.sum(w * (fact.to_dense() - self.weight) ** 2)
+        dense = fact.to_dense() if dense is None else dense
+        error = np.sum(w * (dense - self.weight) ** 2)
         return float(np.sqrt(error / max(np.sum(w * self.weight**2), 1e-300)))
+
+    def held_out_error(self, fact, dense: np.ndarray | None = None) -> None:
+        """No samples are held out of index counts: every lookup is its own row."""
+        return None
 
 
 def fit(module, layer, spec, modes=None, order=None, data: EmbeddingData | None = None):

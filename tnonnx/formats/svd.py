@@ -41,14 +41,15 @@ def _cap(n: int, m: int, spec: RankSpec) -> int | None:
     return None
 
 
-# the last few SVDs by content: the planner asks for one matrix at many ranks (and its
-# error estimates read the same spectrum), each SVD is then computed once
+# the last SVD by content: the planner asks for one matrix at many ranks (and its error
+# estimates read the same spectrum), so each SVD is computed once. Only one is kept: a
+# rewrite's memory must not grow with the number of layers (tests/test_large_models.py).
 _SVDS: dict = {}
-_SVDS_KEPT = 8
+_SVDS_KEPT = 1
 
 
 def thin_svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """np.linalg.svd(a, full_matrices=False), remembered for the last few matrices."""
+    """np.linalg.svd(a, full_matrices=False), remembered for the last matrix."""
     a = np.ascontiguousarray(a)
     key = (a.shape, a.dtype.str, hashlib.blake2b(a.tobytes(), digest_size=16).digest())
     if key not in _SVDS:
