@@ -57,6 +57,13 @@ class GraphIndex:
                 self.constants[name] = numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto) else np.asarray(v)
         return self.constants[name]
 
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of a constant tensor without decoding an initializer's values."""
+        if name in self._inits and self.constants.get(name, 0) is None:
+            return tuple(self._inits[name].dims)
+        value = self.value(name)
+        return None if value is None else value.shape
+
     def aliases(self, name: str) -> set[str]:
         """`name` and what Cast/Identity nodes make of it, transitively."""
         out, frontier = {name}, [name]
@@ -74,11 +81,11 @@ def gather_table_size(index: GraphIndex, name: str) -> int | None:
     names, sizes = index.aliases(name), []
     for node in index.nodes:
         if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in names:
-            table = index.value(node.input[0])
-            if table is not None and table.ndim:
+            shape = index.shape(node.input[0])  # a table's shape: its values are not needed
+            if shape:
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                if table.shape[axis % table.ndim] > 0:
-                    sizes.append(table.shape[axis % table.ndim])
+                if shape[axis % len(shape)] > 0:
+                    sizes.append(shape[axis % len(shape)])
     return min(sizes) if sizes else None
 
 
