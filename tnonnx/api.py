@@ -114,12 +114,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         raise TnonnxError(f"--finetune {finetune}: must be >= 0 epochs")
     if finetune_hidden < 0:
         raise TnonnxError(f"--finetune-hidden {finetune_hidden:g}: must be >= 0")
-    if fit != "data-free" or finetune:
-        if calib is None:
-            what = f"--fit {fit}" if fit != "data-free" else "--finetune"
-            raise TnonnxError(f"{what} needs calibration data: give --calib FILE.npz or --calib-random N")
-        batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes, what="--calib")
-    elif calib is not None and (target == "gpu" or (quantization is not None and quantization.static)):
+    if (fit != "data-free" or finetune) and calib is None:
+        what = f"--fit {fit}" if fit != "data-free" else "--finetune"
+        raise TnonnxError(f"{what} needs calibration data: give --calib FILE.npz or --calib-random N")
+    # the fit and the fine-tuning read the calibration data, and so do fp16 ranges and static int8
+    if calib is not None and (fit != "data-free" or finetune or target == "gpu"
+                              or (quantization is not None and quantization.static)):
         batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes, what="--calib")
     data = {}
     if fit in ("aware", "blockwise") or (fit == "sequential" and (budget is not None or format == "auto")):
@@ -135,7 +135,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     rules = SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
                        emit=emit)
     notes = model_io.upgrade_note(original) + early_notes
-    notes += [n for n in [undersampled_note(data)] if n]
+    if undersampled := undersampled_note(data):
+        notes.append(undersampled)
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
     with threadpool_limits(1, user_api="blas"):
         candidates = AUTO_FORMATS if format == "auto" else (format,)

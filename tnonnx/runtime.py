@@ -69,14 +69,12 @@ def session(
     label = f"{what} (graph '{model.graph.name}')" if model.graph.name else what
     # serialise once and size the bytes: ByteSize() costs as much as serialising
     data = _serialize_for_runtime(model)
-    size = _model.nbytes(model) if data is None else len(data) + external.data_bytes(model)
-    check_fits(size, label)
-    base = external.base_dir(model)
-    if data is None or size - external.data_bytes(model) > _model.PROTO_LIMIT:
-        data = None
+    check_fits(_model.nbytes(model) if data is None else len(data) + external.data_bytes(model), label)
+    if data is None or len(data) > _model.PROTO_LIMIT:
         with tempfile.TemporaryDirectory(prefix="tnonnx-", ignore_cleanup_errors=True) as tmp:
             path = _model.save(model, Path(tmp) / "model.onnx", external_data=True)
             return _create(lambda: ort.InferenceSession(str(path), opts, providers=providers), label)
+    base = external.base_dir(model)
     if base is not None:  # the graph from memory, its weights from the data file they are in
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", base)
     return _create(lambda: ort.InferenceSession(data, opts, providers=providers), label)
