@@ -3,6 +3,7 @@ validate -> report. The CLI and the Python API both call these functions."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from .embedding import layer_data as embedding_data
 from .emit import Builder
 from .errors import NotApplicable, OriginalDoesNotRun, TnonnxError
 from .finetune import HIDDEN_WEIGHT
-from .formats import Factorization
+from .formats import FORMATS, Factorization
 from .recurrent_scan import to_scan
 from .graph import REWRITABLE_OPS, Layer, find_layers, replace_nodes
 from .macs import all_graphs
@@ -27,6 +28,7 @@ from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache,
 from .choose import Planner, SpeedRules, emissions_for, meet_speedup, slower_note
 from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, fit_error, make_plan, rank_spec
 from .targets import EDGE_MAX_RANK, edge_violations
+from .workers import Workers, prefit
 from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals, describe_calibration, source_info
 from .tensorize import format_modes, parse_modes
 from .validate import check_thresholds, count_samples, skipped_note, with_default_threshold
@@ -63,14 +65,16 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             min_cosine: float | None = None, max_accuracy_drop: float | None = None, fit: str = "data-free", calib=None, finetune: int = 0,
             finetune_hidden: float = HIDDEN_WEIGHT, threads: int | None = None, speedup: float | None = None,
             allow_slower: bool = False, keep_best: bool = False, timing: bool = True, timing_cache: bool = True,
-            timer=None, progress: bool = False, target: str = "cpu", quantize: str | None = None,
-            max_model_bytes: int | None = None) -> tuple[onnx.ModelProto, RewriteReport]:
+            timer=None, progress=False, target: str = "cpu", quantize: str | None = None,
+            max_model_bytes: int | None = None, workers: int | None = None) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
 
     Returns the new model and its report. The input is never modified. Options take the
     CLI's values: budget="2x", modes="8x8x6,4x8x12", ops="MatMul,Gemm". `target` (cpu, gpu,
     edge) and `quantize` (int8, int4) make the factorised model ready for where it runs
-    (deploy.py); the report's `deploy` says what was done and checked.
+    (deploy.py); the report's `deploy` says what was done and checked. `workers`: processes
+    fitting layers side by side (default: the cores available; tnonnx/workers.py). `progress`:
+    whether to draw each stage's progress on stderr, or a progress.Stages.
     """
     started, read_before = time.perf_counter(), external.traffic.read
     if emit not in EMIT_MODES:
@@ -80,6 +84,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     ops = _parse_ops(ops)
     if threads is not None and threads < 1:
         raise TnonnxError(f"--threads {threads}: must be >= 1")
+    pool = Workers(workers, torch=fit != "data-free" or getattr(FORMATS.get(format), "NONLINEAR", False))
+    stages = progress_bars.Stages.of(progress)
     if speedup is not None and not speedup > 0:
         raise TnonnxError(f"--speedup {speedup:g}: must be > 0 (e.g. 1.5)")
     budget = parse_budget(budget)
@@ -124,7 +130,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     data = {}
     if fit in ("aware", "blockwise") or (fit == "sequential" and (budget is not None or format == "auto")):
         # every layer's inputs in the original model (sequential: for choosing ranks only)
-        data = layer_data(new if states else original, [p.layer for p in plans], batches)
+        with stages.stage("capture", len(batches) + len(plans), "batches and layers") as stage:
+            data = layer_data(new if states else original, [p.layer for p in plans], batches, advance=stage.advance)
     fitter = Fitter(format_options, data, balance=target == "gpu")
     deployment = Deployment.of(batch, shapes, threads)
     clock = Clock(timer if timer is not None else (default_timer() if timing else CostModelTimer()),
@@ -138,19 +145,24 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     if undersampled := undersampled_note(data):
         notes.append(undersampled)
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
-    with threadpool_limits(1, user_api="blas"):
+    with threadpool_limits(1, user_api="blas"), pool:
         candidates = AUTO_FORMATS if format == "auto" else (format,)
         sensitivity = None
         if budget is not None and data:
             sensitivity = _sensitivity(original, new, fitter, batches, emit)
         before_ms = clock.models([original], speed_feeds)[0] if speedup else None
         planner = Planner(plans, fitter, candidates, budget, rules, layer_timer, sensitivity, before_ms)
+        if planner.choosing:
+            with stages.stage("allocate", len(planner.groups), "layers") as stage:
+                planner.prepare(pool, stage.advance)
 
         def build(slack: float) -> dict:
             active = planner.plan(slack)
-            if fit == "sequential":
-                return _fit_sequential(original, new, active, fitter, batches, force, layer_timer, rules, progress)
-            return _fit_and_emit(active, fitter, force, layer_timer, rules, progress)
+            with stages.stage("fit", len(active), "layers") as stage:
+                if fit == "sequential":
+                    return _fit_sequential(original, new, active, fitter, batches, force, layer_timer, rules,
+                                           stage.advance, pool)
+                return _fit_and_emit(active, fitter, force, layer_timer, rules, stage.advance, pool)
 
         if speedup and before_ms is not None:
             replacements = meet_speedup(
@@ -158,7 +170,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                 before_ms / speedup)
         else:
             replacements = build(0.0)
-        notes.extend(planner.notes)
+        notes.extend(planner.notes + ([pool.note()] if pool.note() else []))
     if emit == "rows":  # edge: a layer whose emission still breaks the rules stays dense
         owner = {n.name: key for key, r in replacements.items() for n in r.builder.nodes}
         for broken in edge_violations(_partial(new, replacements), set(owner)):
@@ -185,9 +197,10 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     trainable = {t.name for r in replacements.values() for t in r.builder.initializers
                  if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)}
     if fit == "blockwise":
-        from .blockwise import refine_blocks
+        from .blockwise import blocks, refine_blocks
 
-        errors = refine_blocks(new, original, batches, trainable)
+        with stages.stage("refine", len(blocks(new, trainable)), "blocks") as stage:
+            errors = refine_blocks(new, original, batches, trainable, log=lambda _: stage.advance())
         if errors:
             notes.append(f"blockwise: {len(errors)} block(s) refined; relative error at their outputs on the "
                          f"calibration data {np.mean([b for b, _ in errors]):.4g} -> "
@@ -196,8 +209,9 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         from .finetune import finetune as distill
 
         hidden = [r.layer.x for r in replacements.values()]  # what each rewritten layer is fed
-        before_ft, after_ft = distill(new, original, batches, trainable, epochs=finetune, hidden=hidden,
-                                      hidden_weight=finetune_hidden)
+        with stages.stage("finetune", finetune, "epochs") as stage:
+            before_ft, after_ft = distill(new, original, batches, trainable, epochs=finetune, hidden=hidden,
+                                          hidden_weight=finetune_hidden, log=lambda _: stage.advance())
         matched = (f"outputs and the rewritten layers' inputs, weight {finetune_hidden:g}" if finetune_hidden
                    else "outputs only")
         notes.append(f"finetune: relative output error on the calibration data {before_ft:.4g} -> {after_ft:.4g} "
@@ -207,9 +221,11 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     if target != "cpu" or quantization is not None or max_model_bytes is not None:
         emitted = {n.name for r in replacements.values() for n in r.builder.nodes}
         stem = Path(model).stem if isinstance(model, (str, os.PathLike)) else "model"
-        new, deployed, baseline = deploy.finish(original, new, deployment_target, quantization, batches, emitted,
-                                                shapes, stem)
-    before_ms, after_ms = clock.models([original, new], speed_feeds)
+        with stages.stage("deploy"):
+            new, deployed, baseline = deploy.finish(original, new, deployment_target, quantization, batches,
+                                                    emitted, shapes, stem)
+    with stages.stage("latency"):
+        before_ms, after_ms = clock.models([original, new], speed_feeds)
     if before_ms is None or after_ms is None:
         if speedup:
             raise TnonnxError(f"--speedup {speedup:g}: the models could not be timed at the deployment shape "
@@ -242,31 +258,32 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             notes.append(f"--target gpu: ranks not multiples of 8 (chosen by the rank rule, or bounded by mode "
                          f"sizes): {'; '.join(odd[:5])}" + (" ..." if len(odd) > 5 else ""))
     result = skipped = None
-    if validate:
-        # checks the user asked for (a threshold, or --inputs) fail loudly; the default check skips
-        asked = inputs is not None or any(v is not None for v in (atol, rtol, min_cosine, max_accuracy_drop))
-        min_cosine = with_default_threshold(atol, rtol, min_cosine, max_accuracy_drop)
-        if deployed is not None:
-            result = deploy.compare(deployed, original, factorised, new, baseline, inputs=inputs, shapes=shapes,
-                                    batch=batch, thresholds=dict(atol=atol, rtol=rtol, min_cosine=min_cosine,
-                                                                 max_accuracy_drop=max_accuracy_drop))
-        else:
-            try:
-                result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol,
-                                        rtol=rtol, min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
-            except OriginalDoesNotRun as exc:
-                if asked:
-                    raise
-                skipped = skipped_note(exc)
-    elif deployed is not None:
-        deploy.check_ort(deployed, new, inputs=inputs, shapes=shapes, batch=batch)
+    with stages.stage("validate") if validate or deployed is not None else contextlib.nullcontext():
+        if validate:
+            # checks the user asked for (a threshold, or --inputs) fail loudly; the default check skips
+            asked = inputs is not None or any(v is not None for v in (atol, rtol, min_cosine, max_accuracy_drop))
+            min_cosine = with_default_threshold(atol, rtol, min_cosine, max_accuracy_drop)
+            if deployed is not None:
+                result = deploy.compare(deployed, original, factorised, new, baseline, inputs=inputs, shapes=shapes,
+                                        batch=batch, thresholds=dict(atol=atol, rtol=rtol, min_cosine=min_cosine,
+                                                                     max_accuracy_drop=max_accuracy_drop))
+            else:
+                try:
+                    result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol,
+                                            rtol=rtol, min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
+                except OriginalDoesNotRun as exc:
+                    if asked:
+                        raise
+                    skipped = skipped_note(exc)
+        elif deployed is not None:
+            deploy.check_ort(deployed, new, inputs=inputs, shapes=shapes, batch=batch)
     totals = Totals(before.params, after.params, model_io.nbytes(original), model_io.nbytes(new),
                     before.total, after.total,
                     ms_before=before_ms, ms_after=after_ms)
     report = RewriteReport(
         format=format, spec=f"budget {budget:g}x" if budget else spec.describe(), emit=emit, batch=batch, rows=rows,
         totals=totals, validation=result, validation_skipped=skipped, seconds=seconds, fit=fit, notes=notes,
-        deploy=deployed,
+        deploy=deployed, stages=dict(stages.seconds),
         latency=LatencyInfo(deployment=deployment.describe(original), threads=threads, measured=clock.measures,
                             speedup_target=speedup, timing_seconds=round(clock.seconds, 3),
                             timed=clock.timed, cache_hits=clock.cache.hits, cache=str(clock.cache.path)
@@ -280,7 +297,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                   "deployment": {"batch": batch, "shapes": {k: list(v) for k, v in (shapes or {}).items()},
                                  "threads": threads},
                   "speedup": speedup, "allow_slower": allow_slower, "keep_best": keep_best, "timing": timing,
-                  "target": target, "quantize": quantize, "max_model_bytes": max_model_bytes, "validate": validate, "inputs": describe_calibration(inputs, None)["source"] if inputs is not None else None,
+                  "target": target, "quantize": quantize, "workers": workers, "max_model_bytes": max_model_bytes, "validate": validate, "inputs": describe_calibration(inputs, None)["source"] if inputs is not None else None,
                   "thresholds": {"atol": atol, "rtol": rtol, "min_cosine": min_cosine,
                                  "max_accuracy_drop": max_accuracy_drop}},
     )
@@ -311,17 +328,22 @@ def parse_budget(budget) -> float | None:
 
 
 def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, timer: LayerTimer, rules: SpeedRules,
-                  progress: bool, shared: dict | None = None, replacements: dict | None = None) -> dict:
-    """Fit each planned layer (once per shared weight) and emit its replacement nodes in the
-    plan's emission (or, where the planner left it open, the fastest measured); returns the
-    replacements keyed by id(node) (added to `replacements` when given)."""
+                  advance=None, pool: Workers | None = None, shared: dict | None = None,
+                  replacements: dict | None = None) -> dict:
+    """Fit each planned layer (once per shared weight; in `pool`'s worker processes when
+    worth it) and emit its replacement nodes in the plan's emission (or, where the planner
+    left it open, the fastest measured); returns the replacements keyed by id(node) (added
+    to `replacements` when given). `advance(share)`: one per layer as it is done."""
     replacements = {} if replacements is None else replacements
     shared = {} if shared is None else shared
-    for plan in _progress(plans, progress):
+    advance = advance or (lambda share: None)
+    prefitted = prefit(fitter, plans, pool, advance)
+    for plan in plans:
         try:
             _fit_one(plan, fitter, force, timer, rules, shared, replacements)
         finally:  # a weight read from a data file goes with its layer: memory stays one layer's
             plan.layer.release()
+        advance(0.5 if fitter.key(plan.layer, plan.format, plan.spec, plan.modes, plan.order) in prefitted else 1.0)
     return replacements
 
 
@@ -348,23 +370,27 @@ def _fit_one(plan: LayerPlan, fitter: Fitter, force: bool, timer: LayerTimer, ru
     replacements[id(layer.node)] = _Replacement(layer, plan, fact, builder)
 
 
-def layer_data(model: onnx.ModelProto, layers: list[Layer], batches, reference: onnx.ModelProto | None = None) -> dict:
+def layer_data(model: onnx.ModelProto, layers: list[Layer], batches, reference: onnx.ModelProto | None = None,
+               advance=None) -> dict:
     """LayerData per layer name from one pass of the calibration batches through `model`
     (with `reference`: the original model alongside, for sequential fitting). Layers data-aware
-    fitting does not apply to (see fit.probe_for), or whose input cannot be exposed, get none."""
+    fitting does not apply to (see fit.probe_for), or whose input cannot be exposed, get none.
+    `advance()` is called per batch run and per layer done."""
+    advance = advance or (lambda share=1.0: None)
     probes: dict[str, list] = {}
     for layer in layers:
         probe = fitting.probe_for(layer)
         source = layer.probe_x or layer.x
         if probe is not None and probe.key not in [p.key for p in probes.get(source, [])]:
             probes.setdefault(source, []).append(probe)
-    captures = calibrate.capture(model, probes, batches, reference=reference)
+    captures = calibrate.capture(model, probes, batches, reference=reference, advance=advance)
     data, bases = embedding_data(model, layers, batches), {}
     for layer in layers:
         probe = fitting.probe_for(layer)
         capture = captures.get((layer.probe_x or layer.x, probe.key)) if probe is not None else None
         if capture is not None:
             data[layer.name] = fitting.layer_data(layer, capture, bases)
+        advance()
     return data
 
 
@@ -381,24 +407,25 @@ def undersampled_note(data: dict) -> str | None:
             "more calibration samples would help")
 
 
-def _fit_sequential(original, new, plans, fitter, batches, force, timer, rules, progress) -> dict:
+def _fit_sequential(original, new, plans, fitter, batches, force, timer, rules, advance=None, pool=None) -> dict:
     """Fit level by level (fit.levels): each level's layers see, on the calibration data,
     the outputs of the levels before it already rewritten, and fit the original layer's
     outputs. Layers inside subgraphs are fitted last, on their weights."""
     replacements, shared = {}, {}
     groups = fitting.levels(new.graph, [p.layer for p in plans])
     by_node = {id(p.layer.node): p for p in plans}
-    for group in _progress(groups, progress, "fitting levels"):
+    for group in groups:
         current = _partial(new, replacements) if replacements else original
         data = layer_data(current, group, batches, reference=original if replacements else None)
         for layer in group:
             fitter.data[layer.name] = data.get(layer.name)
-        _fit_and_emit([by_node[id(l.node)] for l in group], fitter, force, timer, rules, False, shared, replacements)
+        _fit_and_emit([by_node[id(l.node)] for l in group], fitter, force, timer, rules, advance, pool, shared,
+                      replacements)
     placed = {id(l.node) for g in groups for l in g}
     rest = [p for p in plans if id(p.layer.node) not in placed]
     for plan in rest:
         fitter.data.pop(plan.layer.name, None)
-    return _fit_and_emit(rest, fitter, force, timer, rules, False, shared, replacements)
+    return _fit_and_emit(rest, fitter, force, timer, rules, advance, pool, shared, replacements)
 
 
 SENSITIVITY_SAMPLES = 128
@@ -547,10 +574,6 @@ def _ranks_text(ranks) -> str:
 def _reasons_summary(layers: list[Layer]) -> str:
     reasons = sorted({l.reason for l in layers if l.reason})
     return f" ({'; '.join(reasons[:3])})" if reasons else ""
-
-
-def _progress(items, enabled: bool, description: str = "fitting layers"):
-    return progress_bars.layers(items, enabled, description)
 
 
 def save(model: onnx.ModelProto, path, *, progress: bool = False, **kwargs):

@@ -516,12 +516,12 @@ class _Accumulator:
 
 
 def capture(model: onnx.ModelProto, probes: Mapping[str, list[Probe]], batches, *,
-            reference: onnx.ModelProto | None = None, seed: int = 0) -> dict[tuple, Capture]:
+            reference: onnx.ModelProto | None = None, seed: int = 0, advance=None) -> dict[tuple, Capture]:
     """Run `model` on the calibration batches with the probed tensors (main graph) exposed
     and accumulate a Capture per (tensor name, probe key). With `reference` (the original
     model, same input tensor names), it runs too and supplies the cross Gram matrices and
     the paired samples that sequential fitting needs. Tensors inside subgraphs, or that
-    onnxruntime cannot expose, are left out of the result."""
+    onnxruntime cannot expose, are left out of the result. `advance()` after each batch."""
     from . import runtime
 
     m, wanted = runtime.with_outputs(model, list(probes))
@@ -539,6 +539,8 @@ def capture(model: onnx.ModelProto, probes: Mapping[str, list[Probe]], batches, 
         originals = dict(zip(wanted, ref_sess.run(wanted, dict(feeds)))) if ref_sess is not None else {}
         for (name, _), a in acc.items():
             a.add(values[name], originals.get(name))
+        if advance is not None:
+            advance()
     return {key: a.result() for key, a in acc.items()}
 
 

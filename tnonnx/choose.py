@@ -20,6 +20,7 @@ from .errors import NotApplicable, TnonnxError
 from .formats import RankSpec
 from .graph import Layer
 from .plan import RANK_LADDER, Fitter, LayerPlan, fit_error
+from .workers import candidates
 
 
 @dataclass
@@ -297,18 +298,35 @@ class Planner:
     def choosing(self) -> bool:
         return self.budget is not None or self.formats != (self.start[0][0],) or self.rules.speedup is not None
 
+    def prepare(self, workers=None, advance=None) -> None:
+        """Every group's options, once: candidates fitted (in `workers`, a workers.Workers,
+        when given and worth it), weighed by sensitivity and timed. `advance(share)` is
+        called with shares of one per group as the work gets done."""
+        if self.options is not None or not self.choosing:
+            return
+        advance = advance or (lambda share: None)
+        firsts = [group[0] for group in self.groups.values()]
+        found = candidates(self.fitter, firsts, self._trials, workers, self.counts, advance)
+        self.options = {}
+        for key, group in self.groups.items():
+            if found is None:
+                self.options[key] = self._options(group, candidate_options(group[0], self.fitter,
+                                                                           self._trials(group[0]), self.counts))
+            else:
+                self.options[key] = self._options(group, found[key])
+            advance(1.0 if found is None else 0.5)
+        self.notes.append(self._effort())
+        dropped = sum(self.floored.values())
+        if dropped:
+            self.notes.append(f"never slower than dense: {dropped} candidate(s) timed slower than their dense "
+                              "layer at the deployment shape were not considered (--allow-slower)")
+
     def plan(self, slack: float = 0.0) -> list[LayerPlan]:
         for p, (fmt, spec) in zip(self.plans, self.start):
             p.layer.reason, p.format, p.spec, p.emission = None, fmt, spec, None
         if not self.choosing:
             return list(self.plans)
-        if self.options is None:
-            self.options = {key: self._options(group) for key, group in self.groups.items()}
-            self.notes.append(self._effort())
-            dropped = sum(self.floored.values())
-            if dropped:
-                self.notes.append(f"never slower than dense: {dropped} candidate(s) timed slower than their dense "
-                                  "layer at the deployment shape were not considered (--allow-slower)")
+        self.prepare()
         max_params = self._selected() / self.budget if self.budget is not None else None
         max_ms = self._max_ms(slack) if self.rules.speedup else None
         options = self.options
@@ -352,11 +370,14 @@ class Planner:
     def _selected(self) -> int:
         return sum(group[0].layer.params for group in self.groups.values())
 
-    def _options(self, group: list[LayerPlan]) -> list[Option]:
+    def _trials(self, first: LayerPlan) -> list[tuple[str, RankSpec]]:
+        if self.budget is not None:
+            return ladder(self.formats, simd=self.rules.speedup is not None)
+        return [(f, first.spec) for f in self.formats]
+
+    def _options(self, group: list[LayerPlan], options: list[Option]) -> list[Option]:
+        """The group's candidate `options`, weighed by sensitivity, timed and floored."""
         first = group[0]
-        trials = ladder(self.formats, simd=self.rules.speedup is not None) if self.budget is not None else \
-            [(f, first.spec) for f in self.formats]
-        options = candidate_options(first, self.fitter, trials, self.counts)
         if self.sensitivity is not None and options:  # measured at the front's candidate nearest the share
             share = 1.0 / self.budget
             probe = min(pareto(options, by_time=False), key=lambda o: abs(o.params - share * first.layer.params))

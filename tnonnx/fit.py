@@ -218,11 +218,12 @@ def refine(fact, data: LayerData, *, iterations: int = REFINE_ITERATIONS) -> tup
 
 
 def _load_float64(parameters, cores: dict) -> None:
-    """Torch modules are built in float32 (what ONNX runs); fitting starts from the exact cores."""
+    """Torch modules are built in float32 (what ONNX runs); fitting starts from the exact cores,
+    copied: training must not write into arrays a format keeps cached (tucker's and cp's rungs)."""
     import torch
 
     for key, p in parameters.items():
-        p.data = torch.as_tensor(np.ascontiguousarray(cores[key]), dtype=torch.float64)
+        p.data = torch.from_numpy(np.array(cores[key], dtype=np.float64, order="C"))
 
 
 class KernelProbe:

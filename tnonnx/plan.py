@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import TnonnxError
+from .errors import NotApplicable, TnonnxError
 from .formats import FORMATS, RankSpec
 from .formats.base import GroupedConvFactorization, check_transposable
 from .graph import Layer
@@ -141,13 +141,25 @@ class Fitter:
         self.data = data if data is not None else {}
         self.cache: dict = {}
 
+    def key(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None, *, final: bool = True):
+        """The cache key of fit(...): fits with equal keys give equal factorisations."""
+        module = FORMATS[format]
+        data = self.data.get(layer.name)
+        refine = data is not None and final and not self._takes_data(module, layer) \
+            and not getattr(module, "DATA_FREE", False)
+        return (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine)
+
+    @staticmethod
+    def _takes_data(module, layer: Layer) -> bool:
+        return getattr(module, "SUPPORTS_DATA", False) or getattr(module, "NEEDS_DATA", False) \
+            or layer.kind in ("embedding", "tied")  # row weights, see tnonnx/embedding.py
+
     def fit(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None, *, final: bool = True):
         module = FORMATS[format]
         data = self.data.get(layer.name)
-        takes_data = getattr(module, "SUPPORTS_DATA", False) or getattr(module, "NEEDS_DATA", False) \
-            or layer.kind in ("embedding", "tied")  # row weights, see tnonnx/embedding.py
-        refine = data is not None and final and not takes_data and not getattr(module, "DATA_FREE", False)
-        key = (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine)
+        takes_data = self._takes_data(module, layer)
+        key = self.key(layer, format, spec, modes, order, final=final)
+        refine = key[-1]
         if key not in self.cache:
             options = dict(self.options, data=data) if takes_data and data is not None else self.options
             transposed = layer.kind == "conv" and layer.geometry.transposed
@@ -179,7 +191,10 @@ class Fitter:
             fact.output_error = data.output_error(fact, dense) if data is not None else None
             fact.held_out_error = data.held_out_error(fact, dense) if data is not None else None
             self.cache[key] = fact
-        return self.cache[key]
+        fact = self.cache[key]
+        if isinstance(fact, NotApplicable):  # as a worker process found it (tnonnx/workers.py)
+            raise fact
+        return fact
 
 
 def fit_weight(format: str, weight, spec: RankSpec, *, groups: int = 1, modes=None, order=None,
