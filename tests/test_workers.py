@@ -14,7 +14,10 @@ from onnx import helper, numpy_helper
 
 import tnonnx
 from onnx_builders import init, make_model, randn, run, value
-from tnonnx import progress
+from tnonnx import api, calibrate, progress
+from tnonnx.formats import RankSpec
+from tnonnx.graph import find_layers
+from tnonnx.plan import Fitter
 from tnonnx.cli import main
 from tnonnx.progress import Stage, Stages, duration, time_left
 from tnonnx.workers import WorkerFailed, Workers
@@ -53,7 +56,7 @@ def _both(**options):
 ])
 def test_the_parallel_fit_gives_the_serial_cores(options):
     serial, serial_report, parallel, report = _both(calib=calib(), **options)
-    assert any(n.startswith("workers: ") and "in 2 worker processes" in n for n in report.notes)
+    assert any(n.startswith("workers: ") and "fitted in 2 worker processes" in n for n in report.notes)
     assert not any(n.startswith("workers: ") for n in serial_report.notes)
     assert [(r.format, r.ranks) for r in report.rows] == [(r.format, r.ranks) for r in serial_report.rows]
     want, got = cores(serial), cores(parallel)
@@ -62,6 +65,19 @@ def test_the_parallel_fit_gives_the_serial_cores(options):
         assert np.array_equal(want[name], got[name]), name
     x = calib(seed=2)["x"]
     assert np.array_equal(run(serial, {"x": x})[0], run(parallel, {"x": x})[0])
+
+
+def test_refining_leaves_the_cached_decomposition_alone():
+    """Training the cores once wrote into tucker's cached rung, so a second fit of the same
+    layer (or a worker's, with its own cache) started elsewhere and ended elsewhere."""
+    model = mlp()
+    layers = find_layers(model)
+    batches, _ = calibrate.feed_batches(calib(), model, batch=1, shapes=None, what="--calib")
+    data = api.layer_data(model, layers, batches)
+    first, again = (Fitter(None, data).fit(layers[0], "tucker", RankSpec(rank=4)) for _ in range(2))
+    assert first.cores.keys() == again.cores.keys()
+    for name in first.cores:
+        assert np.array_equal(first.cores[name], again.cores[name]), name
 
 
 def test_small_fits_stay_in_this_process_by_default():

@@ -58,7 +58,7 @@ class Workers:
         self.given = workers is not None
         self.torch = torch  # the fits train cores: workers start with torch imported (seconds each)
         self.pool: futures.ProcessPoolExecutor | None = None
-        self.fits = 0  # fits run in workers
+        self.done = {"candidates": 0, "fits": 0}  # jobs run in workers: layers' candidate sets, final fits
 
     def __enter__(self):
         return self
@@ -76,9 +76,11 @@ class Workers:
         return self.count > 1 and len(params) > 1 and (self.given or sum(params) >= MIN_PARAMS)
 
     def note(self) -> str | None:
-        if not self.fits:
+        if not any(self.done.values()):
             return None
-        return f"workers: {self.fits} fit(s) run in {self.count} worker processes (--workers)"
+        parts = ([f"{self.done['candidates']} layer(s)' candidates"] if self.done["candidates"] else []) + \
+            ([f"{self.done['fits']} final fit(s)"] if self.done["fits"] else [])
+        return f"workers: {' and '.join(parts)} fitted in {self.count} worker processes (--workers)"
 
     def map(self, work, items, payload, done, what) -> None:
         """work(payload(item)) in the workers for each item, then done(item, result) here,
@@ -182,7 +184,7 @@ def prefit(fitter, plans, workers: Workers | None, advance=None) -> set:
 
     def done(key, fact) -> None:
         fitter.cache[key] = fact
-        workers.fits += 1
+        workers.done["fits"] += 1
         if advance is not None:
             advance(0.5 * len(todo[key]))
 
@@ -222,7 +224,7 @@ def candidates(fitter, plans, trials, workers: Workers | None, counts: dict, adv
             counts[name] = counts.get(name, 0) + n
         for fmt, spec, fact in fits:
             fitter.cache[fitter.key(plan.layer, fmt, spec, plan.modes, plan.order, final=False)] = fact
-        workers.fits += 1
+        workers.done["candidates"] += 1
         if advance is not None:
             advance(0.5)
 
