@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,7 +23,8 @@ from tnonnx.cli import main
 from tnonnx.progress import Stage, Stages, duration, time_left
 from tnonnx.workers import WorkerFailed, Workers
 
-WIDTH, DEPTH = 48, 4
+WIDTH, DEPTH = 32, 4
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mlp(seed: int = 0) -> onnx.ModelProto:
@@ -65,6 +67,22 @@ def test_the_parallel_fit_gives_the_serial_cores(options):
         assert np.array_equal(want[name], got[name]), name
     x = calib(seed=2)["x"]
     assert np.array_equal(run(serial, {"x": x})[0], run(parallel, {"x": x})[0])
+
+
+def test_a_real_model_with_convolutions_gets_the_serial_cores():
+    """LeNet-5: its fully connected layers are fitted in the workers, its convolutions (whose
+    factorisations cannot be pickled) in the parent; the cores are the serial run's."""
+    with np.load(ROOT / "models" / "fashion_calib.npz") as f:
+        data = {"input": f["input"][:128]}
+    options = dict(format="auto", budget="4x", fit="aware", calib=data, allow_slower=True, validate=False,
+                   timing=False)
+    serial, serial_report = tnonnx.rewrite(ROOT / "models" / "lenet5_fashion.onnx", workers=1, **options)
+    parallel, report = tnonnx.rewrite(ROOT / "models" / "lenet5_fashion.onnx", workers=2, **options)
+    assert any("fitted in 2 worker processes" in n for n in report.notes)
+    assert [(r.format, r.ranks) for r in report.rows] == [(r.format, r.ranks) for r in serial_report.rows]
+    want, got = cores(serial), cores(parallel)
+    assert want.keys() == got.keys()
+    assert all(np.array_equal(want[k], got[k]) for k in want)
 
 
 def test_refining_leaves_the_cached_decomposition_alone():

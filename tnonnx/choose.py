@@ -309,12 +309,11 @@ class Planner:
         found = candidates(self.fitter, firsts, self._trials, workers, self.counts, advance)
         self.options = {}
         for key, group in self.groups.items():
-            if found is None:
-                self.options[key] = self._options(group, candidate_options(group[0], self.fitter,
-                                                                           self._trials(group[0]), self.counts))
-            else:
-                self.options[key] = self._options(group, found[key])
-            advance(1.0 if found is None else 0.5)
+            options = found.get(key)
+            if options is None:
+                options = candidate_options(group[0], self.fitter, self._trials(group[0]), self.counts)
+            self.options[key] = self._options(group, options)
+            advance(0.5 if key in found else 1.0)
         self.notes.append(self._effort())
         dropped = sum(self.floored.values())
         if dropped:

@@ -22,6 +22,7 @@ import concurrent.futures as futures
 import copy
 import multiprocessing
 import os
+import pickle
 
 from .errors import NotApplicable, TnonnxError
 
@@ -32,6 +33,9 @@ MIN_PARAMS = 1 << 20
 # what a fit that trains cores imports: torch's optimizers import torch._dynamo (seconds)
 TORCH_MODULES = ("torch", "torch._dynamo", "torch.optim", "tnonnx.nn")
 IN_FLIGHT = 2  # items per worker sent ahead: a weight read from a data file stays one of a few
+# conv factorisations build their stages with closures, which pickle cannot send back:
+# conv layers are fitted in the parent
+KINDS = ("dense", "embedding", "tied", "recurrent")
 
 
 class WorkerFailed(TnonnxError):
@@ -173,7 +177,7 @@ def prefit(fitter, plans, workers: Workers | None, advance=None) -> set:
     todo: dict = {}
     for plan in plans:
         key = fitter.key(plan.layer, plan.format, plan.spec, plan.modes, plan.order)
-        if key not in fitter.cache:
+        if key not in fitter.cache and plan.layer.kind in KINDS:
             todo.setdefault(key, []).append(plan)
     if not workers.worth([group[0].layer.params for group in todo.values()]):
         return set()
@@ -182,37 +186,56 @@ def prefit(fitter, plans, workers: Workers | None, advance=None) -> set:
         plan = todo[key][0]
         return _job(fitter, plan.layer) + (plan.format, plan.spec, plan.modes, plan.order)
 
-    def done(key, fact) -> None:
+    fitted = set()
+
+    def done(key, sent) -> None:
+        fact = _received(sent)
+        if fact is None:  # the parent fits it when it gets there
+            return
         fitter.cache[key] = fact
+        fitted.add(key)
         workers.done["fits"] += 1
         if advance is not None:
             advance(0.5 * len(todo[key]))
 
     workers.map(_fit, list(todo), payload, done, lambda key: f"{todo[key][0].layer.name} in {key[1]}")
-    return set(todo)
+    return fitted
 
 
 def _fit(job):
     layer, data, options, balance, fmt, spec, modes, order = job
     try:
-        return _fitter(layer, data, options, balance).fit(layer, fmt, spec, modes, order)
+        return _sendable(_fitter(layer, data, options, balance).fit(layer, fmt, spec, modes, order))
     except NotApplicable as exc:
-        return exc
+        return _sendable(exc)
+
+
+def _sendable(value) -> bytes | None:
+    """`value` pickled, or None where it cannot be (a factorisation holding a closure)."""
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return None
+
+
+def _received(sent: bytes | None):
+    return None if sent is None else pickle.loads(sent)
 
 
 # ------------------------------------------------------------------ the planner's candidates
 
 
-def candidates(fitter, plans, trials, workers: Workers | None, counts: dict, advance=None) -> dict | None:
+def candidates(fitter, plans, trials, workers: Workers | None, counts: dict, advance=None) -> dict:
     """choose.candidate_options(plan, fitter, trials(plan), counts) for each plan (one per
-    weight), run in the workers when worth it: {plan.layer.weight_key: options}, or None
-    when not worth it (the caller runs them). The fits come into `fitter.cache`: every
+    weight) of a kind in KINDS, run in the workers when worth it: {plan.layer.weight_key:
+    options} (the caller runs the others). The fits come into `fitter.cache`: every
     trial a worker fitted, and the options on each layer's (parameters, error) front,
     which the planner times first (svd's, read off the spectrum, are fitted for that).
     `advance(share)` is called with 0.5 per plan as its options arrive."""
+    plans = [p for p in plans if p.layer.kind in KINDS]
+    found: dict = {}
     if workers is None or not workers.worth([p.layer.params for p in plans]):
-        return None
-    found = {}
+        return found
 
     def payload(plan):
         return _job(fitter, plan.layer) + (trials(plan), plan.modes, plan.order)
@@ -222,8 +245,10 @@ def candidates(fitter, plans, trials, workers: Workers | None, counts: dict, adv
         found[plan.layer.weight_key] = options
         for name, n in their_counts.items():
             counts[name] = counts.get(name, 0) + n
-        for fmt, spec, fact in fits:
-            fitter.cache[fitter.key(plan.layer, fmt, spec, plan.modes, plan.order, final=False)] = fact
+        for fmt, spec, sent in fits:
+            fact = _received(sent)
+            if fact is not None:
+                fitter.cache[fitter.key(plan.layer, fmt, spec, plan.modes, plan.order, final=False)] = fact
         workers.done["candidates"] += 1
         if advance is not None:
             advance(0.5)
@@ -242,5 +267,5 @@ def _candidates(job):
     found = candidate_options(LayerPlan(layer, trials[0][0], trials[0][1], modes, order), fitter, trials, counts)
     for option in pareto(found, by_time=False):
         fitter.fit(layer, option.format, option.spec, modes, order, final=False)
-    fits = [(key[1], key[2], fact) for key, fact in fitter.cache.items() if not key[-1]]
+    fits = [(key[1], key[2], _sendable(fact)) for key, fact in fitter.cache.items() if not key[-1]]
     return found, counts, fits
