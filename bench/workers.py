@@ -9,7 +9,8 @@ in a fresh process as a user would run it, and its --report JSON gives the stage
 fitting time is allocate + fit (the stages that fit layers, tnonnx/progress.py); the run's
 whole wall time is beside it. Runs use --no-timing (the planner's cost model instead of
 onnxruntime timings, which run in the parent process one after another) and --no-validate.
-Prints a Markdown table with the machine load before and after each run.
+Prints a Markdown table with the CPU seconds of each run (the run and its workers) and the
+machine load before and after it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -67,16 +69,24 @@ def run(model: Path, config: str, workers: int, shapes: list[str], out: Path) ->
                "--workers", str(workers), "--no-timing", "--no-validate", "--quiet", "-o", str(out / "out.onnx"),
                "--report", str(report)]
     load_before = os.getloadavg()[0]
+    cpu_before = _children_cpu()
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    cpu = _children_cpu() - cpu_before  # the run and its workers (reaped by their forkserver)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
     data = json.loads(report.read_text())
     stages = data["stages"]
     return {"workers": workers, "fit_s": stages.get("allocate", 0.0) + stages.get("fit", 0.0), "wall_s": wall,
+            "cpu_s": cpu,
             "stages": stages, "params_after": data["totals"]["params_after"],
             "load": (load_before, os.getloadavg()[0]), "notes": [n for n in data["notes"] if n.startswith("workers")]}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv=None) -> int:
@@ -92,8 +102,9 @@ def main(argv=None) -> int:
     counts = [int(w) for w in args.workers.split(",")]
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cpus, "
           f"{len(os.sched_getaffinity(0))} available; load before {os.getloadavg()[0]:.1f}\n")
-    print("| model | configuration | workers | fitting s (allocate + fit) | speed-up | whole run s | load (before, after) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | configuration | workers | fitting s (allocate + fit) | speed-up | whole run s | CPU s | "
+          "load (before, after) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = (mlp(args.folder / f"mlp{args.layers}x{args.width}.onnx", args.layers, args.width)
                  if name == "mlp" else minilm(args.folder))
@@ -105,7 +116,7 @@ def main(argv=None) -> int:
                     r = run(model, config, workers, SHAPES[name], Path(out))
                 base = base or r
                 print(f"| {label} | `{config}` | {workers} | {r['fit_s']:.1f} | {base['fit_s'] / r['fit_s']:.2f}x "
-                      f"| {r['wall_s']:.1f} | {r['load'][0]:.1f}, {r['load'][1]:.1f} |", flush=True)
+                      f"| {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['load'][0]:.1f}, {r['load'][1]:.1f} |", flush=True)
                 if r["params_after"] != base["params_after"]:
                     print(f"  (parameters differ from the baseline: {r['params_after']} against {base['params_after']})")
     return 0
