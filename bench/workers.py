@@ -9,8 +9,8 @@ in a fresh process as a user would run it, and its --report JSON gives the stage
 fitting time is allocate + fit (the stages that fit layers, tnonnx/progress.py); the run's
 whole wall time is beside it. Runs use --no-timing (the planner's cost model instead of
 onnxruntime timings, which run in the parent process one after another) and --no-validate.
-Prints a Markdown table with the CPU seconds of each run (the run and its workers) and the
-machine load before and after it.
+Prints a Markdown table with the CPU seconds of each run's main process (its workers are
+not counted: they are not its reaped children) and the machine load before and after it.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def run(model: Path, config: str, workers: int, shapes: list[str], out: Path) ->
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    cpu = _children_cpu() - cpu_before  # the run and its workers (reaped by their forkserver)
+    cpu = _children_cpu() - cpu_before  # the main process only: its workers are not its reaped children
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
     data = json.loads(report.read_text())
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     counts = [int(w) for w in args.workers.split(",")]
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cpus, "
           f"{len(os.sched_getaffinity(0))} available; load before {os.getloadavg()[0]:.1f}\n")
-    print("| model | configuration | workers | fitting s (allocate + fit) | speed-up | whole run s | CPU s | "
+    print("| model | configuration | workers | fitting s (allocate + fit) | speed-up | whole run s | main process CPU s | "
           "load (before, after) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
