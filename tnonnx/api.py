@@ -31,7 +31,7 @@ from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals,
 from .tensorize import format_modes, parse_modes
 from .validate import check_thresholds, count_samples, skipped_note, with_default_threshold
 from .validate import run as run_model
-from .validate import validate as compare_models
+from .validate import validate_models as compare_models
 
 EMIT_MODES = ("auto", "matmul", "features-first", "einsum", "custom")
 FIT_MODES = ("data-free", "aware", "sequential", "blockwise")
@@ -129,8 +129,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     deployment = Deployment.of(batch, shapes, threads)
     clock = Clock(timer if timer is not None else (default_timer() if timing else CostModelTimer()),
                   TimingCache(enabled=timing and timing_cache), threads)
+    concrete = calibrate.concrete_shapes(original, batch, shapes)
+    # one look at the original's tensor shapes (one run at most) for the layers' timing models and both MAC counts
+    tensor_shapes = macs.TensorShapes(original, concrete,
+                                      extra=[t for p in plans for t in (p.layer.x, p.layer.bias_input) if t])
     layer_timer = LayerTimer(original, [p.layer for p in plans], deployment, clock, emit_layer,
-                             model_io.default_opset(original))
+                             model_io.default_opset(original), tensor_shapes)
     speed_feeds = deployment_feeds(original, deployment)
     rules = SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
                        emit=emit)
@@ -143,7 +147,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         sensitivity = None
         if budget is not None and data:
             sensitivity = _sensitivity(original, new, fitter, batches, emit)
-        before_ms = clock.models([original], speed_feeds)[0] if speedup else None
+        before_ms = clock.models([original], speed_feeds, keep=True)[0] if speedup else None
         planner = Planner(plans, fitter, candidates, budget, rules, layer_timer, sensitivity, before_ms)
 
         def build(slack: float) -> dict:
@@ -209,7 +213,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         stem = Path(model).stem if isinstance(model, (str, os.PathLike)) else "model"
         new, deployed, baseline = deploy.finish(original, new, deployment_target, quantization, batches, emitted,
                                                 shapes, stem)
-    before_ms, after_ms = clock.models([original, new], speed_feeds)
+    before_ms, after_ms = clock.models([original, new], speed_feeds, keep=True)
     if before_ms is None or after_ms is None:
         if speedup:
             raise TnonnxError(f"--speedup {speedup:g}: the models could not be timed at the deployment shape "
@@ -232,8 +236,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                      f" of {progress_bars.size(external.data_bytes(original))}")
     notes.extend(calibrate.assumed_dims(original, shapes))
 
-    concrete = calibrate.concrete_shapes(original, batch, shapes)
-    before, after = macs.count(original, concrete), macs.count(factorised, concrete)
+    before, after = macs.count(original, concrete, tensor_shapes), macs.count(factorised, concrete, tensor_shapes)
     notes.extend(after.notes)
     rows = _rows(layers, replacements, before, after)
     if target == "gpu":
@@ -252,8 +255,10 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                                                                  max_accuracy_drop=max_accuracy_drop))
         else:
             try:
+                # on the sessions the timing opened (without timing, one model's at a time)
                 result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol,
-                                        rtol=rtol, min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
+                                        rtol=rtol, min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop,
+                                        open_session=clock.session if clock.measures else None)
             except OriginalDoesNotRun as exc:
                 if asked:
                     raise
@@ -285,6 +290,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                                  "max_accuracy_drop": max_accuracy_drop}},
     )
     clock.cache.save()
+    clock.sessions.close()
     return new, report
 
 
@@ -337,7 +343,11 @@ def _fit_one(plan: LayerPlan, fitter: Fitter, force: bool, timer: LayerTimer, ru
     if not saved and not force:
         layer.reason = f"no saving at this rank ({fact.params()} >= {layer.params} parameters; --force rewrites anyway)"
         return
-    emissions = (plan.emission,) if plan.emission else emissions_for(fact, rules.emit, layer)
+    twin = next((o for o in replacements.values() if o.fact is fact), None)
+    if twin is not None:  # a shared weight: its cores are laid out for the first user's emission
+        emissions = (twin.plan.emission,)
+    else:
+        emissions = (plan.emission,) if plan.emission else emissions_for(fact, rules.emit, layer)
     timings = timer.candidates(layer, [(fact, e) for e in emissions])
     best = min(range(len(emissions)), key=lambda i: (timings[i].ms is None, timings[i].ms or 0.0))
     plan.emission, plan.timing, plan.dense_timing = emissions[best], timings[best], timer.dense(layer)
@@ -510,8 +520,7 @@ def emit_layer(builder: Builder, layer: Layer, fact: Factorization, emit: str = 
 def _check(model: onnx.ModelProto) -> None:
     if model_io.came_with_external_data(model):  # their data files were checked when loaded
         model = external.emptied(model)
-    if model.ByteSize() < model_io.PROTO_LIMIT:
-        onnx.checker.check_model(model)
+    onnx.checker.check_model(model_io.skeleton(model, dims=False))  # weights' values unread: all but them checked
 
 
 def _rows(layers, replacements, before, after) -> list[LayerRow]:
