@@ -31,7 +31,7 @@ from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals,
 from .tensorize import format_modes, parse_modes
 from .validate import check_thresholds, count_samples, skipped_note, with_default_threshold
 from .validate import run as run_model
-from .validate import validate as compare_models
+from .validate import validate_models as compare_models
 
 EMIT_MODES = ("auto", "matmul", "features-first", "einsum", "custom")
 FIT_MODES = ("data-free", "aware", "sequential", "blockwise")
@@ -134,8 +134,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     deployment = Deployment.of(batch, shapes, threads)
     clock = Clock(timer if timer is not None else (default_timer() if timing else CostModelTimer()),
                   TimingCache(enabled=timing and timing_cache), threads)
+    concrete = calibrate.concrete_shapes(original, batch, shapes)
+    # one look at the original's tensor shapes (one run at most) for the layers' timing models and both MAC counts
+    tensor_shapes = macs.TensorShapes(original, concrete,
+                                      extra=[t for p in plans for t in (p.layer.x, p.layer.bias_input) if t])
     layer_timer = LayerTimer(original, [p.layer for p in plans], deployment, clock, emit_layer,
-                             model_io.default_opset(original))
+                             model_io.default_opset(original), tensor_shapes)
     speed_feeds = deployment_feeds(original, deployment)
     rules = SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
                        emit=emit)
@@ -148,7 +152,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         sensitivity = None
         if budget is not None and data:
             sensitivity = _sensitivity(original, new, fitter, batches, emit)
-        before_ms = clock.models([original], speed_feeds)[0] if speedup else None
+        before_ms = clock.models([original], speed_feeds, keep=True)[0] if speedup else None
         planner = Planner(plans, fitter, candidates, budget, rules, layer_timer, sensitivity, before_ms)
         if planner.choosing:
             with stages.stage("allocate", len(planner.groups), "layers") as stage:
@@ -223,7 +227,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             new, deployed, baseline = deploy.finish(original, new, deployment_target, quantization, batches,
                                                     emitted, shapes, stem)
     with stages.stage("latency"):
-        before_ms, after_ms = clock.models([original, new], speed_feeds)
+        before_ms, after_ms = clock.models([original, new], speed_feeds, keep=True)
     if before_ms is None or after_ms is None:
         if speedup:
             raise TnonnxError(f"--speedup {speedup:g}: the models could not be timed at the deployment shape "
@@ -246,8 +250,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                      f" of {progress_bars.size(external.data_bytes(original))}")
     notes.extend(calibrate.assumed_dims(original, shapes))
 
-    concrete = calibrate.concrete_shapes(original, batch, shapes)
-    before, after = macs.count(original, concrete), macs.count(factorised, concrete)
+    before, after = macs.count(original, concrete, tensor_shapes), macs.count(factorised, concrete, tensor_shapes)
     notes.extend(after.notes)
     rows = _rows(layers, replacements, before, after)
     if target == "gpu":
@@ -267,8 +270,10 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                                                                      max_accuracy_drop=max_accuracy_drop))
             else:
                 try:
+                    # on the sessions the timing opened (without timing, one model's at a time)
                     result = compare_models(original, new, inputs=inputs, shapes=shapes, batch=batch, atol=atol,
-                                            rtol=rtol, min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
+                                            rtol=rtol, min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop,
+                                            open_session=clock.session if clock.measures else None)
                 except OriginalDoesNotRun as exc:
                     if asked:
                         raise
@@ -300,6 +305,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                                  "max_accuracy_drop": max_accuracy_drop}},
     )
     clock.cache.save()
+    clock.sessions.close()
     return new, report
 
 
@@ -364,8 +370,7 @@ def _float_outputs(model, batches) -> list[np.ndarray]:
 def _check(model: onnx.ModelProto) -> None:
     if model_io.came_with_external_data(model):  # their data files were checked when loaded
         model = external.emptied(model)
-    if model.ByteSize() < model_io.PROTO_LIMIT:
-        onnx.checker.check_model(model)
+    onnx.checker.check_model(model_io.skeleton(model, dims=False))  # weights' values unread: all but them checked
 
 
 def _rows(layers, replacements, before, after) -> list[LayerRow]:

@@ -226,8 +226,10 @@ def value_shapes(model: onnx.ModelProto, needed: set[str] = frozenset()) -> dict
     `needed` tensor is left without one (old-opset Shape->Concat->Reshape patterns defeat
     onnx's inference), one ONNX Runtime run on the model's inputs made concrete fills it
     in, and ONNX Runtime's symbolic shape inference after that."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    from .model import skeleton
+
+    try:  # on the model without its weights' values: inference reads their dims only
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
     except Exception:
         inferred = model
     shapes: dict[str, list] = {}

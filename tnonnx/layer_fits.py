@@ -55,7 +55,11 @@ def _fit_one(plan: LayerPlan, fitter: Fitter, force: bool, timer: LayerTimer, ru
     if not saved and not force:
         layer.reason = f"no saving at this rank ({fact.params()} >= {layer.params} parameters; --force rewrites anyway)"
         return
-    emissions = (plan.emission,) if plan.emission else emissions_for(fact, rules.emit, layer)
+    twin = next((o for o in replacements.values() if o.fact is fact), None)
+    if twin is not None:  # a shared weight: its cores are laid out for the first user's emission
+        emissions = (twin.plan.emission,)
+    else:
+        emissions = (plan.emission,) if plan.emission else emissions_for(fact, rules.emit, layer)
     timings = timer.candidates(layer, [(fact, e) for e in emissions])
     best = min(range(len(emissions)), key=lambda i: (timings[i].ms is None, timings[i].ms or 0.0))
     plan.emission, plan.timing, plan.dense_timing = emissions[best], timings[best], timer.dense(layer)
