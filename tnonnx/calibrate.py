@@ -17,6 +17,7 @@ import onnx
 from . import feed_hints
 from . import model as _model
 from .errors import TnonnxError
+from .formats.base import conv_output_size
 from .runtime import InputSpec, input_specs
 
 # Size given to a symbolic or unknown dimension that is not the batch axis (axis 0)
@@ -410,7 +411,7 @@ class Probe:
     """What to capture for one tensor: rows of its last axis (dense layers), or the patches
     a conv with this kernel and these attributes reads (im2col rows, channel-major)."""
 
-    kind: str  # "dense" or "conv"
+    kind: str  # "dense", "conv" or "conv-transpose"
     kernel: tuple[int, ...] = ()
     attrs: dict = field(default_factory=dict)
 
@@ -487,7 +488,9 @@ class _Accumulator:
         if self.probe.kind == "dense":
             return value.reshape(-1, value.shape[-1])
         length = value.shape[1] * int(np.prod(self.probe.kernel))
-        return None if length > MAX_GRAM_SIZE else im2col(value, self.probe.kernel, self.probe.attrs)
+        if length > MAX_GRAM_SIZE:
+            return None
+        return patches(value, self.probe.kernel, self.probe.attrs, self.probe.kind == "conv-transpose")[0]
 
     def _sample(self, units: np.ndarray, ref_units: np.ndarray | None) -> None:
         """Reservoir sampling (Algorithm R) of rows or maps, the same draws for both models."""
@@ -576,3 +579,33 @@ def im2col(x: np.ndarray, kernel: tuple[int, ...], attrs: Mapping) -> np.ndarray
     positions = windows.shape[2:2 + n]
     order = [0] + list(range(2, 2 + n)) + [1] + list(range(2 + n, 2 + 2 * n))
     return windows.transpose(order).reshape(b * int(np.prod(positions)), s * int(np.prod(kernel)))
+
+
+def patches(x: np.ndarray, kernel: tuple[int, ...], attrs: Mapping, transposed: bool = False):
+    """(rows, output spatial size): the rows the canonical (Conv-layout, T x S x k...) kernel
+    of a group-1 Conv, or ConvTranspose when `transposed`, multiplies to give each output
+    position, channel-major like kernel.reshape(T, -1).
+
+    A ConvTranspose (explicit pads) is a Conv of stride 1 and its dilations on the input with
+    stride-1 zeros inserted between samples, padded by d(k-1) - pad_begin before and
+    d(k-1) - pad_end + output_padding after (cropped where negative), with the kernel
+    flipped in space: its im2col rows with each patch's kernel axes reversed."""
+    if not transposed:
+        rows = im2col(x, kernel, attrs)
+        return rows, conv_output_size(tuple(x.shape[2:]), kernel, dict(attrs))
+    n = len(kernel)
+    strides = list(attrs.get("strides", [1] * n))
+    dilations = list(attrs.get("dilations", [1] * n))
+    pads = list(attrs.get("pads", [0] * 2 * n))
+    extra = list(attrs.get("output_padding", [0] * n))
+    b, s = x.shape[:2]
+    up = np.zeros((b, s) + tuple((i - 1) * st + 1 for i, st in zip(x.shape[2:], strides)), x.dtype)
+    up[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in strides)] = x
+    begin = [d * (k - 1) - p for d, k, p in zip(dilations, kernel, pads[:n])]
+    end = [d * (k - 1) - p + o for d, k, p, o in zip(dilations, kernel, pads[n:], extra)]
+    up = up[(slice(None), slice(None)) + tuple(slice(max(-a, 0), size - max(-e, 0))
+                                               for a, e, size in zip(begin, end, up.shape[2:]))]
+    up = np.pad(up, [(0, 0), (0, 0)] + [(max(a, 0), max(e, 0)) for a, e in zip(begin, end)])
+    rows = im2col(up, kernel, {"dilations": dilations})
+    flipped = rows.reshape((rows.shape[0], s) + tuple(kernel))[(slice(None), slice(None)) + (slice(None, None, -1),) * n]
+    return flipped.reshape(rows.shape[0], -1), conv_output_size(tuple(up.shape[2:]), kernel, {"dilations": dilations})
