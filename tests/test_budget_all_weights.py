@@ -93,3 +93,12 @@ def test_budget_on_the_lstm_model_considers_the_recurrent_weights():
     assert w.params_after < w.params_before and rows["/rnn/LSTM/R"].params_after is None
     # the W row's MACs after count the hoisted chain and the node's new W, not R
     assert w.macs_after < w.macs_before + rows["/rnn/LSTM/R"].macs_before
+
+
+def test_budget_with_aware_fitting_weights_the_table_by_its_index_counts():
+    """The planner reads the frequency-weighted table's errors off one SVD (estimate.py)."""
+    calib = {"ids": np.random.default_rng(1).integers(0, V // 4, (24, S))}  # a quarter of the rows in use
+    _, report = api.rewrite(table_mlp(), format="svd", budget=3, fit="aware", calib=calib, timing=False,
+                            validate=False)
+    row = _rows(report)["embed"]
+    assert row.format == "svd" and row.output_error is not None and row.output_error < row.weight_error

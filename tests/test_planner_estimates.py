@@ -57,9 +57,15 @@ def _fitted(layer, fitter, specs, fmt="svd", final=False):
 
 
 @pytest.mark.parametrize("case", ["dense data-free", "dense aware", "dense held-out aware", "conv data-free",
-                                  "conv aware"])
+                                  "conv aware", "table aware"])
 def test_svd_estimates_are_what_the_fits_measure(case):
-    if case.startswith("dense"):
+    if case.startswith("table"):  # an embedding table weighted by index counts, some rows never used
+        from tnonnx.embedding import EmbeddingData
+
+        layer = Layer("embed", "Gather", None, None, kind="embedding", weight=_decaying(80, 24, 4), weight_key="t")
+        counts = np.random.default_rng(5).poisson(3.0, 80) * (np.arange(80) % 3 != 0)
+        data = EmbeddingData(counts, layer.weight)
+    elif case.startswith("dense"):
         layer = _dense()
         x, held = _inputs(64, 300, seed=1), _inputs(64, 100, seed=2)
         capture = calibrate.Capture(x.T @ x, 300)

@@ -109,6 +109,8 @@ def candidate_options(plan: LayerPlan, fitter: Fitter, trials: list[tuple[str, R
 def _svd_macs_ratio(params: int, layer: Layer) -> float | None:
     """_macs_ratio of an svd factorisation with `params` parameters: its two stages take
     r (n + m) multiply-adds per row (per output position for convs, the first carrying the stride)."""
+    if layer.kind == "embedding":  # a Gather does no multiply-adds, its factorisation does
+        return math.inf
     if layer.kind == "dense" or (layer.geometry is not None and layer.geometry.in_spatial is not None
                                  and layer.geometry.out_spatial is not None):
         return params / max(layer.params, 1)
@@ -116,6 +118,8 @@ def _svd_macs_ratio(params: int, layer: Layer) -> float | None:
 
 
 def _macs_ratio(fact, layer: Layer) -> float | None:
+    if layer.kind == "embedding":
+        return math.inf
     if hasattr(fact, "chain"):
         return fact.chain.macs_per_row() / max(layer.params, 1)
     geometry = layer.geometry
