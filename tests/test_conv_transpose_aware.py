@@ -1,5 +1,5 @@
 """Data-aware fitting of ConvTranspose layers: the patches each output position reads
-(calibrate.patches) reproduce onnxruntime's ConvTranspose, and `--fit aware` fitted to the
+(tnonnx/patches.py) reproduce onnxruntime's ConvTranspose, and `--fit aware` fitted to the
 layer's input statistics beats the data-free fit on new inputs of the same kind."""
 
 import numpy as np

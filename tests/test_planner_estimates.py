@@ -8,7 +8,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tnonnx import calibrate, choose
+from tnonnx import calibrate
+from tnonnx import choose
+from tnonnx.patches import im2col
 from tnonnx import fit as fitting
 from tnonnx import estimate
 from tnonnx.formats import RankSpec
@@ -42,7 +44,7 @@ def _conv() -> tuple[Layer, fitting.LayerData]:
     geometry = ConvGeometry((3, 3), {"pads": [1, 1, 1, 1]}, in_spatial=(8, 8), out_spatial=(8, 8))
     layer = Layer("conv", "Conv", None, None, kind="conv", weight=kernel, weight_key="conv", geometry=geometry)
     maps = rng.standard_normal((4, 6, 8, 8)).astype(np.float32)
-    rows = calibrate.im2col(maps, (3, 3), {"pads": [1, 1, 1, 1]}).astype(np.float64)
+    rows = im2col(maps, (3, 3), {"pads": [1, 1, 1, 1]}).astype(np.float64)
     return layer, fitting.layer_data(layer, calibrate.Capture(rows.T @ rows, rows.shape[0]))
 
 

@@ -21,11 +21,11 @@ from .errors import NotApplicable, OriginalDoesNotRun, TnonnxError
 from .finetune import HIDDEN_WEIGHT
 from .formats import Factorization
 from .recurrent_scan import to_scan
-from .graph import CANDIDATE_OPS, REWRITABLE_OPS, Layer, find_layers, replace_nodes
+from .graph import Layer, find_layers, replace_nodes
 from .macs import all_graphs
 from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer, deployment_feeds
 from .choose import Planner, SpeedRules, emissions_for, meet_speedup, slower_note
-from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, fit_error, make_plan, rank_spec
+from .plan import AUTO_FORMATS, Fitter, LayerPlan, Selection, fit_error, make_plan, parse_budget, parse_ops, rank_spec
 from .targets import EDGE_MAX_RANK, edge_violations
 from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals, describe_calibration, source_info
 from .tensorize import format_modes, parse_modes
@@ -81,7 +81,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     check_thresholds(atol, rtol, min_cosine, max_accuracy_drop, batch)
     deployment_target, quantization, emit = deploy.plan(target, quantize, emit, calib is not None, max_model_bytes)
     budget = parse_budget(budget)
-    ops = _parse_ops(ops, choosing=budget is not None or format == "auto")
+    ops = parse_ops(ops, choosing=budget is not None or format == "auto")
     if threads is not None and threads < 1:
         raise TnonnxError(f"--threads {threads}: must be >= 1")
     if speedup is not None and not speedup > 0:
@@ -296,33 +296,6 @@ def _recurrent_form(model: onnx.ModelProto, recurrent: str, with_states: bool = 
         raise TnonnxError(f"--recurrent {recurrent}: choose from {', '.join(RECURRENT_MODES)}")
     notes, states = to_scan(model) if recurrent == "scan" else ([], {})
     return (notes, states) if with_states else notes
-
-
-def _parse_ops(ops, choosing: bool) -> tuple[str, ...]:
-    """--ops as the CLI writes it ("MatMul,Gemm") or a sequence; unknown op types are refused.
-    Not given: every rewritable op when tnonnx `choosing` where to factorise (--budget,
-    --format auto: a layer not worth it stays dense), else the plain layers, so that one
-    rank rule does not also truncate embedding tables and recurrent weights."""
-    if ops is None:
-        return REWRITABLE_OPS if choosing else CANDIDATE_OPS
-    names = [o.strip() for o in (ops.split(",") if isinstance(ops, str) else ops) if o.strip()]
-    unknown = [o for o in names if o not in REWRITABLE_OPS]
-    if unknown or not names:
-        raise TnonnxError(f"--ops {','.join(names) or repr(ops)}: "
-                          + (f"unknown op {', '.join(unknown)}; " if unknown else "")
-                          + f"choose from {', '.join(REWRITABLE_OPS)}")
-    return tuple(names)
-
-
-def parse_budget(budget) -> float | None:
-    """--budget as the CLI writes it ("3x", "3") or a number."""
-    if budget is None or isinstance(budget, (int, float)):
-        return budget
-    text = str(budget).strip().lower().removesuffix("x")
-    try:
-        return float(text)
-    except ValueError:
-        raise TnonnxError(f"--budget {budget}: not a reduction factor (e.g. 3x)") from None
 
 
 def _fit_and_emit(plans: list[LayerPlan], fitter: Fitter, force: bool, timer: LayerTimer, rules: SpeedRules,

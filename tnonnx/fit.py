@@ -9,7 +9,7 @@ directions the data never uses do not make it singular). With the *basis* A = L^
 fitting feeds the layer the outputs of the already rewritten layers (X~) while asking for
 the original layer's outputs (X W): then B = L^{-1} C W with the cross Gram C = X~^T X, whose
 distance to A W~ differs from ||X~ W~ - X W||_F^2 only by a constant.
-Convolutions use the same algebra on their im2col patches (a ConvTranspose's: calibrate.patches).
+Convolutions use the same algebra on their im2col patches (a ConvTranspose's: tnonnx/patches.py).
 
 Every HOLDOUT_EVERY-th calibration sample (calibrate.py) is kept out of G and enters a
 held-out Gram matrix instead: its basis and target measure a candidate's error on samples
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .calibrate import Capture, Probe, patches
+from .calibrate import Capture, Probe
+from .patches import patches
 from .formats.base import ChainFactorization, ConvFactorization, ConvGeometry
 from .graph import Layer
 
