@@ -338,9 +338,13 @@ class Planner:
             try:
                 choice = self._choose(options, max_params, max_ms)
             except Unreachable as exc:
-                what = "" if "--budget" in str(exc) else f"--speedup {self.rules.speedup:g}: unreachable; " \
-                    if self.rules.speedup else ("--budget: unreachable with the rewritten layers together no slower "
-                                                "than dense (embedding tables are paid for by the others); ")
+                if "--budget" in str(exc):
+                    what = ""
+                elif self.rules.speedup:
+                    what = f"--speedup {self.rules.speedup:g}: unreachable; "
+                else:  # the time limit is the tables' (module docstring)
+                    what = ("--budget: unreachable with the rewritten layers together no slower than dense "
+                            "(embedding tables are paid for by the others); ")
                 dropped = sum(self.floored.values())
                 floor = (f" with no layer slower than its dense layer at the deployment shape ({dropped} "
                          "candidate(s) timed slower were left out; --allow-slower lifts this rule)") if dropped else ""
