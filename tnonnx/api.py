@@ -20,10 +20,10 @@ from .errors import OriginalDoesNotRun, TnonnxError
 from .finetune import HIDDEN_WEIGHT
 from .formats import FORMATS
 from .recurrent_scan import to_scan
-from .graph import REWRITABLE_OPS, Layer, find_layers, replace_nodes
+from .graph import Layer, find_layers, replace_nodes
 from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer, deployment_feeds
 from .choose import Planner, SpeedRules, meet_speedup, slower_note
-from .plan import AUTO_FORMATS, Fitter, Selection, fit_error, make_plan, rank_spec
+from .plan import AUTO_FORMATS, Fitter, Selection, fit_error, make_plan, parse_budget, parse_ops, rank_spec
 from .layer_fits import Replacement, emit_layer, fit_and_emit, fit_sequential, layer_data, partial, undersampled_note
 from .targets import edge_violations
 from .workers import Workers
@@ -38,25 +38,27 @@ FIT_MODES = ("data-free", "aware", "sequential", "blockwise")
 RECURRENT_MODES = ("fused", "scan")
 
 
-def inspect(model, *, batch: int = 1, shapes=None) -> InspectReport:
-    """The candidate layers of a model with their parameters and MACs."""
+def inspect(model, *, batch: int = 1, shapes=None, recurrent: str = "fused") -> InspectReport:
+    """The candidate layers of a model with their parameters and MACs (recurrent="scan": of
+    the model as `rewrite --recurrent scan` sees it, its recurrent nodes written as Scans)."""
     m = model_io.load(model)
+    notes = _recurrent_form(m, recurrent)
     layers = find_layers(m)
     cost = macs.count(m, calibrate.concrete_shapes(m, batch, shapes))
-    rows = [LayerRow.for_layer(layer, cost.per_node.get(layer.name)) for layer in layers]
+    rows = [LayerRow.for_layer(layer, cost.per_node) for layer in layers]
     rewritable = {l.weight_key: l.params for l in layers if l.reason is None}  # a shared weight once
     size = model_io.nbytes(m)
     return InspectReport(rows=rows, totals=Totals(cost.params, cost.params, size, size,
                                                   cost.total, cost.total), batch=batch,
                          rewritable_params=sum(rewritable.values()),
-                         notes=model_io.upgrade_note(m) + calibrate.assumed_dims(m, shapes) + cost.notes,
+                         notes=model_io.upgrade_note(m) + notes + calibrate.assumed_dims(m, shapes) + cost.notes,
                          source=source_info(model))
 
 
 def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | None = None,
             ratio: float | None = None, budget: float | None = None, modes: str | tuple | None = None,
             order: int | None = None, format_options: dict | None = None,
-            emit: str = "auto", batch: int = 1, ops=("MatMul", "Gemm", "Conv", "ConvTranspose"), recurrent: str = "fused",
+            emit: str = "auto", batch: int = 1, ops=None, recurrent: str = "fused",
             include: str | None = None,
             exclude: str | None = None, min_params: int = 0, force: bool = False, validate: bool = True,
             inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None,
@@ -68,7 +70,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
 
     Returns the new model and its report. The input is never modified. Options take the
-    CLI's values: budget="2x", modes="8x8x6,4x8x12", ops="MatMul,Gemm". `target` (cpu, gpu,
+    CLI's values: budget="2x", modes="8x8x6,4x8x12", ops="MatMul,Gemm" (None: every
+    rewritable op when tnonnx chooses, --budget or --format auto; else CANDIDATE_OPS). `target` (cpu, gpu,
     edge) and `quantize` (int8, int4) make the factorised model ready for where it runs
     (deploy.py); the report's `deploy` says what was done and checked. `workers`: processes
     fitting layers side by side (default: the cores available; tnonnx/workers.py). `progress`:
@@ -79,14 +82,14 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         raise TnonnxError(f"--emit {emit}: choose from {', '.join(EMIT_MODES)}")
     check_thresholds(atol, rtol, min_cosine, max_accuracy_drop, batch)
     deployment_target, quantization, emit = deploy.plan(target, quantize, emit, calib is not None, max_model_bytes)
-    ops = _parse_ops(ops)
+    budget = parse_budget(budget)
+    ops = parse_ops(ops, choosing=budget is not None or format == "auto")
     if threads is not None and threads < 1:
         raise TnonnxError(f"--threads {threads}: must be >= 1")
     pool = Workers(workers, torch=fit != "data-free" or getattr(FORMATS.get(format), "NONLINEAR", False))
     stages = progress_bars.Stages.of(progress)
     if speedup is not None and not speedup > 0:
         raise TnonnxError(f"--speedup {speedup:g}: must be > 0 (e.g. 1.5)")
-    budget = parse_budget(budget)
     if target == "gpu" and isinstance(rank, int) and not isinstance(rank, bool) and rank > 0:
         rank = -(-rank // 8) * 8  # tensor cores work on multiples of 8
     spec = rank_spec(rank, tol, ratio, budget)
@@ -99,16 +102,14 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                           f"{model_io.default_opset(original)}")
     new = onnx.ModelProto()
     new.CopyFrom(original)
-    if recurrent not in RECURRENT_MODES:
-        raise TnonnxError(f"--recurrent {recurrent}: choose from {', '.join(RECURRENT_MODES)}")
-    early_notes, states = to_scan(new) if recurrent == "scan" else ([], {})
+    early_notes, states = _recurrent_form(new, recurrent, with_states=True)
     layers = find_layers(new)
     for layer in layers:  # R of a Scan cell is calibrated on the state sequence the Scan outputs
         layer.probe_x = states.get(layer.name, "")
     selection = Selection(ops=tuple(ops), include=include, exclude=exclude, min_params=min_params)
     plans = make_plan(layers, format, spec, selection, modes, order)
     if not plans:
-        raise TnonnxError("nothing to rewrite: no selected MatMul/Gemm/Conv/ConvTranspose layer with a constant weight"
+        raise TnonnxError(f"nothing to rewrite: no selected {'/'.join(ops)} layer with a constant weight"
                           + _reasons_summary(layers))
 
     if fit not in FIT_MODES:
@@ -309,26 +310,13 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     return new, report
 
 
-def _parse_ops(ops) -> tuple[str, ...]:
-    """--ops as the CLI writes it ("MatMul,Gemm") or a sequence; unknown op types are refused."""
-    names = [o.strip() for o in (ops.split(",") if isinstance(ops, str) else ops) if o.strip()]
-    unknown = [o for o in names if o not in REWRITABLE_OPS]
-    if unknown or not names:
-        raise TnonnxError(f"--ops {','.join(names) or repr(ops)}: "
-                          + (f"unknown op {', '.join(unknown)}; " if unknown else "")
-                          + f"choose from {', '.join(REWRITABLE_OPS)}")
-    return tuple(names)
-
-
-def parse_budget(budget) -> float | None:
-    """--budget as the CLI writes it ("3x", "3") or a number."""
-    if budget is None or isinstance(budget, (int, float)):
-        return budget
-    text = str(budget).strip().lower().removesuffix("x")
-    try:
-        return float(text)
-    except ValueError:
-        raise TnonnxError(f"--budget {budget}: not a reduction factor (e.g. 3x)") from None
+def _recurrent_form(model: onnx.ModelProto, recurrent: str, with_states: bool = False):
+    """--recurrent scan: the recurrent nodes written as Scans in `model` (in place); the notes
+    (and with_states: the Scan outputs that calibrate each R, see recurrent_scan.to_scan)."""
+    if recurrent not in RECURRENT_MODES:
+        raise TnonnxError(f"--recurrent {recurrent}: choose from {', '.join(RECURRENT_MODES)}")
+    notes, states = to_scan(model) if recurrent == "scan" else ([], {})
+    return (notes, states) if with_states else notes
 
 
 SENSITIVITY_SAMPLES = 128
@@ -377,14 +365,16 @@ def _rows(layers, replacements, before, after) -> list[LayerRow]:
     rows, first_user = [], {}
     for layer in layers:
         rep = replacements.get(id(layer.node))
-        row = LayerRow.for_layer(layer, before.per_node.get(layer.name))
-        if rep is not None:
+        row = LayerRow.for_layer(layer, before.per_node)
+        if rep is not None and rep.layer is layer:  # (an LSTM's R row shares its node with W)
             fact = rep.fact
             shared_with = first_user.setdefault(id(fact), layer.name)
             row.format, row.ranks = rep.plan.format, list(fact.ranks)
             row.params_after = fact.params() if shared_with == layer.name else 0
             row.shared_with = None if shared_with == layer.name else shared_with
             row.macs_after = sum(after.per_node.get(n.name, 0) for n in rep.builder.nodes)
+            if layer.kind == "recurrent" and row.macs_before:  # the new node's R products stay on R's row
+                row.macs_after -= round(before.per_node[layer.name] * (1 - layer.macs_share))
             row.weight_error = fact.weight_error
             row.output_error = fact.output_error
             row.held_out_error = getattr(fact, "held_out_error", None)

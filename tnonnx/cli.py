@@ -164,11 +164,13 @@ def main():
 @click.argument("model", type=click.Path())
 @batch_option("inspect")
 @shape_option
+@click.option("--recurrent", type=click.Choice(api.RECURRENT_MODES), default="fused", show_default=True,
+              help="scan: list LSTM/GRU/RNN nodes as `rewrite --recurrent scan` writes them (W and R as MatMuls).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @handles_errors
-def inspect(model, batch, shapes, as_json):
+def inspect(model, batch, shapes, recurrent, as_json):
     """List the candidate layers: op, weight shape, parameters, MACs, share of the model."""
-    report = api.inspect(model, batch=batch, shapes=calibrate.parse_shapes(shapes))
+    report = api.inspect(model, batch=batch, shapes=calibrate.parse_shapes(shapes), recurrent=recurrent)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -207,8 +209,10 @@ def inspect(model, batch, shapes, as_json):
               help="Time candidates and models in onnxruntime (--no-timing: predict from the cost model).")
 @click.option("--timing-cache/--no-timing-cache", default=True, show_default=True,
               help="Reuse per-layer timings from $TNONNX_CACHE_DIR (default ~/.cache/tnonnx/timings.json).")
-@click.option("--ops", default="MatMul,Gemm,Conv,ConvTranspose", show_default=True,
-              help="Op types to rewrite (also Gather: embedding tables; LSTM, GRU, RNN: their input weights).")
+@click.option("--ops", default=None,
+              help="Op types to rewrite: MatMul, Gemm, Conv, ConvTranspose, Gather (embedding tables), LSTM, GRU, "
+                   "RNN (their input weights). Default: all of them with --budget or --format auto (the planner "
+                   "decides per layer), else MatMul,Gemm,Conv,ConvTranspose.")
 @click.option("--recurrent", type=click.Choice(api.RECURRENT_MODES), default="fused", show_default=True,
               help="scan: write LSTM/GRU/RNN nodes as MatMul + Scan first, so that their recurrent weights "
                    "are rewritten too (as MatMul layers); fused: keep the nodes, hoist only W.")

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from . import calibrate, macs, runtime
-from .graph import Layer
+from .graph import Layer, _attr
 
 # ------------------------------------------------------------------ deployment
 
@@ -77,7 +77,8 @@ class CostModelTimer:
         cost = macs.count(model, shapes)
         threads = threads or os.cpu_count() or 1
         inferred = _inferred(model, shapes)
-        sizes = {vi.name: _elements(vi) for vi in (*inferred.graph.value_info, *inferred.graph.output)}
+        sizes = {vi.name: _elements(vi) for vi in (*inferred.graph.value_info, *inferred.graph.output,
+                                                    *inferred.graph.input)}
         moved = transposed = 0
         for node in model.graph.node:
             out = sizes.get(node.output[0]) or 0
@@ -85,7 +86,7 @@ class CostModelTimer:
                 transposed += out * 4
             elif node.op_type not in ("Reshape", "Shape", "Slice", "Concat", "Squeeze", "Unsqueeze", "Identity"):
                 moved += out * 4
-        weights = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
+        weights = sum(_read(t, model.graph.node, sizes) * 4 for t in model.graph.initializer)
         return (cost.total / (self.MACS_PER_MS * threads) + moved / self.BYTES_PER_MS
                 + transposed / self.TRANSPOSE_BYTES_PER_MS + weights / self.WEIGHT_BYTES_PER_MS
                 + len(model.graph.node) * self.NODE_MS)
@@ -429,6 +430,18 @@ def _inferred(model, shapes):
         return onnx.shape_inference.infer_shapes(m, data_prop=True)
     except Exception:  # noqa: BLE001
         return m
+
+
+def _read(weight, nodes, sizes) -> int:
+    """Elements of an initializer a run reads: all of them, but only the gathered rows of a
+    table that Gathers alone read (an embedding reads a few rows of a large table)."""
+    users = [n for n in nodes if weight.name in n.input]
+    total = int(np.prod(weight.dims))
+    if not users or len(weight.dims) < 2 or any(n.op_type != "Gather" or n.input[0] != weight.name
+                                                or _attr(n, "axis", 0) != 0 for n in users):
+        return total
+    rows = sum(sizes.get(n.input[1]) or weight.dims[0] for n in users)
+    return min(total, rows * total // weight.dims[0])
 
 
 def _elements(vi) -> int | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .errors import NotApplicable, TnonnxError
 from .formats import FORMATS, RankSpec
 from .formats.base import GroupedConvFactorization, check_transposable
-from .graph import Layer
+from .graph import CANDIDATE_OPS, REWRITABLE_OPS, Layer
 from .tensorize import format_modes
 
 
@@ -60,6 +60,33 @@ class LayerPlan:
     emission: str | None = None  # None: the fastest measured when the layer is emitted
     timing: object = None  # latency.Timing of the emitted replacement
     dense_timing: object = None  # latency.Timing of the dense layer
+
+
+def parse_ops(ops, choosing: bool) -> tuple[str, ...]:
+    """--ops as the CLI writes it ("MatMul,Gemm") or a sequence; unknown op types are refused.
+    Not given: every rewritable op when tnonnx `choosing` where to factorise (--budget,
+    --format auto: a layer not worth it stays dense), else the plain layers, so that one
+    rank rule does not also truncate embedding tables and recurrent weights."""
+    if ops is None:
+        return REWRITABLE_OPS if choosing else CANDIDATE_OPS
+    names = [o.strip() for o in (ops.split(",") if isinstance(ops, str) else ops) if o.strip()]
+    unknown = [o for o in names if o not in REWRITABLE_OPS]
+    if unknown or not names:
+        raise TnonnxError(f"--ops {','.join(names) or repr(ops)}: "
+                          + (f"unknown op {', '.join(unknown)}; " if unknown else "")
+                          + f"choose from {', '.join(REWRITABLE_OPS)}")
+    return tuple(names)
+
+
+def parse_budget(budget) -> float | None:
+    """--budget as the CLI writes it ("3x", "3") or a number."""
+    if budget is None or isinstance(budget, (int, float)):
+        return budget
+    text = str(budget).strip().lower().removesuffix("x")
+    try:
+        return float(text)
+    except ValueError:
+        raise TnonnxError(f"--budget {budget}: not a reduction factor (e.g. 3x)") from None
 
 
 def rank_spec(rank: int | None = None, tol: float | None = None, ratio: float | None = None,

@@ -43,8 +43,9 @@ class LayerRow:
     ms_measured: bool = False
 
     @classmethod
-    def for_layer(cls, layer, macs_before: int | None) -> "LayerRow":
-        return cls(layer.name, layer.op_type, list(layer.weight_shape), layer.params, macs_before,
+    def for_layer(cls, layer, per_node: dict) -> "LayerRow":
+        """The row of a Layer before rewriting; per_node: tnonnx.macs' count by node name."""
+        return cls(layer.name, layer.op_type, list(layer.weight_shape), layer.params, layer.macs_in(per_node),
                    reason=layer.reason)
 
 
