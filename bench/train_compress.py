@@ -13,7 +13,7 @@ FC-2's two layers (784-256-10); the small ResNet's 3x3 convolutions in its stage
 SmallResNet of models/reference.py, widths 8/16/32, one input channel: stem, 1x1 shortcuts
 and the classifier stay dense). --include narrows the selection (FC only, conv only).
 --format FMT@REGEX,FMT@REGEX gives each selected layer the first format whose regex it
-matches (the hybrid: HT for FC, TT for conv); --ratio takes a comma list, each ratio run
+matches (the hybrid: HT for FC, TT for conv), FMT:key=value its own options; --ratio takes a comma list, each ratio run
 after the one dense network. "params" counts the weights of the compressed layers (no
 biases): dense weights before, factor cores after. Every method starts from the same seed;
 dense training is Adam 2e-3 with a cosine schedule, fine-tuning Adam 1e-3. ADMM (Yin et al.)
@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.reference import LeNet5, SmallResNet  # noqa: E402
 from models.train_lenet import DEFAULT_DATA_DIR, load_split, normalise  # noqa: E402
+from tnonnx.errors import TnonnxError  # noqa: E402
 from tnonnx.nn import ADMM, factorize  # noqa: E402
 from tnonnx.nn.convert import candidates  # noqa: E402
 from tnonnx.nn.layers import cores_of  # noqa: E402
@@ -68,24 +69,27 @@ def make(model: str) -> nn.Module:
     return LeNet5() if model == "lenet5" else FC2()
 
 
-def parse_formats(text: str, include: str) -> list[tuple[str, str]]:
-    """"tt" or "ht@^fc,tt@^conv2$" as (format, include regex) pairs, each regex narrowed to
-    the compressed layers; a layer takes the first pair whose regex it matches."""
-    pairs = [(part.partition("@")[0], part.partition("@")[2]) for part in text.split(",")]
+def parse_formats(text: str, include: str) -> list[tuple[str, str, dict]]:
+    """"tt" or "ht@^fc,tt@^conv2$" or "adtn:depth=6@^fc1$,adtn:depth=2@^fc2$" as (format,
+    include regex, options) triples, each regex narrowed to the compressed layers; a layer
+    takes the first triple whose regex it matches."""
     out, taken = [], []
-    for fmt, regex in pairs:
+    for part in text.split(","):
+        spec, _, regex = part.partition("@")
+        fmt, *opts = spec.split(":")
+        options = {k: int(v) if v.isdigit() else v for k, _, v in (o.partition("=") for o in opts)}
         parts = [f"(?=.*(?:{include}))"] + [f"(?=.*(?:{regex}))"] * bool(regex)
         parts += [f"(?!.*(?:{t}))" for t in taken]
-        out.append((fmt, "^" + "".join(parts)))
+        out.append((fmt, "^" + "".join(parts), options))
         taken.append(regex or ".")
     return out
 
 
 def compress(net: nn.Module, formats, ratio: float, options: dict, **kwargs) -> nn.Module:
     """factorize() once per (format, selection) pair; layers no pair selects stay dense."""
-    for fmt, regex in formats:
+    for fmt, regex, own in formats:
         if candidates(net, include=regex):
-            net = factorize(net, format=fmt, ratio=ratio, include=regex, **options, **kwargs)
+            net = factorize(net, format=fmt, ratio=ratio, include=regex, **options, **own, **kwargs)
     return net
 
 
@@ -185,9 +189,7 @@ def main(argv=None) -> int:
         if args.dense_cache:
             torch.save(dense.state_dict(), args.dense_cache)
     record("dense", dense, time.perf_counter() - t)
-    ratios = [float(r) for r in str(args.ratio).split(",")]
-    for ratio in ratios:
-        tag = "" if len(ratios) == 1 else f"@{ratio:g}"
+    def run_ratio(ratio: float, tag: str) -> None:
         if "decompose" in methods:
             t = time.perf_counter()
             net = compress(dense, formats, ratio, options)
@@ -198,7 +200,8 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             net = make(args.model)
             net.load_state_dict(dense.state_dict())
-            admm = ADMM(net, format=formats[0][0], ratio=ratio, rho=args.rho, include=include, **options)
+            admm = ADMM(net, format=formats[0][0], ratio=ratio, rho=args.rho, include=include, **options,
+                        **formats[0][2])
             before = admm.distance()
             run_epochs(net, train, args.admm_epochs, 1e-3, admm=admm, seed=2)
             after = admm.distance()
@@ -212,6 +215,15 @@ def main(argv=None) -> int:
             net = compress(make(args.model), formats, ratio, options, pretrained=False)
             run_epochs(net, train, args.epochs + args.finetune, args.scratch_lr, seed=3)
             record("scratch" + tag, net, time.perf_counter() - t)
+
+    ratios = [float(r) for r in str(args.ratio).split(",")]
+    for ratio in ratios:
+        tag = "" if len(ratios) == 1 else f"@{ratio:g}"
+        try:
+            run_ratio(ratio, tag)
+        except TnonnxError as exc:  # e.g. a ratio a format cannot reach: recorded, the others still run
+            rows["error" + tag] = str(exc)
+            print("error" + tag, exc, flush=True)
     result = {"args": vars(args), "results": rows, "seconds": round(time.perf_counter() - started, 1),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(result))
