@@ -4,9 +4,17 @@ fine-tune, and the factorised network trained from scratch, at equal compression
     python bench/train_compress.py --model lenet5 --format tt --ratio 10 [--quick]
     python bench/train_compress.py --model lenet5 --format ntt --ratio 10 --methods dense,scratch
     python bench/train_compress.py --model fc2 --format adtn --ratio 150 --methods dense,scratch
+    python bench/train_compress.py --model lenet5 --format "ht@^fc,tt@^conv2$" --methods dense,scratch
+    python bench/train_compress.py --model lenet5 --format stt --ratio 5,10,20 --methods dense,scratch
+    python bench/train_compress.py --model resnet --format tt --ratio 2.5 --quick
 
 Compressed layers: LeNet-5's conv2, fc1, fc2 (conv1: 150 and fc3: 840 weights stay dense);
-FC-2's two layers (784-256-10). "params" counts the weights of the compressed layers (no
+FC-2's two layers (784-256-10); the small ResNet's 3x3 convolutions in its stages (a
+SmallResNet of models/reference.py, widths 8/16/32, one input channel: stem, 1x1 shortcuts
+and the classifier stay dense). --include narrows the selection (FC only, conv only).
+--format FMT@REGEX,FMT@REGEX gives each selected layer the first format whose regex it
+matches (the hybrid: HT for FC, TT for conv), FMT:key=value its own options; --ratio takes a comma list, each ratio run
+after the one dense network. "params" counts the weights of the compressed layers (no
 biases): dense weights before, factor cores after. Every method starts from the same seed;
 dense training is Adam 2e-3 with a cosine schedule, fine-tuning Adam 1e-3. ADMM (Yin et al.)
 continues from the dense network for --admm-epochs under admm.penalty() with one
@@ -32,13 +40,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.reference import LeNet5  # noqa: E402
+from models.reference import LeNet5, SmallResNet  # noqa: E402
 from models.train_lenet import DEFAULT_DATA_DIR, load_split, normalise  # noqa: E402
+from tnonnx.errors import TnonnxError  # noqa: E402
 from tnonnx.nn import ADMM, factorize  # noqa: E402
 from tnonnx.nn.convert import candidates  # noqa: E402
 from tnonnx.nn.layers import cores_of  # noqa: E402
 
-INCLUDE = {"lenet5": "^(conv2|fc1|fc2)$", "fc2": "^(fc1|fc2)$"}
+INCLUDE = {"lenet5": "^(conv2|fc1|fc2)$", "fc2": "^(fc1|fc2)$", "resnet": r"^stages\.\d+\.\d+\.conv[12]$"}
 
 
 class FC2(nn.Module):
@@ -53,7 +62,35 @@ class FC2(nn.Module):
 
 def make(model: str) -> nn.Module:
     torch.manual_seed(0)
+    if model == "resnet":
+        net = SmallResNet(widths=(8, 16, 32))
+        net.stem[0] = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        return net
     return LeNet5() if model == "lenet5" else FC2()
+
+
+def parse_formats(text: str, include: str) -> list[tuple[str, str, dict]]:
+    """"tt" or "ht@^fc,tt@^conv2$" or "adtn:depth=6@^fc1$,adtn:depth=2@^fc2$" as (format,
+    include regex, options) triples, each regex narrowed to the compressed layers; a layer
+    takes the first triple whose regex it matches."""
+    out, taken = [], []
+    for part in text.split(","):
+        spec, _, regex = part.partition("@")
+        fmt, *opts = spec.split(":")
+        options = {k: int(v) if v.isdigit() else v for k, _, v in (o.partition("=") for o in opts)}
+        parts = [f"(?=.*(?:{include}))"] + [f"(?=.*(?:{regex}))"] * bool(regex)
+        parts += [f"(?!.*(?:{t}))" for t in taken]
+        out.append((fmt, "^" + "".join(parts), options))
+        taken.append(regex or ".")
+    return out
+
+
+def compress(net: nn.Module, formats, ratio: float, options: dict, **kwargs) -> nn.Module:
+    """factorize() once per (format, selection) pair; layers no pair selects stay dense."""
+    for fmt, regex, own in formats:
+        if candidates(net, include=regex):
+            net = factorize(net, format=fmt, ratio=ratio, include=regex, **options, **own, **kwargs)
+    return net
 
 
 def compressed_params(net: nn.Module, include: str) -> int:
@@ -101,18 +138,22 @@ def accuracy(net, data) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(INCLUDE), default="lenet5")
-    ap.add_argument("--format", default="tt")
-    ap.add_argument("--ratio", type=float, default=10.0)
+    ap.add_argument("--format", default="tt", help="FMT, or FMT@REGEX,FMT@REGEX,... (first match wins)")
+    ap.add_argument("--ratio", default="10", help="compression ratio per layer, or a comma list")
+    ap.add_argument("--include", help="regex narrowing the compressed layers (default: the model's)")
     ap.add_argument("--methods", default="dense,decompose,admm,scratch")
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--admm-epochs", type=int, default=10)
-    ap.add_argument("--finetune", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--admm-epochs", type=int, default=5)
+    ap.add_argument("--finetune", type=int, default=3)
     ap.add_argument("--rho", type=float, default=1e-2)
+    ap.add_argument("--scratch-lr", type=float, default=2e-3, help="Adam learning rate of the scratch runs")
     ap.add_argument("--train", type=int, default=60000, help="training images used")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     ap.add_argument("--option", action="append", default=[], help="format option key=value (e.g. act=tanh)")
+    ap.add_argument("--dense-cache", help="load the trained dense network from this file if it exists, "
+                    "else save it there (runs of one model, data and epochs share it)")
     ap.add_argument("--json", help="append the results as one JSON line to this file")
     args = ap.parse_args(argv)
     if args.quick:
@@ -127,9 +168,11 @@ def main(argv=None) -> int:
     xte, yte = load_split(data_dir, "t10k")
     train = (torch.from_numpy(normalise(xtr[:args.train])), torch.from_numpy(ytr[:args.train]))
     test = (torch.from_numpy(normalise(xte)), torch.from_numpy(yte))
-    include = INCLUDE[args.model]
+    include = INCLUDE[args.model] if args.include is None else f"(?=.*(?:{INCLUDE[args.model]}))(?:{args.include})"
     methods = args.methods.split(",")
-    spec = dict(format=args.format, ratio=args.ratio, include=include, **options)
+    formats = parse_formats(args.format, include)
+    if "admm" in methods and len(formats) > 1:
+        ap.error("--methods admm takes one format")
     rows, started = {}, time.perf_counter()
 
     def record(method, net, seconds):
@@ -139,32 +182,48 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     dense = make(args.model)
-    run_epochs(dense, train, args.epochs, 2e-3)
+    if args.dense_cache and Path(args.dense_cache).exists():
+        dense.load_state_dict(torch.load(args.dense_cache))
+    else:
+        run_epochs(dense, train, args.epochs, 2e-3)
+        if args.dense_cache:
+            torch.save(dense.state_dict(), args.dense_cache)
     record("dense", dense, time.perf_counter() - t)
-    if "decompose" in methods:
-        t = time.perf_counter()
-        net = factorize(dense, **spec)
-        rows["decompose_start"] = accuracy(net, test)
-        run_epochs(net, train, args.finetune, 1e-3, seed=1)
-        record("decompose", net, time.perf_counter() - t)
-    if "admm" in methods:
-        t = time.perf_counter()
-        net = make(args.model)
-        net.load_state_dict(dense.state_dict())
-        admm = ADMM(net, format=args.format, ratio=args.ratio, rho=args.rho, include=include, **options)
-        before = admm.distance()
-        run_epochs(net, train, args.admm_epochs, 1e-3, admm=admm, seed=2)
-        after = admm.distance()
-        small = admm.factorize()
-        rows["admm_start"] = accuracy(small, test)
-        rows["admm_distance"] = {"before": before, "after": after}
-        run_epochs(small, train, args.finetune, 1e-3, seed=1)
-        record("admm", small, time.perf_counter() - t)
-    if "scratch" in methods:
-        t = time.perf_counter()
-        net = factorize(make(args.model), pretrained=False, **spec)
-        run_epochs(net, train, args.epochs + args.finetune, 2e-3, seed=3)
-        record("scratch", net, time.perf_counter() - t)
+    def run_ratio(ratio: float, tag: str) -> None:
+        if "decompose" in methods:
+            t = time.perf_counter()
+            net = compress(dense, formats, ratio, options)
+            rows["decompose_start" + tag] = accuracy(net, test)
+            run_epochs(net, train, args.finetune, 1e-3, seed=1)
+            record("decompose" + tag, net, time.perf_counter() - t)
+        if "admm" in methods:
+            t = time.perf_counter()
+            net = make(args.model)
+            net.load_state_dict(dense.state_dict())
+            admm = ADMM(net, format=formats[0][0], ratio=ratio, rho=args.rho, include=include, **options,
+                        **formats[0][2])
+            before = admm.distance()
+            run_epochs(net, train, args.admm_epochs, 1e-3, admm=admm, seed=2)
+            after = admm.distance()
+            small = admm.factorize()
+            rows["admm_start" + tag] = accuracy(small, test)
+            rows["admm_distance" + tag] = {"before": before, "after": after}
+            run_epochs(small, train, args.finetune, 1e-3, seed=1)
+            record("admm" + tag, small, time.perf_counter() - t)
+        if "scratch" in methods:
+            t = time.perf_counter()
+            net = compress(make(args.model), formats, ratio, options, pretrained=False)
+            run_epochs(net, train, args.epochs + args.finetune, args.scratch_lr, seed=3)
+            record("scratch" + tag, net, time.perf_counter() - t)
+
+    ratios = [float(r) for r in str(args.ratio).split(",")]
+    for ratio in ratios:
+        tag = "" if len(ratios) == 1 else f"@{ratio:g}"
+        try:
+            run_ratio(ratio, tag)
+        except TnonnxError as exc:  # e.g. a ratio a format cannot reach: recorded, the others still run
+            rows["error" + tag] = str(exc)
+            print("error" + tag, exc, flush=True)
     result = {"args": vars(args), "results": rows, "seconds": round(time.perf_counter() - started, 1),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(result))

@@ -63,7 +63,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             exclude: str | None = None, min_params: int = 0, force: bool = False, validate: bool = True,
             inputs=None, shapes=None, atol: float | None = None, rtol: float | None = None,
             min_cosine: float | None = None, max_accuracy_drop: float | None = None, fit: str = "data-free", calib=None, finetune: int = 0,
-            finetune_hidden: float = HIDDEN_WEIGHT, threads: int | None = None, speedup: float | None = None,
+            finetune_hidden: float = HIDDEN_WEIGHT, admm: bool = False, admm_rho: float | None = None, threads: int | None = None, speedup: float | None = None,
             allow_slower: bool = False, keep_best: bool = False, timing: bool = True, timing_cache: bool = True,
             timer=None, progress=False, target: str = "cpu", quantize: str | None = None,
             max_model_bytes: int | None = None, workers: int | None = None) -> tuple[onnx.ModelProto, RewriteReport]:
@@ -122,10 +122,23 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     if (fit != "data-free" or finetune) and calib is None:
         what = f"--fit {fit}" if fit != "data-free" else "--finetune"
         raise TnonnxError(f"{what} needs calibration data: give --calib FILE.npz or --calib-random N")
+    if admm_rho is not None and not admm:
+        raise TnonnxError("--admm-rho applies to --admm")
+    if admm:
+        from . import admm_graph
+
+        if not finetune:
+            raise TnonnxError("--admm trains for the --finetune epochs: give --finetune N (N >= 1)")
+        admm_graph.check(format, spec, budget)
     # the fit and the fine-tuning read the calibration data, and so do fp16 ranges and static int8
     if calib is not None and (fit != "data-free" or finetune or target == "gpu"
                               or (quantization is not None and quantization.static)):
         batches, _ = calibrate.feed_batches(calib, original, batch=batch, shapes=shapes, what="--calib")
+    notes = []
+    if admm:  # the dense graph trained towards the rank set; the layers are then fitted to it
+        notes += admm_graph.admm_train(new, original, plans, batches, epochs=finetune, hidden_weight=finetune_hidden,
+                                       rho=admm_graph.RHO if admm_rho is None else admm_rho,
+                                       options=format_options or {})
     data = {}
     if fit in ("aware", "blockwise") or (fit == "sequential" and (budget is not None or format == "auto")):
         # every layer's inputs in the original model (sequential: for choosing ranks only)
@@ -144,7 +157,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     speed_feeds = deployment_feeds(original, deployment)
     rules = SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
                        emit=emit)
-    notes = model_io.upgrade_note(original) + early_notes
+    notes = model_io.upgrade_note(original) + early_notes + notes
     if undersampled := undersampled_note(data):
         notes.append(undersampled)
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)
@@ -297,7 +310,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                   "modes": modes_text, "order": order, "format_options": dict(format_options or {}), "emit": emit,
                   "ops": list(ops), "recurrent": recurrent, "include": include, "exclude": exclude, "min_params": min_params, "force": force,
                   "calibration": describe_calibration(calib, count_samples(batches) if batches else None),
-                  "fit": fit, "finetune": {"epochs": finetune, "hidden_weight": finetune_hidden},
+                  "fit": fit, "finetune": {"epochs": finetune, "hidden_weight": finetune_hidden, "admm": admm,
+                                           "admm_rho": admm_rho},
                   "deployment": {"batch": batch, "shapes": {k: list(v) for k, v in (shapes or {}).items()},
                                  "threads": threads},
                   "speedup": speedup, "allow_slower": allow_slower, "keep_best": keep_best, "timing": timing,

@@ -231,6 +231,13 @@ def inspect(model, batch, shapes, recurrent, as_json):
 @click.option("--finetune-hidden", type=click.FloatRange(min=0), default=HIDDEN_WEIGHT, show_default=True,
               metavar="WEIGHT", help="Weight of the rewritten layers' inputs against the outputs in --finetune "
                                      "(0: outputs only).")
+@click.option("--admm", is_flag=True,
+              help="With --finetune N: first train the dense model's selected weights for N epochs towards the "
+                   "format's rank set (ADMM, Yin et al.: distilled to the original's outputs under a penalty "
+                   "pulling each weight to its truncation, projected once per epoch), then fit the layers to those "
+                   "weights and fine-tune N epochs. One linear format and --rank/--ratio/--tol.")
+@click.option("--admm-rho", type=float, default=None, metavar="RHO",
+              help="--admm's penalty weight, relative to each weight's squared norm (default 1.0).")
 @click.option("--act", type=click.Choice(ACTIVATIONS), default=None,
               help="Nonlinear formats (ntt, ntr): the activation between cores (default relu).")
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
@@ -258,8 +265,8 @@ def inspect(model, batch, shapes, recurrent, as_json):
 @handles_errors
 def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, threads, speedup,
             allow_slower, keep_best, timing, timing_cache, ops, recurrent, include,
-            exclude, min_params, force, fit_mode, finetune, finetune_hidden, act, calib, calib_random, target_name,
-            quantize, max_model_bytes, workers, quiet, validate, inputs, shapes, batch, atol, rtol,
+            exclude, min_params, force, fit_mode, finetune, finetune_hidden, admm, admm_rho, act, calib, calib_random,
+            target_name, quantize, max_model_bytes, workers, quiet, validate, inputs, shapes, batch, atol, rtol,
             min_cosine, max_accuracy_drop, report_path, plot_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
     source = model_io.check_path(model)
@@ -285,6 +292,7 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine,
         max_accuracy_drop=max_accuracy_drop, fit=fit_mode,
         calib=_calibration(calib, calib_random), finetune=finetune, finetune_hidden=finetune_hidden,
+        admm=admm, admm_rho=admm_rho,
         threads=threads, speedup=speedup, allow_slower=allow_slower, keep_best=keep_best, timing=timing,
         timing_cache=timing_cache, progress=progress, target=target_name, quantize=quantize,
         max_model_bytes=max_model_bytes, workers=workers)

@@ -32,9 +32,15 @@ HIDDEN_WEIGHT = 4.0  # of the mean hidden-tensor error against the output error;
 
 
 def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainable: set[str], *, epochs: int,
-             hidden=(), hidden_weight: float = HIDDEN_WEIGHT, seed: int = 0, log=None) -> tuple[float, float]:
+             hidden=(), hidden_weight: float = HIDDEN_WEIGHT, seed: int = 0, log=None,
+             penalty=None, epoch_end=None) -> tuple[float, float]:
     """Train the initializers named in `trainable` (in place in `model`); returns the relative
     output error on the calibration batches before and after.
+
+    `penalty(params)` (a torch scalar) is added to every step's loss and `epoch_end(params)`
+    called after each epoch, params being the trainable tensors by name (--admm: the pull
+    towards the rank set and its projection step). With a penalty the last epoch is kept,
+    not the best: the training is meant to move away from the original.
 
     `hidden` names tensors that both graphs compute (tnonnx passes the rewritten layers'
     inputs): their values are pulled towards the original's as well, each by its relative
@@ -83,7 +89,7 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
             wanted = sess.run(hidden, dict(batches[i]))
             total = total + hidden_weight / len(hidden) * sum(
                 _relative([g], [torch.as_tensor(w)]) for g, w in zip(values[len(names):], wanted))
-        return total
+        return total if penalty is None else total + penalty(graph.params)
 
     with torch_threads(1 if small else None):
         before = best = error()
@@ -95,10 +101,12 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
                 loss(i).backward()
                 opt.step()
                 schedule.step()
+            if epoch_end is not None:
+                epoch_end(graph.params)
             current = error()
             if log:
                 log(f"finetune epoch {epoch + 1}/{epochs}: relative output error {current:.4g}")
-            if current < best:
+            if current < best or penalty is not None:
                 best, best_state = current, {k: v.detach().clone() for k, v in graph.params.items()}
     store(model, best_state)
     return before, best

@@ -78,6 +78,12 @@ def _activate(t, act: str):
     return TorchOps(batch_rank=0).activation(t, act)
 
 
+def _torch_einsum(*args):
+    import torch
+
+    return torch.einsum(*args)
+
+
 def decode(cores: dict, shape: tuple[int, ...], depth: int, q: int, act: str):
     """The weight (numpy or torch, as the cores are)."""
     # the first gate on the product state |0...0> is its first column (x) |0...0>: the
@@ -89,10 +95,14 @@ def decode(cores: dict, shape: tuple[int, ...], depth: int, q: int, act: str):
         import torch
 
         state = torch.nn.functional.pad(column, (0, 2 ** (q - 2) - 1)).reshape(-1)
+    numpy = isinstance(state, np.ndarray)
     for layer in range(depth):
         for g, p in enumerate(pairs(q)):
             if layer or g:
-                state = (cores[f"L{layer}G{g}"].reshape(4, 4) @ state.reshape(2**p, 4, -1)).reshape(-1)
+                gate, view = cores[f"L{layer}G{g}"].reshape(4, 4), state.reshape(2**p, 4, -1)
+                # torch: einsum is one GEMM over the pair's axis, about 3x faster than a batched
+                # matmul of 2^p tiny products (and its backward)
+                state = (gate @ view if numpy else _torch_einsum("ij,ajb->aib", gate, view)).reshape(-1)
         if layer < depth - 1:
             state = _activate(state, act)
     return cores["scale"].reshape(()) * state[: math.prod(shape)].reshape(tuple(shape))

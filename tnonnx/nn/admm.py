@@ -24,7 +24,43 @@ from .layers import check_format, fit, rank_spec
 RHO = 1e-3
 
 
-class ADMM:
+class Pull:
+    """The ADMM state over named weights: Z (the projection targets) and U (the scaled
+    duals). `project(name, tensor)` is the truncation to the rank set; `scales` weights each
+    layer's term (1 by default; the ONNX path divides by the layer's initial squared norm)."""
+
+    def __init__(self, weights: dict, project, rho: float, scales: dict | None = None):
+        if not rho > 0:
+            raise TnonnxError(f"rho={rho}: must be > 0")
+        self.rho, self._project = rho, project
+        self.scales = scales or {name: 1.0 for name in weights}
+        self.Z = {name: project(name, w.detach()) for name, w in weights.items()}
+        self.U = {name: torch.zeros_like(z) for name, z in self.Z.items()}
+
+    def penalty_of(self, weights: dict) -> torch.Tensor:
+        """rho/2 sum scale ||W - Z + U||^2, differentiable in the weights."""
+        terms = [self.scales[n] * ((weights[n] - self.Z[n] + self.U[n]) ** 2).sum() for n in self.Z]
+        return self.rho / 2 * torch.stack(terms).sum()
+
+    @torch.no_grad()
+    def step_of(self, weights: dict) -> None:
+        """Z <- Pi(W + U), U <- U + W - Z."""
+        for name in self.Z:
+            w = weights[name].detach()
+            self.Z[name] = self._project(name, w + self.U[name])
+            self.U[name] = self.U[name] + w - self.Z[name]
+
+    @torch.no_grad()
+    def distance_of(self, weights: dict) -> dict[str, float]:
+        """Per weight, ||W - Pi(W)|| / ||W||: how far each is from its rank set."""
+        out = {}
+        for name in self.Z:
+            w = weights[name].detach()
+            out[name] = float((w - self._project(name, w)).norm() / w.norm().clamp_min(1e-30))
+        return out
+
+
+class ADMM(Pull):
     """ADMM(model, format="tt", rank=8 | ratio=10, rho=1e-3, include=, exclude=, min_params=):
     the model's Linear and Conv layers (as `factorize` selects them) pulled towards the
     format's rank set. Format options (modes, order, ...) as for factorize."""
@@ -34,17 +70,17 @@ class ADMM:
                  **options):
         if getattr(FORMATS[check_format(format)], "NONLINEAR", False):
             raise TnonnxError(f"ADMM: {format} has no dense weight to project on; use a linear format")
-        if not rho > 0:
-            raise TnonnxError(f"rho={rho}: must be > 0")
-        self.model, self.format, self.rho = model, format, rho
+        self.model, self.format = model, format
         self.spec = rank_spec(rank, ratio)
         self.rank, self.ratio, self.options = rank, ratio, options
         self.selection = dict(include=include, exclude=exclude, min_params=min_params)
         self.layers = dict(candidates(model, **self.selection))
         if not self.layers:
             raise TnonnxError("ADMM: no Linear or Conv layer selected")
-        self.Z = {name: self.project(layer.weight.detach(), _groups(layer)) for name, layer in self.layers.items()}
-        self.U = {name: torch.zeros_like(z) for name, z in self.Z.items()}
+        super().__init__(self._weights(), lambda name, w: self.project(w, _groups(self.layers[name])), rho)
+
+    def _weights(self) -> dict:
+        return {name: layer.weight for name, layer in self.layers.items()}
 
     def project(self, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """The format's truncation of a weight in torch's layout ((out, in) or a conv kernel
@@ -58,25 +94,15 @@ class ADMM:
 
     def penalty(self) -> torch.Tensor:
         """rho/2 sum ||W - Z + U||^2, differentiable in the weights."""
-        terms = [((layer.weight - self.Z[n] + self.U[n]) ** 2).sum() for n, layer in self.layers.items()]
-        return self.rho / 2 * torch.stack(terms).sum()
+        return self.penalty_of(self._weights())
 
-    @torch.no_grad()
     def step(self) -> None:
         """Z <- Pi(W + U), U <- U + W - Z (call once per epoch)."""
-        for name, layer in self.layers.items():
-            w = layer.weight.detach()
-            self.Z[name] = self.project(w + self.U[name], _groups(layer))
-            self.U[name] = self.U[name] + w - self.Z[name]
+        self.step_of(self._weights())
 
-    @torch.no_grad()
     def distance(self) -> dict[str, float]:
         """Per layer, ||W - Pi(W)|| / ||W||: how far each weight is from its rank set."""
-        out = {}
-        for name, layer in self.layers.items():
-            w = layer.weight.detach()
-            out[name] = float((w - self.project(w, _groups(layer))).norm() / w.norm().clamp_min(1e-30))
-        return out
+        return self.distance_of(self._weights())
 
     def factorize(self) -> nn.Module:
         """A copy of the model with the selected layers factorised from their current weights."""
