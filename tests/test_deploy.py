@@ -345,3 +345,32 @@ def test_a_slower_quantized_model_gets_the_quantization_note():
     slower = [n for n in report.notes if "SLOWER" in n]
     assert len(slower) == 1 and "quantized form" in slower[0] and "--int8 dynamic" in slower[0]
     assert "to avoid it use" not in slower[0]
+
+
+def test_short_names_keep_the_function_and_the_interface():
+    """--short-names: a smaller file, the same outputs, graph inputs and outputs named as
+    before, and a tensor an If branch reads from the outer graph left alone."""
+    model = _mlp()
+    q, _ = quantize(model, Quantization("int8"))
+    x = randn(5, 64, seed=3)
+    want = run(q, {"x": x})[0]
+    saved = targets.short_names(q)
+    assert saved > 0 and q.ByteSize() > 0
+    assert [v.name for v in q.graph.input] == ["x"] and [v.name for v in q.graph.output] == ["logits"]
+    assert all(len(n.name) <= 4 for n in q.graph.node)
+    np.testing.assert_array_equal(run(q, {"x": x})[0], want)
+
+    branch = helper.make_graph([helper.make_node("Relu", ["h"], ["o"], name="inner")], "b", [], [value("o", ["b", 3])])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Constant", [], ["c"],
+             value=helper.make_tensor("c", onnx.TensorProto.BOOL, [], [True])),
+             helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)]
+    m = make_model(nodes, [value("x", ["b", 4])], [value("y", ["b", 3])], [init("W", randn(4, 3, seed=1))])
+    want = run(m, {"x": randn(2, 4, seed=2)})[0]
+    targets.short_names(m)
+    assert "h" in {x for n in m.graph.node for x in n.output}
+    np.testing.assert_array_equal(run(m, {"x": randn(2, 4, seed=2)})[0], want)
+
+    _, report = api.rewrite(_mlp(), format="svd", rank=8, timing=False, quantize="int8", short_names=True,
+                            inputs={"x": randn(32, 64, seed=9)}, min_cosine=0.5)
+    assert any(c["check"] == "short names" and c["ok"] for c in report.deploy.target.checks)
+    assert report.deploy.sizes["final"] < report.deploy.sizes["baseline"]

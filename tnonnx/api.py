@@ -65,7 +65,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             finetune_hidden: float = HIDDEN_WEIGHT, threads: int | None = None, speedup: float | None = None,
             allow_slower: bool = False, keep_best: bool = False, timing: bool = True, timing_cache: bool = True,
             timer=None, progress: bool = False, target: str = "cpu", quantize: str | None = None,
-            int8: str | None = None, max_model_bytes: int | None = None) -> tuple[onnx.ModelProto, RewriteReport]:
+            int8: str | None = None, max_model_bytes: int | None = None,
+            short_names: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
 
     Returns the new model and its report. The input is never modified. Options take the
@@ -78,7 +79,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         raise TnonnxError(f"--emit {emit}: choose from {', '.join(EMIT_MODES)}")
     check_thresholds(atol, rtol, min_cosine, max_accuracy_drop, batch)
     deployment_target, quantization, emit = deploy.plan(target, quantize, emit, calib is not None, max_model_bytes,
-                                                        int8)
+                                                        int8, short_names)
     ops = _parse_ops(ops)
     if threads is not None and threads < 1:
         raise TnonnxError(f"--threads {threads}: must be >= 1")
@@ -208,7 +209,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                      f"after {finetune} epoch(s) of end-to-end distillation ({matched})")
     _check(new)
     factorised, deployed, baseline = new, None, None
-    if target != "cpu" or quantization is not None or max_model_bytes is not None:
+    if target != "cpu" or quantization is not None or max_model_bytes is not None or short_names:
         emitted = {n.name for r in replacements.values() for n in r.builder.nodes}
         stem = Path(model).stem if isinstance(model, (str, os.PathLike)) else "model"
         new, deployed, baseline = deploy.finish(original, new, deployment_target, quantization, batches, emitted,
@@ -287,7 +288,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                   "deployment": {"batch": batch, "shapes": {k: list(v) for k, v in (shapes or {}).items()},
                                  "threads": threads},
                   "speedup": speedup, "allow_slower": allow_slower, "keep_best": keep_best, "timing": timing,
-                  "target": target, "quantize": quantize, "int8": int8, "max_model_bytes": max_model_bytes, "validate": validate, "inputs": describe_calibration(inputs, None)["source"] if inputs is not None else None,
+                  "target": target, "quantize": quantize, "int8": int8, "max_model_bytes": max_model_bytes, "short_names": short_names, "validate": validate, "inputs": describe_calibration(inputs, None)["source"] if inputs is not None else None,
                   "thresholds": {"atol": atol, "rtol": rtol, "min_cosine": min_cosine,
                                  "max_accuracy_drop": max_accuracy_drop}},
     )

@@ -244,6 +244,9 @@ def inspect(model, batch, shapes, as_json):
 @click.option("--int8", "int8", type=click.Choice(INT8_MODES), default=None,
               help="With --quantize on cpu: static (QDQ per-channel, activation ranges from the calibration data; the "
                    "default with --calib) or dynamic (activations quantized at run time; the default without).")
+@click.option("--short-names", is_flag=True, default=False,
+              help="Rename the output's nodes and internal tensors to short ids (inputs and outputs keep theirs): "
+                   "in a small quantized model the names are a third of the file.")
 @click.option("--max-model-bytes", type=click.IntRange(min=1), default=None, metavar="BYTES",
               help="Fail, writing nothing, when the output (or its .ort) is larger; the largest tensors are listed.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with the original.")
@@ -257,7 +260,7 @@ def inspect(model, batch, shapes, as_json):
 def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, threads, speedup,
             allow_slower, keep_best, timing, timing_cache, ops, recurrent, include,
             exclude, min_params, force, fit_mode, finetune, finetune_hidden, act, calib, calib_random, target_name,
-            quantize, int8, max_model_bytes, validate, inputs, shapes, batch, atol, rtol,
+            quantize, int8, short_names, max_model_bytes, validate, inputs, shapes, batch, atol, rtol,
             min_cosine, max_accuracy_drop, report_path, plot_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
     source = model_io.check_path(model)
@@ -284,7 +287,7 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         calib=_calibration(calib, calib_random), finetune=finetune, finetune_hidden=finetune_hidden,
         threads=threads, speedup=speedup, allow_slower=allow_slower, keep_best=keep_best, timing=timing,
         timing_cache=timing_cache, progress=sys.stderr.isatty(), target=target_name, quantize=quantize,
-        int8=int8, max_model_bytes=max_model_bytes)
+        int8=int8, short_names=short_names, max_model_bytes=max_model_bytes)
     api.save(new, target, progress=sys.stderr.isatty())
     files = report.deploy.target.files if report.deploy is not None else {}
     for suffix, content in files.items():  # the edge target's .ort and required-operators config

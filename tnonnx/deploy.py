@@ -41,12 +41,12 @@ class DeployReport:
 INT8_MODES = ("static", "dynamic")
 
 
-def plan(target: str, quantize_mode: str | None, emit: str, has_calib: bool,
-         max_model_bytes: int | None = None, int8: str | None = None) -> tuple[targets.Target, Quantization | None, str]:
+def plan(target: str, quantize_mode: str | None, emit: str, has_calib: bool, max_model_bytes: int | None = None,
+         int8: str | None = None, short_names: bool = False) -> tuple[targets.Target, Quantization | None, str]:
     """Check the options together, before any work: (target, quantization, emission).
     int8 is static (QDQ, per-channel) with calibration data and always on gpu and edge,
     dynamic otherwise; `int8` (--int8) chooses on cpu."""
-    t = targets.Target(target, max_model_bytes)
+    t = targets.Target(target, max_model_bytes, short_names)
     if int8 is not None:
         if int8 not in INT8_MODES:
             raise TnonnxError(f"--int8 {int8}: choose from {', '.join(INT8_MODES)}")
@@ -153,6 +153,13 @@ def finish(original: onnx.ModelProto, factorised: onnx.ModelProto, target: targe
         report.target.add("fp16 ranges measured on calibration data", True,
                           f"largest |value| {report.max_range:.4g}; kept in fp32 (>= {fp16.FP16_MAX / fp16.HEADROOM:g}):"
                           f" {', '.join(report.kept_fp32) or 'none'}")
+    # the edge rules look up the emitted nodes by name: checked before names are shortened
+    violations = targets.edge_violations(final, emitted) if target.name == "edge" else []
+    if target.short_names:
+        saved = targets.short_names(final)
+        if baseline is not None:
+            targets.short_names(baseline)
+        report.target.add("short names", True, f"{saved:,} bytes saved; graph inputs and outputs keep theirs")
     if target.name == "gpu":
         missing = cuda_kernels.fallbacks(final)
         report.target.add("every op has a CUDA kernel (onnxruntime's OperatorKernels list)", not missing,
@@ -161,7 +168,6 @@ def finish(original: onnx.ModelProto, factorised: onnx.ModelProto, target: targe
     runtime.session(final, what="final model")  # loads in the CPU provider (TnonnxError otherwise)
     report.target.add("loads in onnxruntime's CPU provider", True, f"onnxruntime {ort.__version__}")
     if target.name == "edge":
-        violations = targets.edge_violations(final, emitted)
         report.target.add("edge rules: default-domain ops, no Einsum, rank <= 4, depthwise or group-1 convs",
                           not violations, "; ".join(violations[:5]) + (" ..." if len(violations) > 5 else ""))
         ort_bytes, config = targets.convert_to_ort(final, stem)
