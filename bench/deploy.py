@@ -46,7 +46,8 @@ def _cos(result) -> float:
 
 
 def lenet(args) -> None:
-    print("| budget | quantize | final size (x smaller) | quantized alone (x smaller) | accuracy original / "
+    print("| budget | quantize | final size (x smaller) [without --short-names] | quantized alone (x smaller) | "
+          "accuracy original / "
           "factorised fp32 / final / quantized alone | cosine final / quantized alone | ms original / factorised / "
           "final |")
     print("|---|---|---|---|---|---|---|")
@@ -55,11 +56,14 @@ def lenet(args) -> None:
                                    calib=str(ROOT / "models" / "fashion_calib.npz"), fit="aware",
                                    finetune=args.finetune, finetune_hidden=0,
                                    inputs=str(ROOT / "models" / "fashion_test.npz"), batch=32, threads=2,
-                                   quantize=mode, int8=int8, timing_cache=False)
+                                   quantize=mode, int8=int8, timing_cache=False, short_names=args.short_names)
         d, s, t = report.deploy, report.deploy.sizes, report.totals
         final, base = d.comparisons["original → final"], d.comparisons["original → baseline"]
         fact = d.comparisons["original → factorised"]
-        print(f"| {budget:g}x | {d.quantization.method} | {_kib(s['final'])} ({s['original'] / s['final']:.2f}x) | "
+        saved = next((int(c["detail"].split()[0].replace(",", "")) for c in d.target.checks
+                      if c["check"] == "short names"), 0)
+        long = f" [{_kib(s['final'] + saved)}, {s['original'] / (s['final'] + saved):.2f}x]" if saved else ""
+        print(f"| {budget:g}x | {d.quantization.method} | {_kib(s['final'])} ({s['original'] / s['final']:.2f}x){long} | "
               f"{_kib(s['baseline'])} ({s['original'] / s['baseline']:.2f}x) | {final.accuracy_ref:.4f} / "
               f"{fact.accuracy_test:.4f} / {final.accuracy_test:.4f} / {base.accuracy_test:.4f} | "
               f"{_cos(final):.4f} / {_cos(base):.4f} | {t.ms_before:.3f} / {t.ms_factorised:.3f} / {t.ms_after:.3f} |",
@@ -165,6 +169,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default="MatMul,Gemm", help="minilm: the layers factorised (Gather: the tables)")
     parser.add_argument("--int8", nargs="+", default=["static"], choices=("static", "dynamic"))
     parser.add_argument("--finetune", type=int, default=10, help="lenet: fine-tuning epochs before quantizing")
+    parser.add_argument("--short-names", action="store_true", help="lenet: rewrite with --short-names")
     parser.add_argument("--quantize", nargs="+", default=["int8"])
     parser.add_argument("--calib", type=int, default=256)
     parser.add_argument("--eval", type=int, default=128)

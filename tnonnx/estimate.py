@@ -30,7 +30,7 @@ def svd_estimates(layer: Layer, data, specs: list[RankSpec]) -> list[tuple[RankS
     exact: grouped convs, data without a Gram basis (errors then measured on samples)."""
     if layer.kind == "conv" and layer.groups > 1:
         return None
-    if data is not None and data.basis is None:
+    if data is not None and getattr(data, "basis", None) is None:  # embeddings: index counts, no Gram basis
         return None
     weight = layer.weight
     matrix = weight if layer.kind == "dense" else weight.reshape(weight.shape[0], -1)
