@@ -374,3 +374,25 @@ def test_short_names_keep_the_function_and_the_interface():
                             inputs={"x": randn(32, 64, seed=9)}, min_cosine=0.5)
     assert any(c["check"] == "short names" and c["ok"] for c in report.deploy.target.checks)
     assert report.deploy.sizes["final"] < report.deploy.sizes["baseline"]
+
+
+def test_cli_int8_dynamic_with_calibration_and_short_names(tmp_path):
+    """Through the CLI: --calib for the fit, --int8 dynamic for the quantization, short
+    names; --int8 dynamic on gpu is one line and exit 2."""
+    from click.testing import CliRunner
+
+    from tnonnx.cli import main
+
+    src, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "q.onnx"
+    onnx.save_model(_mlp(), src)
+    np.savez(calib, x=randn(64, 64, seed=8))
+    done = CliRunner().invoke(main, ["rewrite", str(src), "--format", "svd", "--rank", "12", "--force", "--no-timing",
+                                     "--calib", str(calib), "--fit", "aware", "--quantize", "int8", "--int8",
+                                     "dynamic", "--short-names", "--min-cosine", "0.9", "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert "DynamicQuantizeLinear" in ops and "QuantizeLinear" not in ops
+    assert "quantized: int8 dynamic" in done.output and "ok short names" in done.output
+    done = CliRunner().invoke(main, ["rewrite", str(src), "--format", "svd", "--rank", "8", "--target", "gpu",
+                                     "--calib", str(calib), "--quantize", "int8", "--int8", "dynamic", "-o", str(out)])
+    assert done.exit_code == 2 and "dynamic int8 is for cpu" in done.output and "Traceback" not in done.output
