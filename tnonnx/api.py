@@ -233,7 +233,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             raise TnonnxError(shortfall + "; nothing written (--keep-best writes it anyway)")
         notes.append(shortfall + "; written because of --keep-best")
     if precision and before_ms and after_ms and fact_ms and after_ms > before_ms:
-        notes.append(deploy.slower_note(target, quantization, before_ms, fact_ms, after_ms))
+        notes.append(deploy.slower_note(quantization, before_ms, fact_ms, after_ms))
     factorised_ms = fact_ms if precision else after_ms
     if before_ms and factorised_ms and factorised_ms > before_ms:
         notes.append(slower_note(format, budget, speedup, allow_slower, before_ms, factorised_ms)

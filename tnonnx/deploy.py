@@ -110,21 +110,20 @@ def unaligned_notes(rows, target: str, q: Quantization | None, ranks_text) -> li
     return notes
 
 
-def slower_note(target: str, q: Quantization | None, before_ms: float, factorised_ms: float,
-                after_ms: float) -> str:
+def slower_note(q: Quantization | None, before_ms: float, factorised_ms: float, after_ms: float) -> str:
     """The final model is slower than the original while the change of precision made it so
-    (the factorisation's own slowdown has choose.slower_note): what to do differs."""
+    (q None: fp16 for --target gpu; the factorisation's own slowdown has
+    choose.slower_note): what to do differs."""
     what = q.describe() if q is not None else "fp16"
     note = (f"the final model is SLOWER than the original at the deployment shape: {after_ms:.3f} ms against "
             f"{before_ms:.3f} ms on onnxruntime's CPU provider; the factorised model ran in {factorised_ms:.3f} ms "
             f"before {what}, so ")
     if q is None:
-        return note + ("the time is fp16's on a CPU, which has no fp16 kernels for most ops: not a measure of the "
-                       "GPU this target is for")
-    note += ("the quantized form costs it (quantizing activations and dequantizing between layers costs more than "
-             "the narrower weights save at this size). --speedup cannot help: it times the factorisation only. "
-             "Where latency matters more than the file's size, leave out --quantize")
-    return note + (" or try --int8 dynamic" if q.static and target == "cpu" and q.mode == "int8" else "")
+        return note + ("the time is fp16's on the CPU provider, which this target is not for: no measure of its "
+                       "speed on a GPU")
+    return note + ("the quantized form costs it (its quantize and dequantize work costs more than the narrower "
+                   "weights save at this size). --speedup cannot help: it times the factorisation only. Where "
+                   "latency matters more than the file's size, leave out --quantize")
 
 
 def finish(original: onnx.ModelProto, factorised: onnx.ModelProto, target: targets.Target,
