@@ -143,6 +143,8 @@ def _int4(model: onnx.ModelProto, block: int, nodes: list[str]) -> onnx.ModelPro
         raise TnonnxError(f"--quantize int4 needs onnxruntime's MatMulNBits quantizer ({exc}): "
                           "pip install 'tnonnx[int4]'") from None
 
+    # its import sets up logging at INFO level and it reports every node it skips
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.ERROR)
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in nodes]
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, op_types_to_quantize=("MatMul",))
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=True, nodes_to_exclude=others,
