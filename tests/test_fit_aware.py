@@ -9,6 +9,7 @@ from onnx import helper
 
 import tnonnx
 from tnonnx import calibrate
+from tnonnx.patches import im2col
 from tnonnx.formats import FORMATS
 from tnonnx.formats.base import ConvGeometry
 from tnonnx import fit as fitting
@@ -190,7 +191,7 @@ def _conv_data(kernel, attrs, seed=50):
     layer = Layer("conv", "Conv", None, None, kind="conv", weight=kernel,
                   geometry=ConvGeometry(tuple(kernel.shape[2:]), attrs))
     maps = _correlated_inputs(kernel.shape[1] * 64, 40, seed=seed).reshape(40, kernel.shape[1], 8, 8)
-    cols = calibrate.im2col(maps.astype(np.float32), tuple(kernel.shape[2:]), attrs).astype(np.float64)
+    cols = im2col(maps.astype(np.float32), tuple(kernel.shape[2:]), attrs).astype(np.float64)
     return fitting.layer_data(layer, calibrate.Capture(cols.T @ cols, cols.shape[0]))
 
 

@@ -55,7 +55,7 @@ def test_every_weight_gets_a_row_with_its_reason():
     report = api.inspect(_zoo())
     rows = {r.name: r for r in report.rows}
     assert set(rows) == {"dense", "attention", "depthwise", "upsample", "lstm", "gru", "rnn", "embedding",
-                         "int8_matmul", "dequantized"}
+                         "int8_matmul", "dequantized", "lstm/R", "gru/R", "rnn/R"}
     assert rows["dense"].reason is None and rows["upsample"].reason is None
     assert "both inputs are computed" in rows["attention"].reason and rows["attention"].params_before == 0
     assert rows["depthwise"].reason.startswith("depthwise conv")
@@ -64,12 +64,14 @@ def test_every_weight_gets_a_row_with_its_reason():
     assert rows["int8_matmul"].reason == "already quantized"
     assert rows["dequantized"].reason == "weight is quantized (DequantizeLinear)"
     assert rows["dequantized"].weight_shape == [IN, 3] and rows["dequantized"].params_before == IN * 3
-    # parameters: the weight a rewrite replaces (a recurrent node's W, its R and B stay with
-    # the node unless --recurrent scan); MACs as the node computes them
-    assert rows["lstm"].params_before == 4 * H * IN
-    assert rows["lstm"].weight_shape == [IN, 4 * H]
-    assert rows["lstm"].macs_before == SEQ * 2 * (4 * H * IN + 4 * H * H)
-    assert rows["gru"].macs_before == SEQ * 2 * (3 * H * IN + 3 * H * H)
+    # a recurrent node has a row for W (a candidate: hoisted in front of the node) and one for
+    # R (left alone unless --recurrent scan), each with its share of the node's MACs
+    assert rows["lstm"].params_before == 4 * H * IN and rows["lstm/R"].params_before == 4 * H * H
+    assert rows["lstm"].weight_shape == [IN, 4 * H] and rows["lstm/R"].weight_shape == [H, 4 * H]
+    assert rows["lstm"].macs_before == SEQ * 2 * 4 * H * IN and rows["lstm/R"].macs_before == SEQ * 2 * 4 * H * H
+    assert rows["gru"].macs_before + rows["gru/R"].macs_before == SEQ * 2 * (3 * H * IN + 3 * H * H)
+    for op in ("lstm", "gru", "rnn"):
+        assert "--recurrent scan" in rows[f"{op}/R"].reason
     assert rows["embedding"].params_before == 200 and rows["embedding"].macs_before == 0
     assert rows["upsample"].weight_shape == [4, 3, 2, 2] and rows["upsample"].macs_before == 4 * 36 * 3 * 4
     assert report.rewritable_params == IN * 4 + 4 * 3 * 2 * 2 + IN * H * (4 + 3 + 1) + 200
@@ -86,7 +88,24 @@ def test_inspect_prints_the_rewritable_share_within_80_columns(tmp_path):
     assert "lstm" in result.output and "candidate" in result.output
     result = CliRunner().invoke(main, ["inspect", str(path), "--json"])
     data = json.loads(result.output)
-    assert data["totals"]["params_rewritable"] == 656 and len(data["layers"]) == 10
+    assert data["totals"]["params_rewritable"] == 656 and len(data["layers"]) == 13
+
+
+def test_inspect_recurrent_scan_lists_w_and_r_as_candidates(tmp_path):
+    """--recurrent scan: the recurrent nodes as the rewrite would see them, W and R rewritable;
+    the rewritable share grows by the R weights."""
+    fused, scan = api.inspect(_zoo()), api.inspect(_zoo(), recurrent="scan")
+    rows = {r.name: r for r in scan.rows}
+    assert rows["lstm/W0"].reason is None and rows["lstm/R0"].reason is None
+    assert rows["lstm/R0"].params_before == 4 * H * H and rows["gru/R0"].params_before == 2 * H * H
+    r_params = 4 * H * H + 3 * H * H + H * H  # GRU's R splits into z,r (used on h) and h (on r*h)
+    assert 0 <= scan.totals.params_before - fused.totals.params_before < 20  # the Scan form's index constants
+    assert scan.rewritable_params == fused.rewritable_params + r_params
+    path = tmp_path / "zoo.onnx"
+    onnx.save(_zoo(), path)
+    result = CliRunner().invoke(main, ["inspect", str(path), "--recurrent", "scan", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["totals"]["params_rewritable"] == 656 + r_params
 
 
 def test_the_zoo_runs():

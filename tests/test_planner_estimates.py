@@ -8,7 +8,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tnonnx import calibrate, choose
+from tnonnx import calibrate
+from tnonnx import choose
+from tnonnx.patches import im2col
 from tnonnx import fit as fitting
 from tnonnx import estimate
 from tnonnx.formats import RankSpec
@@ -42,7 +44,7 @@ def _conv() -> tuple[Layer, fitting.LayerData]:
     geometry = ConvGeometry((3, 3), {"pads": [1, 1, 1, 1]}, in_spatial=(8, 8), out_spatial=(8, 8))
     layer = Layer("conv", "Conv", None, None, kind="conv", weight=kernel, weight_key="conv", geometry=geometry)
     maps = rng.standard_normal((4, 6, 8, 8)).astype(np.float32)
-    rows = calibrate.im2col(maps, (3, 3), {"pads": [1, 1, 1, 1]}).astype(np.float64)
+    rows = im2col(maps, (3, 3), {"pads": [1, 1, 1, 1]}).astype(np.float64)
     return layer, fitting.layer_data(layer, calibrate.Capture(rows.T @ rows, rows.shape[0]))
 
 
@@ -57,9 +59,15 @@ def _fitted(layer, fitter, specs, fmt="svd", final=False):
 
 
 @pytest.mark.parametrize("case", ["dense data-free", "dense aware", "dense held-out aware", "conv data-free",
-                                  "conv aware"])
+                                  "conv aware", "table aware"])
 def test_svd_estimates_are_what_the_fits_measure(case):
-    if case.startswith("dense"):
+    if case.startswith("table"):  # an embedding table weighted by index counts, some rows never used
+        from tnonnx.embedding import EmbeddingData
+
+        layer = Layer("embed", "Gather", None, None, kind="embedding", weight=_decaying(80, 24, 4), weight_key="t")
+        counts = np.random.default_rng(5).poisson(3.0, 80) * (np.arange(80) % 3 != 0)
+        data = EmbeddingData(counts, layer.weight)
+    elif case.startswith("dense"):
         layer = _dense()
         x, held = _inputs(64, 300, seed=1), _inputs(64, 100, seed=2)
         capture = calibrate.Capture(x.T @ x, 300)

@@ -98,3 +98,45 @@ def test_finetune_interpreter_runs_the_scan_form():
     got = GraphModule(m, set())({k: torch.as_tensor(v) for k, v in x.items()})
     for a, b in zip(run(m, x), got):
         assert rel_err(a, b.detach().numpy()) < 1e-5
+
+
+def _recurrent_in_if() -> onnx.ModelProto:
+    """cond ? LSTM(X) : reverse GRU(X), each inside an If branch, with the weights of the
+    main graph (the LSTM's) or of the branch (the GRU's)."""
+    from onnx import TensorProto, helper
+
+    from onnx_builders import init, make_model, randn, value
+
+    lstm = helper.make_graph(
+        [helper.make_node("LSTM", ["X", "Wl", "Rl", "Bl"], ["", "h_then"], name="lstm", hidden_size=H)],
+        "then", [], [value("h_then", [1, "b", H])])
+    gru = helper.make_graph(
+        [helper.make_node("GRU", ["X", "Wg", "Rg"], ["", "h_else"], name="gru", hidden_size=H, direction="reverse",
+                          linear_before_reset=1)],
+        "else", [], [value("h_else", [1, "b", H])],
+        [init("Wg", randn(1, 3 * H, I, seed=4) * 0.4), init("Rg", randn(1, 3 * H, H, seed=5) * 0.4)])
+    node = helper.make_node("If", ["cond"], ["h"], then_branch=lstm, else_branch=gru)
+    inits = [init("Wl", randn(1, 4 * H, I, seed=1) * 0.4), init("Rl", randn(1, 4 * H, H, seed=2) * 0.4),
+             init("Bl", randn(1, 8 * H, seed=3) * 0.1)]
+    return make_model([node], [value("cond", [], TensorProto.BOOL), value("X", [T, "b", I])],
+                      [value("h", [1, "b", H])], inits, opset=14)
+
+
+def test_nodes_inside_if_branches_are_written_as_scans():
+    m = _recurrent_in_if()
+    scan = onnx.ModelProto()
+    scan.CopyFrom(m)
+    notes, states = to_scan(scan)
+    onnx.checker.check_model(scan)
+    assert any("2 recurrent node(s)" in n for n in notes) and not states  # no main-graph state to calibrate on
+    branches = [a.g for a in scan.graph.node[0].attribute]
+    assert all("Scan" in [n.op_type for n in g.node] for g in branches)
+    assert not {t.name for t in scan.graph.initializer} & {"Wl", "Rl"}  # replaced by the Scan form's weights
+    names = {l.name for l in find_layers(scan) if l.reason is None}
+    assert {"lstm/W0", "lstm/R0", "gru/W0", "gru/R0"} <= names
+    new, report = api.rewrite(m, format="svd", rank=64, recurrent="scan", force=True, validate=False, timing=False)
+    x = np.random.default_rng(0).standard_normal((T, 3, I)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "X": x}
+        assert rel_err(run(m, feeds)[0], run(new, feeds)[0]) < 1e-4
+    assert {"lstm/R0", "gru/R0"} <= {r.name for r in report.rows if r.format == "svd"}

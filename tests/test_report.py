@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from tnonnx import api
+from tnonnx.progress import Stages
 from tnonnx.report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals, _bytes, _growth
 from tnonnx.validate import OutputAgreement, ValidationResult
 
@@ -87,7 +87,10 @@ def test_sizes_are_binary_units():
 
 
 def test_progress_from_python_is_not_tied_to_a_tty():
-    items = [1, 2, 3]
-    assert api._progress(items, False) is items
-    shown = api._progress(items, True)  # a rich progress bar on stderr, even when stderr is not a terminal
-    assert shown is not items and list(shown) == items
+    assert not Stages.of(False).shown
+    stages = Stages.of(True)  # a rich progress bar on stderr, even when stderr is not a terminal
+    assert stages.shown
+    with stages.stage("fit", 3, "layers") as stage:
+        for _ in range(3):
+            stage.advance()
+    assert list(stages.seconds) == ["fit"] and stage.done == 3

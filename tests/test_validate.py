@@ -212,9 +212,9 @@ def test_random_feeds_use_enough_samples_in_batches():
     seen = []
     run = validation.run
 
-    def spy(model, batches, what="model"):
+    def spy(model, batches, what="model", **kwargs):
         seen.append([b["x"].shape[0] for b in batches])
-        return run(model, batches, what=what)
+        return run(model, batches, what=what, **kwargs)
 
     validation.run = spy
     try:

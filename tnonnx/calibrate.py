@@ -17,6 +17,7 @@ import onnx
 from . import feed_hints
 from . import model as _model
 from .errors import TnonnxError
+from .patches import patches
 from .runtime import InputSpec, input_specs
 
 # Size given to a symbolic or unknown dimension that is not the batch axis (axis 0)
@@ -410,7 +411,7 @@ class Probe:
     """What to capture for one tensor: rows of its last axis (dense layers), or the patches
     a conv with this kernel and these attributes reads (im2col rows, channel-major)."""
 
-    kind: str  # "dense" or "conv"
+    kind: str  # "dense", "conv" or "conv-transpose"
     kernel: tuple[int, ...] = ()
     attrs: dict = field(default_factory=dict)
 
@@ -487,7 +488,9 @@ class _Accumulator:
         if self.probe.kind == "dense":
             return value.reshape(-1, value.shape[-1])
         length = value.shape[1] * int(np.prod(self.probe.kernel))
-        return None if length > MAX_GRAM_SIZE else im2col(value, self.probe.kernel, self.probe.attrs)
+        if length > MAX_GRAM_SIZE:
+            return None
+        return patches(value, self.probe.kernel, self.probe.attrs, self.probe.kind == "conv-transpose")[0]
 
     def _sample(self, units: np.ndarray, ref_units: np.ndarray | None) -> None:
         """Reservoir sampling (Algorithm R) of rows or maps, the same draws for both models."""
@@ -516,12 +519,12 @@ class _Accumulator:
 
 
 def capture(model: onnx.ModelProto, probes: Mapping[str, list[Probe]], batches, *,
-            reference: onnx.ModelProto | None = None, seed: int = 0) -> dict[tuple, Capture]:
+            reference: onnx.ModelProto | None = None, seed: int = 0, advance=None) -> dict[tuple, Capture]:
     """Run `model` on the calibration batches with the probed tensors (main graph) exposed
     and accumulate a Capture per (tensor name, probe key). With `reference` (the original
     model, same input tensor names), it runs too and supplies the cross Gram matrices and
     the paired samples that sequential fitting needs. Tensors inside subgraphs, or that
-    onnxruntime cannot expose, are left out of the result."""
+    onnxruntime cannot expose, are left out of the result. `advance()` after each batch."""
     from . import runtime
 
     m, wanted = runtime.with_outputs(model, list(probes))
@@ -539,40 +542,6 @@ def capture(model: onnx.ModelProto, probes: Mapping[str, list[Probe]], batches, 
         originals = dict(zip(wanted, ref_sess.run(wanted, dict(feeds)))) if ref_sess is not None else {}
         for (name, _), a in acc.items():
             a.add(values[name], originals.get(name))
+        if advance is not None:
+            advance()
     return {key: a.result() for key, a in acc.items()}
-
-
-def im2col(x: np.ndarray, kernel: tuple[int, ...], attrs: Mapping) -> np.ndarray:
-    """The patches an ONNX Conv (group 1) with this kernel and these attributes multiplies
-    with its weight: (B * output positions, S * prod(kernel)) rows, channel-major like
-    weight.reshape(T, -1). Pads (explicit or auto_pad), strides and dilations as ONNX."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    n = len(kernel)
-    size = x.shape[2:]
-    strides = list(attrs.get("strides", [1] * n))
-    dilations = list(attrs.get("dilations", [1] * n))
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
-    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        total = [max((-(-s // st) - 1) * st + sp - s, 0) for s, st, sp in zip(size, strides, span)]
-        small = [t // 2 for t in total]
-        begin = small if auto_pad == "SAME_UPPER" else [t - h for t, h in zip(total, small)]
-        end = [t - b for t, b in zip(total, begin)]
-    elif auto_pad == "VALID":
-        begin = end = [0] * n
-    else:
-        pads = list(attrs.get("pads", [0] * 2 * n))
-        begin, end = pads[:n], pads[n:]
-    padded = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)))
-    windows = sliding_window_view(padded, span, axis=tuple(range(2, 2 + n)))
-    # windows: (B, S, *positions, *span): subsample positions by stride, span by dilation
-    index = (slice(None), slice(None)) + tuple(slice(None, None, st) for st in strides) \
-        + tuple(slice(None, None, d) for d in dilations)
-    windows = windows[index]
-    b, s = x.shape[:2]
-    positions = windows.shape[2:2 + n]
-    order = [0] + list(range(2, 2 + n)) + [1] + list(range(2 + n, 2 + 2 * n))
-    return windows.transpose(order).reshape(b * int(np.prod(positions)), s * int(np.prod(kernel)))

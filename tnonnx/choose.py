@@ -5,6 +5,12 @@ Each group gets options (dense, and each format x rank x emission), fitted once 
 at the deployment shape (latency.LayerTimer); the never-slower floor drops options slower
 than dense; `choose` allocates them under the parameter and time limits; `Planner` ties it
 together and re-plans with a tighter time limit when the whole model missed --speedup.
+
+An embedding table is the exception to the per-layer floor under --budget: one Gather is
+the fastest layer there is, so every factorised table (a Gather of the first factor, then
+a MatMul) is slower than it. Its timed options are kept, and the rule applies to the
+selected layers together instead: their summed time must not exceed their dense time, so a
+table is factorised only where time saved in the other layers pays for it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from .errors import NotApplicable, TnonnxError
 from .formats import RankSpec
 from .graph import Layer
 from .plan import RANK_LADDER, Fitter, LayerPlan, fit_error
+from .workers import candidates
 
 
 @dataclass
@@ -103,6 +110,8 @@ def candidate_options(plan: LayerPlan, fitter: Fitter, trials: list[tuple[str, R
 def _svd_macs_ratio(params: int, layer: Layer) -> float | None:
     """_macs_ratio of an svd factorisation with `params` parameters: its two stages take
     r (n + m) multiply-adds per row (per output position for convs, the first carrying the stride)."""
+    if layer.kind == "embedding":  # a Gather does no multiply-adds, its factorisation does
+        return math.inf
     if layer.kind == "dense" or (layer.geometry is not None and layer.geometry.in_spatial is not None
                                  and layer.geometry.out_spatial is not None):
         return params / max(layer.params, 1)
@@ -110,6 +119,8 @@ def _svd_macs_ratio(params: int, layer: Layer) -> float | None:
 
 
 def _macs_ratio(fact, layer: Layer) -> float | None:
+    if layer.kind == "embedding":
+        return math.inf
     if hasattr(fact, "chain"):
         return fact.chain.macs_per_row() / max(layer.params, 1)
     geometry = layer.geometry
@@ -294,25 +305,45 @@ class Planner:
         self.notes: list[str] = []
         self.counts: dict[str, int] = {}  # candidate_options' tally
         self.timed = 0  # options timed by _timed_front
+        self.paying: set[str] = set()  # table groups kept with options slower than dense (module docstring)
 
     @property
     def choosing(self) -> bool:
         return self.budget is not None or self.formats != (self.start[0][0],) or self.rules.speedup is not None
+
+    def prepare(self, workers=None, advance=None) -> None:
+        """Every group's options, once: candidates fitted (in `workers`, a workers.Workers,
+        when given and worth it), weighed by sensitivity and timed. `advance(share)` is
+        called with shares of one per group as the work gets done."""
+        if self.options is not None or not self.choosing:
+            return
+        advance = advance or (lambda share: None)
+        firsts = [group[0] for group in self.groups.values()]
+        found = candidates(self.fitter, firsts, self._trials, workers, self.counts, advance)
+        self.options = {}
+        for key, group in self.groups.items():
+            options = found.get(key)
+            if options is None:
+                options = candidate_options(group[0], self.fitter, self._trials(group[0]), self.counts)
+            self.options[key] = self._options(group, options)
+            advance(0.5 if key in found else 1.0)
+        self.notes.append(self._effort())
+        dropped = sum(self.floored.values())
+        if dropped:
+            self.notes.append(f"never slower than dense: {dropped} candidate(s) timed slower than their dense "
+                              "layer at the deployment shape were not considered (--allow-slower)")
 
     def plan(self, slack: float = 0.0) -> list[LayerPlan]:
         for p, (fmt, spec) in zip(self.plans, self.start):
             p.layer.reason, p.format, p.spec, p.emission = None, fmt, spec, None
         if not self.choosing:
             return list(self.plans)
-        if self.options is None:
-            self.options = {key: self._options(group) for key, group in self.groups.items()}
-            self.notes.append(self._effort())
-            dropped = sum(self.floored.values())
-            if dropped:
-                self.notes.append(f"never slower than dense: {dropped} candidate(s) timed slower than their dense "
-                                  "layer at the deployment shape were not considered (--allow-slower)")
+        self.prepare()
         max_params = self._selected() / self.budget if self.budget is not None else None
         max_ms = self._max_ms(slack) if self.rules.speedup else None
+        together = self._dense_ms() if self.paying else None
+        if together is not None:
+            max_ms = together if max_ms is None else min(max_ms, together)
         options = self.options
         if max_params is None and max_ms is None:  # auto alone: the best candidate, never dense by choice
             options = {k: [o for o in opts if not o.dense] or opts for k, opts in options.items()}
@@ -326,11 +357,19 @@ class Planner:
             try:
                 choice = self._choose(options, max_params, max_ms)
             except Unreachable as exc:
-                what = "" if "--budget" in str(exc) else f"--speedup {self.rules.speedup:g}: unreachable; "
+                if "--budget" in str(exc):
+                    what = ""
+                elif self.rules.speedup:
+                    what = f"--speedup {self.rules.speedup:g}: unreachable; "
+                else:  # the time limit is the tables' (module docstring)
+                    what = ("--budget: unreachable with the rewritten layers together no slower than dense "
+                            "(embedding tables are paid for by the others); ")
                 dropped = sum(self.floored.values())
                 floor = (f" with no layer slower than its dense layer at the deployment shape ({dropped} "
                          "candidate(s) timed slower were left out; --allow-slower lifts this rule)") if dropped else ""
                 raise TnonnxError(what + str(exc) + floor) from None
+        if together is not None and any(not choice[k].dense for k in self.paying):
+            self.notes.append(self._paid_note(choice, together))
         for key, group in self.groups.items():
             o = choice[key]
             for p in group:
@@ -347,18 +386,21 @@ class Planner:
         try:
             return choose(options, max_params, max_ms)
         except Unreachable:
-            if max_ms is None:
+            if max_ms is None or not self.rules.speedup:
                 raise
             return fastest(options, max_params)
 
     def _selected(self) -> int:
         return sum(group[0].layer.params for group in self.groups.values())
 
-    def _options(self, group: list[LayerPlan]) -> list[Option]:
+    def _trials(self, first: LayerPlan) -> list[tuple[str, RankSpec]]:
+        if self.budget is not None:
+            return ladder(self.formats, simd=self.rules.speedup is not None, align=self.align)
+        return [(f, first.spec) for f in self.formats]
+
+    def _options(self, group: list[LayerPlan], options: list[Option]) -> list[Option]:
+        """The group's candidate `options`, weighed by sensitivity, timed and floored."""
         first = group[0]
-        trials = (ladder(self.formats, simd=self.rules.speedup is not None, align=self.align)
-                  if self.budget is not None else [(f, first.spec) for f in self.formats])
-        options = candidate_options(first, self.fitter, trials, self.counts)
         if self.sensitivity is not None and options:  # measured at the front's candidate nearest the share
             share = 1.0 / self.budget
             probe = min(pareto(options, by_time=False), key=lambda o: abs(o.params - share * first.layer.params))
@@ -368,11 +410,31 @@ class Planner:
             return self._timed_front(group, options)
         options = time_options(group, options, self.fitter, self.timer, self.rules.emit)
         if self.rules.floor:  # before the front: a faster option a slower one dominates stays in
-            options, dropped = apply_floor(options)
+            options, dropped = self._floor(first, options)
             self.floored[first.layer.weight_key] = dropped
         if self.budget is not None:
             options = pareto(options, by_time=self.rules.speedup is not None)
         return options
+
+    def _floor(self, first: LayerPlan, options: list[Option]) -> tuple[list[Option], int]:
+        """apply_floor, but a table's timed options are kept under --budget (module docstring)."""
+        dense = options[0]
+        if self.budget is None or first.layer.kind not in ("embedding", "tied") or dense.ms is None:
+            return apply_floor(options)
+        kept = [o for o in options if o.dense or o.ms is not None or not _slower(o, dense)]
+        if any(_slower(o, dense) for o in kept):
+            self.paying.add(first.layer.weight_key)
+        return kept, len(options) - len(kept)
+
+    def _dense_ms(self) -> float:
+        return sum(opts[0].ms or 0.0 for opts in self.options.values())
+
+    def _paid_note(self, choice: dict, together: float) -> str:
+        tables = sum(1 for k in self.paying if not choice[k].dense)
+        after = sum(o.ms or 0.0 for o in choice.values())
+        return (f"never slower than dense: {tables} embedding table(s) factorised although slower than one Gather, "
+                f"paid for by the other layers: the rewritten layers take {after:.3f} ms together against "
+                f"{together:.3f} ms dense, each alone at the deployment shape")
 
     def _effort(self) -> str:
         c = self.counts
@@ -399,7 +461,7 @@ class Planner:
             dense = dense or timed[0]
             pending = [o for o in pending if not any(o is u for u in untimed)]
             if self.rules.floor:
-                timed, floored = apply_floor([dense] + timed[1:])
+                timed, floored = self._floor(first, [dense] + timed[1:])
                 dropped += floored
             kept += timed[1:]
             self.timed += len(timed) - 1

@@ -165,11 +165,13 @@ def main():
 @click.argument("model", type=click.Path())
 @batch_option("inspect")
 @shape_option
+@click.option("--recurrent", type=click.Choice(api.RECURRENT_MODES), default="fused", show_default=True,
+              help="scan: list LSTM/GRU/RNN nodes as `rewrite --recurrent scan` writes them (W and R as MatMuls).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @handles_errors
-def inspect(model, batch, shapes, as_json):
+def inspect(model, batch, shapes, recurrent, as_json):
     """List the candidate layers: op, weight shape, parameters, MACs, share of the model."""
-    report = api.inspect(model, batch=batch, shapes=calibrate.parse_shapes(shapes))
+    report = api.inspect(model, batch=batch, shapes=calibrate.parse_shapes(shapes), recurrent=recurrent)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -208,8 +210,10 @@ def inspect(model, batch, shapes, as_json):
               help="Time candidates and models in onnxruntime (--no-timing: predict from the cost model).")
 @click.option("--timing-cache/--no-timing-cache", default=True, show_default=True,
               help="Reuse per-layer timings from $TNONNX_CACHE_DIR (default ~/.cache/tnonnx/timings.json).")
-@click.option("--ops", default="MatMul,Gemm,Conv,ConvTranspose", show_default=True,
-              help="Op types to rewrite (also Gather: embedding tables; LSTM, GRU, RNN: their input weights).")
+@click.option("--ops", default=None,
+              help="Op types to rewrite: MatMul, Gemm, Conv, ConvTranspose, Gather (embedding tables), LSTM, GRU, "
+                   "RNN (their input weights). Default: all of them with --budget or --format auto (the planner "
+                   "decides per layer), else MatMul,Gemm,Conv,ConvTranspose.")
 @click.option("--recurrent", type=click.Choice(api.RECURRENT_MODES), default="fused", show_default=True,
               help="scan: write LSTM/GRU/RNN nodes as MatMul + Scan first, so that their recurrent weights "
                    "are rewritten too (as MatMul layers); fused: keep the nodes, hoist only W.")
@@ -249,6 +253,9 @@ def inspect(model, batch, shapes, as_json):
                    "in a small quantized model the names are a third of the file.")
 @click.option("--max-model-bytes", type=click.IntRange(min=1), default=None, metavar="BYTES",
               help="Fail, writing nothing, when the output (or its .ort) is larger; the largest tensors are listed.")
+@click.option("--workers", type=int, default=None, callback=_bounded(1), metavar="N",
+              help="Processes fitting layers side by side, one BLAS thread each (default: the cores available).")
+@click.option("--quiet", is_flag=True, help="No progress on stderr (it is drawn only on a terminal anyway).")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare with the original.")
 @input_options("rewrite")
 @threshold_options
@@ -260,7 +267,7 @@ def inspect(model, batch, shapes, as_json):
 def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, threads, speedup,
             allow_slower, keep_best, timing, timing_cache, ops, recurrent, include,
             exclude, min_params, force, fit_mode, finetune, finetune_hidden, act, calib, calib_random, target_name,
-            quantize, int8, short_names, max_model_bytes, validate, inputs, shapes, batch, atol, rtol,
+            quantize, int8, short_names, max_model_bytes, workers, quiet, validate, inputs, shapes, batch, atol, rtol,
             min_cosine, max_accuracy_drop, report_path, plot_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
     source = model_io.check_path(model)
@@ -278,6 +285,7 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         raise TnonnxError(f"--act applies to the nonlinear formats ({', '.join(_nonlinear_formats())}), "
                           f"not --format {fmt}")
     options = {k: v for k, v in (("conv_layout", conv_layout), ("stp_t", stp_t), ("act", act)) if v is not None}
+    progress = sys.stderr.isatty() and not quiet
     new, report = api.rewrite(
         model, format=fmt, rank=rank, tol=tol, ratio=ratio, budget=budget, format_options=options, modes=modes, order=order, emit=emit, batch=batch,
         ops=ops, recurrent=recurrent, include=include, exclude=exclude,
@@ -286,9 +294,9 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         max_accuracy_drop=max_accuracy_drop, fit=fit_mode,
         calib=_calibration(calib, calib_random), finetune=finetune, finetune_hidden=finetune_hidden,
         threads=threads, speedup=speedup, allow_slower=allow_slower, keep_best=keep_best, timing=timing,
-        timing_cache=timing_cache, progress=sys.stderr.isatty(), target=target_name, quantize=quantize,
-        int8=int8, short_names=short_names, max_model_bytes=max_model_bytes)
-    api.save(new, target, progress=sys.stderr.isatty())
+        timing_cache=timing_cache, progress=progress, target=target_name, quantize=quantize,
+        int8=int8, short_names=short_names, max_model_bytes=max_model_bytes, workers=workers)
+    api.save(new, target, progress=progress)
     files = report.deploy.target.files if report.deploy is not None else {}
     for suffix, content in files.items():  # the edge target's .ort and required-operators config
         side = target.with_name(target.stem + suffix)

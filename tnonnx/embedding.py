@@ -62,10 +62,18 @@ def link_tied(layers) -> None:
     """A dense layer multiplying by an embedding table's transpose (a tied output projection)
     becomes kind "tied": it carries the table itself, with its weight key, so that the two
     share one plan, one fit and one set of factors (svd: h V^T U^T from U and V)."""
-    tables = {_digest(l.weight): l for l in layers if l.kind == "embedding" and l.reason is None}
+    by_shape: dict[tuple, list] = {}  # only weights shaped like a table's transpose are hashed
+    for l in layers:
+        if l.kind == "embedding" and l.reason is None:
+            by_shape.setdefault(tuple(l.weight.shape), []).append(l)
+    digests: dict[int, str] = {}
     for layer in layers:
         if layer.kind == "dense" and layer.reason is None and layer.side == "right" and not layer.trans_x \
-                and layer.bias_input is None and layer.weight.ndim == 2:
+                and layer.bias_input is None and layer.weight.ndim == 2 and tuple(layer.weight.T.shape) in by_shape:
+            for t in by_shape[tuple(layer.weight.T.shape)]:
+                if id(t) not in digests:
+                    digests[id(t)] = _digest(t.weight)
+            tables = {digests[id(t)]: t for t in by_shape[tuple(layer.weight.T.shape)]}
             table = tables.get(_digest(layer.weight.T))
             if table is not None:
                 layer.kind, layer.weight, layer.weight_key = "tied", table.weight, table.weight_key

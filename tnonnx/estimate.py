@@ -30,7 +30,9 @@ def svd_estimates(layer: Layer, data, specs: list[RankSpec]) -> list[tuple[RankS
     exact: grouped convs, data without a Gram basis (errors then measured on samples)."""
     if layer.kind == "conv" and layer.groups > 1:
         return None
-    if data is not None and getattr(data, "basis", None) is None:  # embeddings: index counts, no Gram basis
+    if hasattr(data, "counts"):  # an embedding table's index counts
+        return _table_estimates(layer, data, specs)
+    if data is not None and data.basis is None:
         return None
     weight = layer.weight
     matrix = weight if layer.kind == "dense" else weight.reshape(weight.shape[0], -1)
@@ -51,6 +53,24 @@ def svd_estimates(layer: Layer, data, specs: list[RankSpec]) -> list[tuple[RankS
         r = svd_rank(s, n, m, spec)
         out.append((spec, r * (n + m), float(errors[r])))
     return out
+
+
+def _table_estimates(layer: Layer, data, specs: list[RankSpec]) -> list[tuple[RankSpec, int, float]]:
+    """svd_estimates of an embedding table fitted to its index counts (embedding.fit: the SVD
+    of the table with each row scaled by scale_i, U divided back): its error weighs row i's
+    residual by count_i, i.e. the scaled residual by a_i = count_i / scale_i^2, so that the
+    error of rank r is sum_{j >= r} s_j^2 sum_i a_i u_ij^2 (V's rows orthonormal) over
+    sum_i count_i |w_i|^2 (EmbeddingData.output_error)."""
+    weight, scale = layer.weight, data.row_weights
+    u, s, _ = thin_svd(weight * scale[:, None])
+    counts = data.counts.astype(np.float64)
+    per = s.astype(np.float64) ** 2 * ((counts / scale**2) @ u**2)
+    total = float(np.sum(counts[:, None] * weight**2))
+    if total <= 0:
+        return None
+    errors = np.concatenate([np.cumsum(per[::-1])[::-1], [0.0]]) / total
+    n, m = weight.shape
+    return [(spec, svd_rank(s, n, m, spec) * (n + m), float(errors[svd_rank(s, n, m, spec)])) for spec in specs]
 
 
 def _held_out_errors(data, u, s, vt) -> np.ndarray:

@@ -9,7 +9,7 @@ directions the data never uses do not make it singular). With the *basis* A = L^
 fitting feeds the layer the outputs of the already rewritten layers (X~) while asking for
 the original layer's outputs (X W): then B = L^{-1} C W with the cross Gram C = X~^T X, whose
 distance to A W~ differs from ||X~ W~ - X W||_F^2 only by a constant.
-Convolutions use the same algebra on their im2col patches.
+Convolutions use the same algebra on their im2col patches (a ConvTranspose's: tnonnx/patches.py).
 
 Every HOLDOUT_EVERY-th calibration sample (calibrate.py) is kept out of G and enters a
 held-out Gram matrix instead: its basis and target measure a candidate's error on samples
@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .calibrate import Capture, Probe, im2col
-from .formats.base import ChainFactorization, ConvFactorization, ConvGeometry, conv_output_size
+from .calibrate import Capture, Probe
+from .patches import patches
+from .formats.base import ChainFactorization, ConvFactorization, ConvGeometry
 from .graph import Layer
 
 # ridge added to the Gram matrix, relative to its mean diagonal: directions the calibration
@@ -89,12 +90,17 @@ def _relative(approx: np.ndarray, target: np.ndarray) -> float:
 def probe_for(layer: Layer) -> Probe | None:
     """What to capture for a layer, or None when data-aware fitting does not apply to it
     (dense layers whose weight acts on the left or on a transposed input; grouped convs;
-    ConvTranspose, fitted on its weight)."""
+    a ConvTranspose whose output size comes from auto_pad or output_shape, fitted on its weight)."""
     if layer.kind in ("dense", "recurrent") and layer.side == "right" and not layer.trans_x:
         return Probe("dense")  # recurrent: W acts on the rows of the sequence input
-    if layer.kind == "conv" and layer.groups == 1 and not layer.geometry.transposed:
-        return Probe("conv", tuple(layer.geometry.kernel), dict(layer.geometry.attrs))
-    return None
+    if layer.kind != "conv" or layer.groups != 1:
+        return None
+    geometry = layer.geometry
+    if not geometry.transposed:
+        return Probe("conv", tuple(geometry.kernel), dict(geometry.attrs))
+    if geometry.attrs.get("auto_pad", "NOTSET") != "NOTSET" or "output_shape" in geometry.attrs:
+        return None
+    return Probe("conv-transpose", tuple(geometry.kernel), dict(geometry.attrs))
 
 
 def layer_data(layer: Layer, capture: Capture, bases: dict | None = None) -> LayerData:
@@ -182,10 +188,10 @@ def _cholesky(gram: np.ndarray) -> np.ndarray:
 
 
 def conv_apply(maps: np.ndarray, matrix: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
-    """An ONNX Conv (group 1) with weight matrix (S*k x T) on maps (B x S x ...), no bias."""
-    kernel = tuple(geometry.kernel)
-    rows = im2col(maps, kernel, geometry.attrs).astype(np.float64) @ matrix
-    out = conv_output_size(tuple(maps.shape[2:]), kernel, geometry.attrs)
+    """An ONNX Conv or ConvTranspose (group 1) with canonical weight matrix (S*k x T) on maps
+    (B x S x ...), no bias."""
+    rows, out = patches(maps, tuple(geometry.kernel), geometry.attrs, geometry.transposed)
+    rows = rows.astype(np.float64) @ matrix
     y = rows.reshape((maps.shape[0],) + tuple(out) + (matrix.shape[1],))
     return np.moveaxis(y, -1, 1)
 
@@ -218,11 +224,12 @@ def refine(fact, data: LayerData, *, iterations: int = REFINE_ITERATIONS) -> tup
 
 
 def _load_float64(parameters, cores: dict) -> None:
-    """Torch modules are built in float32 (what ONNX runs); fitting starts from the exact cores."""
+    """Torch modules are built in float32 (what ONNX runs); fitting starts from the exact cores,
+    copied: training must not write into arrays a format keeps cached (tucker's and cp's rungs)."""
     import torch
 
     for key, p in parameters.items():
-        p.data = torch.as_tensor(np.ascontiguousarray(cores[key]), dtype=torch.float64)
+        p.data = torch.from_numpy(np.array(cores[key], dtype=np.float64, order="C"))
 
 
 class KernelProbe:

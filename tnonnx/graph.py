@@ -78,6 +78,8 @@ class Layer:
     bias_path: list[str] = field(default_factory=list)  # the same for a constant bias
     probe_x: str = ""  # a main-graph tensor whose rows stand for x in calibration (x inside a Scan cell)
     lazy: external.Lazy | None = None  # the weight while still in its data file
+    macs_key: str = ""  # the node's name in tnonnx.macs' count when not `name` (LSTM's R row)
+    macs_share: float = 1.0  # the part of the node's MACs this weight accounts for (LSTM's W and R)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -99,6 +101,11 @@ class Layer:
     @property
     def has_weight(self) -> bool:
         return self.lazy is not None or self.weight is not None
+
+    def macs_in(self, per_node: dict) -> int | None:
+        """The MACs of the node (per_node: tnonnx.macs' count by node name) this weight accounts for."""
+        total = per_node.get(self.macs_key or self.name)
+        return total if total is None or self.macs_share == 1.0 else round(total * self.macs_share)
 
     def release(self) -> None:
         """Let go of a weight read from a data file (it is read again if needed)."""
@@ -226,8 +233,10 @@ def value_shapes(model: onnx.ModelProto, needed: set[str] = frozenset()) -> dict
     `needed` tensor is left without one (old-opset Shape->Concat->Reshape patterns defeat
     onnx's inference), one ONNX Runtime run on the model's inputs made concrete fills it
     in, and ONNX Runtime's symbolic shape inference after that."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    from .model import skeleton
+
+    try:  # on the model without its weights' values: inference reads their dims only
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
     except Exception:
         inferred = model
     shapes: dict[str, list] = {}
@@ -276,6 +285,10 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
         layer = Layer(name, node.op_type, node, chain[-1])
         if describe(layer, scope_of(chain), shapes) is not False:
             layers.append(layer)
+            if node.op_type in RECURRENT_OPS:  # R gets a row of its own
+                from .recurrent import state_layer
+
+                layers.extend(filter(None, [state_layer(layer, scope_of(chain))]))
     if any(layer.kind == "embedding" for layer in layers):
         from .embedding import link_tied
 

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from . import calibrate, macs, runtime
-from .graph import Layer
+from .graph import Layer, _attr
 
 # ------------------------------------------------------------------ deployment
 
@@ -77,7 +77,8 @@ class CostModelTimer:
         cost = macs.count(model, shapes)
         threads = threads or os.cpu_count() or 1
         inferred = _inferred(model, shapes)
-        sizes = {vi.name: _elements(vi) for vi in (*inferred.graph.value_info, *inferred.graph.output)}
+        sizes = {vi.name: _elements(vi) for vi in (*inferred.graph.value_info, *inferred.graph.output,
+                                                    *inferred.graph.input)}
         moved = transposed = 0
         for node in model.graph.node:
             out = sizes.get(node.output[0]) or 0
@@ -85,7 +86,7 @@ class CostModelTimer:
                 transposed += out * 4
             elif node.op_type not in ("Reshape", "Shape", "Slice", "Concat", "Squeeze", "Unsqueeze", "Identity"):
                 moved += out * 4
-        weights = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
+        weights = sum(_read(t, model.graph.node, sizes) * 4 for t in model.graph.initializer)
         return (cost.total / (self.MACS_PER_MS * threads) + moved / self.BYTES_PER_MS
                 + transposed / self.TRANSPOSE_BYTES_PER_MS + weights / self.WEIGHT_BYTES_PER_MS
                 + len(model.graph.node) * self.NODE_MS)
@@ -119,13 +120,14 @@ class OrtTimer:
     round_ms: float = 2.0  # timed runs per model and round: about this long for the fastest model
     budget_s: float = 1.5  # stop adding rounds (beyond min_rounds) after this long
     clock: object = time.perf_counter
+    reuses_sessions = True  # takes `sessions` (a runtime.Sessions) to open them through
 
-    def __call__(self, models, feeds, threads):
+    def __call__(self, models, feeds, threads, sessions: runtime.Sessions | None = None):
         # every session has its own intra-op thread pool, whose threads spin after each run:
         # interleaved, they would steal the cores from the next model's run. Not spinning
         # costs a factorised chain (more, smaller nodes) a little more than its dense layer,
         # so it errs against tnonnx's own rewrites
-        sessions = [runtime.session(m, threads=threads, spinning=False, what="timing model") for m in models]
+        sessions = [session_for(m, threads, sessions, "timing model") for m in models]
         single = []
         for sess in sessions:
             for _ in range(self.warmup):
@@ -154,6 +156,15 @@ class OrtTimer:
 
 
 DEFAULT_TIMER = OrtTimer()
+
+
+def session_for(model: onnx.ModelProto, threads: int | None, sessions: runtime.Sessions | None = None,
+                what: str = "model"):
+    """The session whole models are timed on (threads as deployed, pools not spinning): from
+    `sessions` when given, so that the validation after the timing runs on it too."""
+    if sessions is None:
+        return runtime.session(model, threads=threads, spinning=False, what=what)
+    return sessions.get(model, threads=threads, spinning=False, what=what)
 
 
 def default_timer():
@@ -252,6 +263,7 @@ class Clock:
         self.timer = timer if timer is not None else default_timer()
         self.cache = cache if cache is not None else TimingCache(enabled=False)
         self.threads = threads
+        self.sessions = runtime.Sessions()  # whole models' sessions, kept for the validation
         self.seconds = 0.0  # spent timing
         self.timed = 0
 
@@ -259,15 +271,18 @@ class Clock:
     def measures(self) -> bool:
         return not isinstance(self.timer, CostModelTimer)
 
-    def time(self, models: list[onnx.ModelProto], feeds: dict, *, cache: bool = True) -> list[float]:
-        """ms per model: cached ones looked up, the rest timed together (interleaved)."""
+    def time(self, models: list[onnx.ModelProto], feeds: dict, *, cache: bool = True,
+             keep: bool = False) -> list[float]:
+        """ms per model: cached ones looked up, the rest timed together (interleaved); with
+        `keep`, their sessions stay open in `self.sessions` (when the timer opens any)."""
         name = type(self.timer).__name__
         keys = [self.cache.key(m, feeds, self.threads, name) if cache else None for m in models]
         out = [self.cache.get(k) if k else None for k in keys]
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
             started = time.perf_counter()
-            measured = self.timer([models[i] for i in todo], feeds, self.threads)
+            extra = {"sessions": self.sessions} if keep and getattr(self.timer, "reuses_sessions", False) else {}
+            measured = self.timer([models[i] for i in todo], feeds, self.threads, **extra)
             self.seconds += time.perf_counter() - started
             self.timed += len(todo)
             for i, ms in zip(todo, measured):
@@ -277,15 +292,21 @@ class Clock:
         return out
 
 
-    def models(self, models: list[onnx.ModelProto], feeds: dict | None) -> list[float | None]:
+    def models(self, models: list[onnx.ModelProto], feeds: dict | None, *, keep: bool = False) -> list[float | None]:
         """Whole models, never cached; None each when they cannot be timed (no feeds, or
-        onnxruntime fails on them), so that a model timing cannot run stops nothing else."""
+        onnxruntime fails on them), so that a model timing cannot run stops nothing else.
+        `keep`: their sessions stay open for later runs (see `session`)."""
         if feeds is None:
             return [None] * len(models)
         try:
-            return self.time(models, feeds, cache=False)
+            return self.time(models, feeds, cache=False, keep=keep)
         except Exception:  # noqa: BLE001 - reported as "not measured"
             return [None] * len(models)
+
+    def session(self, model: onnx.ModelProto, what: str = "model"):
+        """A session of `model` as the whole-model timing runs it: the one kept by a
+        `models(..., keep=True)` call when there was one, else opened and kept now."""
+        return session_for(model, self.threads, self.sessions, what)
 
 
 def deployment_feeds(model: onnx.ModelProto, deployment: Deployment) -> dict | None:
@@ -303,21 +324,21 @@ def predict(model: onnx.ModelProto, feeds: dict, threads: int | None) -> float:
 # ------------------------------------------------------------------ one-layer models
 
 
-def layer_feeds(model: onnx.ModelProto, layers: list[Layer], deployment: Deployment) -> dict[str, dict]:
+def layer_feeds(model: onnx.ModelProto, layers: list[Layer], deployment: Deployment,
+                shapes: macs.TensorShapes | None = None) -> dict[str, dict]:
     """Per layer name, random feeds of the layer's real input shapes at the deployment shape
-    ({"x": ..., "c": ... for a computed Gemm bias}), read off one onnxruntime run of the model
-    with those tensors exposed. Layers inside subgraphs, or a model that does not run on
-    random inputs, get none (their times are then predicted from shapes alone)."""
+    ({"x": ..., "c": ... for a computed Gemm bias}): from `shapes` (the model's tensor shapes
+    at the deployment shape, found by onnx's inference or else one run with those tensors
+    exposed; made here when not given). Layers inside subgraphs, or a model that does not
+    run on random inputs, get none (their times are then predicted from shapes alone)."""
     wanted = [t for layer in layers for t in (layer.x, layer.bias_input) if t]
-    values = _inferred_specs(model, wanted, deployment)
-    if values is None:  # shape inference left one open: read them off a run
+    if shapes is None:
         try:
-            exposed, names = runtime.with_outputs(model, wanted)
-            feeds = calibrate.random_feeds(model, deployment.batch, deployment.shape_map, seed=0)
-            sess = runtime.session(exposed, optimize=False, what="model")
-            values = {o.name: (v.shape, v.dtype) for o, v in zip(sess.get_outputs(), sess.run(None, feeds))}
+            concrete = calibrate.concrete_shapes(model, deployment.batch, deployment.shape_map)
+            shapes = macs.TensorShapes(model, concrete, extra=wanted)
         except Exception:  # noqa: BLE001 - timing then falls back to predictions
             return {}
+    values = {name: spec for name in wanted if (spec := shapes.spec(name)) is not None}
     rng = np.random.default_rng(0)
     out = {}
     for layer in layers:
@@ -334,36 +355,6 @@ def layer_feeds(model: onnx.ModelProto, layers: list[Layer], deployment: Deploym
             shape, dtype = values[layer.bias_input]
             feed["c"] = rng.standard_normal(shape).astype(dtype)
         out[layer.name] = feed
-    return out
-
-
-def _inferred_specs(model: onnx.ModelProto, names: list[str], deployment: Deployment) -> dict | None:
-    """(shape, dtype) of each main-graph tensor in `names` from onnx's shape inference at the
-    deployment shape, or None unless every one comes out concrete. Spares the run of the
-    whole model (which holds all its weights: the size of the model, for a large one)."""
-    from .macs import _with_inputs, subgraphs
-
-    if any(subgraphs(n) for n in model.graph.node):
-        return None  # control flow: the run says which tensors it really carries
-    try:
-        concrete = calibrate.concrete_shapes(model, deployment.batch, deployment.shape_map)
-        inferred = onnx.shape_inference.infer_shapes(_with_inputs(model, concrete, strip=True), data_prop=True)
-    except Exception:  # noqa: BLE001 - the run decides
-        return None
-    graph = inferred.graph
-    types = {vi.name: vi.type.tensor_type for vi in (*graph.value_info, *graph.input, *graph.output)}
-    main = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-    out = {}
-    for name in names:
-        if name not in main:
-            continue  # inside a subgraph: no feeds, as from a run
-        t = types.get(name)
-        if t is None or not t.elem_type or not t.HasField("shape"):
-            return None
-        shape = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
-        if any(d <= 0 for d in shape):
-            return None
-        out[name] = (tuple(shape), np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)))
     return out
 
 
@@ -441,6 +432,18 @@ def _inferred(model, shapes):
         return m
 
 
+def _read(weight, nodes, sizes) -> int:
+    """Elements of an initializer a run reads: all of them, but only the gathered rows of a
+    table that Gathers alone read (an embedding reads a few rows of a large table)."""
+    users = [n for n in nodes if weight.name in n.input]
+    total = int(np.prod(weight.dims))
+    if not users or len(weight.dims) < 2 or any(n.op_type != "Gather" or n.input[0] != weight.name
+                                                or _attr(n, "axis", 0) != 0 for n in users):
+        return total
+    rows = sum(sizes.get(n.input[1]) or weight.dims[0] for n in users)
+    return min(total, rows * total // weight.dims[0])
+
+
 def _elements(vi) -> int | None:
     dims = vi.type.tensor_type.shape.dim
     if not dims or any(not d.HasField("dim_value") for d in dims):
@@ -469,9 +472,9 @@ class LayerTimer:
     `emit(builder, layer, fact, emission)` appends a factorisation's nodes (api.emit_layer)."""
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], deployment: Deployment, clock: Clock, emit,
-                 opset: int):
+                 opset: int, shapes: macs.TensorShapes | None = None):
         self.deployment, self.clock, self.emit, self.opset = deployment, clock, emit, opset
-        self.feeds = layer_feeds(model, layers, deployment)
+        self.feeds = layer_feeds(model, layers, deployment, shapes)
         self._dense: dict[str, Timing] = {}
 
     def known(self, layer: Layer) -> bool:

@@ -306,8 +306,13 @@ def _count_macs(model, fallback: dict[str, Shape], cost: ModelCost) -> list[str]
 # ---------------------------------------------------------------- shape inference
 
 def _with_inputs(model, input_shapes, strip: bool) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    from .model import skeleton
+
+    if strip:  # shape inference needs only the dims of big float tensors; stays under 2 GB
+        m = skeleton(model, _STRIP_ABOVE)
+    else:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
     inputs = {i.name: i for i in m.graph.input}
     for name, dims in input_shapes.items():
         if name not in inputs:
@@ -319,12 +324,6 @@ def _with_inputs(model, input_shapes, strip: bool) -> onnx.ModelProto:
         shape.ClearField("dim")
         for d in dims:
             shape.dim.add().dim_value = int(d)
-    if strip:  # shape inference needs only the dims of big float tensors; stays under 2 GB
-        for g in all_graphs(m.graph):
-            for t in [*g.initializer, *(a.t for n in g.node for a in n.attribute if a.name == "value")]:
-                if t.data_type in _FLOATS and math.prod(t.dims) > _STRIP_ABOVE:
-                    for f in ("raw_data", "float_data", "double_data", "int32_data"):
-                        t.ClearField(f)
     return m
 
 
@@ -333,6 +332,11 @@ def probed_shapes(model, input_shapes, inferred: onnx.ModelProto, names: set[str
     inputs of `input_shapes` (their dtypes come from `inferred`). Exact for shape
     arithmetic that onnx's inference gives up on (Slice of a Shape, broadcasting with an
     unknown dim); empty if the run fails."""
+    return {n: shape for n, (shape, _) in _probe(model, input_shapes, inferred, names).items()}
+
+
+def _probe(model, input_shapes, inferred: onnx.ModelProto, names) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of main-graph tensors `names` from one ONNX Runtime run (probed_shapes)."""
     from . import calibrate, runtime
 
     # graph inputs keep the shapes the caller gave (a symbolic one stays unknown, not guessed)
@@ -344,7 +348,56 @@ def probed_shapes(model, input_shapes, inferred: onnx.ModelProto, names: set[str
         outputs = sess.run(wanted, calibrate.random_feeds(model, shapes=input_shapes))
     except Exception:  # noqa: BLE001 - a fallback that fails leaves the nodes unknown
         return {}
-    return {n: tuple(o.shape) for n, o in zip(wanted, outputs)}
+    return {n: (tuple(o.shape), o.dtype) for n, o in zip(wanted, outputs)}
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx's shape inference, with data propagation when it gets through."""
+    for data_prop in (True, False):
+        try:
+            return onnx.shape_inference.infer_shapes(model, data_prop=data_prop)
+        except Exception:  # noqa: BLE001 - a graph onnx rejects may still pass ORT's tool
+            pass
+    return model
+
+
+class TensorShapes:
+    """Concrete shapes of a model's main-graph tensors at `input_shapes`, found once for the
+    whole rewrite: onnx's inference (weights stripped), then, for what it leaves open, one
+    ONNX Runtime run exposing together the tensors of the MAC ops (for count) and `extra`
+    (the rewritten layers' inputs, for their one-layer timing models). A rewritten model
+    keeps the original's tensors, so count() of it starts from these shapes too."""
+
+    def __init__(self, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], extra=()):
+        self.model, self.input_shapes = model, input_shapes
+        self.inferred = _infer(_with_inputs(model, input_shapes, strip=True))
+        graph = self.inferred.graph
+        self._types = {vi.name: vi.type.tensor_type for vi in (*graph.value_info, *graph.input, *graph.output)}
+        unknown = _count_macs(self.inferred, {}, ModelCost())
+        wanted = {t for key, node, _ in iter_nodes(self.inferred) if key in unknown for t in (*node.input, *node.output)
+                  if t}
+        control_flow = any(subgraphs(n) for n in model.graph.node)  # the run says which tensors it carries
+        wanted |= {t for t in extra if t and (control_flow or self._inferred(t) is None)}
+        self.probed = _probe(model, input_shapes, self.inferred, wanted) if wanted else {}
+
+    def _inferred(self, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+        t = self._types.get(name)
+        if t is None or not t.elem_type or not t.HasField("shape"):
+            return None
+        shape = tuple(d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim)
+        if any(d <= 0 for d in shape):
+            return None
+        return shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+        """(shape, dtype) of a main-graph tensor, None when neither inference nor the run
+        gave it (inside a subgraph, or the run failed)."""
+        main = name in {o for n in self.model.graph.node for o in n.output} or name in self.input_shapes
+        return self.probed.get(name) or (self._inferred(name) if main else None)
+
+    @property
+    def shapes(self) -> dict[str, Shape]:
+        return {n: shape for n, (shape, _) in self.probed.items()}
 
 
 @contextlib.contextmanager
@@ -396,23 +449,26 @@ def parameters(model: onnx.ModelProto) -> tuple[int, int]:
     return params, nbytes
 
 
-def count(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> ModelCost:
+def count(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
+          known: TensorShapes | None = None) -> ModelCost:
     """Parameters and MACs of ``model`` run once on inputs of ``input_shapes``.
 
     ``input_shapes`` maps graph input names to concrete shapes (the caller resolves
     symbolic dimensions; inputs not named keep the shapes the model declares).
+    ``known``: the shapes found for this model, or for the model it was rewritten from
+    (the same inputs), so that no second run is needed for them.
     """
     cost = ModelCost()
     cost.params, cost.param_bytes = parameters(model)
 
-    m = _with_inputs(model, input_shapes, strip=True)
-    for data_prop in (True, False):
-        try:
-            m = onnx.shape_inference.infer_shapes(m, data_prop=data_prop)
-            break
-        except Exception:  # noqa: BLE001 - a graph onnx rejects may still pass ORT's tool
-            pass
-    unknown = _count_macs(m, {}, cost)
+    if known is not None and known.model is model and known.input_shapes == input_shapes:
+        m, probed = known.inferred, known.shapes
+    else:
+        m, probed = _with_inputs(model, input_shapes, strip=True), {}
+        if known is not None:  # the original's tensors, given their shapes before inferring the rest
+            _seed_shapes(m.graph, known.probed)
+        m = _infer(m)
+    unknown = _count_macs(m, probed, cost)
     if unknown:  # first one run of the model itself (fast), then ORT's symbolic inference
         names = {t for key, node, _ in iter_nodes(m) if key in unknown for t in (*node.input, *node.output) if t}
         probed = probed_shapes(model, input_shapes, m, names)
@@ -426,6 +482,18 @@ def count(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> M
 
     cost.total = weigh_subgraphs(model, m, input_shapes, cost)
     return cost
+
+
+def _seed_shapes(graph: onnx.GraphProto, specs: dict[str, tuple]) -> None:
+    """Write the (shape, dtype) of intermediate tensors into `graph.value_info`, replacing
+    what is there for them."""
+    produced = {o for n in graph.node for o in n.output} - {o.name for o in graph.output}
+    specs = {name: spec for name, spec in specs.items() if name in produced}
+    kept = [vi for vi in graph.value_info if vi.name not in specs]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    graph.value_info.extend(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(dtype),
+                                                               list(shape)) for name, (shape, dtype) in specs.items())
 
 
 def _nbytes(t: TensorProto, n: int) -> int:

@@ -80,9 +80,9 @@ def load(source, *, what: str = "model") -> onnx.ModelProto:
     check_supported(model, label)
     # A file cut at a field boundary can still parse (e.g. with an opset import or a
     # function missing): the checker catches what the parser cannot.
-    if model.ByteSize() < PROTO_LIMIT:
+    if inline_bytes(model) < PROTO_LIMIT:
         try:  # with external data, the file: its data-file locations are checked beside it
-            onnx.checker.check_model(str(path) if came_with_external_data(model) else model)
+            onnx.checker.check_model(str(path) if came_with_external_data(model) else skeleton(model, dims=False))
         except Exception as exc:
             raise TnonnxError(f"{label}: invalid or truncated ONNX model ({_short(exc)})") from None
     return model
@@ -179,12 +179,91 @@ def came_with_external_data(model: onnx.ModelProto) -> bool:
 
 
 def nbytes(model: onnx.ModelProto) -> int:
-    """The model's size in bytes, external data included, without serialising a message
-    that may be too large to serialise."""
-    inline = sum(len(t.raw_data) if t.HasField("raw_data") else 0 for t in external.tensors(model))
-    if inline < PROTO_LIMIT:
-        inline = model.ByteSize()
-    return inline + external.data_bytes(model)
+    """The model's size in bytes, external data included, without serialising it."""
+    return inline_bytes(model) + external.data_bytes(model)
+
+
+_SIZED_APART = 1 << 16  # raw_data of main-graph initializers this long is sized, not serialised
+
+
+def inline_bytes(model: onnx.ModelProto) -> int:
+    """len(model.SerializeToString()), also past protobuf's 2 GB limit, without serialising
+    the main graph's large initializers: ByteSize() serialises (as slowly as
+    SerializeToString), so their bytes are counted by the wire format's arithmetic (a
+    length-delimited field is its tag, the varint of its length, and its bytes)."""
+    if not model.HasField("graph"):
+        return model.ByteSize()
+    graph = model.graph
+    size = 0
+    for t in graph.initializer:
+        n = len(t.raw_data) if t.HasField("raw_data") else 0  # (reading raw_data copies it: once)
+        if n >= _SIZED_APART:
+            t_size = _without(t, "raw_data").ByteSize() + _field(1, n)  # raw_data is field 9: 1-byte tag
+        else:
+            t_size = t.ByteSize()
+        size += _field(1, t_size)  # GraphProto.initializer is field 5: 1-byte tag
+    size += _without(graph, "initializer").ByteSize()
+    return _without(model, "graph").ByteSize() + _field(1, size)  # ModelProto.graph is field 7
+
+
+_VALUES = ("raw_data", "float_data", "double_data", "int32_data")  # where float tensors keep their values
+_FLOAT_TYPES = {v for k, v in onnx.TensorProto.DataType.items() if k.startswith(("FLOAT", "BFLOAT", "DOUBLE"))}
+
+
+def skeleton(model: onnx.ModelProto, keep: int = 64, *, dims: bool = True) -> onnx.ModelProto:
+    """A copy whose float tensors of more than `keep` elements hold no values, made without
+    copying the main graph's weights. `dims`: they keep their dims (all shape inference
+    reads of them); else they become empty tensors (dims [0]: what onnx's checker, which
+    checks a tensor's bytes against its dims, passes without the values)."""
+    from .macs import all_graphs
+
+    out = _without(model, "graph")
+    out.graph.CopyFrom(_without(model.graph, "initializer"))
+    out.graph.initializer.extend(_emptied(t, dims) if _strip(t, keep) else t for t in model.graph.initializer)
+    for g in all_graphs(out.graph):  # subgraphs' tensors and Constant nodes: copied, emptied here
+        tensors = [a.t for n in g.node for a in n.attribute if a.name == "value"]
+        for t in tensors + (list(g.initializer) if g is not out.graph else []):
+            if _strip(t, keep):
+                t.CopyFrom(_emptied(t, dims))
+    return out
+
+
+def _strip(t: onnx.TensorProto, keep: int) -> bool:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return t.data_type in _FLOAT_TYPES and n > keep and t.data_location != onnx.TensorProto.EXTERNAL
+
+
+def _emptied(t: onnx.TensorProto, dims: bool) -> onnx.TensorProto:
+    out = _without(t, *_VALUES)
+    if not dims:
+        del out.dims[:]
+        out.dims.append(0)
+    return out
+
+
+def _field(tag_bytes: int, length: int) -> int:
+    """Bytes of a length-delimited field whose content is `length` bytes."""
+    return tag_bytes + max(1, (length.bit_length() + 6) // 7) + length
+
+
+def _without(message, *names: str):
+    """A copy of `message` without the fields `names` (the others copied, not serialised)."""
+    out = type(message)()
+    for field in message.DESCRIPTOR.fields:  # not ListFields(): it would read `names` too
+        if field.name in names:
+            continue
+        value = getattr(message, field.name)
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(out, field.name).extend(value)
+        elif field.has_presence and not message.HasField(field.name):
+            continue
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(out, field.name).CopyFrom(value)
+        else:
+            setattr(out, field.name, value)
+    return out
 
 
 def normalise_versions(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import TnonnxError
+from .errors import NotApplicable, TnonnxError
 from .formats import FORMATS, RankSpec
 from .formats.base import GroupedConvFactorization, check_transposable
-from .graph import Layer
+from .graph import CANDIDATE_OPS, REWRITABLE_OPS, Layer
 from .tensorize import format_modes
 
 
@@ -60,6 +60,33 @@ class LayerPlan:
     emission: str | None = None  # None: the fastest measured when the layer is emitted
     timing: object = None  # latency.Timing of the emitted replacement
     dense_timing: object = None  # latency.Timing of the dense layer
+
+
+def parse_ops(ops, choosing: bool) -> tuple[str, ...]:
+    """--ops as the CLI writes it ("MatMul,Gemm") or a sequence; unknown op types are refused.
+    Not given: every rewritable op when tnonnx `choosing` where to factorise (--budget,
+    --format auto: a layer not worth it stays dense), else the plain layers, so that one
+    rank rule does not also truncate embedding tables and recurrent weights."""
+    if ops is None:
+        return REWRITABLE_OPS if choosing else CANDIDATE_OPS
+    names = [o.strip() for o in (ops.split(",") if isinstance(ops, str) else ops) if o.strip()]
+    unknown = [o for o in names if o not in REWRITABLE_OPS]
+    if unknown or not names:
+        raise TnonnxError(f"--ops {','.join(names) or repr(ops)}: "
+                          + (f"unknown op {', '.join(unknown)}; " if unknown else "")
+                          + f"choose from {', '.join(REWRITABLE_OPS)}")
+    return tuple(names)
+
+
+def parse_budget(budget) -> float | None:
+    """--budget as the CLI writes it ("3x", "3") or a number."""
+    if budget is None or isinstance(budget, (int, float)):
+        return budget
+    text = str(budget).strip().lower().removesuffix("x")
+    try:
+        return float(text)
+    except ValueError:
+        raise TnonnxError(f"--budget {budget}: not a reduction factor (e.g. 3x)") from None
 
 
 def rank_spec(rank: int | None = None, tol: float | None = None, ratio: float | None = None,
@@ -141,13 +168,25 @@ class Fitter:
         self.data = data if data is not None else {}
         self.cache: dict = {}
 
+    def key(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None, *, final: bool = True):
+        """The cache key of fit(...): fits with equal keys give equal factorisations."""
+        module = FORMATS[format]
+        data = self.data.get(layer.name)
+        refine = data is not None and final and not self._takes_data(module, layer) \
+            and not getattr(module, "DATA_FREE", False)
+        return (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine)
+
+    @staticmethod
+    def _takes_data(module, layer: Layer) -> bool:
+        return getattr(module, "SUPPORTS_DATA", False) or getattr(module, "NEEDS_DATA", False) \
+            or layer.kind in ("embedding", "tied")  # row weights, see tnonnx/embedding.py
+
     def fit(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None, *, final: bool = True):
         module = FORMATS[format]
         data = self.data.get(layer.name)
-        takes_data = getattr(module, "SUPPORTS_DATA", False) or getattr(module, "NEEDS_DATA", False) \
-            or layer.kind in ("embedding", "tied")  # row weights, see tnonnx/embedding.py
-        refine = data is not None and final and not takes_data and not getattr(module, "DATA_FREE", False)
-        key = (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine)
+        takes_data = self._takes_data(module, layer)
+        key = self.key(layer, format, spec, modes, order, final=final)
+        refine = key[-1]
         if key not in self.cache:
             options = dict(self.options, data=data) if takes_data and data is not None else self.options
             transposed = layer.kind == "conv" and layer.geometry.transposed
@@ -179,7 +218,10 @@ class Fitter:
             fact.output_error = data.output_error(fact, dense) if data is not None else None
             fact.held_out_error = data.held_out_error(fact, dense) if data is not None else None
             self.cache[key] = fact
-        return self.cache[key]
+        fact = self.cache[key]
+        if isinstance(fact, NotApplicable):  # as a worker process found it (tnonnx/workers.py)
+            raise fact
+        return fact
 
 
 def fit_weight(format: str, weight, spec: RankSpec, *, groups: int = 1, modes=None, order=None,

@@ -9,7 +9,9 @@ direction, becomes the node's new W (D x G*H x r). At full rank the node then co
 exactly what it did. The formats whose last core acts on the gates alone qualify (svd);
 a train's last core leaves the other output modes open, so tt and the like do not.
 
-The recurrent weights R, the biases, sequence_lens, the initial states, the peepholes and
+The recurrent weights R get a row of their own (state_layer), left alone here: with
+`--recurrent scan` the node is written out (recurrent_scan.py) and R becomes a layer. The
+biases, sequence_lens, the initial states, the peepholes and
 all attributes (direction, layout, activations, clip, linear_before_reset) stay as they
 are: the node's own kernel still runs the recurrence.
 """
@@ -46,6 +48,29 @@ def describe(layer, scope, shapes) -> None:
     layer.x_shape = shapes.get(layer.x)
     if layer.x_shape is None:
         layer.reason = "rank of the sequence input is unknown (shape inference failed)"
+
+
+STATE_REASON = "recurrent weights R: rewritable with --recurrent scan (the fused node keeps them)"
+
+
+def state_layer(layer, scope):
+    """The row of a recurrent node's R (stacked over directions like W: H x D*G*H), left
+    alone with STATE_REASON; the node's MACs are split between W and R by their sizes.
+    None when R is not constant."""
+    from .graph import Layer
+
+    node = layer.node
+    found = scope.resolve_values(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if not isinstance(found, tuple) or found[0].ndim != 3:
+        return None
+    r = found[0]
+    state = Layer(f"{layer.name}/R", node.op_type, node, layer.graph, reason=STATE_REASON,
+                  weight=np.concatenate(list(r), axis=0).T.astype(np.float64), weight_key=f"recurrent-R:{id(node)}",
+                  weight_path=list(found[2]), macs_key=layer.name)
+    if layer.has_weight:
+        w = int(np.prod(layer.weight_shape))
+        layer.macs_share, state.macs_share = w / (w + r.size), r.size / (w + r.size)
+    return state
 
 
 def split(fact) -> tuple[Chain, np.ndarray]:

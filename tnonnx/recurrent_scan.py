@@ -25,41 +25,55 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .graph import RECURRENT_OPS, Scope, _attr
-from .macs import all_graphs
+from .macs import all_graphs, subgraphs
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
 
 
 def to_scan(model: onnx.ModelProto) -> tuple[list[str], dict[str, str]]:
-    """Rewrite every eligible recurrent node of the main graph in place. Returns notes, and
-    for each cell MatMul that multiplies the state h by R, the Scan output holding the
-    states: calibration rows for R (the states h_1..h_T stand for the h_0..h_{T-1} the cell
-    multiplies: all but one row in common)."""
+    """Rewrite every eligible recurrent node in place, in the main graph and inside If/Loop/
+    Scan bodies (there, the new weights are initializers of the body). Returns notes, and for
+    each main-graph cell MatMul that multiplies the state h by R, the Scan output holding
+    the states: calibration rows for R (the states h_1..h_T stand for the h_0..h_{T-1} the
+    cell multiplies: all but one row in common; inside bodies R is fitted on its weight)."""
     opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
-    graph, notes, converted, states = model.graph, [], 0, {}
-    scope = Scope(graph, None, opset)
-    new_nodes = []
-    for node in graph.node:
-        if node.op_type not in RECURRENT_OPS or node.domain not in ("", "ai.onnx"):
-            new_nodes.append(node)
-            continue
-        reason = _ineligible(node, scope, opset)
-        if reason:
-            notes.append(f"{node.name or node.op_type}: kept as a fused {node.op_type} node ({reason})")
-            new_nodes.append(node)
-            continue
-        b = _Emitter(node.name or f"{node.op_type}_{converted}", graph, opset)
-        states.update(_convert(b, node, scope))
-        new_nodes.extend(b.nodes)
-        converted += 1
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    notes, states, converted = [], {}, 0
+    # bodies before the graph holding them: rebuilding a graph's node list copies its nodes
+    for graph, scope in _graphs(model.graph, None, opset):
+        new_nodes, before = [], converted
+        for node in graph.node:
+            if node.op_type not in RECURRENT_OPS or node.domain not in ("", "ai.onnx"):
+                new_nodes.append(node)
+                continue
+            reason = _ineligible(node, scope, opset)
+            if reason:
+                notes.append(f"{node.name or node.op_type}: kept as a fused {node.op_type} node ({reason})")
+                new_nodes.append(node)
+                continue
+            b = _Emitter(node.name or f"{node.op_type}_{converted}", graph, opset)
+            found = _convert(b, node, scope)
+            if graph is model.graph:
+                states.update(found)
+            new_nodes.extend(b.nodes)
+            converted += 1
+        if converted > before:
+            del graph.node[:]
+            graph.node.extend(new_nodes)
     _drop_unused_initializers(model)
     if converted:
         notes.append(f"--recurrent scan: {converted} recurrent node(s) written as MatMul + Scan; their W and R "
                      "are rewritten as MatMul layers")
     return notes, states
+
+
+def _graphs(graph, parent, opset):
+    """(graph, its Scope) for `graph` and every body in it, bodies first."""
+    scope = Scope(graph, parent, opset)
+    for node in graph.node:
+        for body in subgraphs(node):
+            yield from _graphs(body, scope, opset)
+    yield graph, scope
 
 
 def _ineligible(node, scope, opset) -> str | None:
@@ -255,10 +269,13 @@ def _body(b: _Emitter, op, d, r, rb, lbr, hidden, dtype, masked) -> onnx.GraphPr
 
 def _drop_unused_initializers(model) -> None:
     used = set()
-    for g in all_graphs(model.graph):
+    graphs = all_graphs(model.graph)
+    for g in graphs:
         for n in g.node:
             used.update(n.input)
         used.update(o.name for o in g.output)
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    for g in graphs:
+        keep = [t for t in g.initializer if t.name in used]
+        if len(keep) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(keep)

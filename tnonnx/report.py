@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .progress import stage_times
 from .report_table import Column, fit_table, legend
 
 # what a layer row means only after a rewrite: left out of `inspect --json`
@@ -42,8 +43,9 @@ class LayerRow:
     ms_measured: bool = False
 
     @classmethod
-    def for_layer(cls, layer, macs_before: int | None) -> "LayerRow":
-        return cls(layer.name, layer.op_type, list(layer.weight_shape), layer.params, macs_before,
+    def for_layer(cls, layer, per_node: dict) -> "LayerRow":
+        """The row of a Layer before rewriting; per_node: tnonnx.macs' count by node name."""
+        return cls(layer.name, layer.op_type, list(layer.weight_shape), layer.params, layer.macs_in(per_node),
                    reason=layer.reason)
 
 
@@ -178,6 +180,7 @@ class RewriteReport:
     settings: dict = field(default_factory=dict)  # every option of the run, as given
     versions: dict = field(default_factory=versions)
     deploy: object | None = None  # deploy.DeployReport: target, quantization, comparisons
+    stages: dict = field(default_factory=dict)  # wall seconds per stage (progress.STAGES), in the order run
 
     @property
     def ok(self) -> bool:
@@ -192,7 +195,8 @@ class RewriteReport:
         return {
             "input": self.source, "versions": self.versions, "settings": self.settings,
             "format": self.format, "rank_rule": self.spec, "emit": self.emit, "fit": self.fit, "batch": self.batch,
-            "seconds": round(self.seconds, 3), "output": self.output_path, "notes": self.notes,
+            "seconds": round(self.seconds, 3), "stages": {k: round(v, 3) for k, v in self.stages.items()},
+            "output": self.output_path, "notes": self.notes,
             "totals": asdict(self.totals),
             "latency": asdict(self.latency) if self.latency is not None else None,
             "validation": self.validation.to_dict() if self.validation is not None else None,
@@ -257,6 +261,8 @@ class RewriteReport:
             f"MACs at batch {self.batch} {_n(t.macs_before)} → {_n(t.macs_after)} "
             f"({_ratio(t.macs_before, t.macs_after)}); {len(self.rewritten)} of {len(self.rows)} layers rewritten "
             f"in {self.seconds:.2f} s")
+        if self.stages:
+            console.print(stage_times(self.stages), highlight=False)
         if t.macs_after > t.macs_before:
             console.print("[yellow]note: the rewritten model needs more MACs than the original[/yellow]")
         if t.ms_before is not None and t.ms_after is not None and self.latency is not None:

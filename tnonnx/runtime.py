@@ -80,6 +80,26 @@ def session(
     return _create(lambda: ort.InferenceSession(data, opts, providers=providers), label)
 
 
+class Sessions:
+    """Sessions kept open for reuse, one per model object and settings: a rewrite times the
+    original and the rewritten model and then validates them, on the same two sessions.
+    Holds each model too, so that an id is never reused while its session is kept; the
+    models must not change while kept."""
+
+    def __init__(self):
+        self._open: dict[tuple, tuple] = {}
+
+    def get(self, model: onnx.ModelProto, *, threads: int | None = None, spinning: bool = True,
+            what: str = "model") -> ort.InferenceSession:
+        key = (id(model), threads, spinning)
+        if key not in self._open:
+            self._open[key] = (model, session(model, threads=threads, spinning=spinning, what=what))
+        return self._open[key][1]
+
+    def close(self) -> None:
+        self._open.clear()
+
+
 def available_memory() -> int | None:
     """Bytes of memory this machine can still give a process (MemAvailable), None if unknown."""
     try:

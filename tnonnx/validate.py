@@ -46,10 +46,12 @@ def check_thresholds(atol=None, rtol=None, min_cosine=None, max_accuracy_drop=No
 
 
 def run(
-    model: onnx.ModelProto | str | os.PathLike, batches: Iterable[Mapping[str, np.ndarray]], *, what: str = "model"
+    model: onnx.ModelProto | str | os.PathLike, batches: Iterable[Mapping[str, np.ndarray]], *, what: str = "model",
+    open_session=None,
 ) -> dict[str, np.ndarray]:
-    """Run the model on every batch; each output concatenated along axis 0 (scalars stacked)."""
-    sess = runtime.session(model, what=what)
+    """Run the model on every batch; each output concatenated along axis 0 (scalars stacked).
+    `open_session(model, what)` gives the session (one already open), else a new one."""
+    sess = open_session(model, what) if open_session is not None else runtime.session(model, what=what)
     names = [o.name for o in sess.get_outputs()]
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for feeds in batches:
@@ -246,15 +248,24 @@ def validate(
     check_thresholds(atol, rtol, min_cosine, max_accuracy_drop, batch)
     ref = _model.load(reference, what="reference")
     cand = _model.load(candidate, what="candidate")
+    return validate_models(ref, cand, inputs=inputs, labels=labels, shapes=shapes, batch=batch, seed=seed,
+                           atol=atol, rtol=rtol, min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
+
+
+def validate_models(ref: onnx.ModelProto, cand: onnx.ModelProto, *, inputs=None, labels=None, shapes=None,
+                    batch: int = 1, seed: int = 0, atol=None, rtol=None, min_cosine=None, max_accuracy_drop=None,
+                    open_session=None) -> ValidationResult:
+    """validate() of two loaded models (thresholds checked by the caller); `open_session`
+    as in run() (a rewrite validates on the sessions its timing opened)."""
     runtime.check_same_inputs(ref, cand)
     try:
         batches, extras = feeds(ref, inputs, shapes=shapes, batch=batch, seed=seed)
-        ref_out = run(ref, batches, what="reference")
+        ref_out = run(ref, batches, what="reference", open_session=open_session)
     except TnonnxError as exc:
         if inputs is not None or isinstance(exc, ModelTooLarge):
             raise
         raise OriginalDoesNotRun(str(exc)) from None
-    return result(ref_out, run(cand, batches, what="candidate"), batches, ref,
+    return result(ref_out, run(cand, batches, what="candidate", open_session=open_session), batches, ref,
                   inputs=inputs, labels=extras.get("labels") if labels is None else labels, shapes=shapes,
                   atol=atol, rtol=rtol, min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop)
 

@@ -11,7 +11,8 @@ from ..emit import Chain, TorchOps, run_chain
 
 
 def _params(cores: dict[str, np.ndarray], dtype=torch.float32) -> nn.ParameterDict:
-    return nn.ParameterDict({k: nn.Parameter(torch.as_tensor(np.ascontiguousarray(v), dtype=dtype)) for k, v in cores.items()})
+    # copies: training must not write into the arrays given (a format may keep them cached)
+    return nn.ParameterDict({k: nn.Parameter(torch.tensor(np.ascontiguousarray(v), dtype=dtype)) for k, v in cores.items()})
 
 
 class ChainLinear(nn.Module):
