@@ -253,3 +253,147 @@ def test_cuda_kernel_check():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.tnonnx", 1)])
     found = cuda_kernels.fallbacks(model)
     assert len(found) == 2 and "range" in found[0] and "custom" in found[1]
+
+
+# ------------------------------------------------------------------ int4 blocks, int8 choice, latency note
+
+
+def test_rank_alignment_rules():
+    """Ranks at or above the block become whole blocks: a --tol rank up (the tolerance
+    stays met), a --ratio cap down (the ratio stays met); narrower ones stay."""
+    from tnonnx.choose import ladder
+    from tnonnx.formats.svd import svd_rank
+
+    spec = RankSpec(align=32)
+    assert [spec.aligned(r, up=True, full=100) for r in (8, 31, 32, 33, 99)] == [8, 31, 32, 64, 100]
+    assert [spec.aligned(r, up=False) for r in (8, 31, 32, 63, 100)] == [8, 31, 32, 32, 96]
+    s = np.linspace(10, 1, 200)
+    assert svd_rank(s, 400, 300, RankSpec(ratio=2)) == 85  # 400*300 / (2*700)
+    assert svd_rank(s, 400, 300, RankSpec(ratio=2, align=32)) == 64
+    assert svd_rank(s, 400, 300, RankSpec(tol=0.5)) == 82
+    assert svd_rank(s, 400, 300, RankSpec(tol=0.5, align=32)) == 96
+    caps = [spec.rank for _, spec in ladder(["svd"], align=32)]
+    assert all(c < 32 or c % 32 == 0 for c in caps) and 48 not in caps and {16, 32, 64} <= set(caps)
+
+
+@pytest.mark.parametrize("rank,narrow", [(40, False), (20, True)])
+def test_int4_ranks_fill_whole_blocks(rank, narrow):
+    """--rank 40 with int4 becomes 64 (two whole blocks): every factor's contracted
+    dimension a multiple of 32, nothing padded; --rank 20 stays, and its 20-row factor,
+    too narrow for a block, goes to int8."""
+    model = _mlp(n=128, hidden=96)
+    new, report = api.rewrite(model, format="svd", rank=rank, force=True, timing=False, quantize="int4",
+                              inputs={"x": randn(32, 128, seed=9)}, min_cosine=0.5)
+    q = report.deploy.quantization
+    fc1 = next(r for r in report.rows if r.name == "fc1")
+    assert list(fc1.ranks) == [20 if narrow else 64]
+    assert q.ok and not q.int4_padded and q.int4
+    nbits = [n for n in new.graph.node if n.op_type == "MatMulNBits"]
+    assert all(a.i % 32 == 0 for n in nbits for a in n.attribute if a.name == "K")
+    assert len(q.int8) == (2 if narrow else 1)  # fc2's 10-row factor always; fc1's 20-row one when narrow
+    assert not any("--quantize int4" in n for n in report.notes)
+
+
+def test_int4_notes_ranks_that_leave_a_block_part_empty():
+    """A rank bounded by the layer (fc1 48 wide: rank 48, not 64) is named in a note, and
+    its int4 factor in int4_padded."""
+    new, report = api.rewrite(_mlp(), format="svd", rank=40, force=True, timing=False, quantize="int4",
+                              inputs={"x": randn(32, 64, seed=9)}, min_cosine=0.5)
+    assert any(n.startswith("--quantize int4 (block 32): ranks not multiples of 32") and "fc1 48" in n
+               for n in report.notes)
+    assert report.deploy.quantization.int4_padded
+
+
+def test_int8_static_or_dynamic():
+    """Static with calibration data (and always on gpu/edge), dynamic without; --int8
+    chooses on cpu."""
+    from tnonnx import deploy
+
+    assert not deploy.plan("cpu", "int8", "auto", False)[1].static
+    assert deploy.plan("cpu", "int8", "auto", True)[1].static
+    assert not deploy.plan("cpu", "int8", "auto", True, int8="dynamic")[1].static
+    assert deploy.plan("edge", "int8", "auto", True)[1].static
+    with pytest.raises(TnonnxError, match="dynamic int8 is for cpu"):
+        deploy.plan("gpu", "int8", "auto", True, int8="dynamic")
+    with pytest.raises(TnonnxError, match="only with --quantize"):
+        deploy.plan("cpu", None, "auto", True, int8="dynamic")
+    with pytest.raises(TnonnxError, match="needs calibration data"):
+        deploy.plan("cpu", "int8", "auto", False, int8="static")
+    calib = {"x": randn(64, 64, seed=8)}
+    new, report = api.rewrite(_mlp(), format="svd", rank=12, force=True, timing=False, calib=calib, fit="aware",
+                              quantize="int8", int8="dynamic", inputs={"x": randn(32, 64, seed=9)}, min_cosine=0.9)
+    ops = {n.op_type for n in new.graph.node}
+    assert "DynamicQuantizeLinear" in ops and "QuantizeLinear" not in ops
+    assert report.deploy.quantization.method == "int8 dynamic" and report.ok
+
+
+def test_a_slower_quantized_model_gets_the_quantization_note():
+    """Fixed timings: the factorised model is faster than the original, the quantized one
+    slower. The note blames the quantized form, not the factorisation, and does not send
+    the user to --speedup."""
+    from tnonnx import latency
+
+    def ms(model, feeds):
+        if any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for n in model.graph.node):
+            return 9.0
+        return sum(int(np.prod(t.dims)) for t in model.graph.initializer) / 1000
+
+    calib = {"x": randn(64, 64, seed=8)}
+    _, report = api.rewrite(_mlp(), format="svd", rank=8, calib=calib, quantize="int8", timer=latency.CallableTimer(ms),
+                            inputs={"x": randn(32, 64, seed=9)}, min_cosine=0.5, timing_cache=False)
+    t = report.totals
+    assert t.ms_factorised < t.ms_before < t.ms_after == 9.0
+    slower = [n for n in report.notes if "SLOWER" in n]
+    assert len(slower) == 1 and "quantized form" in slower[0] and "leave out --quantize" in slower[0]
+    assert "to avoid it use" not in slower[0]
+
+
+def test_short_names_keep_the_function_and_the_interface():
+    """--short-names: a smaller file, the same outputs, graph inputs and outputs named as
+    before, and a tensor an If branch reads from the outer graph left alone."""
+    model = _mlp()
+    q, _ = quantize(model, Quantization("int8"))
+    x = randn(5, 64, seed=3)
+    want = run(q, {"x": x})[0]
+    saved = targets.short_names(q)
+    assert saved > 0 and q.ByteSize() > 0
+    assert [v.name for v in q.graph.input] == ["x"] and [v.name for v in q.graph.output] == ["logits"]
+    assert all(len(n.name) <= 4 for n in q.graph.node)
+    np.testing.assert_array_equal(run(q, {"x": x})[0], want)
+
+    branch = helper.make_graph([helper.make_node("Relu", ["h"], ["o"], name="inner")], "b", [], [value("o", ["b", 3])])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Constant", [], ["c"],
+             value=helper.make_tensor("c", onnx.TensorProto.BOOL, [], [True])),
+             helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)]
+    m = make_model(nodes, [value("x", ["b", 4])], [value("y", ["b", 3])], [init("W", randn(4, 3, seed=1))])
+    want = run(m, {"x": randn(2, 4, seed=2)})[0]
+    targets.short_names(m)
+    assert "h" in {x for n in m.graph.node for x in n.output}
+    np.testing.assert_array_equal(run(m, {"x": randn(2, 4, seed=2)})[0], want)
+
+    _, report = api.rewrite(_mlp(), format="svd", rank=8, timing=False, quantize="int8", short_names=True,
+                            inputs={"x": randn(32, 64, seed=9)}, min_cosine=0.5)
+    assert any(c["check"] == "short names" and c["ok"] for c in report.deploy.target.checks)
+    assert report.deploy.sizes["final"] < report.deploy.sizes["baseline"]
+
+
+def test_cli_int8_dynamic_with_calibration_and_short_names(tmp_path):
+    """Through the CLI: --calib for the fit, --int8 dynamic for the quantization, short
+    names; --int8 dynamic on gpu is one line and exit 2."""
+    from click.testing import CliRunner
+
+    from tnonnx.cli import main
+
+    src, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "q.onnx"
+    onnx.save_model(_mlp(), src)
+    np.savez(calib, x=randn(64, 64, seed=8))
+    done = CliRunner().invoke(main, ["rewrite", str(src), "--format", "svd", "--rank", "12", "--force", "--no-timing",
+                                     "--calib", str(calib), "--fit", "aware", "--quantize", "int8", "--int8",
+                                     "dynamic", "--short-names", "--min-cosine", "0.9", "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert "DynamicQuantizeLinear" in ops and "QuantizeLinear" not in ops
+    assert "quantized: int8 dynamic" in done.output and "ok short names" in done.output
+    done = CliRunner().invoke(main, ["rewrite", str(src), "--format", "svd", "--rank", "8", "--target", "gpu",
+                                     "--calib", str(calib), "--quantize", "int8", "--int8", "dynamic", "-o", str(out)])
+    assert done.exit_code == 2 and "dynamic int8 is for cpu" in done.output and "Traceback" not in done.output

@@ -121,3 +121,15 @@ def test_budget_covers_the_table():
                               allow_slower=True)
     assert next(r for r in report.rows if r.name == "embed").format == "svd"
     assert report.totals.params_after <= (V * D + D * D) / 2 + D * D
+
+
+def test_budget_covers_the_table_with_an_aware_fit(tmp_path):
+    """The planner's spectrum estimates need a Gram basis; an embedding's index counts have
+    none, so its svd candidates are fitted (this failed on 'EmbeddingData has no basis')."""
+    m = embedding_model()
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, ids=np.random.default_rng(0).integers(0, V, size=(64, 7)).astype(np.int64))
+    new, report = api.rewrite(m, format="svd", budget=2, ops="Gather,MatMul", validate=False, timing=False,
+                              allow_slower=True, fit="aware", calib=str(calib))
+    assert next(r for r in report.rows if r.name == "embed").format == "svd"
+    assert report.totals.params_after <= (V * D + D * D) / 2 + D * D

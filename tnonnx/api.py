@@ -4,6 +4,7 @@ validate -> report. The CLI and the Python API both call these functions."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -66,7 +67,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             finetune_hidden: float = HIDDEN_WEIGHT, admm: bool = False, admm_rho: float | None = None, threads: int | None = None, speedup: float | None = None,
             allow_slower: bool = False, keep_best: bool = False, timing: bool = True, timing_cache: bool = True,
             timer=None, progress=False, target: str = "cpu", quantize: str | None = None,
-            max_model_bytes: int | None = None, workers: int | None = None) -> tuple[onnx.ModelProto, RewriteReport]:
+            int8: str | None = None, max_model_bytes: int | None = None, short_names: bool = False,
+            workers: int | None = None) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
 
     Returns the new model and its report. The input is never modified. Options take the
@@ -81,7 +83,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     if emit not in EMIT_MODES:
         raise TnonnxError(f"--emit {emit}: choose from {', '.join(EMIT_MODES)}")
     check_thresholds(atol, rtol, min_cosine, max_accuracy_drop, batch)
-    deployment_target, quantization, emit = deploy.plan(target, quantize, emit, calib is not None, max_model_bytes)
+    deployment_target, quantization, emit = deploy.plan(target, quantize, emit, calib is not None, max_model_bytes,
+                                                        int8, short_names)
     budget = parse_budget(budget)
     ops = parse_ops(ops, choosing=budget is not None or format == "auto")
     if threads is not None and threads < 1:
@@ -90,9 +93,10 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     stages = progress_bars.Stages.of(progress)
     if speedup is not None and not speedup > 0:
         raise TnonnxError(f"--speedup {speedup:g}: must be > 0 (e.g. 1.5)")
-    if target == "gpu" and isinstance(rank, int) and not isinstance(rank, bool) and rank > 0:
-        rank = -(-rank // 8) * 8  # tensor cores work on multiples of 8
+    rank = deploy.align_rank(rank, target, quantization)
     spec = rank_spec(rank, tol, ratio, budget)
+    if quantization is not None and quantization.mode == "int4":
+        spec = dataclasses.replace(spec, align=quantization.block_size)
     modes_text = modes if isinstance(modes, str) or modes is None else format_modes(modes)
     if isinstance(modes, str):
         modes = parse_modes(modes)
@@ -167,7 +171,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         if budget is not None and data:
             sensitivity = _sensitivity(original, new, fitter, batches, emit)
         before_ms = clock.models([original], speed_feeds, keep=True)[0] if speedup else None
-        planner = Planner(plans, fitter, candidates, budget, rules, layer_timer, sensitivity, before_ms)
+        planner = Planner(plans, fitter, candidates, budget, rules, layer_timer, sensitivity, before_ms,
+                          align=spec.align)
         if planner.choosing:
             with stages.stage("allocate", len(planner.groups), "layers") as stage:
                 planner.prepare(pool, stage.advance)
@@ -234,14 +239,18 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                      f"after {finetune} epoch(s) of end-to-end distillation ({matched})")
     _check(new)
     factorised, deployed, baseline = new, None, None
-    if target != "cpu" or quantization is not None or max_model_bytes is not None:
+    if target != "cpu" or quantization is not None or max_model_bytes is not None or short_names:
         emitted = {n.name for r in replacements.values() for n in r.builder.nodes}
         stem = Path(model).stem if isinstance(model, (str, os.PathLike)) else "model"
         with stages.stage("deploy"):
             new, deployed, baseline = deploy.finish(original, new, deployment_target, quantization, batches,
                                                     emitted, shapes, stem)
+    # a change of precision (int8, int4, fp16) is timed apart from the factorisation
+    precision = deployed is not None and (quantization is not None or target == "gpu")
     with stages.stage("latency"):
-        before_ms, after_ms = clock.models([original, new], speed_feeds, keep=True)
+        before_ms, after_ms, *fact_ms = clock.models([original, new] + ([factorised] if precision else []),
+                                                     speed_feeds, keep=True)
+    fact_ms = fact_ms[0] if fact_ms else None
     if before_ms is None or after_ms is None:
         if speedup:
             raise TnonnxError(f"--speedup {speedup:g}: the models could not be timed at the deployment shape "
@@ -256,8 +265,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         if not keep_best:
             raise TnonnxError(shortfall + "; nothing written (--keep-best writes it anyway)")
         notes.append(shortfall + "; written because of --keep-best")
-    if before_ms and after_ms and after_ms > before_ms:
-        notes.append(slower_note(format, budget, speedup, allow_slower, before_ms, after_ms))
+    if precision and before_ms and after_ms and fact_ms and after_ms > before_ms:
+        notes.append(deploy.slower_note(quantization, before_ms, fact_ms, after_ms))
+    factorised_ms = fact_ms if precision else after_ms
+    if before_ms and factorised_ms and factorised_ms > before_ms:
+        notes.append(slower_note(format, budget, speedup, allow_slower, before_ms, factorised_ms)
+                     + (" (the factorised model, before the change of precision)" if precision else ""))
     seconds = time.perf_counter() - started
     if external.traffic.read > read_before:
         notes.append(f"weights read from the input's data file: {progress_bars.size(external.traffic.read - read_before)}"
@@ -267,11 +280,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     before, after = macs.count(original, concrete, tensor_shapes), macs.count(factorised, concrete, tensor_shapes)
     notes.extend(after.notes)
     rows = _rows(layers, replacements, before, after)
-    if target == "gpu":
-        odd = [f"{r.name} {_ranks_text(r.ranks)}" for r in rows if r.ranks and any(k % 8 for k in r.ranks)]
-        if odd:
-            notes.append(f"--target gpu: ranks not multiples of 8 (chosen by the rank rule, or bounded by mode "
-                         f"sizes): {'; '.join(odd[:5])}" + (" ..." if len(odd) > 5 else ""))
+    notes.extend(deploy.unaligned_notes(rows, target, quantization, _ranks_text))
     result = skipped = None
     with stages.stage("validate") if validate or deployed is not None else contextlib.nullcontext():
         if validate:
@@ -296,7 +305,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             deploy.check_ort(deployed, new, inputs=inputs, shapes=shapes, batch=batch)
     totals = Totals(before.params, after.params, model_io.nbytes(original), model_io.nbytes(new),
                     before.total, after.total,
-                    ms_before=before_ms, ms_after=after_ms)
+                    ms_before=before_ms, ms_after=after_ms, ms_factorised=fact_ms)
     report = RewriteReport(
         format=format, spec=f"budget {budget:g}x" if budget else spec.describe(), emit=emit, batch=batch, rows=rows,
         totals=totals, validation=result, validation_skipped=skipped, seconds=seconds, fit=fit, notes=notes,
@@ -315,7 +324,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                   "deployment": {"batch": batch, "shapes": {k: list(v) for k, v in (shapes or {}).items()},
                                  "threads": threads},
                   "speedup": speedup, "allow_slower": allow_slower, "keep_best": keep_best, "timing": timing,
-                  "target": target, "quantize": quantize, "workers": workers, "max_model_bytes": max_model_bytes, "validate": validate, "inputs": describe_calibration(inputs, None)["source"] if inputs is not None else None,
+                  "target": target, "quantize": quantize, "int8": int8, "short_names": short_names, "workers": workers, "max_model_bytes": max_model_bytes, "validate": validate, "inputs": describe_calibration(inputs, None)["source"] if inputs is not None else None,
                   "thresholds": {"atol": atol, "rtol": rtol, "min_cosine": min_cosine,
                                  "max_accuracy_drop": max_accuracy_drop}},
     )

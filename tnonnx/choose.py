@@ -267,11 +267,12 @@ def pareto(options: list[Option], by_time: bool = True) -> list[Option]:
 SIMD_WIDTH = 8  # float32 lanes of AVX2; AVX-512 kernels also run full at multiples of 8 (16 better)
 
 
-def ladder(formats, simd: bool = False) -> list[tuple[str, RankSpec]]:
+def ladder(formats, simd: bool = False, align: int = 1) -> list[tuple[str, RankSpec]]:
     """The (format, rank cap) trials of the --budget allocator; with `simd` (--speedup) only
     caps that are multiples of the SIMD width, at which GEMM and Conv kernels run full vectors
-    (ALGORITHMS.md section 12: conv factorisations reach 86-96% of their MAC ratio there)."""
-    caps = [c for c in RANK_LADDER if not simd or c % SIMD_WIDTH == 0]
+    (ALGORITHMS.md section 12: conv factorisations reach 86-96% of their MAC ratio there);
+    with `align` (--quantize int4's block) caps below it or multiples of it."""
+    caps = [c for c in RANK_LADDER if (not simd or c % SIMD_WIDTH == 0) and (c < align or c % align == 0)]
     return [(f, RankSpec(rank=cap)) for f in formats for cap in caps]
 
 
@@ -291,8 +292,9 @@ class Planner:
     tnonnx chooses (--format auto, --budget, --speedup): options are fitted and timed once,
     then `plan(slack)` allocates them, `slack` ms tighter on each re-plan."""
 
-    def __init__(self, plans, fitter, formats, budget, rules: SpeedRules, timer, sensitivity, before_ms):
-        self.plans, self.fitter, self.formats, self.budget = plans, fitter, formats, budget
+    def __init__(self, plans, fitter, formats, budget, rules: SpeedRules, timer, sensitivity, before_ms,
+                 align: int = 1):
+        self.plans, self.fitter, self.formats, self.budget, self.align = plans, fitter, formats, budget, align
         self.rules, self.timer, self.sensitivity, self.before_ms = rules, timer, sensitivity, before_ms
         self.start = [(p.format, p.spec) for p in plans]
         self.groups: dict[str, list[LayerPlan]] = {}
@@ -393,7 +395,7 @@ class Planner:
 
     def _trials(self, first: LayerPlan) -> list[tuple[str, RankSpec]]:
         if self.budget is not None:
-            return ladder(self.formats, simd=self.rules.speedup is not None)
+            return ladder(self.formats, simd=self.rules.speedup is not None, align=self.align)
         return [(f, first.spec) for f in self.formats]
 
     def _options(self, group: list[LayerPlan], options: list[Option]) -> list[Option]:

@@ -17,6 +17,7 @@ from .emit import ACTIVATIONS
 from .errors import TnonnxError
 from .finetune import HIDDEN_WEIGHT
 from .formats import FORMATS
+from .deploy import INT8_MODES
 from .quantize import QUANT_MODES
 from .targets import TARGETS
 from .report import render_validation
@@ -249,7 +250,14 @@ def inspect(model, batch, shapes, recurrent, as_json):
                    "edge (standard ops, rank <= 4, fixed --shape, plus <output>.ort and its required-operators config).")
 @click.option("--quantize", type=click.Choice(QUANT_MODES), default=None,
               help="Then quantize with onnxruntime's quantizers: int8 (dynamic; static QDQ per-channel with --calib, "
-                   "always for gpu/edge) or int4 (MatMulNBits where a factor spans a block, else int8).")
+                   "always for gpu/edge) or int4 (MatMulNBits where a factor spans a block, ranks rounded to whole "
+                   "blocks, else int8).")
+@click.option("--int8", "int8", type=click.Choice(INT8_MODES), default=None,
+              help="With --quantize on cpu: static (QDQ per-channel, activation ranges from the calibration data; the "
+                   "default with --calib) or dynamic (activations quantized at run time; the default without).")
+@click.option("--short-names", is_flag=True, default=False,
+              help="Rename the output's nodes and internal tensors to short ids (inputs and outputs keep theirs): "
+                   "in a small quantized model the names are a third of the file.")
 @click.option("--max-model-bytes", type=click.IntRange(min=1), default=None, metavar="BYTES",
               help="Fail, writing nothing, when the output (or its .ort) is larger; the largest tensors are listed.")
 @click.option("--workers", type=int, default=None, callback=_bounded(1), metavar="N",
@@ -266,7 +274,8 @@ def inspect(model, batch, shapes, recurrent, as_json):
 def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, threads, speedup,
             allow_slower, keep_best, timing, timing_cache, ops, recurrent, include,
             exclude, min_params, force, fit_mode, finetune, finetune_hidden, admm, admm_rho, act, calib, calib_random,
-            target_name, quantize, max_model_bytes, workers, quiet, validate, inputs, shapes, batch, atol, rtol,
+            target_name, quantize, int8, short_names, max_model_bytes, workers, quiet, validate, inputs, shapes, batch,
+            atol, rtol,
             min_cosine, max_accuracy_drop, report_path, plot_path):
     """Rewrite MODEL's layers in a factorised format, validate, and save."""
     source = model_io.check_path(model)
@@ -295,7 +304,7 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         admm=admm, admm_rho=admm_rho,
         threads=threads, speedup=speedup, allow_slower=allow_slower, keep_best=keep_best, timing=timing,
         timing_cache=timing_cache, progress=progress, target=target_name, quantize=quantize,
-        max_model_bytes=max_model_bytes, workers=workers)
+        int8=int8, short_names=short_names, max_model_bytes=max_model_bytes, workers=workers)
     api.save(new, target, progress=progress)
     files = report.deploy.target.files if report.deploy is not None else {}
     for suffix, content in files.items():  # the edge target's .ort and required-operators config

@@ -38,10 +38,23 @@ class DeployReport:
                 "sizes": self.sizes, "kept_fp32": self.kept_fp32, "max_range": self.max_range}
 
 
-def plan(target: str, quantize_mode: str | None, emit: str, has_calib: bool,
-         max_model_bytes: int | None = None) -> tuple[targets.Target, Quantization | None, str]:
-    """Check the options together, before any work: (target, quantization, emission)."""
-    t = targets.Target(target, max_model_bytes)
+INT8_MODES = ("static", "dynamic")
+
+
+def plan(target: str, quantize_mode: str | None, emit: str, has_calib: bool, max_model_bytes: int | None = None,
+         int8: str | None = None, short_names: bool = False) -> tuple[targets.Target, Quantization | None, str]:
+    """Check the options together, before any work: (target, quantization, emission).
+    int8 is static (QDQ, per-channel) with calibration data and always on gpu and edge,
+    dynamic otherwise; `int8` (--int8) chooses on cpu."""
+    t = targets.Target(target, max_model_bytes, short_names)
+    if int8 is not None:
+        if int8 not in INT8_MODES:
+            raise TnonnxError(f"--int8 {int8}: choose from {', '.join(INT8_MODES)}")
+        if quantize_mode is None:
+            raise TnonnxError(f"--int8 {int8}: only with --quantize int8 or int4")
+        if int8 == "dynamic" and target != "cpu":
+            raise TnonnxError(f"--target {target} --int8 dynamic: the {target} target takes static int8 "
+                              "(QDQ, per-channel); dynamic int8 is for cpu")
     emit = t.emission(emit)
     if max_model_bytes is not None and max_model_bytes < 1:
         raise TnonnxError(f"--max-model-bytes {max_model_bytes}: must be >= 1")
@@ -56,12 +69,61 @@ def plan(target: str, quantize_mode: str | None, emit: str, has_calib: bool,
                           "(they take MatMuls with a constant right operand): give --emit auto or matmul")
     if target == "edge" and quantize_mode == "int4":
         raise TnonnxError("--target edge --quantize int4: MatMulNBits is a contrib op; edge takes int8")
-    static = has_calib or target in ("gpu", "edge")
+    static = int8 == "static" if int8 is not None else has_calib or target in ("gpu", "edge")
     if static and not has_calib:
         raise TnonnxError(f"--target {target} --quantize {quantize_mode}: static int8 needs calibration data "
                           "(--calib FILE.npz or --calib-random N)")
     return t, Quantization(quantize_mode, static=static, symmetric_activations=target == "gpu"), \
         ("matmul" if emit == "auto" else emit)
+
+
+def rank_rules(target: str, q: Quantization | None) -> list[tuple[int, int, str]]:
+    """(multiple, from, why): ranks of at least `from` should be multiples of `multiple`."""
+    rules = [(8, 1, "--target gpu")] if target == "gpu" else []  # tensor cores work on multiples of 8
+    if q is not None and q.mode == "int4":  # MatMulNBits stores whole blocks of the contracted dimension
+        rules.append((q.block_size, q.block_size, f"--quantize int4 (block {q.block_size})"))
+    return rules
+
+
+def align_rank(rank, target: str, q: Quantization | None):
+    """A fixed --rank N rounded up to what the target and quantization want (a padded block
+    is stored anyway: filling it with rank costs only the other factor's columns); narrower
+    than an int4 block it stays, and that factor is quantized to int8."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        return rank
+    for multiple, start, _ in rank_rules(target, q):
+        if rank >= start:
+            rank = -(-rank // multiple) * multiple
+    return rank
+
+
+def unaligned_notes(rows, target: str, q: Quantization | None, ranks_text) -> list[str]:
+    """Notes naming the layers whose ranks (chosen by the rank rule, or bounded by mode
+    sizes) break rank_rules."""
+    notes = []
+    for multiple, start, why in rank_rules(target, q):
+        odd = [f"{r.name} {ranks_text(r.ranks)}" for r in rows
+               if r.ranks and any(k >= start and k % multiple for k in r.ranks)]
+        if odd:
+            notes.append(f"{why}: ranks not multiples of {multiple} (chosen by the rank rule, or bounded by mode "
+                         f"sizes): {'; '.join(odd[:5])}" + (" ..." if len(odd) > 5 else ""))
+    return notes
+
+
+def slower_note(q: Quantization | None, before_ms: float, factorised_ms: float, after_ms: float) -> str:
+    """The final model is slower than the original while the change of precision made it so
+    (q None: fp16 for --target gpu; the factorisation's own slowdown has
+    choose.slower_note): what to do differs."""
+    what = q.describe() if q is not None else "fp16"
+    note = (f"the final model is SLOWER than the original at the deployment shape: {after_ms:.3f} ms against "
+            f"{before_ms:.3f} ms on onnxruntime's CPU provider; the factorised model ran in {factorised_ms:.3f} ms "
+            f"before {what}, so ")
+    if q is None:
+        return note + ("the time is fp16's on the CPU provider, which this target is not for: no measure of its "
+                       "speed on a GPU")
+    return note + ("the quantized form costs it (its quantize and dequantize work costs more than the narrower "
+                   "weights save at this size). --speedup cannot help: it times the factorisation only. Where "
+                   "latency matters more than the file's size, leave out --quantize")
 
 
 def finish(original: onnx.ModelProto, factorised: onnx.ModelProto, target: targets.Target,
@@ -90,6 +152,13 @@ def finish(original: onnx.ModelProto, factorised: onnx.ModelProto, target: targe
         report.target.add("fp16 ranges measured on calibration data", True,
                           f"largest |value| {report.max_range:.4g}; kept in fp32 (>= {fp16.FP16_MAX / fp16.HEADROOM:g}):"
                           f" {', '.join(report.kept_fp32) or 'none'}")
+    # the edge rules look up the emitted nodes by name: checked before names are shortened
+    violations = targets.edge_violations(final, emitted) if target.name == "edge" else []
+    if target.short_names:
+        saved = targets.short_names(final)
+        if baseline is not None:
+            targets.short_names(baseline)
+        report.target.add("short names", True, f"{saved:,} bytes saved; graph inputs and outputs keep theirs")
     if target.name == "gpu":
         missing = cuda_kernels.fallbacks(final)
         report.target.add("every op has a CUDA kernel (onnxruntime's OperatorKernels list)", not missing,
@@ -98,7 +167,6 @@ def finish(original: onnx.ModelProto, factorised: onnx.ModelProto, target: targe
     runtime.session(final, what="final model")  # loads in the CPU provider (TnonnxError otherwise)
     report.target.add("loads in onnxruntime's CPU provider", True, f"onnxruntime {ort.__version__}")
     if target.name == "edge":
-        violations = targets.edge_violations(final, emitted)
         report.target.add("edge rules: default-domain ops, no Einsum, rank <= 4, depthwise or group-1 convs",
                           not violations, "; ".join(violations[:5]) + (" ..." if len(violations) > 5 else ""))
         ort_bytes, config = targets.convert_to_ort(final, stem)

@@ -8,7 +8,9 @@ every weight was quantized.
   the gpu and edge targets.
 - int4 (`MatMulNBitsQuantizer`, block-wise symmetric): every MatMul whose constant 2-D
   weight has at least `block_size` rows (its contracted dimension); weights too narrow
-  for one block, convolutions and Gemm weights go to int8 as above.
+  for one block, convolutions and Gemm weights go to int8 as above. A contracted dimension
+  that is not a multiple of the block is padded to one (stored, not used): the rewrite
+  rounds ranks to whole blocks (RankSpec.align), and `int4_padded` names what is left.
 
 Only MatMul with a constant right operand, Gemm, Conv and Gather tables are quantized
 (weights, not the attention products), in the original and in the factorised model alike,
@@ -58,6 +60,7 @@ class QuantInfo:
     method: str
     int4: list[str] = field(default_factory=list)  # weights stored in 4 bits
     int8: list[str] = field(default_factory=list)  # weights stored in 8 bits
+    int4_padded: list[str] = field(default_factory=list)  # int4 weights whose last block is part padding
     left_float: list[str] = field(default_factory=list)  # constant weights still float
     weights: int = 0  # elements of the quantized weights
     bits_per_weight: float | None = None  # their storage (data, scales, zero points) per element
@@ -119,6 +122,9 @@ def quantize(model: onnx.ModelProto, q: Quantization, batches=None) -> tuple[onn
     if wide:
         current = _int4(current, q.block_size, wide)
     info = _describe(current, q, weights, sizes)
+    inits = {t.name: t for t in model.graph.initializer}
+    info.int4_padded = sorted({n.input[1] for n in model.graph.node
+                               if n.name in wide and inits[n.input[1]].dims[0] % q.block_size})
     return current, info
 
 
@@ -137,6 +143,8 @@ def _int4(model: onnx.ModelProto, block: int, nodes: list[str]) -> onnx.ModelPro
         raise TnonnxError(f"--quantize int4 needs onnxruntime's MatMulNBits quantizer ({exc}): "
                           "pip install 'tnonnx[int4]'") from None
 
+    # its import sets up logging at INFO level and it reports every node it skips
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.ERROR)
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in nodes]
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, op_types_to_quantize=("MatMul",))
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=True, nodes_to_exclude=others,

@@ -99,6 +99,7 @@ class Totals:
     macs_after: int
     ms_before: float | None = None  # whole model, p50 at the deployment shape
     ms_after: float | None = None
+    ms_factorised: float | None = None  # before a change of precision (--quantize, --target gpu)
 
 
 @dataclass
@@ -266,8 +267,10 @@ class RewriteReport:
             console.print("[yellow]note: the rewritten model needs more MACs than the original[/yellow]")
         if t.ms_before is not None and t.ms_after is not None and self.latency is not None:
             how = "measured, p50" if self.latency.measured else "predicted by the cost model (--no-timing)"
-            console.print(f"latency {t.ms_before:.3f} ms → {t.ms_after:.3f} ms ({_speed(t.ms_before, t.ms_after)}), "
-                          f"{how}, at {self.latency.deployment}"
+            fact = (f" (factorised, before the change of precision: {t.ms_factorised:.3f} ms, "
+                    f"{_speed(t.ms_before, t.ms_factorised)})" if t.ms_factorised is not None else "")
+            console.print(f"latency {t.ms_before:.3f} ms → {t.ms_after:.3f} ms ({_speed(t.ms_before, t.ms_after)})"
+                          f"{fact}, {how}, at {self.latency.deployment}"
                           + (f"; --speedup {self.latency.speedup_target:g} asked" if self.latency.speedup_target else ""))
         for note in self.notes:
             console.print(f"[yellow]{note}[/yellow]" if "SLOWER" in note or "not reached" in note else note,
@@ -288,7 +291,8 @@ def render_deploy(d, console: Console) -> None:
     q = d.quantization
     if q is not None:
         bits = f"{q.bits_per_weight:.2f}" if q.bits_per_weight is not None else "-"
-        console.print(f"quantized: {q.method}; {len(q.int4)} weights in int4, {len(q.int8)} in int8, "
+        padded = f" ({len(q.int4_padded)} with a part-padded last block)" if q.int4_padded else ""
+        console.print(f"quantized: {q.method}; {len(q.int4)} weights in int4{padded}, {len(q.int8)} in int8, "
                       f"{len(q.left_float)} left float; {bits} bits per weight", highlight=False)
     s = d.sizes
     if s.get("baseline"):

@@ -37,6 +37,7 @@ class Target:
 
     name: str = "cpu"
     max_model_bytes: int | None = None
+    short_names: bool = False  # --short-names
 
     def emission(self, emit: str) -> str:
         """The emission the target allows for `emit` (edge: plain MatMul chains over 2-D rows)."""
@@ -179,6 +180,43 @@ def check_size(model: onnx.ModelProto, limit: int | None, extra: dict | None = N
     listed = ", ".join(f"{t.name} {list(t.dims)} {t.ByteSize():,} B" for t in largest)
     what = "; ".join(f"{k} is {v:,} bytes" for k, v in over.items())
     raise TnonnxError(f"--max-model-bytes {limit:,}: {what}; largest tensors: {listed}; nothing written")
+
+
+def short_names(model: onnx.ModelProto) -> int:
+    """--short-names: the main graph's nodes and internal tensors renamed to short ids (graph
+    inputs and outputs keep theirs, and so do the names a subgraph reads), doc strings
+    dropped. In a small quantized model the names of the quantizers' tensors are a third of
+    the file. Returns the bytes saved."""
+    before = model.ByteSize()
+    g = model.graph
+    keep = {v.name for v in (*g.input, *g.output)} | _subgraph_names(g)
+    fresh = (f"t{i}" for i in range(10**9))
+    mapping = {}
+    for name in [t.name for t in g.initializer] + [x for n in g.node for x in (*n.input, *n.output)]:
+        if name and name not in keep and name not in mapping:
+            mapping[name] = next(t for t in fresh if t not in keep)
+    for t in g.initializer:
+        t.name = mapping.get(t.name, t.name)
+        t.doc_string = ""
+    for v in g.value_info:
+        v.name = mapping.get(v.name, v.name)
+    for i, node in enumerate(g.node):
+        node.name, node.doc_string = f"n{i}", ""
+        node.input[:] = [mapping.get(x, x) for x in node.input]
+        node.output[:] = [mapping.get(x, x) for x in node.output]
+    return before - model.ByteSize()
+
+
+def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name used inside the subgraphs of `graph`'s nodes (at any depth)."""
+    out = set()
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                out |= {v.name for v in (*sub.input, *sub.output, *sub.initializer)}
+                out |= {x for n in sub.node for x in (*n.input, *n.output)}
+                out |= _subgraph_names(sub)
+    return out
 
 
 def agreement(ref_outputs: dict, test_outputs: dict) -> tuple[float, float]:

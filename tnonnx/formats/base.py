@@ -23,6 +23,17 @@ class RankSpec:
     rank: int | str | None = None  # a cap, or "vbmf" (formats with SUPPORTS_VBMF)
     tol: float | None = None
     ratio: float | None = None
+    # ranks at or above `align` become multiples of it (--quantize int4: whole blocks); svd
+    # rounds a --tol rank up (the tolerance stays met) and a --ratio cap down (the ratio does)
+    align: int = 1
+
+    def aligned(self, r: int, up: bool, full: int | None = None) -> int:
+        """r as a multiple of `align` when r >= align (up: at most `full`)."""
+        a = self.align
+        if a <= 1 or r < a:
+            return r
+        r = -(-r // a) * a if up else r // a * a
+        return min(r, full) if full is not None else r
 
     def describe(self) -> str:
         if self.tol is not None:

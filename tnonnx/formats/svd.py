@@ -23,9 +23,10 @@ def svd_rank(s: np.ndarray, n: int, m: int, spec: RankSpec) -> int:
     if spec.rank == "vbmf":
         return max(1, vbmf.vbmf_rank_from_singular_values(s, n, m))
     if spec.tol is not None:
-        return truncation_rank(s, delta=spec.tol * float(np.sqrt(np.sum(s**2))))
+        return spec.aligned(truncation_rank(s, delta=spec.tol * float(np.sqrt(np.sum(s**2)))), up=True,
+                            full=min(n, m))
     if spec.ratio is not None:
-        return truncation_rank(s, cap=max(1, int(n * m / (spec.ratio * (n + m)))))
+        return truncation_rank(s, cap=_cap(n, m, spec))
     return truncation_rank(s, cap=spec.rank)
 
 
@@ -37,7 +38,7 @@ def _cap(n: int, m: int, spec: RankSpec) -> int | None:
     if spec.tol is None and isinstance(spec.rank, int) and not isinstance(spec.rank, bool):
         return spec.rank
     if spec.tol is None and spec.rank is None and spec.ratio is not None:
-        return max(1, int(n * m / (spec.ratio * (n + m))))
+        return spec.aligned(max(1, int(n * m / (spec.ratio * (n + m)))), up=False)
     return None
 
 
