@@ -24,11 +24,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .finetune import LEARNING_RATE, GraphModule, _relative, _run_nodes, store
+from .finetune import GraphModule, _relative, _run_nodes, store
 from .fit import torch_threads
 from .macs import all_graphs, subgraphs
 
 BLOCK_EPOCHS = 4
+BLOCK_LEARNING_RATE = 1e-2  # Adam, relative to each tensor's RMS (as finetune.LEARNING_RATE)
 BLOCK_MIN_STEPS = 60  # Adam steps per block at least (a few calibration batches make few steps per pass)
 # a cut after these ops; an Add only when both its inputs are computed (a residual addition,
 # not a bias)
@@ -226,7 +227,7 @@ def _train_block(graph: GraphModule, inputs, names, targets, epochs: int, seed: 
             return math.sqrt(num / max(den, 1e-300))
 
     scales = {n: float(p.detach().pow(2).mean().sqrt()) or 1.0 for n, p in graph.params.items()}
-    opt = torch.optim.Adam([{"params": [p], "lr": LEARNING_RATE * scales[n]} for n, p in graph.params.items()])
+    opt = torch.optim.Adam([{"params": [p], "lr": BLOCK_LEARNING_RATE * scales[n]} for n, p in graph.params.items()])
     passes = math.ceil(max(epochs * len(inputs), BLOCK_MIN_STEPS) / len(inputs)) if epochs else 0
     # from the per-layer fit, a warm start: no warm-up, the rate annealed (cosine) to zero
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(passes * len(inputs), 1))
