@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .finetune import GraphModule, _relative, _run_nodes, store
+from .finetune import SMALL_MODEL_PARAMS, GraphModule, _relative, _run_nodes, store
 from .fit import torch_threads
 from .macs import all_graphs, subgraphs
 
@@ -232,22 +232,22 @@ def _train_block(graph: GraphModule, inputs, names, targets, epochs: int, seed: 
     # from the per-layer fit, a warm start: no warm-up, the rate annealed (cosine) to zero
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(passes * len(inputs), 1))
     order = np.random.default_rng(seed)
-    with torch_threads(None):
-        before = best = error()
-        best_state = {k: v.detach().clone() for k, v in graph.params.items()}
-        every = max(1, passes // 8)  # the error is measured on all batches a few times per block
-        for p in range(passes):
+    small = sum(p.numel() for p in graph.params.values()) < SMALL_MODEL_PARAMS
+    with torch_threads(1 if small else None):
+        before = error()
+        start = {k: v.detach().clone() for k, v in graph.params.items()}
+        for _ in range(passes):
             for i in order.permutation(len(inputs)):
                 opt.zero_grad()
                 _relative(graph(inputs[i], names), targets[i]).backward()
                 opt.step()
                 schedule.step()
-            if (p + 1) % every and p + 1 < passes:
-                continue
-            current = error()
-            if current < best:
-                best, best_state = current, {k: v.detach().clone() for k, v in graph.params.items()}
-    with torch.no_grad():
-        for k, v in best_state.items():
-            graph.params[k].copy_(v)
-    return before, best
+        # judged once at the end (the annealed rate ends near the best state): each
+        # judgement costs a pass over the calibration data
+        after = error() if passes else before
+    if after >= before:
+        with torch.no_grad():
+            for k, v in start.items():
+                graph.params[k].copy_(v)
+        after = before
+    return before, after
