@@ -31,8 +31,9 @@ from .macs import all_graphs, subgraphs
 BLOCK_EPOCHS = 4
 BLOCK_LEARNING_RATE = 3e-2  # Adam, relative to each tensor's RMS; LeNet-5 at 5x, 300 steps: 3e-2 beat 1e-2 (docs/RESULTS.md)
 BLOCK_MIN_STEPS = 300  # Adam steps per block at least (LeNet-5 at 5x: 60 steps -1.65 points, 300 -1.25 at 1e-2)
-# a cut after these ops; an Add only when both its inputs are computed (a residual addition,
-# not a bias)
+# a cut after these ops; an Add only when it merges two branches of one stream (a residual
+# addition: both inputs descend from a common tensor, neither is added elsewhere, their
+# shapes do not broadcast), not a bias, a position table or an attention mask
 BOUNDARY_OPS = ("Add", "LayerNormalization", "BatchNormalization", "GroupNormalization")
 # the weight (and bias) inputs of these ops are trained with the block's cores
 WEIGHTED_OPS = {"MatMul": (1,), "Gemm": (1, 2), "Conv": (1, 2), "ConvTranspose": (1, 2),
@@ -42,14 +43,67 @@ WEIGHTED_OPS = {"MatMul": (1,), "Gemm": (1, 2), "Conv": (1, 2), "ConvTranspose":
 def boundaries(model: onnx.ModelProto) -> list[int]:
     """Indices of the main graph's nodes after which a block ends."""
     constant = _constants(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    valued = {i.name for i in model.graph.input}  # made from the inputs' values, not only their shapes
+    for node in model.graph.node:
+        if node.op_type not in ("Shape", "Size") and any(x in valued for x in node.input):
+            valued.update(node.output)
+    shapes = _shapes(model)
+    added = {}  # how many Adds read each tensor: one added in several places (a mask) is no stream
+    for node in model.graph.node:
+        if node.op_type == "Add":
+            for x in set(node.input):
+                added[x] = added.get(x, 0) + 1
     out = []
     for i, node in enumerate(model.graph.node):
         if node.op_type not in BOUNDARY_OPS:
             continue
-        if node.op_type == "Add" and any(x in constant or not x for x in node.input):
+        if node.op_type == "Add" and (any(x in constant or not x for x in node.input)
+                                      or any(added[x] > 1 for x in node.input)
+                                      or _broadcast(*(shapes.get(x) for x in node.input[:2]))
+                                      or not _ancestors(node.input[0], producer, valued)
+                                      & _ancestors(node.input[1], producer, valued)):
             continue
         out.append(i)
     return out
+
+
+def _shapes(model: onnx.ModelProto) -> dict:
+    """Inferred dims (an int, a symbol or None) by tensor name; empty where inference fails."""
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+    del graph.initializer[:]  # the values are not needed, only their shapes
+    graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for t in model.graph.initializer if t.name not in {i.name for i in model.graph.input})
+    try:
+        inferred = onnx.shape_inference.infer_shapes(onnx.helper.make_model(graph, opset_imports=model.opset_import))
+    except Exception:  # noqa: BLE001 - shapes only sharpen the cut; without them every merge counts
+        return {}
+    g = inferred.graph
+    return {vi.name: [d.dim_value or d.dim_param or None for d in vi.type.tensor_type.shape.dim]
+            for vi in (*g.value_info, *g.input, *g.output) if vi.type.tensor_type.HasField("shape")}
+
+
+def _broadcast(a, b) -> bool:
+    """Whether adding shapes a and b broadcasts one over the other (a mask, a bias), as far
+    as they are known; a residual addition adds equal shapes."""
+    if a is None or b is None:
+        return False
+    return len(a) != len(b) or any((x == 1) != (y == 1) for x, y in zip(a, b) if x is not None and y is not None)
+
+
+def _ancestors(name: str, producer: dict, valued: set[str]) -> set[str]:
+    """The tensors made from the graph inputs' values that `name` is made from, itself
+    included (a tensor's shape is not its value)."""
+    seen, stack = set(), [name]
+    while stack:
+        x = stack.pop()
+        if x in seen or x not in valued:
+            continue
+        seen.add(x)
+        if x in producer:
+            stack.extend(producer[x].input)
+    return seen
 
 
 def blocks(model: onnx.ModelProto, trainable: set[str]) -> list[list[int]]:
@@ -236,7 +290,7 @@ def _train_block(graph: GraphModule, inputs, names, targets, epochs: int, seed: 
     with torch_threads(1 if small else None):
         before = error()
         start = {k: v.detach().clone() for k, v in graph.params.items()}
-        for _ in range(passes):
+        for _ in range(passes if before > 0 else 0):  # outputs already exact (the new cores do not reach them)
             for i in order.permutation(len(inputs)):
                 opt.zero_grad()
                 _relative(graph(inputs[i], names), targets[i]).backward()
@@ -244,7 +298,7 @@ def _train_block(graph: GraphModule, inputs, names, targets, epochs: int, seed: 
                 schedule.step()
         # judged once at the end (the annealed rate ends near the best state): each
         # judgement costs a pass over the calibration data
-        after = error() if passes else before
+        after = error() if passes and before > 0 else before
     if after >= before:
         with torch.no_grad():
             for k, v in start.items():
