@@ -77,3 +77,16 @@ def test_runner_keeps_only_live_tensors_and_computes_what_onnxruntime_does(expor
         np.testing.assert_allclose(env[name].numpy(), sess.run([name], f)[0], rtol=1e-4, atol=1e-4)
     convs = [i for i in range(cut + 1) if model.graph.node[i].op_type == "Conv"]
     assert {model.graph.node[i].input[1] for i in convs} <= blockwise.block_weights(model, list(range(cut + 1)))
+
+
+def test_a_block_is_judged_on_what_its_weights_reach_not_on_a_mask_it_also_leaves():
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Shape", ["y"], ["s"]),
+             helper.make_node("ConstantOfShape", ["s"], ["mask"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [-3.4e38]))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "mask")],
+                              [helper.make_tensor("w", TensorProto.FLOAT, [3, 3], [0.0] * 9)])
+    reached = blockwise._reached(helper.make_model(graph), {"w"})
+    assert "y" in reached and "mask" not in reached  # a shape carries no value of the weights

@@ -35,6 +35,7 @@ BLOCK_MIN_STEPS = 300  # Adam steps per block at least (LeNet-5 at 5x: 60 steps 
 # addition: both inputs descend from a common tensor, neither is added elsewhere, their
 # shapes do not broadcast), not a bias, a position table or an attention mask
 BOUNDARY_OPS = ("Add", "LayerNormalization", "BatchNormalization", "GroupNormalization")
+SHAPE_OPS = ("Shape", "Size")  # their outputs carry no values of their inputs
 # the weight (and bias) inputs of these ops are trained with the block's cores
 WEIGHTED_OPS = {"MatMul": (1,), "Gemm": (1, 2), "Conv": (1, 2), "ConvTranspose": (1, 2),
                 "LayerNormalization": (1, 2)}
@@ -46,7 +47,7 @@ def boundaries(model: onnx.ModelProto) -> list[int]:
     producer = {o: n for n in model.graph.node for o in n.output}
     valued = {i.name for i in model.graph.input}  # made from the inputs' values, not only their shapes
     for node in model.graph.node:
-        if node.op_type not in ("Shape", "Size") and any(x in valued for x in node.input):
+        if node.op_type not in SHAPE_OPS and any(x in valued for x in node.input):
             valued.update(node.output)
     shapes = _shapes(model)
     added = {}  # how many Adds read each tensor: one added in several places (a mask) is no stream
@@ -162,9 +163,12 @@ def refine_blocks(model: onnx.ModelProto, original: onnx.ModelProto, batches, tr
         targets_named = [x for x in leaves if x in teacher.known]
         with torch.no_grad():
             teacher.compute(targets_named, protect={x for later in leaves_of[b + 1:] for x in later})
-        names = [x for x in targets_named if teacher.envs[0][x].is_floating_point()]
+        train = (block_weights(model, run) | trainable) & {t.name for t in sub.graph.initializer}
+        # only what the trained weights reach (an attention mask the block also leaves, its
+        # -3.4e38 entries included, would swamp the error)
+        reached = _reached(sub, train)
+        names = [x for x in targets_named if x in reached and teacher.envs[0][x].is_floating_point()]
         if names:
-            train = (block_weights(model, run) | trainable) & {t.name for t in sub.graph.initializer}
             graph = GraphModule(sub, train)
             inputs = [{x: env[x] for x in reads if x in env} for env in student.envs]  # (reads of subgraphs' own tensors left out)
             targets = [[env[x] for x in names] for env in teacher.envs]
@@ -233,6 +237,15 @@ class _Runner:
             need.add(i)
             stack.extend(self.producer[x] for x in self.reads[i] if x in self.producer)
         self.advance(sorted(need))
+
+
+def _reached(sub: onnx.ModelProto, sources: set[str]) -> set[str]:
+    """The tensors of a block whose values are computed from `sources` (not only shapes)."""
+    reached = set(sources)
+    for node in sub.graph.node:
+        if node.op_type not in SHAPE_OPS and _reads(node) & reached:
+            reached.update(node.output)
+    return reached
 
 
 def _reads(node) -> set[str]:
