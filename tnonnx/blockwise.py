@@ -179,6 +179,8 @@ def refine_blocks(model: onnx.ModelProto, original: onnx.ModelProto, batches, tr
             results.append((before, after))
             if log:
                 log(f"blockwise: block {b + 1} ({len(run)} nodes) error at its outputs {before:.4g} -> {after:.4g}")
+        elif log:
+            log(f"blockwise: block {b + 1} ({len(run)} nodes) left as fitted: no output its weights reach")
         with torch.no_grad():
             student.advance(run)
     return results
