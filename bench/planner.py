@@ -1,7 +1,9 @@
 """How long `--format auto --budget 2x --fit aware` takes, and what it keeps: the PP-OCRv4
 recogniser (1 x 3 x 48 x 320) and the small reference ResNet (random weights, 3 x 32 x 32),
-calibrated on --calib random inputs, judged on --eval other random inputs (output cosine
-to the original's, and top-1 agreement of the last axis).
+calibrated on --calib random inputs (given as arrays of that many samples, so that a fixed
+deployment --shape of batch 1 does not shrink the calibration set to one sample), judged on
+--eval other random inputs (output cosine to the original's, and top-1 agreement of the
+last axis).
 
     .venv/bin/python bench/planner.py [--models ppocr-rec,small_resnet] [--calib 32] [--eval 32]
                                       [--budget 2] [--fit aware] [--format auto]
@@ -64,10 +66,13 @@ def main(argv=None) -> int:
             original = tnonnx.model.load(path)
             batch = 1 if shapes else 8
             held_out = calibrate.random_batches(original, args.eval, batch, shapes, seed=10_000)
+            calib = None
+            if args.fit != "data-free":
+                drawn = calibrate.random_batches(original, args.calib, batch, shapes, seed=0)
+                calib = {k: np.concatenate([b[k] for b in drawn])[:args.calib] for k in drawn[0]}
             t0 = time.perf_counter()
             new, report = tnonnx.rewrite(path, format=args.format, budget=args.budget, fit=args.fit,
-                                         calib=args.calib if args.fit != "data-free" else None, shapes=shapes,
-                                         validate=False)
+                                         calib=calib, shapes=shapes, validate=False)
             seconds = time.perf_counter() - t0
             ref, got = (next(iter(run(m, held_out).values())) for m in (original, new))
             cos, top = agreement(ref, got)

@@ -52,3 +52,41 @@ def test_fit_blockwise_reports_its_blocks(exported, monkeypatch):
     _, report = tnonnx.rewrite(exported("transformer_block"), format="svd", rank=4, fit="blockwise", calib=16,
                                validate=False, timing=False)
     assert any(n.startswith("blockwise: 2 block(s) refined") for n in report.notes)
+
+
+def test_runner_keeps_only_live_tensors_and_computes_what_onnxruntime_does(exported):
+    import onnxruntime as ort
+    import torch
+
+    from tnonnx import runtime
+
+    model = tnonnx.model.load(exported("small_resnet"))
+    batches = calibrate.random_batches(model, 4, 2, seed=1)
+    runner = blockwise._Runner(model)
+    for f in batches:
+        runner.add(f)
+    cut = blockwise.boundaries(model)[1]  # after the second residual addition
+    with torch.no_grad():
+        runner.advance(range(cut + 1))
+    later = {x for n in model.graph.node[cut + 1:] for x in n.input}
+    assert runner.done == cut + 1 and set(runner.envs[0]) <= later  # nothing kept that no later node reads
+    name = model.graph.node[cut].output[0]
+    exposed, _ = runtime.with_outputs(model, [name])
+    sess = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    for f, env in zip(batches, runner.envs):
+        np.testing.assert_allclose(env[name].numpy(), sess.run([name], f)[0], rtol=1e-4, atol=1e-4)
+    convs = [i for i in range(cut + 1) if model.graph.node[i].op_type == "Conv"]
+    assert {model.graph.node[i].input[1] for i in convs} <= blockwise.block_weights(model, list(range(cut + 1)))
+
+
+def test_a_block_is_judged_on_what_its_weights_reach_not_on_a_mask_it_also_leaves():
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Shape", ["y"], ["s"]),
+             helper.make_node("ConstantOfShape", ["s"], ["mask"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [-3.4e38]))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "mask")],
+                              [helper.make_tensor("w", TensorProto.FLOAT, [3, 3], [0.0] * 9)])
+    reached = blockwise._reached(helper.make_model(graph), {"w"})
+    assert "y" in reached and "mask" not in reached  # a shape carries no value of the weights

@@ -224,8 +224,9 @@ def inspect(model, batch, shapes, recurrent, as_json):
 @click.option("--fit", "fit_mode", type=click.Choice(api.FIT_MODES), default="data-free", show_default=True,
               help="aware: fit each layer's outputs on calibration data (closed form for svd, refined cores for the "
                    "other formats); sequential: the same, each layer fed the outputs of the layers already rewritten; "
-                   "blockwise: aware, then each block (between residual additions and normalisations) trained "
-                   "to the original block's outputs, fed by the blocks already refined.")
+                   "blockwise: aware, then each block (between residual additions and normalisations) trained, "
+                   "its new cores with its other weights, to the original block's outputs, fed by the blocks "
+                   "already refined.")
 @click.option("--finetune", type=click.IntRange(min=0), default=0, metavar="EPOCHS",
               help="Then train the rewritten layers' cores end to end to the original model's outputs and the "
                    "inputs of the rewritten layers on the calibration data for EPOCHS epochs.")
