@@ -86,7 +86,11 @@ class CostModelTimer:
                 transposed += out * 4
             elif node.op_type not in ("Reshape", "Shape", "Slice", "Concat", "Squeeze", "Unsqueeze", "Identity"):
                 moved += out * 4
-        weights = sum(_read(t, model.graph.node, sizes) * 4 for t in model.graph.initializer)
+        users: dict[str, list] = {}
+        for n in model.graph.node:
+            for x in set(n.input):
+                users.setdefault(x, []).append(n)
+        weights = sum(_read(t, users.get(t.name, []), sizes) * 4 for t in model.graph.initializer)
         return (cost.total / (self.MACS_PER_MS * threads) + moved / self.BYTES_PER_MS
                 + transposed / self.TRANSPOSE_BYTES_PER_MS + weights / self.WEIGHT_BYTES_PER_MS
                 + len(model.graph.node) * self.NODE_MS)
@@ -432,10 +436,10 @@ def _inferred(model, shapes):
         return m
 
 
-def _read(weight, nodes, sizes) -> int:
-    """Elements of an initializer a run reads: all of them, but only the gathered rows of a
-    table that Gathers alone read (an embedding reads a few rows of a large table)."""
-    users = [n for n in nodes if weight.name in n.input]
+def _read(weight, users, sizes) -> int:
+    """Elements of an initializer a run reads (`users`: the nodes reading it): all of them,
+    but only the gathered rows of a table that Gathers alone read (an embedding reads a few
+    rows of a large table)."""
     total = int(np.prod(weight.dims))
     if not users or len(weight.dims) < 2 or any(n.op_type != "Gather" or n.input[0] != weight.name
                                                 or _attr(n, "axis", 0) != 0 for n in users):

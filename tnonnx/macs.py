@@ -55,7 +55,7 @@ from tnonnx.errors import TnonnxError
 
 Shape = tuple[int, ...] | None  # None: unknown rank or a symbolic dimension
 
-_FLOATS = {v for k, v in TensorProto.DataType.items() if k.startswith(("FLOAT", "BFLOAT", "DOUBLE"))}
+FLOAT_TYPES = {v for k, v in TensorProto.DataType.items() if k.startswith(("FLOAT", "BFLOAT", "DOUBLE"))}
 _NONDETERMINISTIC = {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike",
                      "Multinomial", "Bernoulli"}
 _FOLDABLE_DOMAINS = {"", "ai.onnx", "com.microsoft"}
@@ -370,6 +370,7 @@ class TensorShapes:
 
     def __init__(self, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], extra=()):
         self.model, self.input_shapes = model, input_shapes
+        self._main = {o for n in model.graph.node for o in n.output} | set(input_shapes)
         self.inferred = _infer(_with_inputs(model, input_shapes, strip=True))
         graph = self.inferred.graph
         self._types = {vi.name: vi.type.tensor_type for vi in (*graph.value_info, *graph.input, *graph.output)}
@@ -392,7 +393,7 @@ class TensorShapes:
     def spec(self, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
         """(shape, dtype) of a main-graph tensor, None when neither inference nor the run
         gave it (inside a subgraph, or the run failed)."""
-        main = name in {o for n in self.model.graph.node for o in n.output} or name in self.input_shapes
+        main = name in self._main
         return self.probed.get(name) or (self._inferred(name) if main else None)
 
     @property
@@ -443,7 +444,7 @@ def parameters(model: onnx.ModelProto) -> tuple[int, int]:
     for g in all_graphs(model.graph):
         for t in _tensors(g):
             n = math.prod(t.dims)
-            if t.data_type in _FLOATS:
+            if t.data_type in FLOAT_TYPES:
                 params += n
             nbytes += _nbytes(t, n)
     return params, nbytes
