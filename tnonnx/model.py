@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +12,7 @@ import onnxruntime as ort
 
 from . import external
 from .errors import TnonnxError
+from .macs import FLOAT_TYPES
 
 # The newest IR version / default-domain opset the installed onnxruntime loads.
 # onnx may write newer ones by default; the runtime refuses those (see ENVIRONMENT.md).
@@ -207,7 +209,6 @@ def inline_bytes(model: onnx.ModelProto) -> int:
 
 
 _VALUES = ("raw_data", "float_data", "double_data", "int32_data")  # where float tensors keep their values
-_FLOAT_TYPES = {v for k, v in onnx.TensorProto.DataType.items() if k.startswith(("FLOAT", "BFLOAT", "DOUBLE"))}
 
 
 def skeleton(model: onnx.ModelProto, keep: int = 64, *, dims: bool = True) -> onnx.ModelProto:
@@ -229,10 +230,7 @@ def skeleton(model: onnx.ModelProto, keep: int = 64, *, dims: bool = True) -> on
 
 
 def _strip(t: onnx.TensorProto, keep: int) -> bool:
-    n = 1
-    for d in t.dims:
-        n *= d
-    return t.data_type in _FLOAT_TYPES and n > keep and t.data_location != onnx.TensorProto.EXTERNAL
+    return t.data_type in FLOAT_TYPES and math.prod(t.dims) > keep and t.data_location != onnx.TensorProto.EXTERNAL
 
 
 def _emptied(t: onnx.TensorProto, dims: bool) -> onnx.TensorProto:
