@@ -85,9 +85,9 @@ def check_spans(model: onnx.ModelProto, base: str) -> None:
     for t in tensors(model):
         if not is_external(t):
             continue
-        if "location" not in entries(t):
+        location = entries(t).get("location")
+        if location is None:
             raise ValueError(f"tensor '{t.name}' has no data-file location")
-        location = entries(t)["location"]
         if os.path.isabs(location) or ".." in Path(location).parts:
             raise ValueError(f"tensor '{t.name}': data-file location '{location}' is outside the model's folder")
         path, offset, length = span(t, base)
