@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -219,13 +218,10 @@ def _compare_ort(report: DeployReport, final_outputs: dict, batches) -> None:
     if ".ort" not in report.target.files:
         return
     sess = targets.ort_session(report.target.files[".ort"])
-    names = [o.name for o in sess.get_outputs()]
-    got = {n: [] for n in names}
-    for feeds in batches:
-        for n, v in zip(names, sess.run(None, dict(feeds))):
-            got[n].append(v)
-    got = {n: np.concatenate(v) if np.ndim(v[0]) else np.stack(v) for n, v in got.items()}
-    worst_abs, worst_cos = targets.agreement(final_outputs, got)
+    got = validation.run(None, batches, what=".ort model", open_session=lambda _model, _what: sess)
+    outs = validation.compare(final_outputs, got)
+    worst_abs = max((o.max_abs for o in outs), default=0.0)
+    worst_cos = min((o.cosine for o in outs), default=1.0)
     report.target.add(".ort loads and agrees with the .onnx", worst_cos >= 0.99999,
                       f"max abs difference {worst_abs:.3g}, least cosine {worst_cos:.7f}; "
                       f"needs onnxruntime >= {report.target.ort_version}")

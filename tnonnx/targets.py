@@ -18,7 +18,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from .errors import TnonnxError
@@ -217,15 +216,3 @@ def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
                 out |= {x for n in sub.node for x in (*n.input, *n.output)}
                 out |= _subgraph_names(sub)
     return out
-
-
-def agreement(ref_outputs: dict, test_outputs: dict) -> tuple[float, float]:
-    """(max abs difference, least cosine) over the outputs of two runs."""
-    worst_abs, worst_cos = 0.0, 1.0
-    for name, a in ref_outputs.items():
-        a, b = np.asarray(a, np.float64).ravel(), np.asarray(test_outputs[name], np.float64).ravel()
-        worst_abs = max(worst_abs, float(np.abs(a - b).max()) if a.size else 0.0)
-        na, nb = np.linalg.norm(a), np.linalg.norm(b)
-        cos = 1.0 if na == nb == 0 else (float(a @ b / (na * nb)) if na and nb else 0.0)
-        worst_cos = min(worst_cos, cos)
-    return worst_abs, worst_cos
