@@ -191,7 +191,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                 before_ms / speedup)
         else:
             replacements = build(0.0)
-        notes.extend(planner.notes + ([pool.note()] if pool.note() else []))
+        notes.extend(planner.notes + ([used] if (used := pool.note()) else []))
     if emit == "rows":  # edge: a layer whose emission still breaks the rules stays dense
         owner = {n.name: key for key, r in replacements.items() for n in r.builder.nodes}
         for broken in edge_violations(partial(new, replacements), set(owner)):
@@ -220,8 +220,9 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     if fit == "blockwise":
         from .blockwise import blocks, refine_blocks
 
-        with stages.stage("refine", len(blocks(new, trainable)), "blocks") as stage:
-            errors = refine_blocks(new, original, batches, trainable, log=lambda _: stage.advance())
+        runs = blocks(new, trainable)
+        with stages.stage("refine", len(runs), "blocks") as stage:
+            errors = refine_blocks(new, original, batches, trainable, log=lambda _: stage.advance(), runs=runs)
         if errors:
             notes.append(f"blockwise: {len(errors)} block(s) refined; relative error at their outputs on the "
                          f"calibration data {np.mean([b for b, _ in errors]):.4g} -> "

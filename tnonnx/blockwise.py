@@ -139,14 +139,14 @@ def block_weights(model: onnx.ModelProto, run: list[int]) -> set[str]:
 
 
 def refine_blocks(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainable: set[str], *,
-                  epochs: int = BLOCK_EPOCHS, seed: int = 0, log=None) -> list[tuple[float, float]]:
+                  epochs: int = BLOCK_EPOCHS, seed: int = 0, log=None, runs=None) -> list[tuple[float, float]]:
     """Refine `model`'s trainable initializers, and the other weights of the blocks that hold
     them, block by block, in place; returns each block's relative calibration error at its
-    outputs before and after."""
+    outputs before and after. `runs`: blocks(model, trainable), when the caller has them."""
     import torch
 
     torch.manual_seed(seed)
-    runs = blocks(model, trainable)
+    runs = blocks(model, trainable) if runs is None else runs
     if not runs:
         return []
     student, teacher = _Runner(model), _Runner(original)
