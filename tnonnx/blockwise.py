@@ -22,7 +22,6 @@ from collections import ChainMap
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .finetune import SMALL_MODEL_PARAMS, GraphModule, _relative, _run_nodes, store
 from .fit import torch_threads
@@ -159,7 +158,8 @@ def refine_blocks(model: onnx.ModelProto, original: onnx.ModelProto, batches, tr
     for b, run in enumerate(runs):
         with torch.no_grad():
             student.advance(range(student.done, run[0]))
-        sub, reads, leaves = _sub_model(model, run)
+        sub, reads = _sub_model(model, run)
+        leaves = leaves_of[b]
         targets_named = [x for x in leaves if x in teacher.known]
         with torch.no_grad():
             teacher.compute(targets_named, protect={x for later in leaves_of[b + 1:] for x in later})
@@ -191,11 +191,9 @@ class _Runner:
     per batch only the tensors that nodes not yet run (or `protect`ed names) still read."""
 
     def __init__(self, model: onnx.ModelProto):
-        import torch
-
-        GraphModule(model, set())  # refuses a graph with ops the interpreter does not run
+        # the interpreter refuses a graph with ops it does not run; its constants are every initializer
+        self.values = GraphModule(model, set()).constants
         self.nodes = list(model.graph.node)
-        self.values = {t.name: torch.as_tensor(np.array(numpy_helper.to_array(t))) for t in model.graph.initializer}
         self.reads = [_reads(n) for n in self.nodes]
         self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         self.known = set(self.producer) | {i.name for i in model.graph.input}
@@ -270,9 +268,8 @@ def _sub_model_leaves(model: onnx.ModelProto, run: list[int]) -> list[str]:
     return [o for i in run for o in nodes[i].output if o in later]
 
 
-def _sub_model(model: onnx.ModelProto, run: list[int]) -> tuple[onnx.ModelProto, list[str], list[str]]:
-    """(a model of the run's nodes, the tensors it reads from before it, those it leaves to
-    the nodes after it or to the graph outputs)."""
+def _sub_model(model: onnx.ModelProto, run: list[int]) -> tuple[onnx.ModelProto, list[str]]:
+    """(a model of the run's nodes, the tensors it reads from before it)."""
     nodes = [model.graph.node[i] for i in run]
     inits = {t.name: t for t in model.graph.initializer}
     made = {o for n in nodes for o in n.output}
@@ -280,7 +277,7 @@ def _sub_model(model: onnx.ModelProto, run: list[int]) -> tuple[onnx.ModelProto,
     used = {x for n in nodes for x in _reads(n)}
     graph = onnx.helper.make_graph(nodes, "block", [], [], initializer=[t for n, t in inits.items() if n in used])
     sub = onnx.helper.make_model(graph, opset_imports=model.opset_import)  # the interpreter reads nodes and initializers
-    return sub, reads, _sub_model_leaves(model, run)
+    return sub, reads
 
 
 def _train_block(graph: GraphModule, inputs, names, targets, epochs: int, seed: int) -> tuple[float, float]:
