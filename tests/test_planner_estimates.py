@@ -155,3 +155,23 @@ def test_timing_only_the_front_chooses_what_timing_everything_chooses(monkeypatc
     key = lambda o: (str(o.format), o.params)  # noqa: E731
     assert sorted(map(key, lazy)) == sorted(map(key, expected))
     assert len(timed) - len(options) < len(options)  # fewer options timed than all of them
+
+
+def test_errors_are_measured_when_first_asked_for():
+    """Fitter.fit(measure=False) (the planner's timing) leaves the errors unset; a later
+    fit of the same key measures them, equal to an eager fit's."""
+    layer = _dense()
+    data = fitting.layer_data(layer, calibrate.Capture(*_gram(_inputs(64, 200, seed=5))))
+    lazy, eager = Fitter(None, {"mm": data}), Fitter(None, {"mm": data})
+    fact = lazy.fit(layer, "svd", RankSpec(rank=6), final=False, measure=False)
+    assert fact.weight_error is None and fact.output_error is None and not fact.measured
+    again = lazy.fit(layer, "svd", RankSpec(rank=6), final=False)
+    want = eager.fit(layer, "svd", RankSpec(rank=6), final=False)
+    assert again is fact and fact.measured
+    assert (fact.weight_error, fact.output_error, fact.held_out_error) == pytest.approx(
+        (want.weight_error, want.output_error, want.held_out_error))
+    assert fact.output_error > 0
+
+
+def _gram(x: np.ndarray) -> tuple[np.ndarray, int]:
+    return x.T @ x, x.shape[0]

@@ -105,6 +105,24 @@ def test_small_fits_stay_in_this_process_by_default():
     assert Workers().count == len(os.sched_getaffinity(0))
 
 
+def test_svd_candidates_stay_in_this_process_unless_workers_are_asked_for(monkeypatch):
+    """svd's budget candidates come off one SVD per layer: below workers.SVD_POOL_FLOPS the
+    default does not start workers for them, whatever the parameter count; --workers does."""
+    import tnonnx.workers as workers
+
+    monkeypatch.setattr(workers, "MIN_PARAMS", 1)
+    options = dict(format="svd", budget="2x", fit="aware", calib=calib(), allow_slower=True, validate=False,
+                   timing=False)
+    _, default = tnonnx.rewrite(mlp(), **options)
+    assert not any(n.startswith("workers: ") for n in default.notes)
+    _, asked = tnonnx.rewrite(mlp(), workers=2, **options)
+    assert any("candidates fitted in 2 worker processes" in n for n in asked.notes)
+    monkeypatch.setattr(workers, "SVD_POOL_FLOPS", 1.0)
+    _, large = tnonnx.rewrite(mlp(), **options)
+    assert any("candidates fitted in" in n for n in large.notes)
+    assert [(r.format, r.ranks) for r in default.rows] == [(r.format, r.ranks) for r in asked.rows]
+
+
 def test_a_fit_failing_in_a_worker_is_one_line():
     with pytest.raises(WorkerFailed, match=r"^fitting mm\d in svd failed in a worker process: AttributeError: ") as exc:
         tnonnx.rewrite(mlp(), format="svd", rank=4, format_options={"data": "not calibration data"}, workers=2,

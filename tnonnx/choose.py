@@ -138,7 +138,7 @@ def time_options(group: list[LayerPlan], options: list[Option], fitter: Fitter, 
     dense = Option(None, None, first.layer.params, 0.0, macs_ratio=1.0)
     trials, owners = [], []
     for i, o in enumerate(options):
-        fact = fitter.fit(first.layer, o.format, o.spec, first.modes, first.order, final=False)
+        fact = fitter.fit(first.layer, o.format, o.spec, first.modes, first.order, final=False, measure=False)
         for emission in emissions_for(fact, emit, first.layer):
             trials.append((fact, emission))
             owners.append(i)

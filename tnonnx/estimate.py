@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .formats import FORMATS, RankSpec
-from .formats.svd import svd_rank, thin_svd
+from .formats.svd import solve_basis, svd_rank, thin_svd
 from .graph import Layer
 
 # a slow format's proxy whose squared error is within this factor of the best candidate
@@ -38,7 +38,9 @@ def svd_estimates(layer: Layer, data, specs: list[RankSpec]) -> list[tuple[RankS
     matrix = weight if layer.kind == "dense" else weight.reshape(weight.shape[0], -1)
     if data is not None:
         matrix = data.target
-    u, s, vt = thin_svd(matrix)
+        u, s, vt = data.target_svd()
+    else:
+        u, s, vt = thin_svd(matrix)
     energy = s.astype(np.float64) ** 2
     total = float(energy.sum())
     if total <= 0:
@@ -78,7 +80,7 @@ def _held_out_errors(data, u, s, vt) -> np.ndarray:
     factors map a held-out row set A_h to A_h A^-1 u_i s_i vt_i summed over i < r =: M_r Vt_r,
     and with Vt's rows orthonormal ||M_r Vt_r - B_h||^2 = ||B_h||^2 - 2 sum_i m_i.(B_h vt_i)
     + sum_i ||m_i||^2: cumulative sums over i, all ranks from one pass."""
-    m = data.held_basis @ np.linalg.solve(data.basis, u * s)
+    m = data.held_basis @ solve_basis(data.basis, u * s)
     cross = np.einsum("ni,ni->i", m, data.held_target @ vt.T)
     total = float(np.sum(data.held_target**2))
     if total <= 0:

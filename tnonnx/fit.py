@@ -23,6 +23,7 @@ nonlinear formats, fit to sampled inputs and the original layer's outputs on the
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -47,12 +48,28 @@ class LayerData:
     basis: np.ndarray | None  # A = L^T (N x N, upper triangular; conv: N = S * prod(kernel)), or None
     target: np.ndarray | None  # B (N x M; conv: M = T)
     inputs: np.ndarray | None  # sampled inputs the layer sees: rows (R x N) or maps (B x S x ...)
-    outputs: np.ndarray | None  # the original layer's outputs for those samples, without bias
+    given_outputs: np.ndarray | None  # the original layer's outputs for those samples, without bias
     geometry: ConvGeometry | None = None
     held_basis: np.ndarray | None = None  # the same over the held-out calibration samples
     held_target: np.ndarray | None = None
     rows: int = 0  # calibration rows behind the fitted Gram matrix
     shrinkage: float = 0.0  # how far that Gram matrix was shrunk towards the scaled identity
+    # outputs computed when first asked for (a picklable partial): closed-form and chain fits
+    # never read them, and a 1536-wide layer's 8192 samples cost a second to multiply
+    pending_outputs: object = None
+
+    @property
+    def outputs(self) -> np.ndarray | None:
+        if self.given_outputs is None and self.pending_outputs is not None:
+            self.given_outputs, self.pending_outputs = self.pending_outputs(), None
+        return self.given_outputs
+
+    def target_svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The thin SVD of the target B, computed once (every svd rank the planner tries
+        truncates it; see formats/svd.whitened_factors and estimate.svd_estimates)."""
+        if getattr(self, "_target_svd", None) is None:
+            self._target_svd = np.linalg.svd(self.target, full_matrices=False)
+        return self._target_svd
 
     @property
     def features(self) -> int:
@@ -123,22 +140,28 @@ def layer_data(layer: Layer, capture: Capture, bases: dict | None = None) -> Lay
         basis, target = _basis_target(chol, cross, matrix)
         if held is not None:
             held_basis, held_target = _basis_target(held, capture.held_cross, matrix)
-    inputs, outputs = capture.samples, None
+    inputs, pending = capture.samples, None
     if inputs is not None:
         source = capture.reference if capture.reference is not None else inputs
-        if kind == "dense":
-            outputs = source.astype(np.float64) @ matrix
-        else:
-            outputs = conv_apply(source, matrix, layer.geometry)
-    return LayerData(kind, basis, target, inputs, outputs, layer.geometry if kind == "conv" else None,
-                     held_basis, held_target, capture.count, alpha)
+        pending = functools.partial(_sample_outputs, source, matrix, layer.geometry if kind == "conv" else None)
+    return LayerData(kind, basis, target, inputs, None, layer.geometry if kind == "conv" else None,
+                     held_basis, held_target, capture.count, alpha, pending)
+
+
+def _sample_outputs(source: np.ndarray, matrix: np.ndarray, geometry: ConvGeometry | None) -> np.ndarray:
+    if geometry is None:
+        return source.astype(np.float64) @ matrix
+    return conv_apply(source, matrix, geometry)
 
 
 def _basis_target(chol: np.ndarray, cross: np.ndarray | None, matrix: np.ndarray):
     """(A, B) of the module docstring from the Cholesky factor L (and the cross Gram C)."""
     basis = chol.T
-    target = basis @ matrix if cross is None else np.linalg.solve(chol, cross @ matrix)
-    return basis, target
+    if cross is None:
+        return basis, basis @ matrix
+    import scipy.linalg
+
+    return basis, scipy.linalg.solve_triangular(chol, cross @ matrix, lower=True, check_finite=False)
 
 
 def shrinkage(capture: Capture) -> float:

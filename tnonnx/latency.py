@@ -216,10 +216,7 @@ class TimingCache:
                 self.entries = {}  # a damaged cache is re-measured, not an error
 
     def key(self, model: onnx.ModelProto, feeds: dict, threads: int | None, timer_name: str) -> str:
-        h = hashlib.sha256(structure(model))
-        h.update(json.dumps([sorted((k, list(np.shape(v)), str(np.asarray(v).dtype)) for k, v in feeds.items()),
-                             threads, machine_key(), timer_name]).encode())
-        return h.hexdigest()
+        return structure_key(model, feeds, threads, machine_key(), timer_name).hex()
 
     def get(self, key: str) -> float | None:
         value = self.entries.get(key)  # disabled: still reused within the run, never read or written
@@ -243,6 +240,14 @@ class TimingCache:
             os.replace(tmp, self.path)
         except OSError:
             pass  # an unwritable cache costs time next run, nothing else
+
+
+def structure_key(model: onnx.ModelProto, feeds: dict, *context) -> bytes:
+    """A digest of the model's structure, the feeds' shapes and dtypes, and `context`."""
+    h = hashlib.sha256(structure(model))
+    h.update(json.dumps([sorted((k, list(np.shape(v)), str(np.asarray(v).dtype)) for k, v in feeds.items()),
+                         *context]).encode())
+    return h.digest()
 
 
 def structure(model: onnx.ModelProto) -> bytes:
@@ -321,8 +326,20 @@ def deployment_feeds(model: onnx.ModelProto, deployment: Deployment) -> dict | N
         return None
 
 
+_PREDICTED: dict[bytes, float] = {}
+_PREDICTED_KEPT = 4096
+
+
 def predict(model: onnx.ModelProto, feeds: dict, threads: int | None) -> float:
-    return CostModelTimer().predict(model, feeds, threads)
+    """CostModelTimer's prediction, remembered by structure (the cost model reads no weight
+    values): a transformer's layers repeat a few shapes, each predicted once (shape inference
+    and MAC counting cost milliseconds per model, and the planner asks thousands of times)."""
+    key = structure_key(model, feeds, threads)
+    if key not in _PREDICTED:
+        if len(_PREDICTED) >= _PREDICTED_KEPT:
+            _PREDICTED.pop(next(iter(_PREDICTED)))
+        _PREDICTED[key] = CostModelTimer().predict(model, feeds, threads)
+    return _PREDICTED[key]
 
 
 # ------------------------------------------------------------------ one-layer models

@@ -181,7 +181,11 @@ class Fitter:
         return getattr(module, "SUPPORTS_DATA", False) or getattr(module, "NEEDS_DATA", False) \
             or layer.kind in ("embedding", "tied")  # row weights, see tnonnx/embedding.py
 
-    def fit(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None, *, final: bool = True):
+    def fit(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None, *, final: bool = True,
+            measure: bool = True):
+        """The factorisation (cached by key()); `measure`: with its weight, output and
+        held-out errors, which cost more than an svd fit itself (the planner's timing only
+        needs the cores; errors are measured when a later call asks)."""
         module = FORMATS[format]
         data = self.data.get(layer.name)
         takes_data = self._takes_data(module, layer)
@@ -213,14 +217,16 @@ class Fitter:
                 from .fp16 import balance_cores
 
                 balance_cores(fact)
-            dense = fact.to_dense() if fact.linear else None  # once: a ring's takes long
-            fact.weight_error = fact.relative_error(layer.weight, dense) if dense is not None else None
-            fact.output_error = data.output_error(fact, dense) if data is not None else None
-            fact.held_out_error = data.held_out_error(fact, dense) if data is not None else None
             self.cache[key] = fact
         fact = self.cache[key]
         if isinstance(fact, NotApplicable):  # as a worker process found it (tnonnx/workers.py)
             raise fact
+        if measure and not getattr(fact, "measured", False):
+            dense = fact.to_dense() if fact.linear else None  # once: a ring's takes long
+            fact.weight_error = fact.relative_error(layer.weight, dense) if dense is not None else None
+            fact.output_error = data.output_error(fact, dense) if data is not None else None
+            fact.held_out_error = data.held_out_error(fact, dense) if data is not None else None
+            fact.measured = True
         return fact
 
 

@@ -24,6 +24,8 @@ import multiprocessing
 import os
 import pickle
 
+import numpy as np
+
 from .errors import NotApplicable, TnonnxError
 
 # weights (in parameters, summed over the fits to share out) below which the default
@@ -32,6 +34,9 @@ from .errors import NotApplicable, TnonnxError
 MIN_PARAMS = 1 << 20
 # what a fit that trains cores imports: torch's optimizers import torch._dynamo (seconds)
 TORCH_MODULES = ("torch", "torch._dynamo", "torch.optim", "tnonnx.nn")
+# svd-only candidates go to the workers above this much SVD work (about 4 n m min(n, m) per
+# layer; 5e10 is 5-10 s of one core, what starting the workers and sending the data costs)
+SVD_POOL_FLOPS = 5e10
 IN_FLIGHT = 2  # items per worker sent ahead: a weight read from a data file stays one of a few
 # conv factorisations build their stages with closures, which pickle cannot send back:
 # conv layers are fitted in the parent
@@ -236,6 +241,9 @@ def candidates(fitter, plans, trials, workers: Workers | None, counts: dict, adv
     found: dict = {}
     if workers is None or not workers.worth([p.layer.params for p in plans]):
         return found
+    if all(fmt == "svd" for p in plans for fmt, _ in trials(p)) and not workers.given \
+            and _svd_flops(plans) < SVD_POOL_FLOPS:
+        return found  # svd's candidates come off one SVD per layer: cheaper than starting workers
 
     def payload(plan):
         return _job(fitter, plan.layer) + (trials(plan), plan.modes, plan.order)
@@ -257,6 +265,16 @@ def candidates(fitter, plans, trials, workers: Workers | None, counts: dict, adv
     return found
 
 
+def _svd_flops(plans) -> float:
+    """About the floating-point work of one thin SVD per plan's weight matrix."""
+    total = 0.0
+    for p in plans:
+        shape = p.layer.weight_shape
+        n, m = shape[0], int(np.prod(shape[1:]))
+        total += 4.0 * n * m * min(n, m)
+    return total
+
+
 def _candidates(job):
     from .choose import candidate_options, pareto
     from .plan import LayerPlan
@@ -266,6 +284,6 @@ def _candidates(job):
     counts: dict = {}
     found = candidate_options(LayerPlan(layer, trials[0][0], trials[0][1], modes, order), fitter, trials, counts)
     for option in pareto(found, by_time=False):
-        fitter.fit(layer, option.format, option.spec, modes, order, final=False)
+        fitter.fit(layer, option.format, option.spec, modes, order, final=False, measure=False)
     fits = [(key[1], key[2], _sendable(fact)) for key, fact in fitter.cache.items() if not key[-1]]
     return found, counts, fits

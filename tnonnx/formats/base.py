@@ -69,6 +69,7 @@ class Factorization:
     linear = True  # False for nonlinear chains (NTT, NTR): no dense weight to rebuild
     weight_error: float | None = None  # set by the fitter
     output_error: float | None = None  # on calibration data, set by the fitter when it has some
+    measured = False  # the fitter has set the errors (Fitter.fit, measure=True)
 
     def params(self) -> int:
         return int(sum(c.size for c in self.cores.values()))
