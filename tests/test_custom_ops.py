@@ -366,7 +366,9 @@ def test_cli_validate_and_bench_load_the_library_without_flags(library, tmp_path
                                   "--emit", "custom", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert custom_ops.needs_library(onnx.load(str(out)))
-    result = runner.invoke(main, ["validate", str(src), str(out), "--rtol", "1e-4", "--atol", "1e-4"])
+    # outputs reach ~1e3: float32 rounding of a different summation order is ~1e-3 absolute
+    # (6.7e-4 seen on one CPU), 6e-7 relative to the output's scale
+    result = runner.invoke(main, ["validate", str(src), str(out), "--rtol", "1e-4", "--atol", "1e-2"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["bench", str(src), str(out), "--batch", "4", "--repeats", "3", "--warmup", "1"])
     assert result.exit_code == 0, result.output
