@@ -15,10 +15,11 @@ from .embedding import layer_data as embedding_data
 from .emit import Builder
 from .errors import NotApplicable
 from .formats import Factorization
-from .graph import Layer, replace_nodes
+from .graph import Layer
 from .latency import LayerTimer
 from .macs import all_graphs
 from .plan import Fitter, LayerPlan
+from .replace import replace_nodes
 from .targets import EDGE_MAX_RANK
 from .workers import Workers, prefit
 
