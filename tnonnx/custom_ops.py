@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from . import macs
+from . import macs, macs_ops
 from .emit import Builder, Chain, core_matrix_np
 from .errors import TnonnxError
 
@@ -147,7 +147,7 @@ def _count(node, ins, outs):
     return math.prod(x[:-1]) * sum(k * f * c * n for k, f, c, n in _step_products(node))
 
 
-macs.COUNTERS[(DOMAIN, OP_TYPE)] = _count
+macs_ops.COUNTERS[(DOMAIN, OP_TYPE)] = _count
 
 _ATTRIBUTES = {"activation": "STRING", "in_features": "INT", "out_features": "INT", "ranks": "INTS", "dims": "INTS",
                "perms": "INTS", "splits": "INTS", "new_sizes": "INTS", "out_dims": "INTS", "out_perm": "INTS"}

@@ -22,6 +22,7 @@ from onnx import numpy_helper
 from . import external
 from .formats.base import ConvGeometry, flip_kernel
 from .macs import all_graphs, iter_nodes
+from .macs_ops import _attr
 from .model import default_opset
 
 CANDIDATE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -208,13 +209,6 @@ class Scope:
         path = [t for f in found if f is not None for t in f[2]] + [name]
         stored = next((f[1] for f in found if f is not None and np.dtype(f[1]).kind == "f"), arr.dtype)
         return arr, stored, path
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
