@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 
 import tnonnx
 from onnx_builders import init, make_model, randn, rel_err, value
-from tnonnx import custom_ops, runtime
+from tnonnx import custom_ops, ort_headers, runtime
 from tnonnx.cli import main
 from tnonnx.emit import Builder, Chain, Core, NumpyOps, emit_chain, run_chain
 from tnonnx.errors import TnonnxError
@@ -43,8 +43,8 @@ def library():
         pytest.skip("no C++ compiler (g++, c++ or clang++) on this machine")
     try:
         return custom_ops.build()
-    except custom_ops.HeadersUnreachable:
-        if os.environ.get(custom_ops.ENV_INCLUDE):
+    except ort_headers.HeadersUnreachable:
+        if os.environ.get(ort_headers.ENV_INCLUDE):
             raise
         pytest.skip(NO_HEADERS)
 
@@ -412,7 +412,7 @@ def test_build_is_cached_until_the_source_changes(library):
 
 def test_unreachable_mirror_is_reported_as_missing_headers(tmp_path, monkeypatch):
     """No network (or no mirror): one line naming what failed and how to give headers."""
-    monkeypatch.setattr(custom_ops, "DEBIAN_MIRROR", "http://127.0.0.1:9/debian")
-    monkeypatch.setattr(custom_ops, "_POOL_URL", "http://127.0.0.1:9/debian/pool/x.deb")
-    with pytest.raises(custom_ops.HeadersUnreachable, match="cannot fetch the onnxruntime headers.*ORT_INCLUDE_DIR"):
-        custom_ops.fetch_headers(tmp_path)
+    monkeypatch.setattr(ort_headers, "DEBIAN_MIRROR", "http://127.0.0.1:9/debian")
+    monkeypatch.setattr(ort_headers, "_POOL_URL", "http://127.0.0.1:9/debian/pool/x.deb")
+    with pytest.raises(ort_headers.HeadersUnreachable, match="cannot fetch the onnxruntime headers.*ORT_INCLUDE_DIR"):
+        ort_headers.fetch_headers(tmp_path)

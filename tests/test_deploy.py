@@ -20,7 +20,8 @@ from tnonnx.emit import Builder
 from tnonnx.errors import TnonnxError
 from tnonnx.formats import FORMATS
 from tnonnx.formats.base import RankSpec
-from tnonnx.graph import find_layers, replace_nodes
+from tnonnx.graph import find_layers
+from tnonnx.replace import replace_nodes
 from tnonnx.plan import Fitter
 from tnonnx.quantize import Quantization, _describe, constant_weights, quantize
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from onnx import helper
 
 import tnonnx
-from tnonnx import calibrate
+from tnonnx import activations
 from tnonnx.patches import im2col
 from tnonnx.formats import FORMATS
 from tnonnx.formats.base import ConvGeometry
@@ -49,18 +49,18 @@ def test_whitened_svd_is_exact_at_full_rank():
 
 def _data(x: np.ndarray, w: np.ndarray) -> fitting.LayerData:
     layer = Layer("mm", "MatMul", None, None, kind="dense", weight=w)
-    return fitting.layer_data(layer, calibrate.Capture(x.T @ x, x.shape[0]))
+    return fitting.layer_data(layer, activations.Capture(x.T @ x, x.shape[0]))
 
 
 def test_capture_accumulates_over_batches():
     nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["y"], name="mm")]
     m = make_model(nodes, [value("x", ["b", 3, 8])], [value("y", ["b", 3, 4])], [init("W", randn(8, 4, seed=5))])
     xs = [randn(2, 3, 8, seed=s) for s in (6, 7, 8)]
-    probe = calibrate.Probe("dense")
-    captures = calibrate.capture(m, {"h": [probe]}, [{"x": x} for x in xs])
+    probe = activations.Probe("dense")
+    captures = activations.capture(m, {"h": [probe]}, [{"x": x} for x in xs])
     per_sample = np.concatenate([np.maximum(x, 0) for x in xs]).astype(np.float64)  # 6 samples of 3 rows
     rows = per_sample.reshape(-1, 8)
-    held = np.arange(6) % calibrate.HOLDOUT_EVERY == calibrate.HOLDOUT_EVERY - 1  # sample 3
+    held = np.arange(6) % activations.HOLDOUT_EVERY == activations.HOLDOUT_EVERY - 1  # sample 3
     fitted, kept = per_sample[~held].reshape(-1, 8), per_sample[held].reshape(-1, 8)
     cap = captures[("h", probe.key)]
     assert (cap.count, cap.held_count) == (15, 3) and cap.cross is None
@@ -127,11 +127,11 @@ def test_capture_with_a_reference_pairs_rows_and_accumulates_the_cross_gram():
     changed = _two_layer_model()
     changed.graph.initializer[0].CopyFrom(init("W1", randn(8, 6, seed=22)))
     xs = [randn(5, 8, seed=s) for s in (23, 24)]
-    probe = calibrate.Probe("dense")
-    cap = calibrate.capture(changed, {"r": [probe]}, [{"x": x} for x in xs], reference=original)[("r", probe.key)]
+    probe = activations.Probe("dense")
+    cap = activations.capture(changed, {"r": [probe]}, [{"x": x} for x in xs], reference=original)[("r", probe.key)]
     mine = np.concatenate([run(_with_output(changed, "r"), {"x": x})[1] for x in xs]).astype(np.float64)
     theirs = np.concatenate([run(_with_output(original, "r"), {"x": x})[1] for x in xs]).astype(np.float64)
-    held = np.arange(10) % calibrate.HOLDOUT_EVERY == calibrate.HOLDOUT_EVERY - 1
+    held = np.arange(10) % activations.HOLDOUT_EVERY == activations.HOLDOUT_EVERY - 1
     np.testing.assert_allclose(cap.gram, mine[~held].T @ mine[~held], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(cap.cross, mine[~held].T @ theirs[~held], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(cap.held_cross, mine[held].T @ theirs[held], rtol=1e-5, atol=1e-4)
@@ -146,11 +146,11 @@ def _with_output(model, name):
 
 
 def test_capture_keeps_a_bounded_uniform_sample(monkeypatch):
-    monkeypatch.setattr(calibrate, "MAX_SAMPLE_ROWS", 7)
+    monkeypatch.setattr(activations, "MAX_SAMPLE_ROWS", 7)
     m = _two_layer_model()
     xs = [randn(10, 8, seed=s) for s in range(30, 34)]
-    probe = calibrate.Probe("dense")
-    cap = calibrate.capture(m, {"x": [probe]}, [{"x": x} for x in xs])[("x", probe.key)]
+    probe = activations.Probe("dense")
+    cap = activations.capture(m, {"x": [probe]}, [{"x": x} for x in xs])[("x", probe.key)]
     assert (cap.count, cap.held_count) == (30, 10) and cap.samples.shape == (7, 8)
     everything = np.concatenate(xs)
     for row in cap.samples:  # every kept row is a real row of the data
@@ -192,7 +192,7 @@ def _conv_data(kernel, attrs, seed=50):
                   geometry=ConvGeometry(tuple(kernel.shape[2:]), attrs))
     maps = _correlated_inputs(kernel.shape[1] * 64, 40, seed=seed).reshape(40, kernel.shape[1], 8, 8)
     cols = im2col(maps.astype(np.float32), tuple(kernel.shape[2:]), attrs).astype(np.float64)
-    return fitting.layer_data(layer, calibrate.Capture(cols.T @ cols, cols.shape[0]))
+    return fitting.layer_data(layer, activations.Capture(cols.T @ cols, cols.shape[0]))
 
 
 CONV_FORMATS = [f for f in LINEAR_FORMATS if f not in ("stt", "str", "sttu")] + ["svd"]

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 import tnonnx
-from tnonnx import calibrate
+from tnonnx import activations
 from tnonnx import fit as fitting
 from tnonnx.formats import RankSpec, svd
 from tnonnx.graph import Layer
@@ -30,8 +30,8 @@ def _case(seed: int = 0):
 
 
 def _capture(model, x):
-    probe = calibrate.Probe("dense")
-    return calibrate.capture(model, {"x": [probe]}, [{"x": x.astype(np.float32)}])[("x", probe.key)]
+    probe = activations.Probe("dense")
+    return activations.capture(model, {"x": [probe]}, [{"x": x.astype(np.float32)}])[("x", probe.key)]
 
 
 def test_an_undersampled_fit_beats_the_data_free_fit_on_new_inputs(monkeypatch):

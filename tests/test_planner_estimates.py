@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tnonnx import calibrate
+from tnonnx import activations
 from tnonnx import choose
 from tnonnx.patches import im2col
 from tnonnx import fit as fitting
@@ -45,7 +45,7 @@ def _conv() -> tuple[Layer, fitting.LayerData]:
     layer = Layer("conv", "Conv", None, None, kind="conv", weight=kernel, weight_key="conv", geometry=geometry)
     maps = rng.standard_normal((4, 6, 8, 8)).astype(np.float32)
     rows = im2col(maps, (3, 3), {"pads": [1, 1, 1, 1]}).astype(np.float64)
-    return layer, fitting.layer_data(layer, calibrate.Capture(rows.T @ rows, rows.shape[0]))
+    return layer, fitting.layer_data(layer, activations.Capture(rows.T @ rows, rows.shape[0]))
 
 
 def _fitted(layer, fitter, specs, fmt="svd", final=False):
@@ -70,7 +70,7 @@ def test_svd_estimates_are_what_the_fits_measure(case):
     elif case.startswith("dense"):
         layer = _dense()
         x, held = _inputs(64, 300, seed=1), _inputs(64, 100, seed=2)
-        capture = calibrate.Capture(x.T @ x, 300)
+        capture = activations.Capture(x.T @ x, 300)
         if "held-out" in case:  # errors judged on the held-out rows
             capture.held_gram, capture.held_count = held.T @ held, 100
         data = fitting.layer_data(layer, capture)
@@ -93,7 +93,7 @@ def test_cheap_estimates_rank_candidates_in_the_full_fits_order():
     (errors far apart) both orders agree."""
     layer = _dense(64, 64, seed=4)
     x = _inputs(64, 400, seed=5)
-    fitter = Fitter(data={layer.name: fitting.layer_data(layer, calibrate.Capture(x.T @ x, 400))})
+    fitter = Fitter(data={layer.name: fitting.layer_data(layer, activations.Capture(x.T @ x, 400))})
     trials = [("svd", RankSpec(rank=r)) for r in (1, 4, 16)] + [("tt", RankSpec(rank=1))]
     options = choose.candidate_options(LayerPlan(layer, "svd", RankSpec(), order=2), fitter, trials)
     cheap = [o.error for o in options]
@@ -161,7 +161,7 @@ def test_errors_are_measured_when_first_asked_for():
     """Fitter.fit(measure=False) (the planner's timing) leaves the errors unset; a later
     fit of the same key measures them, equal to an eager fit's."""
     layer = _dense()
-    data = fitting.layer_data(layer, calibrate.Capture(*_gram(_inputs(64, 200, seed=5))))
+    data = fitting.layer_data(layer, activations.Capture(*_gram(_inputs(64, 200, seed=5))))
     lazy, eager = Fitter(None, {"mm": data}), Fitter(None, {"mm": data})
     fact = lazy.fit(layer, "svd", RankSpec(rank=6), final=False, measure=False)
     assert fact.weight_error is None and fact.output_error is None and not fact.measured

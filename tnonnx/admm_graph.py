@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import TnonnxError
-from .formats import FORMATS
+from .formats import is_nonlinear
 from .plan import fit_weight
 
 RHO = 1.0  # relative: see the module docstring
@@ -53,7 +53,7 @@ def check(format: str, spec, budget) -> None:
     if budget is not None or format == "auto":
         raise TnonnxError("--admm needs one format and a fixed rank rule (--rank, --ratio or --tol), "
                           "not --budget or --format auto")
-    if getattr(FORMATS[format], "NONLINEAR", False) or format == "adtn":
+    if is_nonlinear(format) or format == "adtn":
         raise TnonnxError(f"--admm: --format {format} has no truncation to project on; use a linear format "
                           "(svd, tt, tr, ht, tucker, cp, stt, str, sttu)")
 

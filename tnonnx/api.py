@@ -21,7 +21,8 @@ from .errors import OriginalDoesNotRun, TnonnxError
 from .finetune import HIDDEN_WEIGHT
 from .formats import FORMATS
 from .recurrent_scan import to_scan
-from .graph import Layer, find_layers, replace_nodes
+from .graph import Layer, find_layers
+from .replace import replace_nodes
 from .macs import all_graphs
 from .latency import Clock, CostModelTimer, Deployment, LayerTimer, TimingCache, default_timer, deployment_feeds
 from .choose import Planner, SpeedRules, meet_speedup, slower_note

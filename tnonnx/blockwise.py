@@ -44,10 +44,8 @@ def boundaries(model: onnx.ModelProto) -> list[int]:
     """Indices of the main graph's nodes after which a block ends."""
     constant = _constants(model)
     producer = {o: n for n in model.graph.node for o in n.output}
-    valued = {i.name for i in model.graph.input}  # made from the inputs' values, not only their shapes
-    for node in model.graph.node:
-        if node.op_type not in SHAPE_OPS and any(x in valued for x in node.input):
-            valued.update(node.output)
+    # made from the inputs' values, not only their shapes
+    valued = _reached(model, {i.name for i in model.graph.input}, subgraph_reads=False)
     shapes = _shapes(model)
     added = {}  # how many Adds read each tensor: one added in several places (a mask) is no stream
     for node in model.graph.node:
@@ -239,11 +237,13 @@ class _Runner:
         self.advance(sorted(need))
 
 
-def _reached(sub: onnx.ModelProto, sources: set[str]) -> set[str]:
-    """The tensors of a block whose values are computed from `sources` (not only shapes)."""
+def _reached(model: onnx.ModelProto, sources: set[str], subgraph_reads: bool = True) -> set[str]:
+    """`sources` and the main-graph tensors whose values are computed from them (not only
+    their shapes); `subgraph_reads`: what a node's subgraphs read from the outer scope counts
+    as read by the node."""
     reached = set(sources)
-    for node in sub.graph.node:
-        if node.op_type not in SHAPE_OPS and _reads(node) & reached:
+    for node in model.graph.node:
+        if node.op_type not in SHAPE_OPS and (_reads(node) if subgraph_reads else set(node.input)) & reached:
             reached.update(node.output)
     return reached
 

@@ -16,7 +16,7 @@ from . import api, bench, calibrate, plot, model as model_io
 from .emit import ACTIVATIONS
 from .errors import TnonnxError
 from .finetune import HIDDEN_WEIGHT
-from .formats import FORMATS
+from .formats import FORMATS, is_nonlinear, nonlinear_formats
 from .deploy import INT8_MODES
 from .quantize import QUANT_MODES
 from .targets import TARGETS
@@ -290,8 +290,8 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         _check_side_output(plot_path, "--plot", (source, target) + ((report_path,) if report_path else ()),
                            "the input or output model or the report")
         plot.require_matplotlib()  # fail now, not after the rewrite
-    if act is not None and not getattr(FORMATS.get(fmt), "NONLINEAR", False):
-        raise TnonnxError(f"--act applies to the nonlinear formats ({', '.join(_nonlinear_formats())}), "
+    if act is not None and not is_nonlinear(fmt):
+        raise TnonnxError(f"--act applies to the nonlinear formats ({', '.join(nonlinear_formats())}), "
                           f"not --format {fmt}")
     options = {k: v for k, v in (("conv_layout", conv_layout), ("stp_t", stp_t), ("act", act)) if v is not None}
     progress = sys.stderr.isatty() and not quiet
@@ -322,10 +322,6 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         click.echo(f"wrote {plot_path}")
     if not report.ok:
         sys.exit(1)
-
-
-def _nonlinear_formats() -> list[str]:
-    return [name for name, module in FORMATS.items() if getattr(module, "NONLINEAR", False)]
 
 
 def _calibration(path: str | None, random_samples: int | None):

@@ -66,15 +66,14 @@ def link_tied(layers) -> None:
     for l in layers:
         if l.kind == "embedding" and l.reason is None:
             by_shape.setdefault(tuple(l.weight.shape), []).append(l)
-    digests: dict[int, str] = {}
+    tables: dict[tuple, dict] = {}  # shape -> {digest: table}, built when a layer first asks
     for layer in layers:
         if layer.kind == "dense" and layer.reason is None and layer.side == "right" and not layer.trans_x \
                 and layer.bias_input is None and layer.weight.ndim == 2 and tuple(layer.weight.T.shape) in by_shape:
-            for t in by_shape[tuple(layer.weight.T.shape)]:
-                if id(t) not in digests:
-                    digests[id(t)] = _digest(t.weight)
-            tables = {digests[id(t)]: t for t in by_shape[tuple(layer.weight.T.shape)]}
-            table = tables.get(_digest(layer.weight.T))
+            shape = tuple(layer.weight.T.shape)
+            if shape not in tables:
+                tables[shape] = {_digest(t.weight): t for t in by_shape[shape]}
+            table = tables[shape].get(_digest(layer.weight.T))
             if table is not None:
                 layer.kind, layer.weight, layer.weight_key = "tied", table.weight, table.weight_key
 

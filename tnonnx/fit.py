@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .calibrate import Capture, Probe
+from .activations import Capture, Probe
 from .patches import patches
 from .formats.base import ChainFactorization, ConvFactorization, ConvGeometry
 from .graph import Layer

@@ -8,17 +8,18 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from . import calibrate
+from . import activations
 from . import fit as fitting
 from .choose import SpeedRules, emissions_for
 from .embedding import layer_data as embedding_data
 from .emit import Builder
 from .errors import NotApplicable
 from .formats import Factorization
-from .graph import Layer, replace_nodes
+from .graph import Layer
 from .latency import LayerTimer
 from .macs import all_graphs
 from .plan import Fitter, LayerPlan
+from .replace import replace_nodes
 from .targets import EDGE_MAX_RANK
 from .workers import Workers, prefit
 
@@ -83,7 +84,7 @@ def layer_data(model: onnx.ModelProto, layers: list[Layer], batches, reference: 
         source = layer.probe_x or layer.x
         if probe is not None and probe.key not in [p.key for p in probes.get(source, [])]:
             probes.setdefault(source, []).append(probe)
-    captures = calibrate.capture(model, probes, batches, reference=reference, advance=advance)
+    captures = activations.capture(model, probes, batches, reference=reference, advance=advance)
     data, bases = embedding_data(model, layers, batches), {}
     for layer in layers:
         probe = fitting.probe_for(layer)

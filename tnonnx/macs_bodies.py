@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto
 
-from .macs import ModelCost, _attr, _Scope, iter_nodes, subgraphs
+from .macs import ModelCost, _Scope, iter_nodes, subgraphs
+from .macs_ops import _attr
 
 
 def weigh_subgraphs(model, inferred, input_shapes, cost: ModelCost) -> int:

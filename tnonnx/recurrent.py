@@ -22,6 +22,7 @@ import numpy as np
 
 from .emit import Chain, core_matrix_np, run_chain, OnnxOps
 from .errors import NotApplicable
+from .macs_ops import _attr
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
@@ -115,9 +116,3 @@ def emit(builder, layer, fact) -> None:
     new.input[0] = x
     new.input[1] = builder.weight(w, "w")
     builder.nodes.append(new)
-
-
-def _attr(node, name, default):
-    from .graph import _attr as attr
-
-    return attr(node, name, default)

@@ -8,4 +8,17 @@ from .base import ChainFactorization, ConvFactorization, ConvGeometry, Factoriza
 FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (svd, tt, tr, ht, tucker, cp, hybrid, stt, str_, sttu, ntt, ntr,
                                                  adtn)}
 
-__all__ = ["FORMATS", "ChainFactorization", "ConvFactorization", "ConvGeometry", "Factorization", "RankSpec"]
+
+
+def is_nonlinear(name: str) -> bool:
+    """Whether format `name` is a nonlinear chain (ntt, ntr: an activation between its cores,
+    so no dense weight to rebuild or project on); False for a name that is no format."""
+    return bool(getattr(FORMATS.get(name), "NONLINEAR", False))
+
+
+def nonlinear_formats() -> list[str]:
+    return [name for name in FORMATS if is_nonlinear(name)]
+
+
+__all__ = ["FORMATS", "ChainFactorization", "ConvFactorization", "ConvGeometry", "Factorization", "RankSpec",
+           "is_nonlinear", "nonlinear_formats"]

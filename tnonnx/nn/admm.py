@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import TnonnxError
-from ..formats import FORMATS
+from ..formats import is_nonlinear
 from .convert import candidates, factorize
 from .layers import check_format, fit, rank_spec
 
@@ -68,7 +68,7 @@ class ADMM(Pull):
     def __init__(self, model: nn.Module, *, format: str = "tt", rank=None, ratio: float | None = None,
                  rho: float = RHO, include: str | None = None, exclude: str | None = None, min_params: int = 0,
                  **options):
-        if getattr(FORMATS[check_format(format)], "NONLINEAR", False):
+        if is_nonlinear(check_format(format)):
             raise TnonnxError(f"ADMM: {format} has no dense weight to project on; use a linear format")
         self.model, self.format = model, format
         self.spec = rank_spec(rank, ratio)
