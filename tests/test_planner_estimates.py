@@ -10,6 +10,8 @@ import pytest
 
 from tnonnx import activations
 from tnonnx import choose
+from tnonnx import planner as planning
+from tnonnx.planner import Planner
 from tnonnx.patches import im2col
 from tnonnx import fit as fitting
 from tnonnx import estimate
@@ -144,10 +146,10 @@ def test_timing_only_the_front_chooses_what_timing_everything_chooses(monkeypatc
         dense = choose.Option(None, None, 100, 0.0, ms=1.0)
         return [dense] + [dataclasses.replace(o, ms=ms[(o.format, o.params)]) for o in opts]
 
-    monkeypatch.setattr(choose, "time_options", fake_time)
+    monkeypatch.setattr(planning, "time_options", fake_time)  # as the planner looks it up
     plan = LayerPlan(Layer("mm", "MatMul", None, None, kind="dense", weight=np.zeros((10, 10)), weight_key="mm"),
                      "svd", RankSpec())
-    planner = choose.Planner([plan], Fitter(), ("svd",), 2.0, choose.SpeedRules(None, True, "auto"), None, None, None)
+    planner = Planner([plan], Fitter(), ("svd",), 2.0, choose.SpeedRules(None, True, "auto"), None, None, None)
     lazy = planner._timed_front([plan], options)
     everything = fake_time(None, options, None, None, None)
     kept, _ = choose.apply_floor(everything)

@@ -13,7 +13,8 @@ import tnonnx
 from tnonnx import calibrate, macs, runtime
 from tnonnx import model as model_io
 from tnonnx.graph import find_layers
-from tnonnx.latency import Deployment, OrtTimer, layer_feeds
+from tnonnx.latency import Deployment, OrtTimer
+from tnonnx.layer_timing import layer_feeds
 
 SHAPES = {"ids": (2, 10)}
 

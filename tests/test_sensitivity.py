@@ -1,4 +1,4 @@
-"""The budget allocator's sensitivity pass (api._sensitivity): its fast path, one session
+"""The budget allocator's sensitivity pass (sensitivity.layer_sensitivity): its fast path, one session
 whose MatMul weights are overridable inputs, must measure what the partial model with the
 layer's factorised subgraph measures."""
 
@@ -10,7 +10,7 @@ import pytest
 from onnx import helper
 
 from tests.onnx_builders import init, make_model, randn, value
-from tnonnx import api
+from tnonnx import sensitivity
 from tnonnx.formats import RankSpec
 from tnonnx.graph import find_layers
 from tnonnx.plan import Fitter, LayerPlan
@@ -32,23 +32,23 @@ def _batches():
 
 def _slow_path(model, fitter, emit="matmul"):
     """The same measure with the fast path switched off."""
-    original = api._OverridableWeights.takes
-    api._OverridableWeights.takes = lambda self, layer, fact: False
+    original = sensitivity.OverridableWeights.takes
+    sensitivity.OverridableWeights.takes = lambda self, layer, fact: False
     try:
-        return api._sensitivity(model, model, fitter, _batches(), emit)
+        return sensitivity.layer_sensitivity(model, model, fitter, _batches(), emit)
     finally:
-        api._OverridableWeights.takes = original
+        sensitivity.OverridableWeights.takes = original
 
 
 def test_fast_path_measures_what_the_partial_model_measures():
     model = _mlp()
     fitter = Fitter()
-    fast, slow = api._sensitivity(model, model, fitter, _batches(), "matmul"), _slow_path(model, fitter)
+    fast, slow = sensitivity.layer_sensitivity(model, model, fitter, _batches(), "matmul"), _slow_path(model, fitter)
     layers = [l for l in find_layers(model) if l.reason is None]
     assert len(layers) == 4
     for layer in layers:
         plan = LayerPlan(layer, "svd", RankSpec(rank=3))
-        assert api._OverridableWeights(model).takes(layer, fitter.fit(layer, "svd", RankSpec(rank=3), final=False))
+        assert sensitivity.OverridableWeights(model).takes(layer, fitter.fit(layer, "svd", RankSpec(rank=3), final=False))
         a, b = fast(plan, "svd", RankSpec(rank=3)), slow(plan, "svd", RankSpec(rank=3))
         assert a > 0 and np.isclose(a, b, rtol=1e-3), (layer.name, a, b)
 
@@ -57,7 +57,7 @@ def test_fast_path_measures_what_the_partial_model_measures():
 def test_shared_and_nonlinear_weights_take_the_partial_model():
     model = _mlp(shared=True)
     fitter = Fitter()
-    overridable = api._OverridableWeights(model)
+    overridable = sensitivity.OverridableWeights(model)
     by_weight = {l.node.input[1]: l for l in find_layers(model) if l.reason is None}
     spec = RankSpec(rank=3)
     assert not overridable.takes(by_weight["w2"], fitter.fit(by_weight["w2"], "svd", spec, final=False))
@@ -69,6 +69,6 @@ def test_shared_and_nonlinear_weights_take_the_partial_model():
 def test_the_subset_is_spread_over_the_batches():
     """A reader sorted by length must not give the sensitivity pass its shortest inputs only."""
     batches = [{"x": np.zeros((8, 4), np.float32) + i} for i in range(16)]
-    picked = api._spread(batches, 32)
+    picked = sensitivity.spread(batches, 32)
     assert [int(b["x"][0, 0]) for b in picked] == [0, 4, 8, 12]
-    assert api._spread(batches[:3], 32) == batches[:3]
+    assert sensitivity.spread(batches[:3], 32) == batches[:3]

@@ -11,7 +11,7 @@ the original layer's outputs (X W): then B = L^{-1} C W with the cross Gram C = 
 distance to A W~ differs from ||X~ W~ - X W||_F^2 only by a constant.
 Convolutions use the same algebra on their im2col patches (a ConvTranspose's: tnonnx/patches.py).
 
-Every HOLDOUT_EVERY-th calibration sample (calibrate.py) is kept out of G and enters a
+Every HOLDOUT_EVERY-th calibration sample (activations.py) is kept out of G and enters a
 held-out Gram matrix instead: its basis and target measure a candidate's error on samples
 its fit did not see (LayerData.held_out_error, what the planner ranks by). A G of fewer rows
 than features is shrunk towards the scaled identity first (shrinkage()).

@@ -16,7 +16,7 @@ from .emit import Builder
 from .errors import NotApplicable
 from .formats import Factorization
 from .graph import Layer
-from .latency import LayerTimer
+from .layer_timing import LayerTimer
 from .macs import all_graphs
 from .plan import Fitter, LayerPlan
 from .replace import replace_nodes

@@ -58,8 +58,8 @@ class LayerPlan:
     modes: tuple | None = None
     order: int | None = None
     emission: str | None = None  # None: the fastest measured when the layer is emitted
-    timing: object = None  # latency.Timing of the emitted replacement
-    dense_timing: object = None  # latency.Timing of the dense layer
+    timing: object = None  # layer_timing.Timing of the emitted replacement
+    dense_timing: object = None  # layer_timing.Timing of the dense layer
 
 
 def parse_ops(ops, choosing: bool) -> tuple[str, ...]:

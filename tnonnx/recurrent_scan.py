@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import RECURRENT_OPS, Scope, _attr
+from .graph import RECURRENT_OPS, Scope
+from .macs_ops import _attr
 from .macs import all_graphs, subgraphs
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
