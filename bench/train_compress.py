@@ -66,8 +66,8 @@ class FC2(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
-def make(model: str) -> nn.Module:
-    torch.manual_seed(0)
+def make(model: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     if model == "resnet":
         net = SmallResNet(widths=(8, 16, 32))
         net.stem[0] = nn.Conv2d(1, 8, 3, padding=1, bias=False)
@@ -223,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train", type=int, default=60000, help="training images used")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed of every "
+                    "method, the dense network's included (give each seed its own --dense-cache)")
     ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     ap.add_argument("--option", action="append", default=[], help="format option key=value (e.g. act=tanh)")
     ap.add_argument("--dense-cache", help="load the trained dense network from this file if it exists, "
@@ -245,6 +247,7 @@ def main(argv=None) -> int:
     methods = args.methods.split(",")
     formats = parse_formats(args.format, include)
     rows, started = {}, time.perf_counter()
+    base = 100 * args.seed  # the data orders of dense, fine-tuning, ADMM and scratch: base + 0, 1, 2, 3
 
     def record(method, net, seconds):
         rows[method] = {"accuracy": accuracy(net, test), "params": compressed_params(net, include),
@@ -252,11 +255,11 @@ def main(argv=None) -> int:
         print(method, rows[method], flush=True)
 
     t = time.perf_counter()
-    dense = make(args.model)
+    dense = make(args.model, args.seed)
     if args.dense_cache and Path(args.dense_cache).exists():
         dense.load_state_dict(torch.load(args.dense_cache))
     else:
-        run_epochs(dense, train, args.epochs, 2e-3)
+        run_epochs(dense, train, args.epochs, 2e-3, seed=base)
         if args.dense_cache:
             torch.save(dense.state_dict(), args.dense_cache)
     record("dense", dense, time.perf_counter() - t)
@@ -269,26 +272,26 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             net = compress(dense, formats, ratio, options)
             rows["decompose_start" + tag] = accuracy(net, test)
-            run_epochs(net, train, args.finetune, args.finetune_lr, seed=1, **kd)
+            run_epochs(net, train, args.finetune, args.finetune_lr, seed=base + 1, **kd)
             record("decompose" + tag, net, time.perf_counter() - t)
         if "admm" in methods:
             t = time.perf_counter()
-            net = make(args.model)
+            net = make(args.model, args.seed)
             net.load_state_dict(dense.state_dict())
             admm = Pulls([ADMM(net, format=fmt, rho=args.rho, include=regex, **options, **layer_spec(ratio, own))
                           for fmt, regex, own in formats if candidates(net, include=regex)])
             before = admm.distance()
-            run_epochs(net, train, args.admm_epochs, args.finetune_lr, admm=admm, seed=2, **kd)
+            run_epochs(net, train, args.admm_epochs, args.finetune_lr, admm=admm, seed=base + 2, **kd)
             after = admm.distance()
             small = admm.factorize()
             rows["admm_start" + tag] = accuracy(small, test)
             rows["admm_distance" + tag] = {"before": before, "after": after}
-            run_epochs(small, train, args.finetune, args.finetune_lr, seed=1, **kd)
+            run_epochs(small, train, args.finetune, args.finetune_lr, seed=base + 1, **kd)
             record("admm" + tag, small, time.perf_counter() - t)
         if "scratch" in methods:
             t = time.perf_counter()
-            net = compress(make(args.model), formats, ratio, options, pretrained=False)
-            run_epochs(net, train, args.epochs + args.finetune, args.scratch_lr, seed=3, **kd)
+            net = compress(make(args.model, args.seed), formats, ratio, options, pretrained=False, seed=args.seed)
+            run_epochs(net, train, args.epochs + args.finetune, args.scratch_lr, seed=base + 3, **kd)
             record("scratch" + tag, net, time.perf_counter() - t)
 
     ratios = [float(r) for r in str(args.ratio).split(",")]
