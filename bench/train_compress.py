@@ -14,13 +14,18 @@ SmallResNet of models/reference.py, widths 8/16/32, one input channel: stem, 1x1
 and the classifier stay dense). --include narrows the selection (FC only, conv only).
 --format FMT@REGEX,FMT@REGEX gives each selected layer the first format whose regex it
 matches (the hybrid: HT for FC, TT for conv), FMT:key=value its own options; --ratio takes a comma list, each ratio run
-after the one dense network. "params" counts the weights of the compressed layers (no
+after the one dense network. A format's own ratio= or rank= replaces --ratio for its layers:
+"tt:ratio=2@^conv2$,tt:ratio=14@^fc1$,tt:ratio=8@^fc2$" spends the compression unevenly
+(what counts is the ratio over the compressed layers together). "params" counts the weights of the compressed layers (no
 biases): dense weights before, factor cores after. Every method starts from the same seed;
 dense training is Adam 2e-3 with a cosine schedule, fine-tuning Adam 1e-3. ADMM (Yin et al.)
 continues from the dense network for --admm-epochs under admm.penalty() with one
 admm.step() per epoch, then factorizes and fine-tunes for --finetune epochs, as
 decompose-then-fine-tune does. Scratch trains the factorised network for --epochs plus
 --finetune epochs (the same number of passes as the dense network plus its fine-tuning).
+--distill T trains every method but dense on Hinton et al.'s distillation loss from the
+trained dense network ((1 - a) cross-entropy + a T^2 KL on logits softened by T; a is
+--distill-alpha, 0.9 by default) instead of the labels alone.
 
 --quick: 10,000 training images, 3 dense epochs, 2 of ADMM, 2 of fine-tuning; the full
 10,000 test images always. One torch thread (--threads).
@@ -29,6 +34,7 @@ decompose-then-fine-tune does. Scratch trains the factorised network for --epoch
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -60,8 +66,8 @@ class FC2(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
-def make(model: str) -> nn.Module:
-    torch.manual_seed(0)
+def make(model: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     if model == "resnet":
         net = SmallResNet(widths=(8, 16, 32))
         net.stem[0] = nn.Conv2d(1, 8, 3, padding=1, bias=False)
@@ -77,7 +83,7 @@ def parse_formats(text: str, include: str) -> list[tuple[str, str, dict]]:
     for part in text.split(","):
         spec, _, regex = part.partition("@")
         fmt, *opts = spec.split(":")
-        options = {k: int(v) if v.isdigit() else v for k, _, v in (o.partition("=") for o in opts)}
+        options = {k: _value(v) for k, _, v in (o.partition("=") for o in opts)}
         parts = [f"(?=.*(?:{include}))"] + [f"(?=.*(?:{regex}))"] * bool(regex)
         parts += [f"(?!.*(?:{t}))" for t in taken]
         out.append((fmt, "^" + "".join(parts), options))
@@ -85,12 +91,53 @@ def parse_formats(text: str, include: str) -> list[tuple[str, str, dict]]:
     return out
 
 
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def compress(net: nn.Module, formats, ratio: float, options: dict, **kwargs) -> nn.Module:
-    """factorize() once per (format, selection) pair; layers no pair selects stay dense."""
+    """factorize() once per (format, selection) pair; layers no pair selects stay dense. A
+    pair's own ratio= or rank= takes the place of the run's ratio (an uneven budget)."""
     for fmt, regex, own in formats:
         if candidates(net, include=regex):
-            net = factorize(net, format=fmt, ratio=ratio, include=regex, **options, **own, **kwargs)
+            net = factorize(net, format=fmt, include=regex, **layer_spec(ratio, own), **options, **kwargs)
     return net
+
+
+def layer_spec(ratio: float, own: dict) -> dict:
+    """The factorize() keywords of one (format, selection) pair: its own options, with the
+    run's ratio unless the pair names its own ratio or rank."""
+    return own if "ratio" in own or "rank" in own else {"ratio": ratio, **own}
+
+
+class Pulls:
+    """Several ADMM pulls on one model (one per (format, selection) pair: its own format and
+    ratio) used as one: penalties summed, steps and distances taken in turn, and factorize()
+    applying each pair's factorisation to one copy of the model."""
+
+    def __init__(self, admms: list):
+        self.admms = admms
+
+    def penalty(self) -> torch.Tensor:
+        return sum(a.penalty() for a in self.admms)
+
+    def step(self) -> None:
+        for a in self.admms:
+            a.step()
+
+    def distance(self) -> dict[str, float]:
+        return {k: v for a in self.admms for k, v in a.distance().items()}
+
+    def factorize(self) -> nn.Module:
+        net = copy.deepcopy(self.admms[0].model)
+        for a in self.admms:
+            a.factorize(net)
+        return net
 
 
 def compressed_params(net: nn.Module, include: str) -> int:
@@ -103,7 +150,20 @@ def compressed_params(net: nn.Module, include: str) -> int:
     return sum(m.weight.numel() for _, m in candidates(net, include=include))
 
 
-def run_epochs(net, data, epochs: int, lr: float, *, admm=None, seed: int = 0, batch: int = 128):
+def distill_loss(logits, labels, teacher, temperature: float, alpha: float):
+    """Hinton et al.'s knowledge distillation: (1 - alpha) cross-entropy with the labels +
+    alpha T^2 KL(teacher || student) on the logits softened by the temperature T (the T^2
+    keeps the soft term's gradient scale independent of T)."""
+    hard = F.cross_entropy(logits, labels)
+    soft = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(teacher / temperature, 1),
+                    reduction="batchmean", log_target=True)
+    return (1 - alpha) * hard + alpha * temperature ** 2 * soft
+
+
+def run_epochs(net, data, epochs: int, lr: float, *, admm=None, seed: int = 0, batch: int = 128,
+               teacher=None, temperature: float = 4.0, alpha: float = 0.9):
+    """Adam with a cosine schedule over all the steps; `teacher` (the teacher's logits on
+    every training image, in order) switches the loss to distill_loss."""
     x, y = data
     if epochs == 0:
         return
@@ -116,7 +176,9 @@ def run_epochs(net, data, epochs: int, lr: float, *, admm=None, seed: int = 0, b
         perm = torch.randperm(len(x), generator=gen)
         for b in range(len(x) // batch):
             idx = perm[b * batch:(b + 1) * batch]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
+            logits = net(x[idx])
+            loss = (F.cross_entropy(logits, y[idx]) if teacher is None else
+                    distill_loss(logits, y[idx], teacher[idx], temperature, alpha))
             if admm is not None:
                 loss = loss + admm.penalty()
             opt.zero_grad()
@@ -125,6 +187,12 @@ def run_epochs(net, data, epochs: int, lr: float, *, admm=None, seed: int = 0, b
             sched.step()
         if admm is not None:
             admm.step()
+
+
+@torch.no_grad()
+def logits_of(net, x) -> torch.Tensor:
+    net.eval()
+    return torch.cat([net(x[i:i + 1000]) for i in range(0, len(x), 1000)])
 
 
 @torch.no_grad()
@@ -147,9 +215,16 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune", type=int, default=3)
     ap.add_argument("--rho", type=float, default=1e-2)
     ap.add_argument("--scratch-lr", type=float, default=2e-3, help="Adam learning rate of the scratch runs")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of fine-tuning and ADMM")
+    ap.add_argument("--distill", type=float, default=0.0, metavar="T",
+                    help="knowledge distillation from the trained dense network at temperature T for every "
+                    "method but dense (0: labels only)")
+    ap.add_argument("--distill-alpha", type=float, default=0.9, help="weight of the distillation term")
     ap.add_argument("--train", type=int, default=60000, help="training images used")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed of every "
+                    "method, the dense network's included (give each seed its own --dense-cache)")
     ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     ap.add_argument("--option", action="append", default=[], help="format option key=value (e.g. act=tanh)")
     ap.add_argument("--dense-cache", help="load the trained dense network from this file if it exists, "
@@ -162,7 +237,7 @@ def main(argv=None) -> int:
     options = {}
     for item in args.option:
         key, _, value = item.partition("=")
-        options[key] = int(value) if value.isdigit() else value
+        options[key] = _value(value)
     data_dir = Path(args.data_dir)
     xtr, ytr = load_split(data_dir, "train")
     xte, yte = load_split(data_dir, "t10k")
@@ -171,9 +246,8 @@ def main(argv=None) -> int:
     include = INCLUDE[args.model] if args.include is None else f"(?=.*(?:{INCLUDE[args.model]}))(?:{args.include})"
     methods = args.methods.split(",")
     formats = parse_formats(args.format, include)
-    if "admm" in methods and len(formats) > 1:
-        ap.error("--methods admm takes one format")
     rows, started = {}, time.perf_counter()
+    base = 100 * args.seed  # the data orders of dense, fine-tuning, ADMM and scratch: base + 0, 1, 2, 3
 
     def record(method, net, seconds):
         rows[method] = {"accuracy": accuracy(net, test), "params": compressed_params(net, include),
@@ -181,39 +255,43 @@ def main(argv=None) -> int:
         print(method, rows[method], flush=True)
 
     t = time.perf_counter()
-    dense = make(args.model)
+    dense = make(args.model, args.seed)
     if args.dense_cache and Path(args.dense_cache).exists():
         dense.load_state_dict(torch.load(args.dense_cache))
     else:
-        run_epochs(dense, train, args.epochs, 2e-3)
+        run_epochs(dense, train, args.epochs, 2e-3, seed=base)
         if args.dense_cache:
             torch.save(dense.state_dict(), args.dense_cache)
     record("dense", dense, time.perf_counter() - t)
+    # the teacher's logits, once: no augmentation, so an image's soft target never changes
+    kd = {} if not args.distill else dict(teacher=logits_of(dense, train[0]), temperature=args.distill,
+                                         alpha=args.distill_alpha)
+
     def run_ratio(ratio: float, tag: str) -> None:
         if "decompose" in methods:
             t = time.perf_counter()
             net = compress(dense, formats, ratio, options)
             rows["decompose_start" + tag] = accuracy(net, test)
-            run_epochs(net, train, args.finetune, 1e-3, seed=1)
+            run_epochs(net, train, args.finetune, args.finetune_lr, seed=base + 1, **kd)
             record("decompose" + tag, net, time.perf_counter() - t)
         if "admm" in methods:
             t = time.perf_counter()
-            net = make(args.model)
+            net = make(args.model, args.seed)
             net.load_state_dict(dense.state_dict())
-            admm = ADMM(net, format=formats[0][0], ratio=ratio, rho=args.rho, include=include, **options,
-                        **formats[0][2])
+            admm = Pulls([ADMM(net, format=fmt, rho=args.rho, include=regex, **options, **layer_spec(ratio, own))
+                          for fmt, regex, own in formats if candidates(net, include=regex)])
             before = admm.distance()
-            run_epochs(net, train, args.admm_epochs, 1e-3, admm=admm, seed=2)
+            run_epochs(net, train, args.admm_epochs, args.finetune_lr, admm=admm, seed=base + 2, **kd)
             after = admm.distance()
             small = admm.factorize()
             rows["admm_start" + tag] = accuracy(small, test)
             rows["admm_distance" + tag] = {"before": before, "after": after}
-            run_epochs(small, train, args.finetune, 1e-3, seed=1)
+            run_epochs(small, train, args.finetune, args.finetune_lr, seed=base + 1, **kd)
             record("admm" + tag, small, time.perf_counter() - t)
         if "scratch" in methods:
             t = time.perf_counter()
-            net = compress(make(args.model), formats, ratio, options, pretrained=False)
-            run_epochs(net, train, args.epochs + args.finetune, args.scratch_lr, seed=3)
+            net = compress(make(args.model, args.seed), formats, ratio, options, pretrained=False, seed=args.seed)
+            run_epochs(net, train, args.epochs + args.finetune, args.scratch_lr, seed=base + 3, **kd)
             record("scratch" + tag, net, time.perf_counter() - t)
 
     ratios = [float(r) for r in str(args.ratio).split(",")]

@@ -1,6 +1,8 @@
 """ADMM rank-constrained training: the projection is the format's truncation, training under
 the penalty brings the weights to the rank set, factorize() keeps the function there."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -82,6 +84,24 @@ def test_factorize_keeps_the_function_in_the_rank_set(fmt):
     with torch.no_grad():
         np.testing.assert_allclose(small(x).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-5)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in net.parameters())
+
+
+def test_factorize_into_a_given_model_chains_two_pulls():
+    """Two ADMM pulls on one model (each its own format and rank), factorised into one copy."""
+    net = small_net()
+    first, second = ADMM(net, format="tt", rank=3, include="^0$"), ADMM(net, format="svd", rank=2, include="^3$")
+    with torch.no_grad():
+        for admm in (first, second):
+            for layer in admm.layers.values():
+                layer.weight.copy_(admm.project(layer.weight, getattr(layer, "groups", 1)))
+    small = copy.deepcopy(net)
+    assert second.factorize(first.factorize(small)) is small
+    assert isinstance(small[0], FactorizedConv) and isinstance(small[3], FactorizedLinear)
+    assert small[0].format == "tt" and small[3].format == "svd" and isinstance(small[5], nn.Linear)
+    assert isinstance(net[0], nn.Conv2d) and isinstance(net[3], nn.Linear)
+    x = torch.randn(4, 2, 4, 4)
+    with torch.no_grad():
+        np.testing.assert_allclose(small(x).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_step_updates_projection_and_dual():

@@ -104,10 +104,14 @@ class ADMM(Pull):
         """Per layer, ||W - Pi(W)|| / ||W||: how far each weight is from its rank set."""
         return self.distance_of(self._weights())
 
-    def factorize(self) -> nn.Module:
-        """A copy of the model with the selected layers factorised from their current weights."""
-        return factorize(copy.deepcopy(self.model), format=self.format, rank=self.rank, ratio=self.ratio,
-                         inplace=True, **self.selection, **self.options)
+    def factorize(self, model: nn.Module | None = None) -> nn.Module:
+        """A copy of the model with the selected layers factorised from their current weights;
+        given `model` (a copy of this one, with other layers already factorised by another
+        ADMM's factorize, as when each layer group has its own format or ratio), that model,
+        factorised in place."""
+        model = copy.deepcopy(self.model) if model is None else model
+        return factorize(model, format=self.format, rank=self.rank, ratio=self.ratio, inplace=True,
+                         **self.selection, **self.options)
 
 
 def _groups(layer: nn.Module) -> int:
