@@ -225,3 +225,40 @@ def test_torch_onnx_export_runs_and_is_counted(fmt, dynamo, tmp_path):
     # the legacy exporter stores the cores as they are; the dynamo exporter's optimiser folds
     # the constant parts of the stage weights (a merged train can be larger than its cores)
     assert stored == params if not dynamo else params <= stored < sum(p.numel() for p in Net().parameters())
+
+
+def _two_layers() -> nn.Module:
+    """fc1's weight has rank 2, fc2's is full rank: a budget should squeeze fc1, not fc2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(64, 2) @ torch.randn(2, 64))
+    return model
+
+
+def test_factorize_budget_allocates_ranks_across_layers():
+    model = _two_layers()
+    out = factorize(model, format="svd", budget="4x")
+    cores = lambda layer: sum(p.numel() for n, p in layer.named_parameters() if n != "bias")  # noqa: E731
+    assert cores(out[0]) + cores(out[2]) <= 2 * 64 * 64 / 4
+    # uniform ratio 4 is rank 8 each: the rank-2 weight gives up what it does not need to fc2
+    assert out[0].ranks[0] < 8 < out[2].ranks[0]
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        exact = out[0](x) - model[0](x)
+    assert float(exact.norm() / model[0](x).norm()) < 1e-5
+    uniform = factorize(model, format="svd", ratio=4)
+    with torch.no_grad():
+        err = lambda m: float((m(x) - model(x)).norm() / model(x).norm())  # noqa: E731
+        assert err(out) < err(uniform)
+
+
+def test_factorize_budget_rules():
+    model = _two_layers()
+    with pytest.raises(TnonnxError, match="budget= takes the place of rank="):
+        factorize(model, format="svd", budget=4, rank=2)
+    with pytest.raises(TnonnxError, match="must be a reduction factor above 1"):
+        factorize(model, format="svd", budget=0.5)
+    scratch = factorize(model, format="svd", budget=4, pretrained=False)
+    assert [scratch[i].ranks for i in (0, 2)] == [factorize(model, format="svd", ratio=4, pretrained=False)[i].ranks
+                                                      for i in (0, 2)]
