@@ -18,7 +18,7 @@ from . import progress as progress_bars
 from . import model as model_io
 from .errors import OriginalDoesNotRun, TnonnxError
 from .finetune import HIDDEN_WEIGHT
-from .formats import FORMATS
+from .formats import is_nonlinear
 from .recurrent_scan import to_scan
 from .graph import Layer, find_layers
 from .replace import replace_nodes
@@ -91,7 +91,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     ops = parse_ops(ops, choosing=budget is not None or format == "auto")
     if threads is not None and threads < 1:
         raise TnonnxError(f"--threads {threads}: must be >= 1")
-    pool = Workers(workers, torch=fit != "data-free" or getattr(FORMATS.get(format), "NONLINEAR", False))
+    pool = Workers(workers, torch=fit != "data-free" or is_nonlinear(format))
     stages = progress_bars.Stages.of(progress)
     if speedup is not None and not speedup > 0:
         raise TnonnxError(f"--speedup {speedup:g}: must be > 0 (e.g. 1.5)")

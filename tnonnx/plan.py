@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import NotApplicable, TnonnxError
-from .formats import FORMATS, RankSpec
+from .formats import FORMATS, RankSpec, is_nonlinear
 from .formats.base import GroupedConvFactorization, check_transposable
 from .graph import CANDIDATE_OPS, REWRITABLE_OPS, Layer
 from .tensorize import format_modes
@@ -18,7 +18,7 @@ from .tensorize import format_modes
 # the nonlinear chains are distilled per layer, too slow for the allocator's many trials)
 AUTO_FORMATS = tuple(f for f in FORMATS
                      if f not in ("hybrid", "cp") and not getattr(FORMATS[f], "STRUCTURED", False)
-                     and not getattr(FORMATS[f], "NONLINEAR", False))
+                     and not is_nonlinear(f))
 
 
 @dataclass
