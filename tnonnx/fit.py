@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class LayerData:
     # outputs computed when first asked for (a picklable partial): closed-form and chain fits
     # never read them, and a 1536-wide layer's 8192 samples cost a second to multiply
     pending_outputs: object = None
+    _target_svd: tuple | None = field(default=None, init=False, repr=False, compare=False)  # target_svd()
 
     @property
     def outputs(self) -> np.ndarray | None:
@@ -67,7 +68,7 @@ class LayerData:
     def target_svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The thin SVD of the target B, computed once (every svd rank the planner tries
         truncates it; see formats/svd.whitened_factors and estimate.svd_estimates)."""
-        if getattr(self, "_target_svd", None) is None:
+        if self._target_svd is None:
             self._target_svd = np.linalg.svd(self.target, full_matrices=False)
         return self._target_svd
 

@@ -58,9 +58,9 @@ class OverridableWeights:
         if self.names is None:
             self.names = self._eligible()
         return (getattr(fact, "linear", False) and layer.kind == "dense" and layer.side == "right"
-                and layer.node.input[1:2] == [self.names.get(id(layer.node))])
+                and id(layer.node) in self.names)
 
-    def _eligible(self) -> dict[int, str]:
+    def _eligible(self) -> dict[int, onnx.TensorProto]:
         graph = self.model.graph
         uses: dict[str, int] = {}
         for g in all_graphs(graph):
@@ -75,7 +75,7 @@ class OverridableWeights:
                 w = consts.get(node.input[1])
                 if w is not None and len(w.dims) == 2 and uses.get(w.name) == 1 and w.name not in inputs \
                         and w.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
-                    out[id(node)] = w.name
+                    out[id(node)] = w
         return out
 
     def outputs(self, layer: Layer, dense: np.ndarray, batches) -> list[np.ndarray]:
@@ -84,16 +84,13 @@ class OverridableWeights:
 
             probe = onnx.ModelProto()
             probe.CopyFrom(self.model)
-            consts = {t.name: t for t in probe.graph.initializer}
-            probe.graph.input.extend(onnx.helper.make_tensor_value_info(name, consts[name].data_type, consts[name].dims)
-                                     for name in self.names.values())
+            probe.graph.input.extend(onnx.helper.make_tensor_value_info(w.name, w.data_type, w.dims)
+                                     for w in self.names.values())
             self.session = runtime.session(probe, what="model")
-        name = self.names[id(layer.node)]
-        weight = dense.astype(onnx.helper.tensor_dtype_to_np_dtype(
-            next(t.data_type for t in self.model.graph.initializer if t.name == name)))
-        outs = run_model(self.model, [dict(feeds, **{name: weight}) for feeds in batches],
-                         open_session=lambda model, what: self.session)
-        return [np.asarray(v, np.float64) for v in outs.values() if np.issubdtype(v.dtype, np.floating)]
+        w = self.names[id(layer.node)]
+        weight = dense.astype(onnx.helper.tensor_dtype_to_np_dtype(w.data_type))
+        return _float_outputs(self.model, [dict(feeds, **{w.name: weight}) for feeds in batches],
+                              open_session=lambda model, what: self.session)
 
 
 def spread(batches: list, samples: int) -> list:
@@ -107,7 +104,7 @@ def spread(batches: list, samples: int) -> list:
     return [batches[int(i * len(batches) / wanted)] for i in range(wanted)]
 
 
-def _float_outputs(model, batches) -> list[np.ndarray]:
+def _float_outputs(model, batches, open_session=None) -> list[np.ndarray]:
     """The model's float outputs over the batches (validate.run), as float64."""
-    return [np.asarray(v, np.float64) for v in run_model(model, batches).values()
+    return [np.asarray(v, np.float64) for v in run_model(model, batches, open_session=open_session).values()
             if np.issubdtype(v.dtype, np.floating)]
