@@ -244,3 +244,76 @@ def test_fastest_within_a_parameter_limit():
     assert sum(o.ms for o in picked.values()) == 2.0
     with pytest.raises(Unreachable):
         fastest(options, max_params=15)
+
+
+# ------------------------------------------------------------------ pruning before the errors
+
+
+def _pruning_setup(rows: int):
+    from tnonnx.graph import find_layers
+    from tnonnx.latency import Clock, Deployment
+    from tnonnx.layer_fits import emit_layer
+    from tnonnx.layer_timing import LayerTimer
+
+    model = mlp(width=256, depth=1, rows=rows)
+    layer = find_layers(model)[0]
+    timer = LayerTimer(model, [layer], Deployment.of(rows), Clock(latency.CallableTimer(mac_ms)), emit_layer, 17)
+    return layer, timer.pruner([layer])
+
+
+def test_the_pruner_says_what_the_cost_model_would_never_time():
+    """A TT at the largest cap costs more MACs than the dense layer at 64 rows: predicted
+    far slower in every emission. A rank-4 svd is not. The pruner works the same on a
+    worker's copy of the layer (pickled, no node)."""
+    import pickle
+
+    from tnonnx.choose import emissions_for
+    from tnonnx.plan import Fitter
+    from tnonnx.workers import portable
+
+    layer, pruner = _pruning_setup(64)
+    fitter = Fitter()
+    big = fitter.fit(layer, "tt", RankSpec(rank=64), final=False, measure=False)
+    small = fitter.fit(layer, "svd", RankSpec(rank=4), final=False, measure=False)
+    assert pruner.slower(layer, big, emissions_for(big, "auto", layer))
+    assert not pruner.slower(layer, small, emissions_for(small, "auto", layer))
+    copy = pickle.loads(pickle.dumps(pruner))
+    assert copy.slower(portable(layer), big, emissions_for(big, "auto", layer))
+
+
+def test_candidates_predicted_far_slower_are_left_out_unmeasured_with_their_larger_ranks():
+    """With a pruner, candidate_options keeps exactly the unpruned options the cost model
+    does not predict PRUNE_FACTOR slower than dense (those LayerTimer would not time and the
+    floor would drop), fits no larger cap of a pruned format, and tallies the pruned trial."""
+    from tnonnx.choose import candidate_options, emissions_for
+    from tnonnx.plan import Fitter, LayerPlan
+
+    layer, pruner = _pruning_setup(64)
+    trials = [(f, RankSpec(rank=r)) for f in ("svd", "tt", "tucker") for r in (1, 2, 4, 8, 16, 32, 64, 128)]
+    plan = LayerPlan(layer, "svd", RankSpec())
+    free_fitter, pruned_fitter, counts = Fitter(), Fitter(), {}
+    everything = candidate_options(plan, free_fitter, trials)
+    kept = candidate_options(plan, pruned_fitter, trials, counts, pruner, "auto")
+
+    def fast(o):
+        fact = free_fitter.fit(layer, o.format, o.spec, final=False)
+        return not pruner.slower(layer, fact, emissions_for(fact, "auto", layer))
+
+    key = lambda o: (o.format, o.spec.rank)  # noqa: E731
+    first_slow = {}
+    for o in everything:
+        if not fast(o):
+            first_slow.setdefault(o.format, o.spec.rank)
+    assert first_slow, "the case must have candidates predicted far slower"
+    assert [key(o) for o in kept] == [key(o) for o in everything if o.format not in first_slow
+                                      or o.spec.rank < first_slow[o.format]]
+    assert counts["predicted slower"] == len(first_slow)
+    for fmt, rank in first_slow.items():
+        assert not any(k[1] == fmt and k[2].rank > rank for k in pruned_fitter.cache)
+        pruned = pruned_fitter.cache[pruned_fitter.key(layer, fmt, RankSpec(rank=rank), final=False)]
+        assert not pruned.measured
+
+
+def test_auto_reports_the_candidates_it_did_not_measure():
+    _, report = tnonnx.rewrite(mlp(), format="auto", budget=2, batch=64, timer=latency.CallableTimer(mac_ms))
+    assert any("predicted more than 2x slower by the cost model" in n for n in report.notes), report.notes

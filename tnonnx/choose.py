@@ -67,12 +67,14 @@ def emissions_for(fact, emit: str, layer: Layer) -> tuple[str, ...]:
 
 
 def candidate_options(plan: LayerPlan, fitter: Fitter, trials: list[tuple[str, RankSpec]],
-                      counts: dict | None = None) -> list[Option]:
+                      counts: dict | None = None, prune=None, emit: str = "auto") -> list[Option]:
     """Options for the (format, spec) trials of one layer (data-free or closed-form fits);
     trials that do not apply, or are not smaller than the layer, are left out. svd's come
     from its spectrum without fitting (estimate.svd_estimates, exact); a format slow to fit
-    is fitted only where its proxy at the same spec may win (estimate.may_win). `counts`
-    (when given) tallies "estimated", "fitted" and "skipped" trials."""
+    is fitted only where its proxy at the same spec may win (estimate.may_win). `prune` (a
+    layer_timing.Pruner, under the never-slower floor): a trial it predicts far slower than
+    dense in every `emit` emission is left out unmeasured, with its format's larger ranks.
+    `counts` (when given) tallies "estimated", "fitted", "skipped" and "predicted slower" trials."""
     layer, out, done = plan.layer, [], set()
     counts = {} if counts is None else counts
     svd_specs = [spec for fmt, spec in trials if fmt == "svd"]
@@ -95,7 +97,7 @@ def candidate_options(plan: LayerPlan, fitter: Fitter, trials: list[tuple[str, R
                 counts["skipped"] = counts.get("skipped", 0) + 1
                 continue
         try:
-            fact = fitter.fit(layer, fmt, spec, plan.modes, plan.order, final=False)
+            fact = fitter.fit(layer, fmt, spec, plan.modes, plan.order, final=False, measure=False)
         except NotApplicable:
             done.add(fmt)
             continue
@@ -103,6 +105,11 @@ def candidate_options(plan: LayerPlan, fitter: Fitter, trials: list[tuple[str, R
         if fact.params() >= layer.params:
             done.add(fmt)
             continue
+        if prune is not None and prune.slower(layer, fact, emissions_for(fact, emit, layer)):
+            counts["predicted slower"] = counts.get("predicted slower", 0) + 1
+            done.add(fmt)  # its larger ranks cost more still
+            continue
+        fact = fitter.fit(layer, fmt, spec, plan.modes, plan.order, final=False)  # measured now
         out.append(Option(fmt, spec, fact.params(), fit_error(fact) ** 2, macs_ratio=_macs_ratio(fact, layer)))
     return out
 

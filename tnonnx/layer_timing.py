@@ -4,6 +4,7 @@ layer, through latency.Clock (so cached); the cost model prunes hopeless candida
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -65,6 +66,19 @@ def one_layer_model(layer: Layer, nodes, initializers, feeds: dict, opset: int) 
                               list(initializers))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 13))],
                              ir_version=min(onnx.IR_VERSION, 9))
+
+
+def layer_model(layer: Layer, fact, emission: str, feeds: dict, emit, opset: int) -> onnx.ModelProto:
+    """The one-layer model of `layer` (dense when `fact` is None) in `emission`."""
+    from .emit import Builder
+
+    layer = canonical(layer)
+    builder = Builder("L", layer.store_dtype, layer.compute_dtype)
+    if fact is None:
+        dense_nodes(layer, builder)
+    else:
+        emit(builder, layer, fact, emission)
+    return one_layer_model(layer, builder.nodes, builder.initializers, feeds, opset)
 
 
 def dense_nodes(layer: Layer, builder) -> None:
@@ -139,15 +153,13 @@ class LayerTimer:
         return layer.name in self.feeds
 
     def _model(self, layer: Layer, fact=None, emission: str = "matmul") -> onnx.ModelProto:
-        from .emit import Builder
+        return layer_model(layer, fact, emission, self.feeds_of(layer), self.emit, self.opset)
 
-        layer = canonical(layer)
-        builder = Builder("L", layer.store_dtype, layer.compute_dtype)
-        if fact is None:
-            dense_nodes(layer, builder)
-        else:
-            self.emit(builder, layer, fact, emission)
-        return one_layer_model(layer, builder.nodes, builder.initializers, self.feeds_of(layer), self.opset)
+    def pruner(self, layers: list[Layer], exempt: tuple[str, ...] = ()) -> "Pruner":
+        """A Pruner for these layers (those this timer can time), `exempt` kinds never pruned."""
+        known = [l for l in layers if self.known(l) and l.kind not in exempt]
+        return Pruner({l.name: {k: (v.shape, v.dtype) for k, v in self.feeds_of(l).items()} for l in known},
+                      {l.name: l.node for l in known}, self.deployment.threads, self.emit, self.opset)
 
     def feeds_of(self, layer: Layer) -> dict:
         return self.feeds[layer.name]
@@ -180,3 +192,36 @@ class LayerTimer:
         self._dense.setdefault(layer.name, Timing(by_index[0], predicted[0] * scale, self.clock.measures))
         return [Timing(by_index.get(i, predicted[i] * scale), predicted[i] * scale,
                        i in by_index and self.clock.measures) for i in range(1, len(models))]
+
+
+class Pruner:
+    """Whether the cost model predicts a candidate more than PRUNE_FACTOR slower than its
+    dense layer at the deployment shape in every emission it can take. LayerTimer.candidates
+    would not time such a candidate and the never-slower floor would drop it, so the planner
+    neither measures its error nor fits its format's larger ranks (choose.candidate_options).
+    Picklable for the worker processes: it keeps each layer's node and input shapes, not
+    the inputs (the cost model reads shapes only)."""
+
+    def __init__(self, inputs: dict, nodes: dict, threads: int | None, emit, opset: int):
+        self.inputs, self.nodes, self.threads, self.emit, self.opset = inputs, nodes, threads, emit, opset
+        self._dense: dict[str, float] = {}
+
+    def __getstate__(self):
+        return dict(self.__dict__, _dense={})
+
+    def covers(self, layer: Layer) -> bool:
+        return layer.name in self.inputs
+
+    def slower(self, layer: Layer, fact, emissions) -> bool:
+        if not self.covers(layer):
+            return False
+        feeds = {k: np.broadcast_to(np.zeros((), dtype), shape) for k, (shape, dtype) in self.inputs[layer.name].items()}
+        if layer.node is None:  # a worker's copy of the layer (workers.portable)
+            layer = copy.copy(layer)
+            layer.node = self.nodes[layer.name]
+        if layer.name not in self._dense:
+            self._dense[layer.name] = predict(layer_model(layer, None, "matmul", feeds, self.emit, self.opset),
+                                              feeds, self.threads)
+        limit = PRUNE_FACTOR * self._dense[layer.name]
+        return all(predict(layer_model(layer, fact, e, feeds, self.emit, self.opset), feeds, self.threads) > limit
+                   for e in emissions)

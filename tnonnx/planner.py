@@ -13,6 +13,7 @@ from . import estimate
 from .choose import (Option, SpeedRules, Unreachable, _slower, apply_floor, candidate_options, choose, fastest,
                      ladder, pareto, time_options)
 from .errors import TnonnxError
+from .layer_timing import PRUNE_FACTOR
 from .formats import RankSpec
 from .plan import LayerPlan
 from .workers import candidates
@@ -50,19 +51,31 @@ class Planner:
             return
         advance = advance or (lambda share: None)
         firsts = [group[0] for group in self.groups.values()]
-        found = candidates(self.fitter, firsts, self._trials, workers, self.counts, advance)
+        prune = self._pruner(firsts)
+        tallies: dict[str, dict] = {}  # per group: candidate_options' counts
+        found = candidates(self.fitter, firsts, self._trials, workers, tallies, advance, prune, self.rules.emit)
         self.options = {}
         for key, group in self.groups.items():
             options = found.get(key)
             if options is None:
-                options = candidate_options(group[0], self.fitter, self._trials(group[0]), self.counts)
+                options = candidate_options(group[0], self.fitter, self._trials(group[0]),
+                                            tallies.setdefault(key, {}), prune, self.rules.emit)
             self.options[key] = self._options(group, options)
             advance(0.5 if key in found else 1.0)
+        predicted = 0
+        for key, tally in tallies.items():
+            for name, n in tally.items():
+                self.counts[name] = self.counts.get(name, 0) + n
+            predicted += tally.get("predicted slower", 0)
+            self.floored[key] = self.floored.get(key, 0) + tally.get("predicted slower", 0)
         self.notes.append(self._effort())
-        dropped = sum(self.floored.values())
-        if dropped:
-            self.notes.append(f"never slower than dense: {dropped} candidate(s) timed slower than their dense "
-                              "layer at the deployment shape were not considered (--allow-slower)")
+        timed = sum(self.floored.values()) - predicted
+        if timed or predicted:
+            what = [f"{timed} candidate(s) timed slower than their dense layer"] if timed else []
+            what += [f"{predicted} predicted more than {PRUNE_FACTOR:g}x slower by the cost model (neither "
+                     "measured nor their format's larger ranks fitted)"] if predicted else []
+            self.notes.append(f"never slower than dense: {' and '.join(what)} at the deployment shape were not "
+                              "considered (--allow-slower)")
 
     def plan(self, slack: float = 0.0) -> list[LayerPlan]:
         for p, (fmt, spec) in zip(self.plans, self.start):
@@ -120,6 +133,16 @@ class Planner:
             if max_ms is None or not self.rules.speedup:
                 raise
             return fastest(options, max_params)
+
+    def _pruner(self, firsts: list[LayerPlan]):
+        """Under the never-slower floor, what leaves out candidates predicted far slower than
+        dense before their errors are measured (layer_timing.Pruner); embedding tables are
+        exempt under --budget, where the layers together pay for them (module docstring of
+        choose.py). Groups of several layers are timed summed over them: not pruned."""
+        if not self.rules.floor or not hasattr(self.timer, "pruner"):
+            return None
+        single = [p.layer for p in firsts if len(self.groups[p.layer.weight_key]) == 1]
+        return self.timer.pruner(single, exempt=("embedding", "tied") if self.budget is not None else ())
 
     def _selected(self) -> int:
         return sum(group[0].layer.params for group in self.groups.values())

@@ -230,13 +230,15 @@ def _received(sent: bytes | None):
 # ------------------------------------------------------------------ the planner's candidates
 
 
-def candidates(fitter, plans, trials, workers: Workers | None, counts: dict, advance=None) -> dict:
-    """choose.candidate_options(plan, fitter, trials(plan), counts) for each plan (one per
+def candidates(fitter, plans, trials, workers: Workers | None, counts: dict, advance=None, prune=None,
+               emit: str = "auto") -> dict:
+    """choose.candidate_options(plan, fitter, trials(plan), counts[key], prune, emit) for each plan (one per
     weight) of a kind in KINDS, run in the workers when worth it: {plan.layer.weight_key:
     options} (the caller runs the others). The fits come into `fitter.cache`: every
     trial a worker fitted, and the options on each layer's (parameters, error) front,
-    which the planner times first (svd's, read off the spectrum, are fitted for that).
-    `advance(share)` is called with 0.5 per plan as its options arrive."""
+    which the planner times first (svd's, read off the spectrum, are fitted for that);
+    each plan's tally into `counts[plan.layer.weight_key]`. `advance(share)` is called with
+    0.5 per plan as its options arrive."""
     plans = [p for p in plans if p.layer.kind in KINDS]
     found: dict = {}
     if workers is None or not workers.worth([p.layer.params for p in plans]):
@@ -246,13 +248,13 @@ def candidates(fitter, plans, trials, workers: Workers | None, counts: dict, adv
         return found  # svd's candidates come off one SVD per layer: cheaper than starting workers
 
     def payload(plan):
-        return _job(fitter, plan.layer) + (trials(plan), plan.modes, plan.order)
+        return _job(fitter, plan.layer) + (trials(plan), plan.modes, plan.order,
+                                           prune if prune is not None and prune.covers(plan.layer) else None, emit)
 
     def done(plan, result) -> None:
         options, their_counts, fits = result
         found[plan.layer.weight_key] = options
-        for name, n in their_counts.items():
-            counts[name] = counts.get(name, 0) + n
+        counts[plan.layer.weight_key] = their_counts
         for fmt, spec, sent in fits:
             fact = _received(sent)
             if fact is not None:
@@ -279,10 +281,11 @@ def _candidates(job):
     from .choose import candidate_options, pareto
     from .plan import LayerPlan
 
-    layer, data, options, balance, trials, modes, order = job
+    layer, data, options, balance, trials, modes, order, prune, emit = job
     fitter = _fitter(layer, data, options, balance)
     counts: dict = {}
-    found = candidate_options(LayerPlan(layer, trials[0][0], trials[0][1], modes, order), fitter, trials, counts)
+    found = candidate_options(LayerPlan(layer, trials[0][0], trials[0][1], modes, order), fitter, trials, counts,
+                              prune, emit)
     for option in pareto(found, by_time=False):
         fitter.fit(layer, option.format, option.spec, modes, order, final=False, measure=False)
     fits = [(key[1], key[2], _sendable(fact)) for key, fact in fitter.cache.items() if not key[-1]]
