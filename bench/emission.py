@@ -42,6 +42,7 @@ ROWS_128, ROWS_4096 = (1, 128), (32, 128)
 LAYERS = [
     *[("tt", 384, 1536, r, None, rows) for rows in (ROWS_128, ROWS_4096) for r in (2, 4, 8)],
     *[("tt", 384, 1536, 4, d, rows) for rows in (ROWS_128, ROWS_4096) for d in (2, 3)],
+    *[("tt", n, m, r, 2, ROWS_128) for n, m in ((384, 1536), (1536, 384)) for r in (6, 8)],
     *[("tt", 1536, 384, r, None, rows) for rows in (ROWS_128, ROWS_4096) for r in (2, 4, 8)],
     *[("tt", 384, 384, r, None, rows) for rows in (ROWS_128, ROWS_4096) for r in (2, 4)],
     ("tt", 4096, 4096, 8, None, (1,)),

@@ -238,3 +238,29 @@ def test_the_rewrite_reports_every_stage_it_ran():
     assert shown.ended[2].total == sum(r.format is not None for r in report.rows)
     assert report.stages == {s.name: s.ended - s.started for s in shown.ended}
     assert report.to_dict()["stages"] == {k: round(v, 3) for k, v in report.stages.items()}
+
+
+def test_a_worker_leaves_when_its_parent_is_gone():
+    """The watch a worker starts on its parent (workers._watch): it keeps watching while the
+    parent lives and leaves once it is gone; no clock involved (sleep and exit injected)."""
+    import subprocess
+    import sys
+
+    from tnonnx import workers
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # reaped: its pid names no process now
+    left, naps = [], []
+    workers._watch(finished.pid, sleep=naps.append, leave=left.append)
+    assert left == [1] and naps == []
+
+    class Stop(Exception):
+        pass
+
+    def nap(seconds):
+        naps.append(seconds)
+        if len(naps) == 3:
+            raise Stop
+    with pytest.raises(Stop):  # this process lives: the watch naps on and never leaves
+        workers._watch(os.getpid(), interval=0.5, sleep=nap, leave=left.append)
+    assert naps == [0.5, 0.5, 0.5] and left == [1]

@@ -23,6 +23,8 @@ import copy
 import multiprocessing
 import os
 import pickle
+import threading
+import time
 
 import numpy as np
 
@@ -121,7 +123,8 @@ class Workers:
             context = multiprocessing.get_context(method)
             if method == "forkserver":  # workers fork from a server that has imported the fitting code
                 context.set_forkserver_preload(["tnonnx.workers", "tnonnx.choose"] + list(TORCH_MODULES) * self.torch)
-            self.pool = futures.ProcessPoolExecutor(self.count, mp_context=context, initializer=_one_thread)
+            self.pool = futures.ProcessPoolExecutor(self.count, mp_context=context, initializer=_worker_start,
+                                                    initargs=(os.getpid(),))
         return self.pool
 
 
@@ -137,6 +140,34 @@ def _result(future, what: str):
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise WorkerFailed(f"fitting {what} failed in a worker process: {type(exc).__name__}: {first} "
                            "(--debug shows the traceback; --workers 1 fits in this process)") from exc
+
+
+def _worker_start(parent: int) -> None:
+    """Worker start: one thread (_one_thread), and a watch on the parent process: a worker
+    whose parent was killed (a SIGKILL, a closed terminal) stops within a second instead of
+    finishing its fit, which can take minutes (its forkserver parent outlives the pool's)."""
+    _one_thread()
+    threading.Thread(target=_watch, args=(parent,), daemon=True, name="tnonnx-parent-watch").start()
+
+
+PARENT_POLL_S = 1.0
+
+
+def _watch(parent: int, interval: float = PARENT_POLL_S, sleep=time.sleep, leave=os._exit) -> None:
+    """Return (through `leave`, os._exit in a worker) once process `parent` is gone."""
+    while _alive(parent):
+        sleep(interval)
+    leave(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else (a reused pid: not our parent)
+        return False
+    return True
 
 
 def _one_thread() -> None:
