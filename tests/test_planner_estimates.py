@@ -177,3 +177,15 @@ def test_errors_are_measured_when_first_asked_for():
 
 def _gram(x: np.ndarray) -> tuple[np.ndarray, int]:
     return x.T @ x, x.shape[0]
+
+
+@pytest.mark.parametrize("fmt", ["tt", "ht", "tucker"])
+def test_output_errors_through_the_kernel_are_the_chain_pushed_errors(fmt):
+    """LayerData's errors compose the chain's kernel once and take one product with the
+    basis: the same number as pushing the basis rows through the cores."""
+    layer = _dense()
+    data = fitting.layer_data(layer, activations.Capture(*_gram(_inputs(64, 200, seed=5))))
+    fact = Fitter(None, {"mm": data}).fit(layer, fmt, RankSpec(rank=3), final=False, measure=False)
+    pushed = fitting._relative(fact.apply(data.basis), data.target)
+    assert data.output_error(fact) == pytest.approx(pushed, rel=1e-10)
+    assert data.output_error(fact, fact.to_dense()) == pytest.approx(pushed, rel=1e-10)
