@@ -317,3 +317,22 @@ def test_candidates_predicted_far_slower_are_left_out_unmeasured_with_their_larg
 def test_auto_reports_the_candidates_it_did_not_measure():
     _, report = tnonnx.rewrite(mlp(), format="auto", budget=2, batch=64, timer=latency.CallableTimer(mac_ms))
     assert any("predicted more than 2x slower by the cost model" in n for n in report.notes), report.notes
+
+
+def test_speedup_plans_are_judged_against_the_original_timed_beside_them():
+    """The machine gets three times slower after the original's first timing (load arriving):
+    the plan is still judged by its ratio to the original timed beside it, so the plan and
+    the verdict are those of a steady machine, not a re-plan to lower ranks or a refusal."""
+    whole = []
+
+    def load_arrives(model, feeds):
+        if model.graph.name == "layer":
+            return mac_ms(model, feeds)
+        whole.append(model)
+        return mac_ms(model, feeds) * (1.0 if len(whole) == 1 else 3.0)
+
+    _, steady = tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, speedup=2.0, timer=latency.CallableTimer(mac_ms))
+    _, loaded = tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, speedup=2.0,
+                               timer=latency.CallableTimer(load_arrives))
+    assert [(r.name, r.format, r.ranks) for r in loaded.rows] == [(r.name, r.format, r.ranks) for r in steady.rows]
+    assert loaded.totals.ms_before / loaded.totals.ms_after >= 2.0

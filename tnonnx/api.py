@@ -188,9 +188,9 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                 return fit_and_emit(active, fitter, force, layer_timer, rules, stage.advance, pool)
 
         if speedup and before_ms is not None:
-            replacements = meet_speedup(
-                build, lambda reps: clock.models([partial(new, reps)], speed_feeds)[0] if reps else None,
-                before_ms / speedup)
+            replacements = meet_speedup(build, lambda reps: _against_original(clock, original, partial(new, reps),
+                                                                              speed_feeds, before_ms) if reps else None,
+                                        before_ms / speedup)
         else:
             replacements = build(0.0)
         notes.extend(planner.notes + ([used] if (used := pool.note()) else []))
@@ -381,6 +381,17 @@ def _rows(layers, replacements, before, after) -> list[LayerRow]:
 
 def _ranks_text(ranks) -> str:
     return ",".join(map(str, ranks))
+
+
+def _against_original(clock, original, candidate, feeds, before_ms: float) -> float | None:
+    """`candidate`'s time in the frame of `before_ms` (the original's first timing): both
+    models timed again, interleaved, and their ratio taken. A plan measured alone, minutes
+    after the original, is judged against a machine whose load has moved since (on a busy
+    machine that sent --speedup re-planning to ranks far lower than needed)."""
+    original_ms, candidate_ms = clock.models([original, candidate], feeds, keep=True)
+    if original_ms is None or candidate_ms is None:
+        return None
+    return before_ms * candidate_ms / original_ms
 
 
 def _reasons_summary(layers: list[Layer]) -> str:
