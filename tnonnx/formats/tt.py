@@ -17,6 +17,7 @@ from .base import (ChainFactorization, ConvFactorization, ConvStage, RankSpec, m
                    truncation_rank)
 
 NAME = "tt"
+GRAM_ROWS = 512  # unfoldings with at least this many rows (and as many columns) go through their Gram matrix
 
 
 def tt_svd(tensor: np.ndarray, *, cap: int | None = None, tol: float | None = None) -> list[np.ndarray]:
@@ -37,13 +38,15 @@ def tt_svd(tensor: np.ndarray, *, cap: int | None = None, tol: float | None = No
 def leading_subspace(mat: np.ndarray, *, cap: int | None, delta: float):
     """(U_r, singular values, U_r^T mat) for the truncation rank of `mat`.
 
-    An unfolding with at least as many columns as rows (e.g. 64 x 262144 for a 4096 x 4096
-    weight, 2704 x 4368 inside a 30522 x 384 embedding table) takes its left vectors from
-    the eigenvectors of the Gram matrix of its rows: some 50x faster than a full SVD at the
-    first shape, 10x at the second; carrying U_r^T mat (not S V^T) keeps it an orthogonal
-    projection, so the result stays exact at full rank and the tolerance bound holds."""
+    A wide unfolding (e.g. 64 x 262144 for a 4096 x 4096 weight), or a large one with at
+    least as many columns as rows (2704 x 4368 inside a 30522 x 384 embedding table), takes
+    its left vectors from the eigenvectors of the Gram matrix of its rows: some 50x faster
+    than a full SVD at the first shape, 10x at the second; carrying U_r^T mat (not S V^T)
+    keeps it an orthogonal projection, so the result stays exact at full rank and the
+    tolerance bound holds. Small unfoldings keep the SVD (cheap there), and with it the
+    signs of their vectors, which the nonlinear chains started from a TT depend on."""
     rows, cols = mat.shape
-    if cols >= rows:
+    if cols > 4 * rows or (cols >= rows and rows >= GRAM_ROWS):
         evals, evecs = np.linalg.eigh(mat @ mat.T)
         order = np.argsort(evals)[::-1]
         s, u = np.sqrt(np.clip(evals[order], 0.0, None)), evecs[:, order]
