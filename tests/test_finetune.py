@@ -149,3 +149,21 @@ def test_interpreter_runs_conv_transpose_and_its_rewrite():
         want, got = run(m, [_feeds()]), _interpret(m, _feeds())
         for g, (key, w) in zip(got, want.items()):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()), err_msg=key)
+
+
+def test_a_fine_tuning_that_ends_worse_keeps_the_start(monkeypatch):
+    """A learning rate far too large wrecks the cores: the error is measured at the end only,
+    found worse than the start, and the start is what the model keeps."""
+    from tnonnx import finetune as ft
+
+    data = np.load(FASHION)
+    calib = {"input": data["input"][:256]}
+    inputs = {"input": data["input"][256:512]}
+    plain, report = tnonnx.rewrite(LENET, format="svd", rank=4, fit="aware", calib=calib, inputs=inputs)
+    monkeypatch.setattr(ft, "LEARNING_RATE", 1e3)
+    wrecked, tuned = tnonnx.rewrite(LENET, format="svd", rank=4, fit="aware", calib=calib, inputs=inputs, finetune=1)
+    note = next(n for n in tuned.notes if n.startswith("finetune:"))
+    before, after = note.split("data ")[1].split(" after")[0].split(" -> ")
+    assert before == after
+    for a, b in zip(plain.graph.initializer, wrecked.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
