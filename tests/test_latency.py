@@ -220,10 +220,13 @@ def test_meet_speedup_tightens_on_a_miss_and_relaxes_a_large_surplus():
     # the fully relaxed plan misses, half of the surplus is kept
     built.clear()
     assert meet_speedup(build, lambda plan: 5.0 if plan == 0 else (11.0 if plan == -5.0 else 8.0), 10.0) == -2.5
-    # both relaxed plans miss: the kept plan is rebuilt (the layers' plans are shared) and returned
+    # the full and the half relaxations miss, a quarter of the surplus is kept
+    built.clear()
+    assert meet_speedup(build, lambda plan: 5.0 if plan == 0 else (8.0 if plan == -1.25 else 11.0), 10.0) == -1.25
+    # every relaxed plan misses: the kept plan is rebuilt (the layers' plans are shared) and returned
     built.clear()
     assert meet_speedup(build, lambda plan: 5.0 if plan == 0 else 11.0, 10.0) == 0.0
-    assert built == [0.0, -5.0, -2.5, 0.0]
+    assert built == [0.0, -5.0, -2.5, -1.25, 0.0]
     # no tighter plan exists: the last one is rebuilt and kept for the caller's verdict
     def build_or_fail(slack):
         if slack > 0:

@@ -285,6 +285,7 @@ def ladder(formats, simd: bool = False, align: int = 1) -> list[tuple[str, RankS
 
 MAX_REPLANS = 3  # --speedup: re-plans after the whole model missed the target
 RELAX_MARGIN = 0.1  # a plan this much faster than --speedup needs gives the surplus back to accuracy
+RELAX_PARTS = (1.0, 0.5, 0.25)  # of the surplus, tried in turn
 
 
 @dataclass(frozen=True)
@@ -308,8 +309,8 @@ def meet_speedup(build, measure, target_ms: float):
     beyond the per-layer estimate; may raise TnonnxError when none exists), `measure(plan)`
     times the whole model. While the model misses `target_ms`, the slack grows by the miss
     (up to MAX_REPLANS times); when it beats the target by more than RELAX_MARGIN, plans
-    with the surplus (then half of it) given back to accuracy are tried, the first that still
-    meets the target kept.
+    with the surplus (then a half, then a quarter of it) given back to accuracy are tried,
+    the first that still meets the target kept.
     Builds share the layers' plans, so a plan given up is rebuilt before it is returned."""
     slack = 0.0
     plan = build(slack)
@@ -325,7 +326,7 @@ def meet_speedup(build, measure, target_ms: float):
         ms = measure(plan)
     if ms is not None and ms < target_ms * (1 - RELAX_MARGIN):
         surplus = target_ms - ms
-        for part in (1.0, 0.5):  # all of the surplus, else half of it
+        for part in RELAX_PARTS:
             try:
                 trial = build(slack - part * surplus)
                 trial_ms = measure(trial)
