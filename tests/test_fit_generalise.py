@@ -4,7 +4,6 @@ towards the scaled identity, candidates are judged on held-out samples, the user
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from onnx import helper
 
 import tnonnx
