@@ -113,8 +113,34 @@ def export_module(
                 opset_version=opset_version or LEGACY_OPSET,
                 do_constant_folding=True,
             )
+    if dynamo:
+        strip_stack_traces(path)
     fix_ir_version(path, check_runtime=check_runtime)
     return path
+
+
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def strip_stack_traces(path: str | os.PathLike) -> None:
+    """Drop the dynamo exporter's per-node Python stack traces from the file at *path*: they
+    name the exporting machine's source paths, and a model kept in the repository must not."""
+    model = onnx.load(str(path))
+
+    def strip(graph) -> None:
+        for node in graph.node:
+            kept = [(p.key, p.value) for p in node.metadata_props if p.key != STACK_TRACE_KEY]
+            if len(kept) != len(node.metadata_props):
+                del node.metadata_props[:]
+                for key, value in kept:
+                    node.metadata_props.add(key=key, value=value)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    strip(attr.g)
+                for sub in attr.graphs:
+                    strip(sub)
+    strip(model.graph)
+    onnx.save(model, str(path))
 
 
 def export(name: str, path: str | os.PathLike, dynamo: bool = False) -> Path:
