@@ -227,6 +227,10 @@ def test_meet_speedup_tightens_on_a_miss_and_relaxes_a_large_surplus():
     built.clear()
     assert meet_speedup(build, lambda plan: 5.0 if plan == 0 else 11.0, 10.0) == 0.0
     assert built == [0.0, -5.0, -2.5, -1.25, 0.0]
+    # a miss by a hair asks for at least 2% of the target: a plan that saves that much meets it
+    built.clear()
+    assert meet_speedup(build, lambda plan: 10.01 if plan < 0.2 else 9.9, 10.0) == pytest.approx(0.2)
+    assert built == [0.0, pytest.approx(0.2)]
     # no tighter plan exists: the last one is rebuilt and kept for the caller's verdict
     def build_or_fail(slack):
         if slack > 0:

@@ -286,6 +286,7 @@ def ladder(formats, simd: bool = False, align: int = 1) -> list[tuple[str, RankS
 MAX_REPLANS = 3  # --speedup: re-plans after the whole model missed the target
 RELAX_MARGIN = 0.1  # a plan this much faster than --speedup needs gives the surplus back to accuracy
 RELAX_PARTS = (1.0, 0.5, 0.25)  # of the surplus, tried in turn
+REPLAN_STEP = 0.02  # a re-plan after a miss asks the layers for at least this share of the target time more
 
 
 @dataclass(frozen=True)
@@ -308,8 +309,9 @@ def meet_speedup(build, measure, target_ms: float):
     """The plan for --speedup: `build(slack)` makes one (slack: ms the layers must give up
     beyond the per-layer estimate; may raise TnonnxError when none exists), `measure(plan)`
     times the whole model. While the model misses `target_ms`, the slack grows by the miss
-    (up to MAX_REPLANS times); when it beats the target by more than RELAX_MARGIN, plans
-    with the surplus (then a half, then a quarter of it) given back to accuracy are tried,
+    (at least REPLAN_STEP of the target; up to MAX_REPLANS times); when it beats the target
+    by more than RELAX_MARGIN, plans with the surplus (then a half, then a quarter of it)
+    given back to accuracy are tried,
     the first that still meets the target kept.
     Builds share the layers' plans, so a plan given up is rebuilt before it is returned."""
     slack = 0.0
@@ -318,11 +320,14 @@ def meet_speedup(build, measure, target_ms: float):
     for _ in range(MAX_REPLANS):
         if ms is None or ms <= target_ms:
             break
+        # at least REPLAN_STEP of the target: a miss by a hair would otherwise ask for a
+        # saving smaller than any change of rank, and get the same plan back
+        step = max(ms - target_ms, REPLAN_STEP * target_ms)
         try:
-            trial = build(slack + ms - target_ms)
+            trial = build(slack + step)
         except TnonnxError:  # no tighter plan exists: keep this one
             return build(slack)
-        slack, plan = slack + ms - target_ms, trial
+        slack, plan = slack + step, trial
         ms = measure(plan)
     if ms is not None and ms < target_ms * (1 - RELAX_MARGIN):
         surplus = target_ms - ms
