@@ -165,7 +165,7 @@ def run_case(case: Case, fmt: str, budget: float, speedup: float | None, args, t
     try:
         new, report = tnonnx.rewrite(case.model, format=fmt, budget=budget, speedup=speedup, batch=case.batch,
                                      shapes=case.shapes, threads=args.threads,
-                                     timing_cache=not args.no_timing_cache, **case.kwargs())
+                                     timing_cache=not args.no_timing_cache, ops=args.ops, **case.kwargs())
     except TnonnxError as exc:
         row["error"] = str(exc)
     except Exception as exc:  # noqa: BLE001 - one broken case should not sink the table
@@ -210,6 +210,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (deployment)")
     parser.add_argument("--minilm-calib", type=int, default=128, help="MiniLM calibration sentences")
     parser.add_argument("--no-timing-cache", action="store_true", help="time every layer afresh")
+    parser.add_argument("--ops", help="tnonnx's --ops (default: every rewritable weight under --budget)")
     parser.add_argument("--quick", action="store_true",
                         help="first budget, first format, the smallest case of each model only")
     parser.add_argument("--out", help="also write the markdown (header and table) to this file")

@@ -36,7 +36,7 @@ def test_run_case_and_rows(tmp_path):
     x = {"x": np.random.default_rng(1).standard_normal((16, 256)).astype(np.float32)}
     case = bl.Case("layer", path, "4 x 256", batch=4, shapes={"x": (4, 256)}, kwargs=lambda: dict(inputs=x),
                    metric=lambda new, report: f"err {report.validation.outputs[0].rel_l2:.3f}")
-    args = Namespace(threads=1, no_timing_cache=True)
+    args = Namespace(threads=1, no_timing_cache=True, ops=None)
     row = bl.run_case(case, "svd", 2.0, None, args, tmp_path)
     assert "error" not in row, row
     assert row["params"].endswith("x") and row["accuracy"].startswith("err ")
