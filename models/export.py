@@ -129,11 +129,10 @@ def strip_stack_traces(path: str | os.PathLike) -> None:
 
     def strip(graph) -> None:
         for node in graph.node:
-            kept = [(p.key, p.value) for p in node.metadata_props if p.key != STACK_TRACE_KEY]
-            if len(kept) != len(node.metadata_props):
-                del node.metadata_props[:]
-                for key, value in kept:
-                    node.metadata_props.add(key=key, value=value)
+            props = node.metadata_props
+            for i in reversed(range(len(props))):
+                if props[i].key == STACK_TRACE_KEY:
+                    del props[i]
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     strip(attr.g)

@@ -311,8 +311,7 @@ def meet_speedup(build, measure, target_ms: float):
     times the whole model. While the model misses `target_ms`, the slack grows by the miss
     (at least REPLAN_STEP of the target; up to MAX_REPLANS times); when it beats the target
     by more than RELAX_MARGIN, plans with the surplus (then a half, then a quarter of it)
-    given back to accuracy are tried,
-    the first that still meets the target kept.
+    given back to accuracy are tried, the first that still meets the target kept.
     Builds share the layers' plans, so a plan given up is rebuilt before it is returned."""
     slack = 0.0
     plan = build(slack)

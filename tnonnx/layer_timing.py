@@ -128,6 +128,12 @@ def _dtype(layer: Layer) -> int:
 PRUNE_FACTOR = 2.0  # candidates predicted this much slower than dense are not timed
 
 
+def far_slower(predicted_ms: float, dense_ms: float) -> bool:
+    """Whether a candidate predicted at `predicted_ms` is not worth timing beside a dense
+    layer predicted at `dense_ms` (LayerTimer.candidates, and Pruner before any fit is measured)."""
+    return predicted_ms > PRUNE_FACTOR * dense_ms
+
+
 @dataclass
 class Timing:
     """A layer's time at the deployment shape, in ms."""
@@ -181,7 +187,7 @@ class LayerTimer:
         threads = self.deployment.threads
         models = [self._model(layer)] + [self._model(layer, fact, emission) for fact, emission in trials]
         predicted = [predict(m, feeds, threads) for m in models]
-        timed = [0] + [i for i in range(1, len(models)) if predicted[i] <= PRUNE_FACTOR * predicted[0]]
+        timed = [0] + [i for i in range(1, len(models)) if not far_slower(predicted[i], predicted[0])]
         try:
             measured = self.clock.time([models[i] for i in timed], feeds)
         except Exception:  # noqa: BLE001 - a candidate onnxruntime cannot run: predictions only
@@ -222,9 +228,9 @@ class Pruner:
         if layer.name not in self._dense:
             self._dense[layer.name] = predict(layer_model(layer, None, "matmul", feeds, self.emit, self.opset),
                                               feeds, self.threads)
-        limit = PRUNE_FACTOR * self._dense[layer.name]
+        dense = self._dense[layer.name]
         try:
-            return all(predict(layer_model(layer, fact, e, feeds, self.emit, self.opset), feeds, self.threads) > limit
-                       for e in emissions)
+            return all(far_slower(predict(layer_model(layer, fact, e, feeds, self.emit, self.opset), feeds,
+                                          self.threads), dense) for e in emissions)
         except Exception:  # noqa: BLE001 - a candidate the cost model cannot read is kept, for the timing to judge
             return False

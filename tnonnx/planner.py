@@ -62,14 +62,13 @@ class Planner:
                                             tallies.setdefault(key, {}), prune, self.rules.emit)
             self.options[key] = self._options(group, options)
             advance(0.5 if key in found else 1.0)
-        predicted = 0
+        timed, predicted = sum(self.floored.values()), 0
         for key, tally in tallies.items():
             for name, n in tally.items():
                 self.counts[name] = self.counts.get(name, 0) + n
             predicted += tally.get("predicted slower", 0)
             self.floored[key] = self.floored.get(key, 0) + tally.get("predicted slower", 0)
         self.notes.append(self._effort())
-        timed = sum(self.floored.values()) - predicted
         if timed or predicted:
             what = [f"{timed} candidate(s) timed slower than their dense layer"] if timed else []
             what += [f"{predicted} predicted more than {PRUNE_FACTOR:g}x slower by the cost model (neither "

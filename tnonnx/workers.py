@@ -163,9 +163,7 @@ def _watch(parent: int, interval: float = PARENT_POLL_S, sleep=time.sleep, leave
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else (a reused pid: not our parent)
+    except (ProcessLookupError, PermissionError):  # gone, or its pid reused by another user's process
         return False
     return True
 
