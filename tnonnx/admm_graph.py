@@ -59,7 +59,7 @@ def check(format: str, spec, budget) -> None:
 
 
 def admm_train(model: onnx.ModelProto, original: onnx.ModelProto, plans, batches, *, epochs: int, rho: float,
-               options: dict, hidden_weight: float, log=None) -> list[str]:
+               options: dict, hidden_weight: float, log=None, precision: str = "fp32") -> list[str]:
     """Trains the selected weights of `model` (a copy of `original`, the dense graph) in
     place, distilled to `original`, and sets each trained plan's layer weight to the result;
     returns report notes."""
@@ -96,7 +96,8 @@ def admm_train(model: onnx.ModelProto, original: onnx.ModelProto, plans, batches
     before = pull.distance_of(start)
     hidden = [p.layer.x for p, _ in found.values()]
     _, error = finetune(model, original, batches, set(found), epochs=epochs, hidden=hidden,
-                        hidden_weight=hidden_weight, log=log, penalty=pull.penalty_of, epoch_end=pull.step_of)
+                        hidden_weight=hidden_weight, log=log, penalty=pull.penalty_of, epoch_end=pull.step_of,
+                        precision=precision)
     trained = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in found}
     after = pull.distance_of({n: torch.as_tensor(v.astype(np.float32)) for n, v in trained.items()})
     for name, (plan, transposed) in found.items():

@@ -23,7 +23,7 @@ from collections import ChainMap
 import numpy as np
 import onnx
 
-from .finetune import SMALL_MODEL_PARAMS, GraphModule, _relative, _run_nodes, store
+from .finetune import SMALL_MODEL_PARAMS, GraphModule, _relative, _run_nodes, autocast, store
 from .fit import torch_threads
 from .macs import all_graphs, subgraphs
 
@@ -136,10 +136,12 @@ def block_weights(model: onnx.ModelProto, run: list[int]) -> set[str]:
 
 
 def refine_blocks(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainable: set[str], *,
-                  epochs: int = BLOCK_EPOCHS, seed: int = 0, log=None, runs=None) -> list[tuple[float, float]]:
+                  epochs: int = BLOCK_EPOCHS, seed: int = 0, log=None, runs=None,
+                  precision: str = "fp32") -> list[tuple[float, float]]:
     """Refine `model`'s trainable initializers, and the other weights of the blocks that hold
     them, block by block, in place; returns each block's relative calibration error at its
-    outputs before and after. `runs`: blocks(model, trainable), when the caller has them."""
+    outputs before and after. `runs`: blocks(model, trainable), when the caller has them.
+    `precision`: the training steps' arithmetic, as finetune's (the errors are float32)."""
     import torch
 
     torch.manual_seed(seed)
@@ -170,7 +172,7 @@ def refine_blocks(model: onnx.ModelProto, original: onnx.ModelProto, batches, tr
             graph = GraphModule(sub, train)
             inputs = [{x: env[x] for x in reads if x in env} for env in student.envs]  # (reads of subgraphs' own tensors left out)
             targets = [[env[x] for x in names] for env in teacher.envs]
-            before, after = _train_block(graph, inputs, names, targets, epochs, seed)
+            before, after = _train_block(graph, inputs, names, targets, epochs, seed, precision)
             trained = {k: v.detach() for k, v in graph.params.items()}
             store(model, trained)
             values.update(trained)
@@ -280,7 +282,8 @@ def _sub_model(model: onnx.ModelProto, run: list[int]) -> tuple[onnx.ModelProto,
     return sub, reads
 
 
-def _train_block(graph: GraphModule, inputs, names, targets, epochs: int, seed: int) -> tuple[float, float]:
+def _train_block(graph: GraphModule, inputs, names, targets, epochs: int, seed: int,
+                 precision: str = "fp32") -> tuple[float, float]:
     import torch
 
     def error() -> float:
@@ -305,7 +308,9 @@ def _train_block(graph: GraphModule, inputs, names, targets, epochs: int, seed: 
         for _ in range(passes if before > 0 else 0):  # outputs already exact (the new cores do not reach them)
             for i in order.permutation(len(inputs)):
                 opt.zero_grad()
-                _relative(graph(inputs[i], names), targets[i]).backward()
+                with autocast(precision):
+                    got = graph(inputs[i], names)
+                _relative(got, targets[i]).backward()
                 opt.step()
                 schedule.step()
         # judged once at the end (the annealed rate ends near the best state): each

@@ -15,7 +15,7 @@ from rich.console import Console
 from . import api, bench, calibrate, plot, model as model_io
 from .emit import ACTIVATIONS
 from .errors import TnonnxError
-from .finetune import HIDDEN_WEIGHT
+from .finetune import HIDDEN_WEIGHT, PRECISIONS
 from .formats import FORMATS, is_nonlinear, nonlinear_formats
 from .deploy import INT8_MODES
 from .quantize import QUANT_MODES
@@ -240,6 +240,11 @@ def inspect(model, batch, shapes, recurrent, as_json):
                    "weights and fine-tune N epochs. One linear format and --rank/--ratio/--tol.")
 @click.option("--admm-rho", type=float, default=None, metavar="RHO",
               help="--admm's penalty weight, relative to each weight's squared norm (default 1.0).")
+@click.option("--train-precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Arithmetic of the training steps of --finetune, --fit blockwise and --admm: bf16 runs their "
+                   "matrix products in bfloat16 (torch autocast; the trained weights, the passes that judge them "
+                   "and the output stay float32); auto: bf16 where the CPU multiplies bfloat16 in hardware "
+                   "(AVX512-BF16, AMX, Arm BF16) and at least 1M parameters are trained, else fp32.")
 @click.option("--act", type=click.Choice(ACTIVATIONS), default=None,
               help="Nonlinear formats (ntt, ntr): the activation between cores (default relu).")
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
@@ -274,7 +279,7 @@ def inspect(model, batch, shapes, recurrent, as_json):
 @handles_errors
 def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, threads, speedup,
             allow_slower, keep_best, timing, timing_cache, ops, recurrent, include,
-            exclude, min_params, force, fit_mode, finetune, finetune_hidden, admm, admm_rho, act, calib, calib_random,
+            exclude, min_params, force, fit_mode, finetune, finetune_hidden, admm, admm_rho, train_precision, act, calib, calib_random,
             target_name, quantize, int8, short_names, max_model_bytes, workers, quiet, validate, inputs, shapes, batch,
             atol, rtol,
             min_cosine, max_accuracy_drop, report_path, plot_path):
@@ -302,7 +307,7 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine,
         max_accuracy_drop=max_accuracy_drop, fit=fit_mode,
         calib=_calibration(calib, calib_random), finetune=finetune, finetune_hidden=finetune_hidden,
-        admm=admm, admm_rho=admm_rho,
+        admm=admm, admm_rho=admm_rho, train_precision=train_precision,
         threads=threads, speedup=speedup, allow_slower=allow_slower, keep_best=keep_best, timing=timing,
         timing_cache=timing_cache, progress=progress, target=target_name, quantize=quantize,
         int8=int8, short_names=short_names, max_model_bytes=max_model_bytes, workers=workers)

@@ -7,13 +7,20 @@ emit), the factor cores and biases the rewrite created become trainable, and Ada
 one-cycle learning-rate schedule, minimises the relative squared error to the original
 model (run in onnxruntime) on the calibration batches: of all float outputs, and of the
 tensors each rewritten layer is fed (hidden-state distillation). What is trained is
-exactly the graph that is saved: no separate torch model to keep in sync. The best epoch
-on the calibration data is kept, and the start if no epoch improves on it.
+exactly the graph that is saved: no separate torch model to keep in sync. The start is kept
+if the end is not better on the calibration data.
+
+Precision (`--train-precision`, shared with --fit blockwise and --admm): the training steps
+may run their matrix products in bfloat16 (torch autocast); the trained tensors stay float32
+(Adam's master copy), and so do the passes that judge the start against the end, so a
+bf16 run can never keep a worse result than it started from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,11 +36,50 @@ LEARNING_RATE = 1e-2  # Adam, relative: each tensor's step is scaled by its RMS
 # MatMul parameters: 4.9M) torch's own thread count is kept (2 threads: 1.5x faster there)
 SMALL_MODEL_PARAMS = 1_000_000
 HIDDEN_WEIGHT = 4.0  # of the mean hidden-tensor error against the output error; MiniLM: 4 > 1 (docs/RESULTS.md)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX-BF16, Arm
+    BF16). Only there are torch's bf16 products faster than float32 (MiniLM's training step:
+    1.6x, docs/RESULTS.md); elsewhere they are emulated and slower. Linux only: anywhere
+    else the answer is no, and auto means fp32."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
+
+
+def resolve_precision(precision: str, trainable_params: int, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """"fp32" or "bf16" for --train-precision: auto is bf16 where the CPU does it natively and
+    the training is large enough for its products to dominate (SMALL_MODEL_PARAMS trained
+    parameters or more: LeNet-5's steps are mostly overhead), else fp32."""
+    if precision not in PRECISIONS:
+        raise TnonnxError(f"--train-precision {precision}: choose from {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    return "bf16" if trainable_params >= SMALL_MODEL_PARAMS and native_bf16(cpuinfo) else "fp32"
+
+
+def autocast(precision: str):
+    """The context the training steps' forward passes run in: torch's CPU autocast to
+    bfloat16 for "bf16", nothing for "fp32"."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainable: set[str], *, epochs: int,
              hidden=(), hidden_weight: float = HIDDEN_WEIGHT, seed: int = 0, log=None,
-             penalty=None, epoch_end=None) -> tuple[float, float]:
+             penalty=None, epoch_end=None, precision: str = "fp32") -> tuple[float, float]:
     """Train the initializers named in `trainable` (in place in `model`); returns the relative
     output error on the calibration batches before and after. The trained values are kept
     when they end no worse than the start, else the start is (and its error returned).
@@ -82,7 +128,8 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
             return math.sqrt(num / max(den, 1e-300))
 
     def loss(i: int):
-        values = graph(feeds[i], names + hidden)
+        with autocast(precision):
+            values = graph(feeds[i], names + hidden)
         total = _relative(_select(values[:len(names)], float_outputs), targets[i])
         if hidden:
             # the original's hidden tensors are recomputed per step: stored for the whole
@@ -130,7 +177,9 @@ def store(model: onnx.ModelProto, values: dict) -> None:
 
 
 def _relative(got, want):
-    """Relative squared error of a list of tensors against their targets."""
+    """Relative squared error of a list of tensors against their targets, in float32 at least
+    (a bf16 forward pass's outputs are widened first)."""
+    got = [g.float() if g.dtype in (_torch().bfloat16, _torch().float16) else g for g in got]
     return sum(((g - w) ** 2).sum() for g, w in zip(got, want)) / sum((w**2).sum() for w in want).clamp_min(1e-30)
 
 
