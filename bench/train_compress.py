@@ -9,9 +9,7 @@ fine-tune, and the factorised network trained from scratch, at equal compression
     python bench/train_compress.py --model resnet --format tt --ratio 2.5 --quick
 
 Compressed layers: LeNet-5's conv2, fc1, fc2 (conv1: 150 and fc3: 840 weights stay dense);
-FC-2's two layers (784-256-10; fc2-pad32: the same network on images zero-padded to 32 x 32,
-whose fc1 weight has 1,024 rows, 240 of them never used: count its ratios against FC-2's
-200,704 fc1 weights, not the 262,144 it holds); the small ResNet's 3x3 convolutions in its stages (a
+FC-2's two layers (784-256-10); the small ResNet's 3x3 convolutions in its stages (a
 SmallResNet of models/reference.py, widths 8/16/32, one input channel: stem, 1x1 shortcuts
 and the classifier stay dense). --include narrows the selection (FC only, conv only).
 --format FMT@REGEX,FMT@REGEX gives each selected layer the first format whose regex it
@@ -62,24 +60,16 @@ from tnonnx.nn import ADMM, factorize  # noqa: E402
 from tnonnx.nn.convert import candidates  # noqa: E402
 from tnonnx.nn.layers import cores_of  # noqa: E402
 
-INCLUDE = {"lenet5": "^(conv2|fc1|fc2)$", "fc2": "^(fc1|fc2)$", "fc2-pad32": "^(fc1|fc2)$", "resnet": r"^stages\.\d+\.\d+\.conv[12]$"}
+INCLUDE = {"lenet5": "^(conv2|fc1|fc2)$", "fc2": "^(fc1|fc2)$", "resnet": r"^stages\.\d+\.\d+\.conv[12]$"}
 
 
 class FC2(nn.Module):
-    """784-256-10 with ReLU; side=32 zero-pads each 28 x 28 image to 32 x 32 first (fc1 then
-    reads 1,024 inputs, 240 of them always zero), so that a weight index's binary digits are
-    5 row bits, 5 column bits and 8 output bits: ADTN's gates then act on bits of one image
-    axis at a time, where a flat 784-row weight mixes rows and columns in every bit."""
-
-    def __init__(self, hidden: int = 256, side: int = 28):
+    def __init__(self, hidden: int = 256):
         super().__init__()
-        self.pad = (side - 28) // 2
-        self.fc1 = nn.Linear(side * side, hidden)
+        self.fc1 = nn.Linear(784, hidden)
         self.fc2 = nn.Linear(hidden, 10)
 
     def forward(self, x):
-        if self.pad:
-            x = F.pad(x, (self.pad,) * 4)
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
@@ -115,7 +105,7 @@ def make(model: str, seed: int = 0) -> nn.Module:
         net = SmallResNet(widths=(8, 16, 32))
         net.stem[0] = nn.Conv2d(1, 8, 3, padding=1, bias=False)
         return net
-    return LeNet5() if model == "lenet5" else FC2(side=32 if model == "fc2-pad32" else 28)
+    return LeNet5() if model == "lenet5" else FC2()
 
 
 def parse_formats(text: str, include: str) -> list[tuple[str, str, dict]]:
@@ -135,6 +125,10 @@ def parse_formats(text: str, include: str) -> list[tuple[str, str, dict]]:
 
 
 def _value(text: str):
+    if "x" in text and "," in text:  # modes=28x28,16x16
+        from tnonnx.tensorize import parse_modes
+
+        return parse_modes(text)
     for kind in (int, float):
         try:
             return kind(text)
@@ -270,7 +264,8 @@ def main(argv=None) -> int:
                     "method, the dense network's included (give each seed its own --dense-cache)")
     ap.add_argument("--dataset", choices=("fashion", "mnist5k"), default="fashion")
     ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="Fashion-MNIST's idx files")
-    ap.add_argument("--option", action="append", default=[], help="format option key=value (e.g. act=tanh)")
+    ap.add_argument("--option", action="append", default=[], help="format option key=value (e.g. act=tanh, "
+                    "depth=7, modes=28x28,16x16)")
     ap.add_argument("--dense-cache", help="load the trained dense network from this file if it exists, "
                     "else save it there (runs of one model, data and epochs share it)")
     ap.add_argument("--json", help="append the results as one JSON line to this file")

@@ -119,3 +119,46 @@ def test_torch_layer_trains_and_exports_its_gates(kind, tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(got, layer(x).numpy(), rtol=1e-4, atol=1e-5)
     assert tnonnx.inspect(str(path)).totals.params_before == sum(p.numel() for p in layer.parameters())
+
+
+def test_modes_give_each_axis_its_own_binary_digits():
+    """--modes 28x28,16x16 on a 784 x 256 weight: the state is a 32 x 32 x 16 x 16 tensor
+    whose padding is sliced off; the emitted subgraph decodes the same weight."""
+    w = randn(784, 256, seed=3).astype(np.float64)
+    fact = adtn.fit_dense(w, RankSpec(rank=2), iters=0, modes=((28, 28), (16, 16)))
+    assert fact.layout == (28, 28, 16, 16) and fact.qubits == 18
+    assert fact.params() == adtn.param_count(2, 18)
+    flat = adtn.fit_dense(w, RankSpec(rank=2), iters=0)
+    state_cores = dict(fact.cores, scale=np.ones(1))
+    state = adtn.decode(state_cores, (2**18,), 2, 18, fact.act)  # the whole state, unpadded
+    want = fact.cores["scale"][0] * state.reshape(32, 32, 16, 16)[:28, :28].reshape(784, 256)
+    np.testing.assert_allclose(fact.to_dense(), want, rtol=1e-12)
+    # the same gates read flat put other entries of the state into the weight
+    assert not np.allclose(adtn.decode(fact.cores, (784, 256), 2, 18, fact.act), fact.to_dense())
+    assert flat.layout == ()
+    b = Builder("adtn", np.float32, np.float32)
+    name = fact.emit_weight(b)
+    graph = onnx.helper.make_graph(b.nodes, "decode", [], [value(name, [784, 256])], b.initializers)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (decoded,) = run(model, {})
+    assert rel_err(fact.to_dense(), decoded) < 1e-5
+    with pytest.raises(tnonnx.errors.TnonnxError, match="do not multiply"):
+        adtn.fit_dense(w, RankSpec(rank=2), iters=0, modes=((28, 27), (16, 16)))
+
+
+def test_torch_layer_with_modes_exports_what_it_computes(tmp_path):
+    torch.manual_seed(0)
+    layer = FactorizedLinear(96, 16, format="adtn", depth=2, modes=((12, 8), (4, 4)))
+    assert layer.factorization().layout == (12, 8, 4, 4) and layer.factorization().qubits == 4 + 3 + 2 + 2
+    x = torch.randn(8, 96)
+    path = tmp_path / "adtn_modes.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(layer, (x,), str(path), dynamo=False, do_constant_folding=False)
+    (got,) = run(onnx.load(str(path)), {onnx.load(str(path)).graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, layer(x).numpy(), rtol=1e-4, atol=1e-5)
+    # and the rewrite path emits the same function for the trained gates
+    fact = layer.factorization()
+    np.testing.assert_allclose(fact.to_dense(), layer.layer.weight().detach().double().numpy(), rtol=1e-5, atol=1e-7)
