@@ -343,3 +343,22 @@ def test_speedup_plans_are_judged_against_the_original_timed_beside_them():
                                timer=latency.CallableTimer(load_arrives))
     assert [(r.name, r.format, r.ranks) for r in loaded.rows] == [(r.name, r.format, r.ranks) for r in steady.rows]
     assert loaded.totals.ms_before / loaded.totals.ms_after >= 2.0
+
+
+def test_the_cost_model_charges_nothing_for_what_onnxruntime_folds_at_load():
+    """An adtn layer decodes its weight in the graph from initializers only: onnxruntime folds
+    that at session load, so the prediction is about the dense layer's, not the decode's."""
+    from onnx_builders import single_layer_model
+
+    original = single_layer_model((256, 128))
+    new, _ = tnonnx.rewrite(original, format="adtn", rank=3, validate=False, timing=False,
+                            format_options={"iters": 0})
+    decode = [n for n in new.graph.node if n.op_type != "MatMul" or n.input[0] != "x"]
+    assert len(decode) > 20
+    folded = macs.folded_outputs(new.graph)
+    assert all(o in folded for n in decode for o in n.output)
+    assert "y" not in folded and not folded & {o for o in original.graph.node[0].output}
+    feeds = {"x": np.zeros((1, 5, 256), np.float32)}
+    timer = latency.CostModelTimer()
+    dense_ms, adtn_ms = timer([original, new], feeds, 2)
+    assert adtn_ms < 1.2 * dense_ms  # (the decode's 2^15-entry states, counted per run, made it 50x)

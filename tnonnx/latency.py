@@ -57,7 +57,7 @@ class Deployment:
 class CostModelTimer:
     """Predicted milliseconds from a model's MACs, the bytes its nodes write (Transposes
     dearer: onnxruntime runs them on one thread), the weight bytes it reads, and a fixed
-    cost per node. Deterministic; used to prune candidates before timing and, with
+    cost per node; nodes onnxruntime constant-folds at load cost nothing. Deterministic; used to prune candidates before timing and, with
     --no-timing, instead of timing. Constants fitted loosely to onnxruntime 1.2x-1.3x on
     the 2-core machines of docs/RESULTS.md (per thread)."""
 
@@ -78,7 +78,9 @@ class CostModelTimer:
         sizes = {vi.name: _elements(vi) for vi in (*inferred.graph.value_info, *inferred.graph.output,
                                                     *inferred.graph.input)}
         moved = transposed = 0
-        for node in model.graph.node:
+        folded = macs.folded_outputs(model.graph)  # an in-graph decode of a weight (adtn) runs once, at load
+        nodes = [n for n in model.graph.node if not (n.output and all(o in folded for o in n.output if o))]
+        for node in nodes:
             out = sizes.get(node.output[0]) or 0
             if node.op_type == "Transpose":
                 transposed += out * 4
@@ -89,9 +91,11 @@ class CostModelTimer:
             for x in set(n.input):
                 users.setdefault(x, []).append(n)
         weights = sum(_read(t, users.get(t.name, []), sizes) * 4 for t in model.graph.initializer)
+        read = {x for n in nodes for x in n.input}  # a folded weight is read at run time like an initializer
+        weights += sum((sizes.get(x) or 0) * 4 for x in folded & read)
         return (cost.total / (self.MACS_PER_MS * threads) + moved / self.BYTES_PER_MS
                 + transposed / self.TRANSPOSE_BYTES_PER_MS + weights / self.WEIGHT_BYTES_PER_MS
-                + len(model.graph.node) * self.NODE_MS)
+                + len(nodes) * self.NODE_MS)
 
 
 class CallableTimer:

@@ -174,6 +174,18 @@ class _Scope:
         return name not in self.defined and self.parent is not None and self.parent.is_const(name)
 
 
+def folded_outputs(graph: onnx.GraphProto) -> set[str]:
+    """The outputs of `graph`'s own nodes that ONNX Runtime constant-folds at session load
+    (the module docstring's rule, without subgraphs): free at run time."""
+    scope = _Scope(graph, None, {})
+    out: set[str] = set()
+    for node in graph.node:
+        if _foldable(node, scope):
+            scope.const.update(node.output)
+            out.update(node.output)
+    return out
+
+
 def _foldable(node, scope: _Scope) -> bool:
     return (node.domain in _FOLDABLE_DOMAINS and node.op_type not in _NONDETERMINISTIC
             and not subgraphs(node) and all(scope.is_const(i) for i in node.input))
