@@ -90,6 +90,18 @@ def test_rewrite_format_adtn_runs_in_onnxruntime():
     assert y.shape == (2, 5, 60) and np.isfinite(y).all()
 
 
+def _export_runs_as_torch(layer, x, path):
+    """torch.onnx.export of the layer runs in onnxruntime with the layer's outputs; the path."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # without constant folding the gates stay in the file (folded, they would be the dense weight)
+        torch.onnx.export(layer, (x,), str(path), dynamo=False, do_constant_folding=False)
+    (got,) = run(onnx.load(str(path)), {onnx.load(str(path)).graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, layer(x).numpy(), rtol=1e-4, atol=1e-5)
+    return path
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_torch_layer_trains_and_exports_its_gates(kind, tmp_path):
     torch.manual_seed(0)
@@ -110,14 +122,7 @@ def test_torch_layer_trains_and_exports_its_gates(kind, tmp_path):
         ((layer(x) - target) ** 2).mean().backward()
         opt.step()
     assert float(((layer(x) - target) ** 2).mean()) < first
-    path = tmp_path / "adtn.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # without constant folding the gates stay in the file (folded, they would be the dense weight)
-        torch.onnx.export(layer, (x,), str(path), dynamo=False, do_constant_folding=False)
-    (got,) = run(onnx.load(str(path)), {onnx.load(str(path)).graph.input[0].name: x.numpy()})
-    with torch.no_grad():
-        np.testing.assert_allclose(got, layer(x).numpy(), rtol=1e-4, atol=1e-5)
+    path = _export_runs_as_torch(layer, x, tmp_path / "adtn.onnx")
     assert tnonnx.inspect(str(path)).totals.params_before == sum(p.numel() for p in layer.parameters())
 
 
@@ -152,13 +157,7 @@ def test_torch_layer_with_modes_exports_what_it_computes(tmp_path):
     layer = FactorizedLinear(96, 16, format="adtn", depth=2, modes=((12, 8), (4, 4)))
     assert layer.factorization().layout == (12, 8, 4, 4) and layer.factorization().qubits == 4 + 3 + 2 + 2
     x = torch.randn(8, 96)
-    path = tmp_path / "adtn_modes.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(layer, (x,), str(path), dynamo=False, do_constant_folding=False)
-    (got,) = run(onnx.load(str(path)), {onnx.load(str(path)).graph.input[0].name: x.numpy()})
-    with torch.no_grad():
-        np.testing.assert_allclose(got, layer(x).numpy(), rtol=1e-4, atol=1e-5)
+    _export_runs_as_torch(layer, x, tmp_path / "adtn_modes.onnx")
     # and the rewrite path emits the same function for the trained gates
     fact = layer.factorization()
     np.testing.assert_allclose(fact.to_dense(), layer.layer.weight().detach().double().numpy(), rtol=1e-5, atol=1e-7)
