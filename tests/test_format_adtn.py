@@ -150,12 +150,26 @@ def test_modes_give_each_axis_its_own_binary_digits():
     assert rel_err(fact.to_dense(), decoded) < 1e-5
     with pytest.raises(tnonnx.errors.TnonnxError, match="do not multiply"):
         adtn.fit_dense(w, RankSpec(rank=2), iters=0, modes=((28, 27), (16, 16)))
+    # interleaved: the state holds in1 out1 in2 out2 (32 x 16 x 32 x 16), transposed back
+    paired = adtn.fit_dense(w, RankSpec(rank=2), iters=0, modes=((28, 28), (16, 16)), interleave=True)
+    assert paired.layout == (28, 16, 28, 16) and paired.perm == (0, 2, 1, 3) and paired.qubits == 18
+    state = adtn.decode(dict(paired.cores, scale=np.ones(1)), (2**18,), 2, 18, paired.act)
+    want = paired.cores["scale"][0] * state.reshape(32, 16, 32, 16)[:28, :, :28].transpose(0, 2, 1, 3).reshape(784, 256)
+    np.testing.assert_allclose(paired.to_dense(), want, rtol=1e-12)
+    b = Builder("adtn", np.float32, np.float32)
+    name = paired.emit_weight(b)
+    graph = onnx.helper.make_graph(b.nodes, "decode", [], [value(name, [784, 256])], b.initializers)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert rel_err(paired.to_dense(), run(model, {})[0]) < 1e-5
+    with pytest.raises(tnonnx.errors.TnonnxError, match="interleave needs modes"):
+        adtn.fit_dense(w, RankSpec(rank=2), iters=0, interleave=True)
 
 
 def test_torch_layer_with_modes_exports_what_it_computes(tmp_path):
     torch.manual_seed(0)
-    layer = FactorizedLinear(96, 16, format="adtn", depth=2, modes=((12, 8), (4, 4)))
-    assert layer.factorization().layout == (12, 8, 4, 4) and layer.factorization().qubits == 4 + 3 + 2 + 2
+    layer = FactorizedLinear(96, 16, format="adtn", depth=2, modes=((12, 8), (4, 4)), interleave=True)
+    assert layer.factorization().layout == (12, 4, 8, 4) and layer.factorization().qubits == 4 + 2 + 3 + 2
     x = torch.randn(8, 96)
     _export_runs_as_torch(layer, x, tmp_path / "adtn_modes.onnx")
     # and the rewrite path emits the same function for the trained gates

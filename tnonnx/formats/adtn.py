@@ -23,7 +23,10 @@ Choices where the paper's details are not confirmed here (tested, documented):
   32 x 32 x 16 x 16 tensor and the padding sliced off. FC-2 trained from scratch on MNIST
   digits with its hidden layer in ADTN at 105x (act=relu, 40 epochs): 90.1% with these
   modes against 86.8% flat (dense 94.6%; docs/RESULTS.md). The parameter count follows
-  Q, which padding per mode can raise by a digit or so;
+  Q, which padding per mode can raise by a digit or so. interleave=1 (with modes) orders
+  the modes as TT pairs them, in1 out1 in2 out2 ..., and transposes the decoded tensor
+  back to the weight's order, so that the gates next to an input mode's digits act on the
+  output mode it is paired with;
 - fitting to a trained weight (`tnonnx rewrite --format adtn`): Adam on the relative
   squared weight error, ITERATIONS steps, best iterate kept. Data-aware fitting is not
   implemented: calibration data is not used by this format.
@@ -102,9 +105,11 @@ def layout_qubits(layout: tuple[int, ...]) -> int:
     return max(2, sum(max(0, math.ceil(math.log2(m))) for m in layout))
 
 
-def decode(cores: dict, shape: tuple[int, ...], depth: int, q: int, act: str, layout: tuple[int, ...] = ()):
+def decode(cores: dict, shape: tuple[int, ...], depth: int, q: int, act: str, layout: tuple[int, ...] = (),
+           perm: tuple[int, ...] = ()):
     """The weight (numpy or torch, as the cores are); `layout`: the modes, each on digits of
-    its own (module docstring), or () for the flat weight."""
+    its own (module docstring), or () for the flat weight; `perm`: the transpose that takes
+    the decoded modes to the weight's order (interleaved modes), or () for none."""
     # the first gate on the product state |0...0> is its first column (x) |0...0>: the
     # state is built from it, so that a traced export holds no 2^Q constant
     column = cores["L0G0"].reshape(4, 4)[:, :1]
@@ -127,6 +132,8 @@ def decode(cores: dict, shape: tuple[int, ...], depth: int, q: int, act: str, la
     if layout:
         pads = padded(layout)
         state = state[: math.prod(pads)].reshape(pads)[tuple(slice(0, m) for m in layout)]
+        if perm:
+            state = state.transpose(perm) if isinstance(state, np.ndarray) else state.permute(perm)
         return cores["scale"].reshape(()) * state.reshape(tuple(shape))
     return cores["scale"].reshape(()) * state[: math.prod(shape)].reshape(tuple(shape))
 
@@ -154,6 +161,7 @@ class ADTNFactorization(Factorization):
     act: str = "tanh"
     kernel: tuple[int, ...] = ()
     layout: tuple[int, ...] = ()  # the modes, each padded on its own (module docstring); (): flat
+    perm: tuple[int, ...] = ()  # decoded modes -> the weight's order (interleaved modes); (): none
 
     @property
     def depth(self) -> int:
@@ -168,7 +176,7 @@ class ADTNFactorization(Factorization):
         return (self.shape[0], self.shape[1])
 
     def to_dense(self) -> np.ndarray:
-        return decode(self.cores, self.shape, self.depth, self.qubits, self.act, self.layout)
+        return decode(self.cores, self.shape, self.depth, self.qubits, self.act, self.layout, self.perm)
 
     def init_cores(self, rng: np.random.Generator, rms: float) -> dict[str, np.ndarray]:
         return initial_cores(rng, self.depth, self.qubits, rms, self.act)
@@ -206,6 +214,8 @@ class ADTNFactorization(Factorization):
             axes = list(range(len(pads)))
             state = builder.op("Slice", [state, builder.int64s([0] * len(axes)), builder.int64s(list(self.layout)),
                                          builder.int64s(axes)], "adtn")
+            if self.perm:
+                state = builder.op("Transpose", [state], "adtn", perm=list(self.perm))
         else:
             n = math.prod(self.shape)
             state = builder.op("Slice", [state, builder.int64s([0]), builder.int64s([n]), builder.int64s([0])], "adtn")
@@ -228,19 +238,28 @@ class ADTNFactorization(Factorization):
         return DecodedLinear(self) if len(self.shape) == 2 else DecodedConv(self, geometry, bias)
 
 
-def layout_of(shape: tuple[int, ...], modes) -> tuple[int, ...]:
-    """The modes of a dense weight (N x M) as one layout, checked against its shape; () for none."""
+def layout_of(shape: tuple[int, ...], modes, interleave: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The modes of a dense weight (N x M) as (layout, perm), checked against its shape:
+    in-modes then out-modes, or in1 out1 in2 out2 ... with the transpose back; ((), ()) for none."""
     if modes is None:
-        return ()
+        if interleave:
+            raise TnonnxError("adtn: interleave needs modes (--modes IN,OUT)")
+        return (), ()
     ins, outs = (tuple(int(m) for m in side) for side in modes)
     if len(shape) != 2 or math.prod(ins) != shape[0] or math.prod(outs) != shape[1]:
         raise TnonnxError(f"adtn: modes {'x'.join(map(str, ins))},{'x'.join(map(str, outs))} do not multiply to "
                           f"the weight's {' x '.join(map(str, shape))}")
-    return ins + outs
+    if not interleave:
+        return ins + outs, ()
+    if len(ins) != len(outs):
+        raise TnonnxError("adtn: interleave needs as many in-modes as out-modes")
+    layout = tuple(m for pair in zip(ins, outs) for m in pair)
+    k = len(ins)
+    return layout, tuple(range(0, 2 * k, 2)) + tuple(range(1, 2 * k, 2))
 
 
 def _fit(shape, weight: np.ndarray | None, spec: RankSpec, *, depth, act: str, iters: int, seed: int,
-         kernel=(), layout: tuple[int, ...] = ()) -> ADTNFactorization:
+         kernel=(), layout: tuple[int, ...] = (), perm: tuple[int, ...] = ()) -> ADTNFactorization:
     if act not in ACTIVATIONS:
         raise TnonnxError(f"act '{act}': choose from {', '.join(ACTIVATIONS)}")
     size = math.prod(shape)
@@ -251,7 +270,7 @@ def _fit(shape, weight: np.ndarray | None, spec: RankSpec, *, depth, act: str, i
     rng = np.random.default_rng(seed)
     rms = float(np.sqrt(np.mean(weight**2))) if weight is not None else 1.0
     fact = ADTNFactorization(NAME, initial_cores(rng, d, q, rms, act), (d,), tuple(shape), act, tuple(kernel),
-                             tuple(layout))
+                             tuple(layout), tuple(perm))
     if weight is not None and iters > 0:
         from .adtn_torch import fit_cores
 
@@ -260,9 +279,11 @@ def _fit(shape, weight: np.ndarray | None, spec: RankSpec, *, depth, act: str, i
 
 
 def fit_dense(weight: np.ndarray, spec: RankSpec, *, depth: int | None = None, act: str = "tanh",
-              iters: int = ITERATIONS, seed: int = 0, modes=None, **_) -> ADTNFactorization:
+              iters: int = ITERATIONS, seed: int = 0, modes=None, interleave: bool = False,
+              **_) -> ADTNFactorization:
+    layout, perm = layout_of(weight.shape, modes, bool(interleave))
     return _fit(weight.shape, np.asarray(weight, dtype=np.float64), spec, depth=depth, act=act, iters=iters,
-                seed=seed, layout=layout_of(weight.shape, modes))
+                seed=seed, layout=layout, perm=perm)
 
 
 def fit_conv(kernel: np.ndarray, spec: RankSpec, *, depth: int | None = None, act: str = "tanh",
@@ -272,8 +293,8 @@ def fit_conv(kernel: np.ndarray, spec: RankSpec, *, depth: int | None = None, ac
 
 
 def start(weight: np.ndarray, spec: RankSpec, *, depth: int | None = None, act: str = "tanh", seed: int = 0,
-          modes=None, **_) -> ADTNFactorization:
+          modes=None, interleave: bool = False, **_) -> ADTNFactorization:
     """The structure without fitting (tnonnx.nn trains it from scratch)."""
+    layout, perm = layout_of(weight.shape, modes, bool(interleave)) if weight.ndim == 2 else ((), ())
     return _fit(weight.shape, None, spec, depth=depth, act=act, iters=0, seed=seed,
-                kernel=weight.shape[2:] if weight.ndim > 2 else (),
-                layout=layout_of(weight.shape, modes) if weight.ndim == 2 else ())
+                kernel=weight.shape[2:] if weight.ndim > 2 else (), layout=layout, perm=perm)

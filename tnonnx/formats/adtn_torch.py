@@ -23,7 +23,7 @@ class DecodedLinear(nn.Module):
 
     def weight(self) -> torch.Tensor:
         f = self.fact
-        return decode(dict(self.cores), f.shape, f.depth, f.qubits, f.act, f.layout)
+        return decode(dict(self.cores), f.shape, f.depth, f.qubits, f.act, f.layout, f.perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight()
@@ -56,7 +56,8 @@ def fit_cores(fact, weight: np.ndarray, iters: int) -> dict[str, np.ndarray]:
     best, kept = float("inf"), fact.cores
     for _ in range(iters + 1):
         opt.zero_grad()
-        loss = (decode(cores, fact.shape, fact.depth, fact.qubits, fact.act, fact.layout) - target).pow(2).sum() / norm
+        decoded = decode(cores, fact.shape, fact.depth, fact.qubits, fact.act, fact.layout, fact.perm)
+        loss = (decoded - target).pow(2).sum() / norm
         if float(loss) < best:
             best, kept = float(loss), {k: v.detach().numpy().copy() for k, v in cores.items()}
         loss.backward()
