@@ -8,6 +8,7 @@ replaces, in ONNX Runtime (CPU):
 
     .venv/bin/python bench/emission.py                  # every layer below, 2 threads
     .venv/bin/python bench/emission.py --threads 1 --quick --only tt
+    .venv/bin/python bench/emission.py --only "384x1536 order 2" --modes 16x24,24x64   # other modes
 
 The models of one layer are timed by tnonnx.latency.OrtTimer, the planner's own timer
 (interleaved rounds, sessions that do not spin, each emission's median ratio to dense in
@@ -36,6 +37,7 @@ from tnonnx.emit_layout import emit_chain_features_first  # noqa: E402
 from tnonnx import runtime  # noqa: E402
 from tnonnx.formats import FORMATS, RankSpec  # noqa: E402
 from tnonnx.latency import OrtTimer  # noqa: E402
+from tnonnx.tensorize import format_modes, parse_modes  # noqa: E402
 
 # (format, N, M, rank, order or None for the default, input shape)
 ROWS_128, ROWS_4096 = (1, 128), (32, 128)
@@ -76,7 +78,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="5 rounds")
     ap.add_argument("--only", default="", help="run layers whose label contains this text")
+    ap.add_argument("--modes", default=None, help="IN,OUT (as tnonnx rewrite --modes) for the layers whose shape "
+                    "they fit; the others are skipped")
     args = ap.parse_args()
+    modes = parse_modes(args.modes) if args.modes else None
     rounds = 5 if args.quick else args.rounds
     library = custom_library()
     names = ["dense", "matmul", "features-first"] + (["custom"] if library else [])
@@ -91,8 +96,10 @@ def main() -> None:
         label = f"{n}x{m}" + (f" order {order}" if order else "")
         if args.only and args.only not in f"{fmt} {label}":
             continue
+        if modes is not None and (np.prod(modes[0]) != n or np.prod(modes[1]) != m or fmt != "tt"):
+            continue
         weight = rng.standard_normal((n, m)).astype(np.float32) / np.sqrt(n)
-        fact = FORMATS[fmt].fit_dense(weight.astype(np.float64), RankSpec(rank=rank), order=order)
+        fact = FORMATS[fmt].fit_dense(weight.astype(np.float64), RankSpec(rank=rank), order=order, modes=modes)
         shape, br = list(rows) + [n], len(rows)
         emitters = [lambda b, x: b.op("MatMul", [x, b.weight(weight, "w")], "matmul"),
                     lambda b, x: emit_chain(b, x, fact.chain, fact.cores, br),
@@ -107,6 +114,8 @@ def main() -> None:
         t = OrtTimer(min_rounds=rounds, max_rounds=rounds)(models, feeds, args.threads)  # ms, interleaved
         ratio = n * m / fact.chain.macs_per_row()
         cells = [f"{v:.3f}" for v in t] + [f"{t[0] / v:.2f}x ({t[0] / v / ratio:.2f})" for v in t[1:]]
+        if modes is not None:
+            label += " modes " + format_modes(modes)
         print(f"| {label} | {fmt} | {'-'.join(map(str, fact.ranks))} | {np.prod(rows)} | {ratio:.2f} | "
               + " | ".join(cells) + " |", flush=True)
 
