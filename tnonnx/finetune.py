@@ -12,8 +12,8 @@ if the end is not better on the calibration data.
 
 Precision (`--train-precision`, shared with --fit blockwise and --admm): the training steps
 may run their matrix products in bfloat16 (torch autocast); the trained tensors stay float32
-(Adam's master copy), and so do the passes that judge the start against the end, so a
-bf16 run can never keep a worse result than it started from.
+(Adam's master copy), and so do the passes that judge the start against the end: a bf16
+fine-tuning that ends worse keeps its start, as a float32 one does.
 """
 
 from __future__ import annotations
