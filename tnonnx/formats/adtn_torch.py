@@ -58,8 +58,8 @@ def fit_cores(fact, weight: np.ndarray, iters: int) -> dict[str, np.ndarray]:
         opt.zero_grad()
         decoded = decode(cores, fact.shape, fact.depth, fact.qubits, fact.act, fact.layout, fact.perm)
         loss = (decoded - target).pow(2).sum() / norm
-        if float(loss) < best:
-            best, kept = float(loss), {k: v.detach().numpy().copy() for k, v in cores.items()}
+        if float(loss.detach()) < best:
+            best, kept = float(loss.detach()), {k: v.detach().numpy().copy() for k, v in cores.items()}
         loss.backward()
         opt.step()
         schedule.step()
