@@ -198,15 +198,20 @@ def distill_loss(logits, labels, teacher, temperature: float, alpha: float):
 
 
 def run_epochs(net, data, epochs: int, lr: float, *, admm=None, seed: int = 0, batch: int = 128,
-               teacher=None, temperature: float = 4.0, alpha: float = 0.9):
-    """Adam with a cosine schedule over all the steps; `teacher` (the teacher's logits on
-    every training image, in order) switches the loss to distill_loss."""
+               teacher=None, temperature: float = 4.0, alpha: float = 0.9, warmup: float = 0.0):
+    """Adam with a cosine schedule over all the steps (after a linear warm-up over the first
+    `warmup` share of them); `teacher` (the teacher's logits on every training image, in
+    order) switches the loss to distill_loss."""
     x, y = data
     if epochs == 0:
         return
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     steps = epochs * (len(x) // batch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    warm = int(warmup * steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps - warm))
+    if warm:
+        sched = torch.optim.lr_scheduler.SequentialLR(
+            opt, [torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-2, total_iters=warm), sched], [warm])
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         net.train()
@@ -253,6 +258,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rho", type=float, default=1e-2)
     ap.add_argument("--scratch-lr", type=float, default=2e-3, help="Adam learning rate of the scratch runs")
     ap.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of fine-tuning and ADMM")
+    ap.add_argument("--scratch-warmup", type=float, default=0.0, metavar="SHARE",
+                    help="linear warm-up of the scratch runs' learning rate over this share of their steps")
     ap.add_argument("--distill", type=float, default=0.0, metavar="T",
                     help="knowledge distillation from the trained dense network at temperature T for every "
                     "method but dense (0: labels only)")
@@ -334,7 +341,8 @@ def main(argv=None) -> int:
         if "scratch" in methods:
             t = time.perf_counter()
             net = compress(make(args.model, args.seed), formats, ratio, options, pretrained=False, seed=args.seed)
-            run_epochs(net, train, args.epochs + args.finetune, args.scratch_lr, seed=base + 3, **kd)
+            run_epochs(net, train, args.epochs + args.finetune, args.scratch_lr, seed=base + 3,
+                       warmup=args.scratch_warmup, **kd)
             record("scratch" + tag, net, time.perf_counter() - t)
 
     ratios = [float(r) for r in str(args.ratio).split(",")]
