@@ -18,7 +18,7 @@ from . import calibrate, deploy, external, macs
 from . import progress as progress_bars
 from . import model as model_io
 from .errors import OriginalDoesNotRun, TnonnxError
-from .finetune import HIDDEN_WEIGHT, PRECISIONS, resolve_precision
+from .finetune import HIDDEN_WEIGHT, check_precision, resolve_precision
 from .formats import is_nonlinear
 from .recurrent_scan import to_scan
 from .graph import Layer, find_layers
@@ -132,9 +132,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         raise TnonnxError(f"{what} needs calibration data: give --calib FILE.npz or --calib-random N")
     if admm_rho is not None and not admm:
         raise TnonnxError("--admm-rho applies to --admm")
-    if train_precision not in PRECISIONS:
-        raise TnonnxError(f"--train-precision {train_precision}: choose from {', '.join(PRECISIONS)}")
-    precisions = []  # the precision each training phase resolved to, for the report
+    check_precision(train_precision)  # before any fitting, though it resolves per training phase
+    used_precision = None  # what the last training phase resolved it to, for the report
     if admm:
         from . import admm_graph
 
@@ -148,10 +147,10 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     notes = []
     if admm:  # the dense graph trained towards the rank set; the layers are then fitted to it
         dense_params = sum(p.layer.weight.size for p in plans)
-        precisions.append(resolve_precision(train_precision, dense_params))
+        used_precision = resolve_precision(train_precision, dense_params)
         notes += admm_graph.admm_train(new, original, plans, batches, epochs=finetune, hidden_weight=finetune_hidden,
                                        rho=admm_graph.RHO if admm_rho is None else admm_rho,
-                                       options=format_options or {}, precision=precisions[-1])
+                                       options=format_options or {}, precision=used_precision)
     data = {}
     if fit in ("aware", "blockwise") or (fit == "sequential" and (budget is not None or format == "auto")):
         # every layer's inputs in the original model (sequential: for choosing ranks only)
@@ -229,19 +228,19 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     if fit == "blockwise" or finetune:
         trained_params = sum(math.prod(t.dims) for r in replacements.values() for t in r.builder.initializers
                              if t.name in trainable)
-        precisions.append(resolve_precision(train_precision, trained_params))
+        used_precision = resolve_precision(train_precision, trained_params)
     if fit == "blockwise":
         from .blockwise import blocks, refine_blocks
 
         runs = blocks(new, trainable)
         with stages.stage("refine", len(runs), "blocks") as stage:
             errors = refine_blocks(new, original, batches, trainable, log=lambda _: stage.advance(), runs=runs,
-                                   precision=precisions[-1])
+                                   precision=used_precision)
         if errors:
             notes.append(f"blockwise: {len(errors)} block(s) refined; relative error at their outputs on the "
                          f"calibration data {np.mean([b for b, _ in errors]):.4g} -> "
                          f"{np.mean([a for _, a in errors]):.4g} (mean over blocks"
-                         f"{'; bf16 products' if precisions[-1] == 'bf16' else ''})")
+                         f"{'; bf16 products' if used_precision == 'bf16' else ''})")
     if finetune:
         from .finetune import finetune as distill
 
@@ -249,12 +248,12 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         with stages.stage("finetune", finetune, "epochs") as stage:
             before_ft, after_ft = distill(new, original, batches, trainable, epochs=finetune, hidden=hidden,
                                           hidden_weight=finetune_hidden, log=lambda _: stage.advance(),
-                                          precision=precisions[-1])
+                                          precision=used_precision)
         matched = (f"outputs and the rewritten layers' inputs, weight {finetune_hidden:g}" if finetune_hidden
                    else "outputs only")
         notes.append(f"finetune: relative output error on the calibration data {before_ft:.4g} -> {after_ft:.4g} "
                      f"after {finetune} epoch(s) of end-to-end distillation ({matched}"
-                     f"{', bf16 products' if precisions[-1] == 'bf16' else ''})")
+                     f"{', bf16 products' if used_precision == 'bf16' else ''})")
     _check(new)
     factorised, deployed, baseline = new, None, None
     if target != "cpu" or quantization is not None or max_model_bytes is not None or short_names:
@@ -339,7 +338,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                   "calibration": describe_calibration(calib, count_samples(batches) if batches else None),
                   "fit": fit, "finetune": {"epochs": finetune, "hidden_weight": finetune_hidden, "admm": admm,
                                            "admm_rho": admm_rho, "precision": train_precision,
-                                           "precision_used": precisions[-1] if precisions else None},
+                                           "precision_used": used_precision},
                   "deployment": {"batch": batch, "shapes": {k: list(v) for k, v in (shapes or {}).items()},
                                  "threads": threads},
                   "speedup": speedup, "allow_slower": allow_slower, "keep_best": keep_best, "timing": timing,

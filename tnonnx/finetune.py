@@ -56,12 +56,16 @@ def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return False
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise TnonnxError(f"--train-precision {precision}: choose from {', '.join(PRECISIONS)}")
+
+
 def resolve_precision(precision: str, trainable_params: int, cpuinfo: str = "/proc/cpuinfo") -> str:
     """"fp32" or "bf16" for --train-precision: auto is bf16 where the CPU does it natively and
     the training is large enough for its products to dominate (SMALL_MODEL_PARAMS trained
     parameters or more: LeNet-5's steps are mostly overhead), else fp32."""
-    if precision not in PRECISIONS:
-        raise TnonnxError(f"--train-precision {precision}: choose from {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if precision != "auto":
         return precision
     return "bf16" if trainable_params >= SMALL_MODEL_PARAMS and native_bf16(cpuinfo) else "fp32"

@@ -57,9 +57,10 @@ class Deployment:
 class CostModelTimer:
     """Predicted milliseconds from a model's MACs, the bytes its nodes write (Transposes
     dearer: onnxruntime runs them on one thread), the weight bytes it reads, and a fixed
-    cost per node; nodes onnxruntime constant-folds at load cost nothing. Deterministic; used to prune candidates before timing and, with
-    --no-timing, instead of timing. Constants fitted loosely to onnxruntime 1.2x-1.3x on
-    the 2-core machines of docs/RESULTS.md (per thread)."""
+    cost per node; nodes onnxruntime constant-folds at load cost nothing. Deterministic;
+    used to prune candidates before timing and, with --no-timing, instead of timing.
+    Constants fitted loosely to onnxruntime 1.2x-1.3x on the 2-core machines of
+    docs/RESULTS.md (per thread)."""
 
     MACS_PER_MS = 1.6e7  # per thread
     BYTES_PER_MS = 8e6  # activations written by ordinary nodes

@@ -103,7 +103,7 @@ def padded(layout: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def layout_qubits(layout: tuple[int, ...]) -> int:
-    return max(2, sum(max(0, math.ceil(math.log2(m))) for m in layout))
+    return max(2, sum(p.bit_length() - 1 for p in padded(layout)))
 
 
 def decode(cores: dict, shape: tuple[int, ...], depth: int, q: int, act: str, layout: tuple[int, ...] = (),
