@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
 from onnx import helper
+from rich.console import Console
 
 import tnonnx
 from tnonnx import latency, macs
@@ -135,8 +137,8 @@ def test_timings_are_cached_and_missed_when_threads_or_shape_change():
     assert first > 2  # layers and candidates, beside the two whole-model runs
     timer.calls = 0
     _, report = tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, timer=timer)
-    assert timer.calls == 2  # only the whole models, which are never cached
-    assert report.latency.cache_hits > 0 and report.latency.timed == 2
+    assert timer.calls == 0  # the layers and the whole models (the same plan) all cached
+    assert report.latency.cache_hits > 0 and report.latency.timed == 0
     for changed in (dict(batch=64, threads=2), dict(batch=8)):
         timer.calls = 0
         tnonnx.rewrite(mlp(), format="svd", rank=16, timer=timer, **changed)
@@ -144,6 +146,66 @@ def test_timings_are_cached_and_missed_when_threads_or_shape_change():
     timer.calls = 0
     tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, timer=timer, timing_cache=False)
     assert timer.calls == first
+
+
+def test_whole_models_are_cached_as_the_group_timed_together(tmp_path):
+    timer = latency.CallableTimer(mac_ms)
+    original, other = mlp(), mlp(depth=2)
+    feeds = {"x": np.zeros((4, 256), np.float32)}
+    cache = latency.TimingCache(tmp_path / "t.json")
+    clock = latency.Clock(timer, cache)
+    alone = clock.models([original], feeds)
+    assert timer.calls == 1 and not clock.last_cached
+    # a group holding a model timed before is timed again, all of it: its times come from one run
+    assert clock.models([original, other], feeds) == [alone[0], mac_ms(other, feeds)]
+    assert timer.calls == 3
+    assert clock.models([original, other], feeds) and timer.calls == 3  # within the run: cached
+    assert not clock.last_cached
+    cache.save()
+    later = latency.Clock(timer, latency.TimingCache(tmp_path / "t.json"))
+    assert later.models([original, other], feeds) == [alone[0], mac_ms(other, feeds)] and timer.calls == 3
+    assert later.last_cached  # taken by an earlier run: the report says so
+    report = tnonnx.rewrite(original, format="svd", rank=8, batch=64, timer=timer)[1]
+    report.latency.totals_cached = True
+    buffer = io.StringIO()
+    report.render(Console(width=200, file=buffer))
+    assert "earlier run of the same plan" in buffer.getvalue()
+
+
+class _FakeSession:
+    """Advances a fake clock by its run time and counts its runs."""
+
+    def __init__(self, clock, ms):
+        self.clock, self.ms, self.runs = clock, ms, 0
+
+    def run(self, outputs, feeds):
+        self.clock.now += self.ms / 1e3
+        self.runs += 1
+
+
+class _FakeClock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("ms, runs", [(500.0, 1 + 1 + 7), (1.0, 3 + 1 + 25 * (1 + 2))])
+def test_slow_models_are_warmed_once_and_timed_without_switch_runs(ms, runs):
+    clock = _FakeClock()
+    fakes = [_FakeSession(clock, ms), _FakeSession(clock, 2 * ms)]
+
+    class Sessions:
+        def get(self, model, **kwargs):
+            return fakes[model]
+
+    timer = latency.OrtTimer(clock=clock)
+    got = timer([0, 1], {}, None, sessions=Sessions())
+    assert got == pytest.approx([ms, 2 * ms])
+    # slow: one warm-up run, one single run, one timed run per round for min_rounds (the
+    # budget is spent); fast: the full warm-up, then per round an untimed switch run and
+    # round_ms / ms timed runs, up to max_rounds
+    assert [f.runs for f in fakes] == [runs, runs]
 
 
 def test_the_cache_file_lives_where_documented(tmp_path, monkeypatch):

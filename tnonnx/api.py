@@ -330,7 +330,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         latency=LatencyInfo(deployment=deployment.describe(original), threads=threads, measured=clock.measures,
                             speedup_target=speedup, timing_seconds=round(clock.seconds, 3),
                             timed=clock.timed, cache_hits=clock.cache.hits, cache=str(clock.cache.path)
-                            if clock.cache.enabled else None),
+                            if clock.cache.enabled else None, totals_cached=clock.last_cached),
         source=source_info(model),
         settings={"format": format, "rank_rule": {"rank": rank, "tol": tol, "ratio": ratio, "budget": budget},
                   "modes": modes_text, "order": order, "format_options": dict(format_options or {}), "emit": emit,

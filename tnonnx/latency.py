@@ -115,7 +115,7 @@ class CallableTimer:
 class OrtTimer:
     """Interleaved onnxruntime timing. Every model is warmed up; then in each round every
     model in turn runs once untimed (its thread pool wakes, its buffers come back into
-    cache) and `inner` times timed, the same `inner` for all models so that none is favoured
+    cache; left out when a run takes switch_ms or more) and `inner` times timed, the same `inner` for all models so that none is favoured
     by amortising the switch. The first model is the reference (the dense layer, the
     original model): it gets its median run time, in ms, and every other model the median
     over rounds of its ratio to the reference in the same round, times that. On a shared
@@ -126,6 +126,8 @@ class OrtTimer:
     max_rounds: int = 25
     round_ms: float = 2.0  # timed runs per model and round: about this long for the fastest model
     budget_s: float = 1.5  # stop adding rounds (beyond min_rounds) after this long
+    warmup_s: float = 0.2  # stop warming up a model (after one run) after this long
+    switch_ms: float = 20.0  # runs at least this long are timed without an untimed run before
     clock: object = time.perf_counter
     reuses_sessions = True  # takes `sessions` (a runtime.Sessions) to open them through
 
@@ -137,16 +139,23 @@ class OrtTimer:
         sessions = [session_for(m, threads, sessions, "timing model") for m in models]
         single = []
         for sess in sessions:
-            for _ in range(self.warmup):
+            started = self.clock()
+            for _ in range(self.warmup):  # a slow model (a whole one at a large batch) warms in one run
                 sess.run(None, feeds)
+                if self.clock() - started > self.warmup_s:
+                    break
             single.append(self._run(sess, feeds))
         inner = max(1, min(20, int(self.round_ms / max(min(single), 1e-3))))
+        # the untimed switch run matters where a run is short enough for a cold thread pool
+        # and cache to show; at hundreds of ms it would only double the timing's cost
+        switch = min(single) < self.switch_ms
         rounds = []  # per round, each model's median run time
         start = self.clock()
         for round_ in range(self.max_rounds):
             row = []
             for sess in sessions:
-                sess.run(None, feeds)  # untimed: the switch from the previous model
+                if switch:
+                    sess.run(None, feeds)  # untimed: the switch from the previous model
                 row.append(float(np.median([self._run(sess, feeds) for _ in range(inner)])))
             rounds.append(row)
             if round_ + 1 >= self.min_rounds and self.clock() - start > self.budget_s:
@@ -203,9 +212,10 @@ def machine_key() -> str:
 
 class TimingCache:
     """Milliseconds by key, in one JSON file (timings.json in cache_dir()), written
-    atomically; when not `enabled`, only kept for the run. Keys hash the model's structure without weight values (ops, attributes,
-    tensor shapes: so op, shapes, format, ranks and emission), the feed shapes, the
-    threads and machine_key()."""
+    atomically; when not `enabled`, only kept for the run. Keys hash the model's structure
+    without weight values (ops, attributes, tensor shapes: so op, shapes, format, ranks and
+    emission), the feed shapes, the threads and machine_key(); whole models timed together
+    are keyed as their group (group_keys)."""
 
     def __init__(self, path: Path | None = None, enabled: bool = True):
         self.path = Path(path) if path is not None else cache_dir() / "timings.json"
@@ -217,9 +227,17 @@ class TimingCache:
                 self.entries = {k: float(v) for k, v in json.loads(self.path.read_text()).items()}
             except (OSError, ValueError, AttributeError):
                 self.entries = {}  # a damaged cache is re-measured, not an error
+        self.stored = set(self.entries)  # the keys read from the file (taken by earlier runs)
 
     def key(self, model: onnx.ModelProto, feeds: dict, threads: int | None, timer_name: str) -> str:
         return structure_key(model, feeds, threads, machine_key(), timer_name).hex()
+
+    def group_keys(self, models: list[onnx.ModelProto], feeds: dict, threads: int | None,
+                   timer_name: str) -> list[str]:
+        """One key per model of a group timed together, each naming the whole group."""
+        group = hashlib.sha256(b"".join(structure_key(m, feeds, threads, machine_key(), timer_name)
+                                        for m in models)).hexdigest()
+        return [f"{group}:{i}" for i in range(len(models))]
 
     def get(self, key: str) -> float | None:
         value = self.entries.get(key)  # disabled: still reused within the run, never read or written
@@ -254,14 +272,19 @@ def structure_key(model: onnx.ModelProto, feeds: dict, *context) -> bytes:
 
 
 def structure(model: onnx.ModelProto) -> bytes:
-    """The model without weight values: what a timing depends on."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for t in m.graph.initializer:
-        if t.data_type != onnx.TensorProto.INT64:  # shapes stay: they change the computation
-            t.ClearField("raw_data")
-            t.ClearField("float_data")
-            t.ClearField("double_data")
+    """The model without weight values: what a timing depends on. Built from the graph's
+    parts, not from a copy of the model, so a whole model's weights are never copied."""
+    graph = onnx.GraphProto(name=model.graph.name)
+    for part in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, part).extend(getattr(model.graph, part))
+    for t in model.graph.initializer:
+        if t.data_type == onnx.TensorProto.INT64:  # shapes: they change the computation
+            graph.initializer.append(t)
+        else:
+            graph.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type)
+    m = onnx.ModelProto(ir_version=model.ir_version, graph=graph)
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
     return m.SerializeToString(deterministic=True)
 
 
@@ -278,6 +301,7 @@ class Clock:
         self.sessions = runtime.Sessions()  # whole models' sessions, kept for the validation
         self.seconds = 0.0  # spent timing
         self.timed = 0
+        self.last_cached = False  # whether the last whole-model times came from the cache file
 
     @property
     def measures(self) -> bool:
@@ -305,15 +329,29 @@ class Clock:
 
 
     def models(self, models: list[onnx.ModelProto], feeds: dict | None, *, keep: bool = False) -> list[float | None]:
-        """Whole models, never cached; None each when they cannot be timed (no feeds, or
-        onnxruntime fails on them), so that a model timing cannot run stops nothing else.
-        `keep`: their sessions stay open for later runs (see `session`)."""
+        """Whole models, timed against each other and cached as a group: a second rewrite
+        that ends at the same plan re-times nothing, and a group's times always come from one
+        interleaved run (the cache never pairs a ratio measured in one run with a time from
+        another). None each when they cannot be timed (no feeds, or onnxruntime fails on
+        them), so that a model timing cannot run stops nothing else. `keep`: their sessions
+        stay open for later runs (see `session`)."""
         if feeds is None:
             return [None] * len(models)
+        name = type(self.timer).__name__
+        group = self.cache.group_keys(models, feeds, self.threads, name)
+        cached = [self.cache.entries.get(k) for k in group]
+        self.last_cached = all(k in self.cache.stored for k in group)
+        if all(v is not None for v in cached):
+            self.cache.hits += len(group)
+            return cached
         try:
-            return self.time(models, feeds, cache=False, keep=keep)
+            out = self.time(models, feeds, cache=False, keep=keep)
         except Exception:  # noqa: BLE001 - reported as "not measured"
             return [None] * len(models)
+        self.cache.misses += len(group)
+        for k, ms in zip(group, out):
+            self.cache.put(k, ms)
+        return out
 
     def session(self, model: onnx.ModelProto, what: str = "model"):
         """A session of `model` as the whole-model timing runs it: the one kept by a

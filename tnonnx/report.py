@@ -114,6 +114,7 @@ class LatencyInfo:
     timed: int = 0  # models timed (not found in the cache)
     cache_hits: int = 0
     cache: str | None = None  # the timing cache file
+    totals_cached: bool = False  # the whole-model times were taken by an earlier run (same plan, machine)
 
 
 @dataclass
@@ -267,6 +268,8 @@ class RewriteReport:
             console.print("[yellow]note: the rewritten model needs more MACs than the original[/yellow]")
         if t.ms_before is not None and t.ms_after is not None and self.latency is not None:
             how = "measured, p50" if self.latency.measured else "predicted by the cost model (--no-timing)"
+            if self.latency.measured and self.latency.totals_cached:
+                how += " (by an earlier run of the same plan: timing cache)"
             fact = (f" (factorised, before the change of precision: {t.ms_factorised:.3f} ms, "
                     f"{_speed(t.ms_before, t.ms_factorised)})" if t.ms_factorised is not None else "")
             console.print(f"latency {t.ms_before:.3f} ms → {t.ms_after:.3f} ms ({_speed(t.ms_before, t.ms_after)})"
