@@ -211,3 +211,51 @@ def test_cli_refuses_an_unknown_train_precision(tmp_path):
                                        "--train-precision", "fp8", "-o", str(tmp_path / "out.onnx")])
     assert result.exit_code == 2
     assert "fp8" in result.output
+
+
+def test_stored_hidden_targets_train_as_the_recomputed_ones_and_give_way_to_memory(monkeypatch):
+    from tnonnx import finetune as ft
+    from tnonnx import runtime
+    from tnonnx.graph import find_layers
+
+    data = np.load(FASHION)
+    calib = [{"input": data["input"][i:i + 100]} for i in range(0, 600, 100)]
+    original = onnx.load(LENET)
+    small, _ = tnonnx.rewrite(original, format="svd", rank=4, fit="aware", calib={"input": data["input"][:600]},
+                              validate=False)
+    inputs = {i.name for i in original.graph.input}
+    hidden = [layer.x for layer in find_layers(original) if layer.kind and layer.x not in inputs]
+    trainable = {t.name for t in small.graph.initializer} - {t.name for t in original.graph.initializer}
+    teacher, names = runtime.with_outputs(original, hidden, inputs=False)
+    sess = runtime.session(teacher)
+    outputs = [o.name for o in original.graph.output]
+    runs = []
+    real_run = ft._teacher
+
+    def counting(*args):
+        targets, stored = real_run(*args)
+        runs.append(stored)
+        return targets, stored
+
+    monkeypatch.setattr(ft, "_teacher", counting)
+    results = {}
+    for share in (0.25, 0.0):  # stored for the whole training; recomputed at every step
+        monkeypatch.setattr(ft, "HIDDEN_MEMORY_SHARE", share)
+        tuned = onnx.ModelProto()
+        tuned.CopyFrom(small)
+        results[share] = ft.finetune(tuned, original, calib, trainable, epochs=2, hidden=hidden)
+    assert runs[0] is not None and len(runs[0]) == len(calib) and runs[1] is None
+    # float16 targets: the same training to far below the errors trained against
+    assert results[0.25][0] == results[0.0][0]
+    assert results[0.25][1] == pytest.approx(results[0.0][1], rel=1e-3)
+    assert all(t.dtype == torch.float16 for batch, _ in runs[0] for t in batch)
+    want = sess.run(names, calib[0])
+    assert all(np.allclose(t.float().numpy(), w, rtol=1e-3, atol=1e-4) for t, w in zip(runs[0][0][0], want))
+    assert np.allclose([float(n) for n in runs[0][0][1]], [float((w.astype(np.float64) ** 2).sum()) for w in want],
+                       rtol=1e-3)
+    # room for two batches' tensors only: dropped part-way, recomputed per step from then on
+    one = sum(t.numel() * t.element_size() for t in runs[0][0][0])
+    monkeypatch.setattr(runtime, "available_memory", lambda: 2.5 * one / ft.HIDDEN_MEMORY_SHARE)
+    monkeypatch.setattr(ft, "HIDDEN_MEMORY_SHARE", 0.25)
+    _, stored = real_run(sess, calib, outputs, [0], names)
+    assert stored is None

@@ -35,6 +35,9 @@ LEARNING_RATE = 1e-2  # Adam, relative: each tensor's step is scaled by its RMS
 # contend, and collapse on a busy machine): training runs on one; above it (MiniLM at half its
 # MatMul parameters: 4.9M) torch's own thread count is kept (2 threads: 1.5x faster there)
 SMALL_MODEL_PARAMS = 1_000_000
+# the original's hidden tensors are kept for the whole fine-tuning while they take at most this
+# share of the memory available, else recomputed per step
+HIDDEN_MEMORY_SHARE = 0.25
 HIDDEN_WEIGHT = 4.0  # of the mean hidden-tensor error against the output error; MiniLM: 4 > 1 (docs/RESULTS.md)
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -109,8 +112,7 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
     hidden = [h for h in hidden if h not in names]
     sess = runtime.session(teacher_model)
     float_outputs = [i for i, o in enumerate(sess.get_outputs()[:len(names)]) if "float" in o.type]
-    targets = [[torch.as_tensor(np.asarray(v)) for v in _select(sess.run(names, dict(f)), float_outputs)]
-               for f in batches]
+    targets, stored = _teacher(sess, batches, names, float_outputs, hidden)
     graph = GraphModule(model, trainable)
     feeds = [{k: torch.as_tensor(np.asarray(v)) for k, v in f.items()} for f in batches]
     scales = {name: float(p.detach().pow(2).mean().sqrt()) or 1.0 for name, p in graph.params.items()}
@@ -136,11 +138,12 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
             values = graph(feeds[i], names + hidden)
         total = _relative(_select(values[:len(names)], float_outputs), targets[i])
         if hidden:
-            # the original's hidden tensors are recomputed per step: stored for the whole
-            # calibration set they would take far more memory than the data itself
-            wanted = sess.run(hidden, dict(batches[i]))
+            if stored is not None:
+                wanted, norms = stored[i]
+            else:
+                wanted, norms = [torch.as_tensor(w) for w in sess.run(hidden, dict(batches[i]))], [None] * len(hidden)
             total = total + hidden_weight / len(hidden) * sum(
-                _relative([g], [torch.as_tensor(w)]) for g, w in zip(values[len(names):], wanted))
+                _relative_one(g, w, n) for g, w, n in zip(values[len(names):], wanted, norms))
         return total if penalty is None else total + penalty(graph.params)
 
     with torch_threads(1 if small else None):
@@ -171,6 +174,42 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
     return before, after
 
 
+def _teacher(sess, batches, names, float_outputs, hidden):
+    """The original's float outputs per batch, and its hidden tensors per batch (with their
+    squared norms), stored in float16 (float32 where float16 would overflow) while they take at most
+    HIDDEN_MEMORY_SHARE of the memory available; else (None) the steps recompute them, one
+    onnxruntime run of the original per step (MiniLM on 2,682 sentences: a quarter of each
+    epoch). One run per batch gives both."""
+    import torch
+
+    from . import runtime
+
+    free = runtime.available_memory()
+    room = HIDDEN_MEMORY_SHARE * free if free is not None else 0
+    targets, stored, used = [], ([] if hidden else None), 0
+    for f in batches:
+        values = sess.run(names + (hidden if stored is not None else []), dict(f))
+        targets.append([torch.as_tensor(np.asarray(v)) for v in _select(values, float_outputs)])
+        if stored is not None:
+            kept = [_compact(torch.as_tensor(np.asarray(v))) for v in values[len(names):]]
+            used += sum(t.numel() * t.element_size() for t in kept)
+            if used > room:
+                stored = None  # dropped: recomputed per step from here on
+            else:
+                stored.append((kept, [t.float().square().sum() for t in kept]))
+    return targets, stored
+
+
+def _compact(t):
+    """float16 where it holds the values (its 11-bit mantissa is far below the errors trained
+    against), else the tensor as it is."""
+    torch = _torch()
+    if t.dtype not in (torch.float32, torch.float64):
+        return t
+    half = t.half()
+    return half if bool(torch.isfinite(half).all()) else t
+
+
 def store(model: onnx.ModelProto, values: dict) -> None:
     """Trained tensors (torch, by initializer name) into `model`'s initializers, in their dtype."""
     by_name = {t.name: t for t in model.graph.initializer}
@@ -185,6 +224,16 @@ def _relative(got, want):
     (a bf16 forward pass's outputs are widened first)."""
     got = [g.float() if g.dtype in (_torch().bfloat16, _torch().float16) else g for g in got]
     return sum(((g - w) ** 2).sum() for g, w in zip(got, want)) / sum((w**2).sum() for w in want).clamp_min(1e-30)
+
+
+def _relative_one(got, want, norm2=None):
+    """_relative of one tensor in one fused pass, `norm2` being want's squared norm when
+    known (the hidden tensors are large: MiniLM's 24 per step cost 2.6 s of an epoch with
+    _relative, 1.5 s so); a float16 target is widened to float32 first."""
+    torch = _torch()
+    want = want.float()
+    norm2 = want.square().sum() if norm2 is None else norm2
+    return torch.nn.functional.mse_loss(got.float(), want, reduction="sum") / norm2.clamp_min(1e-30)
 
 
 def _select(values, indices):
