@@ -259,3 +259,15 @@ def test_stored_hidden_targets_train_as_the_recomputed_ones_and_give_way_to_memo
     monkeypatch.setattr(ft, "HIDDEN_MEMORY_SHARE", 0.25)
     _, stored = real_run(sess, calib, outputs, [0], names)
     assert stored is None
+
+
+def test_stored_targets_are_float16_only_where_it_holds_them():
+    from tnonnx.finetune import _compact
+
+    small = torch.linspace(-3, 3, 1000)
+    half, norm2 = _compact(small)
+    assert half.dtype == torch.float16 and float(norm2) == pytest.approx(float((small.double() ** 2).sum()), rel=1e-6)
+    large = small * 1e5  # beyond float16's 65504
+    kept, norm2 = _compact(large)
+    assert kept.dtype == torch.float32 and torch.equal(kept, large)
+    assert float(norm2) == pytest.approx(float((large.double() ** 2).sum()), rel=1e-6)

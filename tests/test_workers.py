@@ -264,3 +264,26 @@ def test_a_worker_leaves_when_its_parent_is_gone():
     with pytest.raises(Stop):  # this process lives: the watch naps on and never leaves
         workers._watch(os.getpid(), interval=0.5, sleep=nap, leave=left.append)
     assert naps == [0.5, 0.5, 0.5] and left == [1]
+
+
+def test_a_worker_dying_before_a_job_is_sent_is_the_same_one_line(monkeypatch):
+    # the pool breaks while map is still sending jobs (a worker died on an earlier one):
+    # submit raises, and that too is WorkerFailed naming a job in flight
+    from concurrent import futures
+
+    class BreaksOnSecondSubmit:
+        submitted = 0
+
+        def submit(self, fn, *args):
+            self.submitted += 1
+            if self.submitted > 1:
+                raise futures.process.BrokenProcessPool("a child process terminated abruptly")
+            return futures.Future()
+
+        def shutdown(self, **kwargs):
+            pass
+
+    workers = Workers(2)
+    monkeypatch.setattr(workers, "_start", lambda: BreaksOnSecondSubmit())
+    with pytest.raises(WorkerFailed, match=r"^a worker process died while fitting job 0 \(out of memory\?\)"):
+        workers.map(lambda x: x, [0, 1, 2], lambda i: i, lambda i, r: None, lambda i: f"job {i}")

@@ -192,22 +192,26 @@ def _teacher(sess, batches, names, float_outputs, hidden):
         targets.append([torch.as_tensor(np.asarray(v)) for v in _select(values, float_outputs)])
         if stored is not None:
             kept = [_compact(torch.as_tensor(np.asarray(v))) for v in values[len(names):]]
-            used += sum(t.numel() * t.element_size() for t in kept)
+            used += sum(t.numel() * t.element_size() for t, _ in kept)
             if used > room:
                 stored = None  # dropped: recomputed per step from here on
             else:
-                stored.append((kept, [t.float().square().sum() for t in kept]))
+                stored.append(tuple(map(list, zip(*kept))))
     return targets, stored
 
 
 def _compact(t):
-    """float16 where it holds the values (its 11-bit mantissa is far below the errors trained
-    against), else the tensor as it is."""
+    """(t in float16 where that holds its values, else as it is; its squared norm). Float16's
+    11-bit mantissa is far below the errors trained against. One pass for the norm, one for
+    the range, one for the copy: no float32 temporaries."""
     torch = _torch()
     if t.dtype not in (torch.float32, torch.float64):
-        return t
-    half = t.half()
-    return half if bool(torch.isfinite(half).all()) else t
+        return t, t.double().square().sum()
+    flat = t.reshape(-1)
+    norm2 = torch.dot(flat, flat)
+    low, high = torch.aminmax(flat)
+    fits = bool(torch.isfinite(norm2)) and max(-float(low), float(high)) <= torch.finfo(torch.float16).max
+    return (t.half() if fits else t), norm2
 
 
 def store(model: onnx.ModelProto, values: dict) -> None:

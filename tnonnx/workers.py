@@ -101,7 +101,12 @@ class Workers:
 
         def send() -> None:
             for item in items:
-                pending[pool.submit(work, payload(item))] = item
+                try:
+                    pending[pool.submit(work, payload(item))] = item
+                except futures.process.BrokenProcessPool as exc:
+                    # a worker died before this was sent: named like a broken future's job
+                    # (one of those in flight; the pool does not say which)
+                    raise WorkerFailed(_died(what(next(iter(pending.values()), item)))) from exc
                 return
 
         try:
@@ -128,12 +133,15 @@ class Workers:
         return self.pool
 
 
+def _died(what: str) -> str:
+    return f"a worker process died while fitting {what} (out of memory?); --workers 1 fits in this process"
+
+
 def _result(future, what: str):
     try:
         return future.result()
     except futures.process.BrokenProcessPool as exc:
-        raise WorkerFailed(f"a worker process died while fitting {what} (out of memory?); "
-                           "--workers 1 fits in this process") from exc
+        raise WorkerFailed(_died(what)) from exc
     except TnonnxError:
         raise
     except Exception as exc:
