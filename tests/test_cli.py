@@ -594,3 +594,32 @@ def test_piped_output_honours_columns(monkeypatch):
     assert _console().width == 80
     monkeypatch.delenv("COLUMNS")
     assert _console().width == 200  # piped, no COLUMNS: wide, so logs are not folded
+
+
+def test_modes_repeated_give_each_shape_its_own(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tnonnx.graph import find_layers
+    from tnonnx.plan import Selection, make_plan, rank_spec
+    from tnonnx.tensorize import modes_list
+
+    # an FFN pair: 64 -> 96 -> 64; each direction takes the pair whose products are its shape
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((64, 96)).astype(np.float32), rng.standard_normal((96, 64)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="down")]
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 64])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "ffn.onnx")
+    report = tmp_path / "r.json"
+    result = cli("rewrite", path, "--format", "tt", "--rank", "4", "--modes", "8x8,8x12", "--modes", "12x8,8x8",
+                 "--report", report, "--min-cosine", "0", "--no-timing")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(report.read_text())["settings"]["modes"] == "8x8,8x12;12x8,8x8"
+    layers = find_layers(onnx.load(path))
+    plans = make_plan(layers, "tt", rank_spec(rank=4), Selection(), modes_list("8x8,8x12;12x8,8x8"))
+    assert {p.layer.name: p.modes for p in plans} == {"up": ((8, 8), (8, 12)), "down": ((12, 8), (8, 8))}
+    result = cli("rewrite", path, "--format", "tt", "--modes", "8x8,8x12", "--modes", "4x4,4x4",
+                 "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 2 and "--modes 4x4,4x4: matches no selected dense layer" in result.stderr

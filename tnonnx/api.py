@@ -33,7 +33,7 @@ from .layer_fits import emit_layer, fit_and_emit, fit_sequential, layer_data, pa
 from .targets import edge_violations
 from .workers import Workers
 from .report import InspectReport, LatencyInfo, LayerRow, RewriteReport, Totals, describe_calibration, source_info
-from .tensorize import format_modes, parse_modes
+from .tensorize import format_modes, modes_list
 from .validate import check_thresholds, count_samples, skipped_note, with_default_threshold
 from .validate import validate_models as compare_models
 
@@ -101,9 +101,9 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     spec = rank_spec(rank, tol, ratio, budget)
     if quantization is not None and quantization.mode == "int4":
         spec = dataclasses.replace(spec, align=quantization.block_size)
-    modes_text = modes if isinstance(modes, str) or modes is None else format_modes(modes)
-    if isinstance(modes, str):
-        modes = parse_modes(modes)
+    if modes is not None:
+        modes = modes_list(modes)
+    modes_text = None if modes is None else ";".join(map(format_modes, modes))
     original = model_io.load(model)
     if emit == "einsum" and model_io.default_opset(original) < 12:
         raise TnonnxError("--emit einsum needs opset >= 12; the model has opset "

@@ -193,7 +193,9 @@ def inspect(model, batch, shapes, recurrent, as_json):
 @click.option("--conv-layout", type=click.Choice(["cp4", "cp3"]), default=None,
               help="CP convolutions: 1x1, kh x 1, 1 x kw, 1x1 (cp4) or 1x1, depthwise, 1x1 (cp3).")
 @click.option("--stp-t", type=click.IntRange(min=1), default=None, help="Semi-tensor formats: the identity factor t (default 2).")
-@click.option("--modes", default=None, metavar="IN,OUT", help="Tensorization override, e.g. 8x8x6,4x8x12.")
+@click.option("--modes", multiple=True, metavar="IN,OUT",
+              help="Tensorization override, e.g. 8x8x6,4x8x12: for the dense layers of that shape. "
+                   "Repeat it for layers of other shapes.")
 @click.option("--order", type=click.IntRange(min=1), default=None, help="Number of cores per dense layer (default: automatic).")
 @click.option("--emit", type=click.Choice(api.EMIT_MODES), default="auto", show_default=True,
               help="How chains are emitted: auto picks per layer the faster of matmul (rows first) and "
@@ -301,7 +303,7 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
     options = {k: v for k, v in (("conv_layout", conv_layout), ("stp_t", stp_t), ("act", act)) if v is not None}
     progress = sys.stderr.isatty() and not quiet
     new, report = api.rewrite(
-        model, format=fmt, rank=rank, tol=tol, ratio=ratio, budget=budget, format_options=options, modes=modes, order=order, emit=emit, batch=batch,
+        model, format=fmt, rank=rank, tol=tol, ratio=ratio, budget=budget, format_options=options, modes=";".join(modes) or None, order=order, emit=emit, batch=batch,
         ops=ops, recurrent=recurrent, include=include, exclude=exclude,
         min_params=min_params, force=force, validate=validate, inputs=inputs,
         shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine,

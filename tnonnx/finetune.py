@@ -175,11 +175,11 @@ def finetune(model: onnx.ModelProto, original: onnx.ModelProto, batches, trainab
 
 
 def _teacher(sess, batches, names, float_outputs, hidden):
-    """The original's float outputs per batch, and its hidden tensors per batch (with their
-    squared norms), stored in float16 (float32 where float16 would overflow) while they take at most
-    HIDDEN_MEMORY_SHARE of the memory available; else (None) the steps recompute them, one
-    onnxruntime run of the original per step (MiniLM on 2,682 sentences: a quarter of each
-    epoch). One run per batch gives both."""
+    """The original's float outputs per batch, and its hidden tensors per batch with their
+    squared norms, stored in float16 (float32 where float16 would overflow) while they take
+    at most HIDDEN_MEMORY_SHARE of the memory available; else (None) the steps recompute
+    them, one onnxruntime run of the original per step (MiniLM on 2,682 sentences: a
+    quarter of each epoch). One run per batch gives both."""
     import torch
 
     from . import runtime

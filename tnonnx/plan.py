@@ -113,8 +113,10 @@ def rank_spec(rank: int | None = None, tol: float | None = None, ratio: float | 
 
 
 def make_plan(layers: list[Layer], format: str, spec: RankSpec, selection: Selection,
-              modes: tuple | None = None, order: int | None = None) -> list[LayerPlan]:
-    """Plans for the selected rewritable layers; the others get their reason set."""
+              modes: list | None = None, order: int | None = None) -> list[LayerPlan]:
+    """Plans for the selected rewritable layers; the others get their reason set. `modes`:
+    (in-modes, out-modes) pairs (tensorize.modes_list); a dense layer takes the first whose
+    products are its shape, and each pair must match a layer."""
     if order is not None and not 1 <= order <= MAX_ORDER:
         raise TnonnxError(f"--order {order}: must be between 1 and {MAX_ORDER}")
     if format not in FORMATS and format != "auto":
@@ -129,13 +131,13 @@ def make_plan(layers: list[Layer], format: str, spec: RankSpec, selection: Selec
         if layer.reason is not None:
             continue
         layer_modes = None
-        if modes is not None and layer.kind == "dense":
+        if modes and layer.kind == "dense":
             n, m = layer.weight_shape
-            if _prod(modes[0]) == n and _prod(modes[1]) == m:
-                layer_modes = modes
+            layer_modes = next((pair for pair in modes if _prod(pair[0]) == n and _prod(pair[1]) == m), None)
         plans.append(LayerPlan(layer, format, spec, layer_modes, order))
-    if modes is not None and not any(p.modes for p in plans):
-        raise TnonnxError(f"--modes {format_modes(modes)}: matches no selected dense layer's shape")
+    for pair in modes or ():
+        if not any(p.modes == pair for p in plans):
+            raise TnonnxError(f"--modes {format_modes(pair)}: matches no selected dense layer's shape")
     return plans
 
 

@@ -50,6 +50,17 @@ def format_modes(modes) -> str:
     return ",".join("x".join(map(str, side)) for side in modes)
 
 
+def modes_list(modes) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """--modes as a list of (in-modes, out-modes) pairs: from text ("16x24,24x64", or several
+    pairs joined by ";"), one pair, or a list of pairs. Each layer takes the first pair
+    whose products are its shape."""
+    if isinstance(modes, str):
+        return [parse_modes(part) for part in modes.split(";") if part.strip()]
+    if modes and isinstance(modes[0][0], int):
+        return [tuple(map(tuple, modes))]
+    return [tuple(map(tuple, pair)) for pair in modes]
+
+
 def parse_modes(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Parse `--modes 8x8x6,4x8x12` (in-modes, out-modes)."""
     try:
