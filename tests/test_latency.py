@@ -424,3 +424,14 @@ def test_the_cost_model_charges_nothing_for_what_onnxruntime_folds_at_load():
     timer = latency.CostModelTimer()
     dense_ms, adtn_ms = timer([original, new], feeds, 2)
     assert adtn_ms < 1.2 * dense_ms  # (the decode's 2^15-entry states, counted per run, made it 50x)
+
+
+def test_the_cache_file_keeps_the_most_recently_used_timings(tmp_path, monkeypatch):
+    monkeypatch.setattr(latency, "MAX_CACHE_ENTRIES", 3)
+    cache = latency.TimingCache(tmp_path / "t.json")
+    for key in "abcd":
+        cache.put(key, 1.0)
+    assert cache.get("a") == 1.0  # used again: newest
+    cache.save()
+    assert list(json.loads((tmp_path / "t.json").read_text())) == ["c", "d", "a"]
+    assert cache.get_group(["c", "x"]) is None and cache.get_group(["d", "c"]) == [1.0, 1.0]

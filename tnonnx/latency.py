@@ -210,12 +210,17 @@ def machine_key() -> str:
     return f"onnxruntime {ort.__version__}; {cpu}; {os.cpu_count()} cpus"
 
 
+# timings kept in the cache file: the most recently used (an entry is under 100 bytes of JSON)
+MAX_CACHE_ENTRIES = 50_000
+
+
 class TimingCache:
     """Milliseconds by key, in one JSON file (timings.json in cache_dir()), written
     atomically; when not `enabled`, only kept for the run. Keys hash the model's structure
     without weight values (ops, attributes, tensor shapes: so op, shapes, format, ranks and
     emission), the feed shapes, the threads and machine_key(); whole models timed together
-    are keyed as their group (group_keys)."""
+    are keyed as their group (group_keys). The file keeps the MAX_CACHE_ENTRIES most
+    recently used."""
 
     def __init__(self, path: Path | None = None, enabled: bool = True):
         self.path = Path(path) if path is not None else cache_dir() / "timings.json"
@@ -245,7 +250,15 @@ class TimingCache:
             self.misses += 1
         else:
             self.hits += 1
+            self.entries[key] = self.entries.pop(key)  # the newest used are kept (save)
         return value
+
+    def get_group(self, keys: list[str]) -> list[float] | None:
+        """The times of a group (group_keys) when all are known, else None."""
+        if not all(k in self.entries for k in keys):
+            self.misses += len(keys)
+            return None
+        return [self.get(k) for k in keys]
 
     def put(self, key: str, ms: float) -> None:
         self.entries[key] = ms
@@ -257,7 +270,7 @@ class TimingCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".timings-")
             with os.fdopen(fd, "w") as f:
-                json.dump(self.entries, f)
+                json.dump(dict(list(self.entries.items())[-MAX_CACHE_ENTRIES:]), f)
             os.replace(tmp, self.path)
         except OSError:
             pass  # an unwritable cache costs time next run, nothing else
@@ -339,16 +352,14 @@ class Clock:
             return [None] * len(models)
         name = type(self.timer).__name__
         group = self.cache.group_keys(models, feeds, self.threads, name)
-        cached = [self.cache.entries.get(k) for k in group]
         self.last_cached = all(k in self.cache.stored for k in group)
-        if all(v is not None for v in cached):
-            self.cache.hits += len(group)
+        cached = self.cache.get_group(group)
+        if cached is not None:
             return cached
         try:
             out = self.time(models, feeds, cache=False, keep=keep)
         except Exception:  # noqa: BLE001 - reported as "not measured"
             return [None] * len(models)
-        self.cache.misses += len(group)
         for k, ms in zip(group, out):
             self.cache.put(k, ms)
         return out
