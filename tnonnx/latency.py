@@ -116,10 +116,11 @@ class OrtTimer:
     """Interleaved onnxruntime timing. Every model is warmed up; then in each round every
     model in turn runs once untimed (its thread pool wakes, its buffers come back into
     cache; left out when a run takes switch_ms or more) and `inner` times timed, the same
-    `inner` for all models so that none is favoured by amortising the switch. The first model is the reference (the dense layer, the
-    original model): it gets its median run time, in ms, and every other model the median
-    over rounds of its ratio to the reference in the same round, times that. On a shared
-    machine the load shifts between rounds; within a round all models see the same."""
+    `inner` for all models so that none is favoured by amortising the switch. The first
+    model is the reference (the dense layer, the original model): it gets its median run
+    time, in ms, and every other model the median over rounds of its ratio to the reference
+    in the same round, times that. On a shared machine the load shifts between rounds;
+    within a round all models see the same."""
 
     warmup: int = 3
     min_rounds: int = 7
