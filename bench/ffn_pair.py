@@ -6,10 +6,10 @@ features-first emission, timed in ONNX Runtime against the dense pair.
 - matmul          both layers rows first (emit.emit_chain), bias and GELU between
 - features-first  both layers features-first as emitted today: each ends with the
                   Transpose [M, R] -> [R, M] and the next begins with [R, N] -> [N, R]
-- kept columns    the same chains with those two Transposes left out: the first layer's
-                  columns [1536, R] go through the bias (a column vector) and GELU to the
-                  second layer; only the pair's ends change layout (the same function,
-                  checked against features-first before timing)
+- kept columns    the same pair through tnonnx.absorb (what `tnonnx rewrite` does): those two
+                  Transposes left out, the first layer's columns [1536, R] go through the
+                  bias (a column vector) and GELU to the second layer; only the pair's
+                  ends change layout (the same function, checked before timing)
 
     .venv/bin/python bench/ffn_pair.py --threads 2 --ranks 4 8
 
@@ -31,6 +31,7 @@ import onnxruntime as ort  # noqa: E402
 
 from bench.emission import model_of  # noqa: E402
 from tnonnx import runtime  # noqa: E402
+from tnonnx.absorb import absorb_layouts  # noqa: E402
 from tnonnx.emit import OnnxOps, emit_chain, onnx_activation  # noqa: E402
 from tnonnx.emit_layout import run_chain_features_first  # noqa: E402
 from tnonnx.formats import FORMATS, RankSpec  # noqa: E402
@@ -39,43 +40,27 @@ from tnonnx.latency import OrtTimer  # noqa: E402
 N, M = 384, 1536
 
 
-class ColumnsOps(OnnxOps):
-    """OnnxOps whose chain takes its input already as columns [N, R] and/or leaves its
-    output as columns [M, R]; `rows_like` gives the batch shape of a rows output."""
-
-    def __init__(self, builder, batch_rank, take_columns=False, give_columns=False, rows_like=None):
-        super().__init__(builder, batch_rank)
-        self.take, self.give, self.rows_like = take_columns, give_columns, rows_like
-
-    def to_columns(self, x, n):
-        return x if self.take else super().to_columns(x, n)
-
-    def from_columns(self, t, x, m):
-        return t if self.give else super().from_columns(t, self.rows_like or x, m)
-
-
 def pair_model(kind, facts, weights, biases, shape):
     br = len(shape) - 1
+    kind, absorbed = ("features-first", True) if kind == "kept columns" else (kind, False)
     (f1, f2), (w1, w2), (b1, b2) = facts, weights, biases
 
     def emit(b, x):
-        if kind == "kept columns":
-            h = run_chain_features_first(ColumnsOps(b, br, give_columns=True), x, f1.chain, f1.cores)
-            h = b.op("Add", [h, b.weight(b1[:, None], "bias")], "bias")  # [M, R] + [M, 1]
-            h = onnx_activation(b, h, "gelu")
-            y = run_chain_features_first(ColumnsOps(b, br, take_columns=True, rows_like=x), h, f2.chain, f2.cores)
-        else:
-            def layer(t, w, fact):
-                if kind == "dense":
-                    return b.op("MatMul", [t, b.weight(w, "w")], "matmul")
-                if kind == "matmul":
-                    return emit_chain(b, t, fact.chain, fact.cores, br)
-                return run_chain_features_first(OnnxOps(b, br), t, fact.chain, fact.cores)
-            h = b.op("Add", [layer(x, w1, f1), b.weight(b1, "bias")], "bias")
-            h = onnx_activation(b, h, "gelu")
-            y = layer(h, w2, f2)
+        def layer(t, w, fact):
+            if kind == "dense":
+                return b.op("MatMul", [t, b.weight(w, "w")], "matmul")
+            if kind == "matmul":
+                return emit_chain(b, t, fact.chain, fact.cores, br)
+            return run_chain_features_first(OnnxOps(b, br), t, fact.chain, fact.cores)
+        h = b.op("Add", [layer(x, w1, f1), b.weight(b1, "bias")], "bias")
+        h = onnx_activation(b, h, "gelu")
+        y = layer(h, w2, f2)
         return b.op("Add", [y, b.weight(b2, "bias")], "bias")
-    return model_of(emit, shape, N, N)
+    model = model_of(emit, shape, N, N)
+    if absorbed:  # the features-first pair through the rewrite's own pass
+        if absorb_layouts(model, {n.name for n in model.graph.node}) != 1:
+            raise RuntimeError("the features-first pair was not absorbed")
+    return model
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
+from .absorb import absorb_layouts
 from . import calibrate, deploy, external, macs
 from . import progress as progress_bars
 from . import model as model_io
@@ -254,10 +255,13 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         notes.append(f"finetune: relative output error on the calibration data {before_ft:.4g} -> {after_ft:.4g} "
                      f"after {finetune} epoch(s) of end-to-end distillation ({matched}"
                      f"{', bf16 products' if used_precision == 'bf16' else ''})")
+    emitted = {n.name for r in replacements.values() for n in r.builder.nodes}
+    if absorbed := absorb_layouts(new, emitted):
+        notes.append(f"{absorbed} pair(s) of features-first layers keep their columns layout across the "
+                     "elementwise ops between them (two Transposes of the activation fewer per pair)")
     _check(new)
     factorised, deployed, baseline = new, None, None
     if target != "cpu" or quantization is not None or max_model_bytes is not None or short_names:
-        emitted = {n.name for r in replacements.values() for n in r.builder.nodes}
         stem = Path(model).stem if isinstance(model, (str, os.PathLike)) else "model"
         with stages.stage("deploy"):
             new, deployed, baseline = deploy.finish(original, new, deployment_target, quantization, batches,

@@ -35,7 +35,7 @@ def replace_nodes(model: onnx.ModelProto, replacements: dict[int, tuple[onnx.Gra
         del graph.node[:]
         graph.node.extend(new_nodes)
     orphans = {t for layer in layers if id(layer.node) in replacements for t in layer.weight_path + layer.bias_path}
-    removed = _remove_unused(model.graph, orphans)
+    removed = remove_unused(model.graph, orphans)
     _declare_domains(model, [n for _, nodes, _ in replacements.values() for n in nodes])
     return removed
 
@@ -60,7 +60,7 @@ def _used_names(graph: onnx.GraphProto, acc: set) -> set:
     return acc
 
 
-def _remove_unused(root: onnx.GraphProto, candidates: set[str]) -> list[str]:
+def remove_unused(root: onnx.GraphProto, candidates: set[str]) -> list[str]:
     """Drop initializers and nodes producing only `candidates` tensors once unused (and
     the graph inputs naming a dropped initializer); returns those inputs' names."""
     removed_inputs: list[str] = []
