@@ -8,7 +8,6 @@ import pytest
 from onnx import TensorProto, helper
 
 import tnonnx
-import tnonnx.api
 from onnx_builders import init, make_model, rel_err, run, value
 
 N, H = 16, 24
@@ -46,11 +45,9 @@ def _ffn(batch_dims=(2, 5), tail=None, bias_shape=(H,), seed=0, computed_constan
     return make_model(nodes, [value("x", [*batch_dims, N])], outputs, inits)
 
 
-def _rewrite(model, absorb=True, monkeypatch=None, **kw):
-    if not absorb:
-        monkeypatch.setattr(tnonnx.api, "absorb_layouts", lambda m, emitted: 0)
-    kw = {"format": "tt", "rank": 64, "emit": "features-first", "force": True, "timing": False, "validate": False,
-          **kw}
+def _rewrite(model, absorb=True, **kw):
+    kw = {"keep_columns": absorb, "format": "tt", "rank": 64, "emit": "features-first", "force": True,
+          "timing": False, "validate": False, **kw}
     return tnonnx.rewrite(model, **kw)
 
 
@@ -64,7 +61,7 @@ def _transposes(model) -> int:
 
 
 @pytest.mark.parametrize("batch_dims", [(2, 5), (7,)])
-def test_the_pair_keeps_columns_and_computes_the_same(batch_dims, monkeypatch):
+def test_the_pair_keeps_columns_and_computes_the_same(batch_dims):
     model = _ffn(batch_dims)
     absorbed, report = _rewrite(model)
     assert any("keep their columns layout" in n for n in report.notes)
@@ -73,7 +70,7 @@ def test_the_pair_keeps_columns_and_computes_the_same(batch_dims, monkeypatch):
     want = run(model, feeds)[0]
     got = run(absorbed, feeds)[0]
     assert rel_err(got, want) < 1e-5  # full rank: exact
-    plain, plain_report = _rewrite(model, absorb=False, monkeypatch=monkeypatch)
+    plain, plain_report = _rewrite(model, absorb=False)
     assert not any("keep their columns layout" in n for n in plain_report.notes)
     np.testing.assert_allclose(got, run(plain, feeds)[0], rtol=1e-5, atol=1e-6)
     assert _transposes(absorbed) == _transposes(plain) - 2
@@ -93,7 +90,7 @@ def test_constants_computed_from_constants_count_as_constants():
     assert rel_err(run(absorbed, feeds)[0], run(model, feeds)[0]) < 1e-5
 
 
-def test_a_hidden_tensor_read_elsewhere_keeps_the_rows(monkeypatch):
+def test_a_hidden_tensor_read_elsewhere_keeps_the_rows():
     side = [helper.make_node("Relu", ["h"], ["side"])]  # the pre-activation is read outside the pair
     model = _ffn(tail=side)
     absorbed, report = _rewrite(model, include="^fc")
@@ -117,10 +114,10 @@ def test_rows_first_layers_are_left_as_they_are():
     assert not any("keep their columns layout" in n for n in report.notes)
 
 
-def test_a_truncated_pair_stays_equal_to_its_rows_form(monkeypatch):
+def test_a_truncated_pair_stays_equal_to_its_rows_form():
     model = _ffn()
     feeds = _feeds(model)
     absorbed, _ = _rewrite(model, rank=3)
-    plain, _ = _rewrite(model, rank=3, absorb=False, monkeypatch=monkeypatch)
+    plain, _ = _rewrite(model, rank=3, absorb=False)
     np.testing.assert_allclose(run(absorbed, feeds)[0], run(plain, feeds)[0], rtol=1e-5, atol=1e-6)
     assert rel_err(run(absorbed, feeds)[0], run(model, feeds)[0]) > 1e-3  # truncated indeed

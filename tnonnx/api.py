@@ -73,7 +73,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             allow_slower: bool = False, keep_best: bool = False, timing: bool = True, timing_cache: bool = True,
             timer=None, progress=False, target: str = "cpu", quantize: str | None = None,
             int8: str | None = None, max_model_bytes: int | None = None, short_names: bool = False,
-            workers: int | None = None) -> tuple[onnx.ModelProto, RewriteReport]:
+            workers: int | None = None, keep_columns: bool = True) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite the selected layers of `model` (path or ModelProto) in a factorised format.
 
     Returns the new model and its report. The input is never modified. Options take the
@@ -82,7 +82,9 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     edge) and `quantize` (int8, int4) make the factorised model ready for where it runs
     (deploy.py); the report's `deploy` says what was done and checked. `workers`: processes
     fitting layers side by side (default: the cores available; tnonnx/workers.py). `progress`:
-    whether to draw each stage's progress on stderr, or a progress.Stages.
+    whether to draw each stage's progress on stderr, or a progress.Stages. `keep_columns`:
+    whether features-first layers with only elementwise ops between them keep the columns
+    layout across those ops (absorb.py; False leaves each layer's emission as it is).
     """
     started, read_before = time.perf_counter(), external.traffic.read
     if emit not in EMIT_MODES:
@@ -256,7 +258,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                      f"after {finetune} epoch(s) of end-to-end distillation ({matched}"
                      f"{', bf16 products' if used_precision == 'bf16' else ''})")
     emitted = {n.name for r in replacements.values() for n in r.builder.nodes}
-    if absorbed := absorb_layouts(new, emitted):
+    if keep_columns and (absorbed := absorb_layouts(new, emitted)):
         notes.append(f"{absorbed} pair(s) of features-first layers keep their columns layout across the "
                      "elementwise ops between them (two Transposes of the activation fewer per pair)")
     _check(new)
