@@ -141,6 +141,32 @@ def test_a_worker_that_dies_is_one_line():
                        validate=False, timing=False)
 
 
+UNGUARDED_SCRIPT = """
+import sys
+from tnonnx.workers import Workers, WorkerFailed
+try:
+    Workers(2).map(abs, [-1, -2, -3], lambda i: i, lambda i, r: None, lambda i: f"job {i}")
+except WorkerFailed as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def test_a_script_without_a_main_guard_is_told_so(tmp_path):
+    """Worker processes re-import the calling script; one without an `if __name__ ==
+    "__main__":` guard starts its pool again in each, which kills them. The one line names
+    the guard (a user's first script, as the experiments in bench/ are not)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "a worker process died" in done.stdout and 'if __name__ == "__main__":' in done.stdout
+
+
 def test_workers_and_quiet_on_the_command_line(tmp_path):
     source = tmp_path / "mlp.onnx"
     onnx.save(mlp(), source)
@@ -285,5 +311,5 @@ def test_a_worker_dying_before_a_job_is_sent_is_the_same_one_line(monkeypatch):
 
     workers = Workers(2)
     monkeypatch.setattr(workers, "_start", lambda: BreaksOnSecondSubmit())
-    with pytest.raises(WorkerFailed, match=r"^a worker process died while fitting job 0 \(out of memory\?\)"):
+    with pytest.raises(WorkerFailed, match=r"^a worker process died while fitting job 0 \(out of memory\? or, "):
         workers.map(lambda x: x, [0, 1, 2], lambda i: i, lambda i, r: None, lambda i: f"job {i}")

@@ -134,7 +134,11 @@ class Workers:
 
 
 def _died(what: str) -> str:
-    return f"a worker process died while fitting {what} (out of memory?); --workers 1 fits in this process"
+    # a worker re-imports the calling script: one without a main guard runs its rewrite again
+    # in every worker, which cannot start processes of its own while it starts, and dies
+    return (f"a worker process died while fitting {what} (out of memory? or, from a Python script, the script "
+            "lacks an `if __name__ == \"__main__\":` guard, which worker processes need); --workers 1 fits in "
+            "this process")
 
 
 def _result(future, what: str):
