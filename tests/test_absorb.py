@@ -121,3 +121,15 @@ def test_a_truncated_pair_stays_equal_to_its_rows_form():
     plain, _ = _rewrite(model, rank=3, absorb=False)
     np.testing.assert_allclose(run(absorbed, feeds)[0], run(plain, feeds)[0], rtol=1e-5, atol=1e-6)
     assert rel_err(run(absorbed, feeds)[0], run(model, feeds)[0]) > 1e-3  # truncated indeed
+
+
+def test_a_long_chain_of_elementwise_ops_is_looked_at_without_deep_recursion():
+    from tnonnx.absorb import _constants, _index
+
+    nodes = [helper.make_node("Add", ["x" if k == 0 else f"a{k - 1}", "one"], [f"a{k}"]) for k in range(3000)]
+    model = make_model(nodes, [value("x", [2, N])], [value("a2999", [2, N])],
+                       [init("one", np.array(1, np.float32))])
+    producer, _ = _index(model.graph)
+    constant = _constants(model.graph, producer)
+    assert constant("a2999") is None  # an activation, found out within a few steps
+    assert float(constant("one")) == 1.0

@@ -32,6 +32,7 @@ ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Relu", "Tanh", "Sigmoi
 # ops folded when all their inputs are constant (and small), to see the constants they make
 FOLDABLE = {"Cast", "Sqrt", "Div", "Mul", "Add", "Sub", "Neg", "Reciprocal", "Pow"}
 FOLD_LIMIT = 1 << 16
+FOLD_DEPTH = 8  # ops between a folded value and its constants, at most (keeps the recursion short)
 
 
 def absorb_layouts(model: onnx.ModelProto, emitted: set[str]) -> int:
@@ -73,15 +74,19 @@ def _constants(graph: onnx.GraphProto, producer):
     initializers = {t.name: t for t in graph.initializer}
     memo: dict[str, np.ndarray | None] = {}
 
-    def value(name: str):
+    def value(name: str, depth: int = 0):
         if name not in memo:
+            if depth > FOLD_DEPTH:  # (not memoised: nearer its constants it may still fold)
+                return None
             memo[name] = None  # (a cycle is not a constant)
-            memo[name] = _value(name)
+            memo[name] = _value(name, depth)
         return memo[name]
 
-    def _value(name: str):
+    def _value(name: str, depth: int):
         if name in initializers:
-            return numpy_helper.to_array(initializers[name])
+            tensor = initializers[name]
+            # (a weight still in its data file is not read for this)
+            return None if tensor.data_location == onnx.TensorProto.EXTERNAL else numpy_helper.to_array(tensor)
         node = producer.get(name)
         if node is None or len(node.output) != 1:
             return None
@@ -89,7 +94,7 @@ def _constants(graph: onnx.GraphProto, producer):
             return next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"), None)
         if node.op_type not in FOLDABLE:
             return None
-        inputs = [value(i) for i in node.input]
+        inputs = [value(i, depth + 1) for i in node.input]
         if any(v is None for v in inputs) or sum(v.size for v in inputs) > FOLD_LIMIT:
             return None
         from onnx.reference import ReferenceEvaluator

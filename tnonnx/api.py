@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from .absorb import absorb_layouts
 from . import calibrate, deploy, external, macs
 from . import progress as progress_bars
 from . import model as model_io
@@ -24,6 +23,7 @@ from .formats import is_nonlinear
 from .recurrent_scan import to_scan
 from .graph import Layer, find_layers
 from .replace import replace_nodes
+from .absorb import absorb_layouts
 from .sensitivity import layer_sensitivity
 from .latency import Clock, CostModelTimer, Deployment, TimingCache, default_timer, deployment_feeds
 from .layer_timing import LayerTimer
