@@ -38,7 +38,8 @@ def _ffn(batch_dims=(2, 5), tail=None, bias_shape=(H,), seed=0, computed_constan
              helper.make_node("Mul", ["g0", "half"], ["g"]),
              helper.make_node("MatMul", ["g", "w2"], ["m2"], name="fc2"),
              helper.make_node("Add", ["m2", "b2"], ["y"], name="bias2")]
-    outputs = [value("y", [*batch_dims, N])]
+    # a bias with more axes than x adds them to everything after it
+    outputs = [value("y", [1] * (len(bias_shape) - len(batch_dims) - 1) + [*batch_dims, N])]
     if tail is not None:
         nodes += tail
         outputs.append(value("side", [*batch_dims, H]))
@@ -133,3 +134,12 @@ def test_a_long_chain_of_elementwise_ops_is_looked_at_without_deep_recursion():
     constant = _constants(model.graph, producer)
     assert constant("a2999") is None  # an activation, found out within a few steps
     assert float(constant("one")) == 1.0
+
+
+def test_a_constant_with_more_axes_than_the_rows_keeps_the_rows():
+    model = _ffn(bias_shape=(1, 1, 1, H))  # [1, 1, 1, H] + [2, 5, H] is [1, 2, 5, H]
+    absorbed, report = _rewrite(model)
+    assert not any("keep their columns layout" in n for n in report.notes)
+    feeds = _feeds(model)
+    got, want = run(absorbed, feeds)[0], run(model, feeds)[0]
+    assert got.shape == want.shape == (1, 2, 5, N) and rel_err(got, want) < 1e-5

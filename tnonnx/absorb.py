@@ -159,31 +159,35 @@ def _find_pair(graph: onnx.GraphProto, emitted: set[str]):
             width = last if width is None else width
             if last is None or last != width:
                 continue
-        batch_source = _batch_source(reshape1, producer) if reshape1 is not None else None
+        # the rows' rank: [R, M] without the Reshapes, else the batch axes the Reshape keeps + 1
+        batch_source, rows_rank = _batch_source(reshape1, producer, value) if reshape1 is not None else (None, 2)
         if shape_readers and batch_source is None:
             continue
         if not _is_transpose_2d(source) or source.name not in emitted:
             continue
         if (reshape1 is None) != (reshape2 is None) or entry in outputs:
             continue
-        fits, width = _constants_fit(nodes, entry, value, width)
+        fits, width = _constants_fit(nodes, entry, value, width, rows_rank)
         if not fits:
             continue
         return t2, reshape2, source, reshape1, nodes, entry, exit_name, width, shape_readers, batch_source
     return None
 
 
-def _batch_source(reshape, producer) -> str | None:
-    """The tensor whose batch dims the first layer's output Reshape copies: x in
-    Reshape(y, Concat(Slice(Shape(x)), [M])), as OnnxOps.from_columns emits it."""
+def _batch_source(reshape, producer, value) -> tuple[str | None, int | None]:
+    """The tensor whose batch dims the first layer's output Reshape copies, and the rank of
+    that output: x and k + 1 in Reshape(y, Concat(Slice(Shape(x), 0, k), [M])), as
+    OnnxOps.from_columns emits it; (None, None) for another form."""
     concat = producer.get(reshape.input[1])
     if concat is None or concat.op_type != "Concat":
-        return None
+        return None, None
     sliced = producer.get(concat.input[0])
-    if sliced is None or sliced.op_type != "Slice":
-        return None
-    shape = producer.get(sliced.input[0])
-    return shape.input[0] if shape is not None and shape.op_type == "Shape" else None
+    if sliced is None or sliced.op_type != "Slice" or len(sliced.input) < 3:
+        return None, None
+    shape, ends = producer.get(sliced.input[0]), value(sliced.input[2])
+    if shape is None or shape.op_type != "Shape" or ends is None or ends.size != 1:
+        return None, None
+    return shape.input[0], int(ends.reshape(-1)[0]) + 1
 
 
 def _region(exit_name: str, producer, consumers, value, outputs, readers):
@@ -216,14 +220,19 @@ def _region(exit_name: str, producer, consumers, value, outputs, readers):
     return list(nodes.values()), entry
 
 
-def _constants_fit(nodes, entry: str, value, width: int | None) -> tuple[bool, int | None]:
+def _constants_fit(nodes, entry: str, value, width: int | None, rows_rank: int | None) -> tuple[bool, int | None]:
     """Whether every constant operand is a scalar or varies along the features only ([M],
-    [1, .., M]), so that it broadcasts over columns [M, R] once reshaped to [M, 1]; and M,
-    when the Reshapes did not give it (a valid model's [M] operand of rows [R, M] is M wide)."""
+    [1, .., M]), with no more axes than the rows (more would add axes to the result), so
+    that it broadcasts over columns [M, R] once reshaped to [M, 1]; and M, when the
+    Reshapes did not give it (a valid model's [M] operand of rows [R, M] is M wide)."""
     for node in nodes:
         for i in node.input:
             c = value(i) if i and i != entry else None
-            if c is None or c.size == 1:  # (a scalar with more axes than the columns is made 0-D)
+            if c is None:
+                continue
+            if c.ndim > (rows_rank if rows_rank is not None else 2):
+                return False, width
+            if c.size == 1:
                 continue
             if c.size != c.shape[-1] or (width is not None and c.shape[-1] != width):
                 return False, width
@@ -245,6 +254,7 @@ def _apply(graph: onnx.GraphProto, t2, reshape2, t1, reshape1, nodes, entry, exi
             c = value(i) if i else None
             if c is None or (c.size == 1 and c.ndim <= 2):
                 continue
+            # (a scalar with more axes than the columns' two, which the rows' rank allowed, is made 0-D)
             name = f"{i}_columns"
             if not any(t.name == name for t in graph.initializer):
                 graph.initializer.append(numpy_helper.from_array(c.reshape(() if c.size == 1 else (width, 1)), name))
