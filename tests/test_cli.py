@@ -623,3 +623,28 @@ def test_modes_repeated_give_each_shape_its_own(tmp_path):
     result = cli("rewrite", path, "--format", "tt", "--modes", "8x8,8x12", "--modes", "4x4,4x4",
                  "-o", tmp_path / "out.onnx")
     assert result.exit_code == 2 and "--modes 4x4,4x4: matches no selected dense layer" in result.stderr
+
+
+def test_no_keep_columns_leaves_each_layers_emission_as_it_is(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    # a pair of features-first layers with a ReLU between: kept in columns by default
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((32, 48)).astype(np.float32), rng.standard_normal((48, 32)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="down")]
+    graph = helper.make_graph(nodes, "pair", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 32])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "pair.onnx")
+    transposes = {}
+    for flag in ("--keep-columns", "--no-keep-columns"):
+        out, report = tmp_path / f"{flag}.onnx", tmp_path / f"{flag}.json"
+        result = cli("rewrite", path, "--format", "tt", "--rank", "64", "--force", "--emit", "features-first", flag,
+                     "-o", out, "--report", report, "--no-timing")
+        assert result.exit_code == 0, result.stderr
+        data = json.loads(report.read_text())
+        assert data["settings"]["keep_columns"] == (flag == "--keep-columns")
+        assert any("keep their columns layout" in n for n in data["notes"]) == (flag == "--keep-columns")
+        transposes[flag] = sum(n.op_type == "Transpose" for n in onnx.load(out).graph.node)
+    assert transposes["--keep-columns"] == transposes["--no-keep-columns"] - 2

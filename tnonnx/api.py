@@ -340,6 +340,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         source=source_info(model),
         settings={"format": format, "rank_rule": {"rank": rank, "tol": tol, "ratio": ratio, "budget": budget},
                   "modes": modes_text, "order": order, "format_options": dict(format_options or {}), "emit": emit,
+                  "keep_columns": keep_columns,
                   "ops": list(ops), "recurrent": recurrent, "include": include, "exclude": exclude, "min_params": min_params, "force": force,
                   "calibration": describe_calibration(calib, count_samples(batches) if batches else None),
                   "fit": fit, "finetune": {"epochs": finetune, "hidden_weight": finetune_hidden, "admm": admm,

@@ -200,6 +200,9 @@ def inspect(model, batch, shapes, recurrent, as_json):
 @click.option("--emit", type=click.Choice(api.EMIT_MODES), default="auto", show_default=True,
               help="How chains are emitted: auto picks per layer the faster of matmul (rows first) and "
                    "features-first (rows trailing, cores from the left), measured at the deployment shape.")
+@click.option("--keep-columns/--no-keep-columns", default=True, show_default=True,
+              help="Two features-first layers with only elementwise ops between them (bias, activation) keep the "
+                   "columns layout across those ops: the Transposes between them cancel.")
 @threads_option("onnxruntime intra-op threads of the deployment (default: onnxruntime's own, all cores); "
                 "every timing uses it.")
 @click.option("--speedup", type=float, default=None, metavar="X",
@@ -279,7 +282,8 @@ def inspect(model, batch, shapes, recurrent, as_json):
               help="Draw the report as a PNG: per layer parameters, MACs, times and error before/after "
                    "(needs matplotlib: pip install 'tnonnx[plot]').")
 @handles_errors
-def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, threads, speedup,
+def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, modes, order, emit, keep_columns,
+            threads, speedup,
             allow_slower, keep_best, timing, timing_cache, ops, recurrent, include,
             exclude, min_params, force, fit_mode, finetune, finetune_hidden, admm, admm_rho, train_precision, act, calib, calib_random,
             target_name, quantize, int8, short_names, max_model_bytes, workers, quiet, validate, inputs, shapes, batch,
@@ -312,7 +316,8 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
         admm=admm, admm_rho=admm_rho, train_precision=train_precision,
         threads=threads, speedup=speedup, allow_slower=allow_slower, keep_best=keep_best, timing=timing,
         timing_cache=timing_cache, progress=progress, target=target_name, quantize=quantize,
-        int8=int8, short_names=short_names, max_model_bytes=max_model_bytes, workers=workers)
+        int8=int8, short_names=short_names, max_model_bytes=max_model_bytes, workers=workers,
+        keep_columns=keep_columns)
     api.save(new, target, progress=progress)
     files = report.deploy.target.files if report.deploy is not None else {}
     for suffix, content in files.items():  # the edge target's .ort and required-operators config
