@@ -435,3 +435,42 @@ def test_the_cache_file_keeps_the_most_recently_used_timings(tmp_path, monkeypat
     cache.save()
     assert list(json.loads((tmp_path / "t.json").read_text())) == ["c", "d", "a"]
     assert cache.get_group(["c", "x"]) is None and cache.get_group(["d", "c"]) == [1.0, 1.0]
+
+
+def _pair(width: int):
+    """x -> MatMul -> Relu -> MatMul -> y, `width` features throughout."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((width, width)).astype(np.float32) for _ in range(2))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="down")]
+    return make_model(nodes, [value("x", ["batch", width])], [value("y", ["batch", width])],
+                      [init("w1", w1), init("w2", w2)])
+
+
+@pytest.mark.parametrize("keep_columns", [True, False])
+def test_speedup_times_the_plan_as_it_will_be_written(keep_columns):
+    """--speedup judges each plan on the whole model; where two features-first layers keep
+    the columns layout between them in the written model, the plan is timed that way too."""
+    both = []  # Transposes of each whole model timed with both layers rewritten
+
+    def record(model, feeds):
+        names = {n.name.split("/")[0] for n in model.graph.node if "/" in n.name}
+        if model.graph.name != "layer" and names >= {"up", "down"}:
+            both.append(sum(n.op_type == "Transpose" for n in model.graph.node))
+        return mac_ms(model, feeds)
+
+    new, report = tnonnx.rewrite(_pair(256), format="tt", rank=4, emit="features-first", batch=64, speedup=1.3,
+                                 keep_columns=keep_columns, validate=False, timer=latency.CallableTimer(record))
+    assert all(r.format == "tt" for r in report.rows)
+    written = sum(n.op_type == "Transpose" for n in new.graph.node)
+    assert written == (2 if keep_columns else 4)
+    assert both and set(both) == {written}
+
+
+def test_speedup_no_candidate_can_meet_says_so():
+    """TT at rank 4 on 32 features takes more MACs than the dense pair: under a MAC timer no
+    candidate is faster, and the one line names --speedup and why, not a rank."""
+    with pytest.raises(TnonnxError, match=r"nothing to rewrite: --speedup 1.2 cannot be met \(no candidate runs "
+                                          r"faster than the dense layer at the deployment shape\)"):
+        tnonnx.rewrite(_pair(32), format="tt", rank=4, emit="features-first", batch=64, speedup=1.2,
+                       validate=False, timer=latency.CallableTimer(mac_ms))

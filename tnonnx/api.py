@@ -197,9 +197,9 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
                 return fit_and_emit(active, fitter, force, layer_timer, rules, stage.advance, pool)
 
         if speedup and before_ms is not None:
-            replacements = meet_speedup(build, lambda reps: _against_original(clock, original, partial(new, reps),
-                                                                              speed_feeds, before_ms) if reps else None,
-                                        before_ms / speedup)
+            replacements = meet_speedup(build, lambda reps: _against_original(
+                clock, original, _planned(new, reps, keep_columns), speed_feeds, before_ms) if reps else None,
+                before_ms / speedup)
         else:
             replacements = build(0.0)
         notes.extend(planner.notes + ([used] if (used := pool.note()) else []))
@@ -211,7 +211,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
             if r is not None:
                 r.layer.reason = f"left dense for --target edge: {what} in its {r.plan.format} emission"
     if not replacements:
-        raise TnonnxError("nothing to rewrite: no layer gets smaller at this rank" + _reasons_summary(layers))
+        what = f"--speedup {speedup:g} cannot be met" if speedup else "no layer gets smaller at this rank"
+        raise TnonnxError(f"nothing to rewrite: {what}" + _reasons_summary(layers))
 
     inputs_removed = replace_nodes(new, {k: (r.layer.graph, r.builder.nodes, r.builder.initializers)
                                          for k, r in replacements.items()}, layers)
@@ -403,6 +404,15 @@ def _rows(layers, replacements, before, after) -> list[LayerRow]:
 
 def _ranks_text(ranks) -> str:
     return ",".join(map(str, ranks))
+
+
+def _planned(base: onnx.ModelProto, replacements: dict, keep_columns: bool) -> onnx.ModelProto:
+    """The model a plan makes, its layouts kept across elementwise ops as the written model's
+    will be: what --speedup times."""
+    model = partial(base, replacements)
+    if keep_columns:
+        absorb_layouts(model, {n.name for r in replacements.values() for n in r.builder.nodes})
+    return model
 
 
 def _against_original(clock, original, candidate, feeds, before_ms: float) -> float | None:

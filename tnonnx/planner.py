@@ -242,4 +242,8 @@ class Planner:
             return "no candidate is smaller than the layer"
         if self.budget is not None and self.rules.speedup is None:
             return "kept dense by the --budget allocator"
+        dense, *candidates = self.options[key]
+        if self.rules.speedup and dense.ms is not None and all(o.ms is not None and o.ms >= dense.ms
+                                                                for o in candidates):
+            return "no candidate runs faster than the dense layer at the deployment shape"
         return "kept dense: the targets are met with the least error this way"
