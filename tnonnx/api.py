@@ -258,7 +258,7 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         notes.append(f"finetune: relative output error on the calibration data {before_ft:.4g} -> {after_ft:.4g} "
                      f"after {finetune} epoch(s) of end-to-end distillation ({matched}"
                      f"{', bf16 products' if used_precision == 'bf16' else ''})")
-    emitted = {n.name for r in replacements.values() for n in r.builder.nodes}
+    emitted = _emitted(replacements)
     if keep_columns and (absorbed := absorb_layouts(new, emitted)):
         notes.append(f"{absorbed} pair(s) of features-first layers keep their columns layout across the "
                      "elementwise ops between them (two Transposes of the activation fewer per pair)")
@@ -406,12 +406,17 @@ def _ranks_text(ranks) -> str:
     return ",".join(map(str, ranks))
 
 
+def _emitted(replacements: dict) -> set[str]:
+    """The names of the nodes tnonnx emitted for the replacements."""
+    return {n.name for r in replacements.values() for n in r.builder.nodes}
+
+
 def _planned(base: onnx.ModelProto, replacements: dict, keep_columns: bool) -> onnx.ModelProto:
     """The model a plan makes, its layouts kept across elementwise ops as the written model's
     will be: what --speedup times."""
     model = partial(base, replacements)
     if keep_columns:
-        absorb_layouts(model, {n.name for r in replacements.values() for n in r.builder.nodes})
+        absorb_layouts(model, _emitted(replacements))
     return model
 
 
