@@ -143,3 +143,25 @@ def test_a_constant_with_more_axes_than_the_rows_keeps_the_rows():
     feeds = _feeds(model)
     got, want = run(absorbed, feeds)[0], run(model, feeds)[0]
     assert got.shape == want.shape == (1, 2, 5, N) and rel_err(got, want) < 1e-5
+
+
+def test_a_hidden_tensor_read_in_a_nested_subgraph_keeps_the_rows():
+    """`h` read two subgraph levels down (an If inside an If's branch) is read outside the pair."""
+    def branch(name, nodes, out):
+        return helper.make_graph(nodes, name, [], [value(out, [2, 5, H])])
+
+    inner = helper.make_node("If", ["cond"], ["inner_out"], name="inner_if",
+                             then_branch=branch("t2", [helper.make_node("Identity", ["h"], ["a"])], "a"),
+                             else_branch=branch("e2", [helper.make_node("Identity", ["h"], ["b"])], "b"))
+    outer = helper.make_node("If", ["cond"], ["side"], name="outer_if",
+                             then_branch=branch("t1", [inner], "inner_out"),
+                             else_branch=branch("e1", [helper.make_node(
+                                 "Constant", [], ["c"], value=helper.make_tensor(
+                                     "z", TensorProto.FLOAT, [2, 5, H], np.zeros(2 * 5 * H, np.float32)))], "c"))
+    cond = helper.make_node("Constant", [], ["cond"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True]))
+    model = _ffn(tail=[cond, outer])
+    absorbed, report = _rewrite(model, include="^fc")
+    assert not any("keep their columns layout" in n for n in report.notes)
+    feeds = _feeds(model)
+    for got, want in zip(run(absorbed, feeds), run(model, feeds)):
+        assert rel_err(got, want) < 1e-5

@@ -17,10 +17,14 @@ touched.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .macs import all_graphs, subgraphs
 from .replace import remove_unused
 
 # ops that act value by value (with constants broadcast along the features); Gelu is the
@@ -44,26 +48,42 @@ def absorb_layouts(model: onnx.ModelProto, emitted: set[str]) -> int:
     freed = {name for n in graph.node if n.name in emitted for name in (*n.input, *n.output)}
     count = 0
     while (found := _find_pair(graph, emitted)) is not None:
-        freed |= _apply(graph, *found)
+        freed |= _apply(graph, found)
         count += 1
     if count:
         remove_unused(graph, freed)
     return count
 
 
+@dataclass
+class _Pair:
+    """Two features-first layers' facing ends and the elementwise region between them."""
+
+    t2: onnx.NodeProto  # the second layer's Transpose [R, M] -> [M, R]
+    reshape2: onnx.NodeProto | None  # its Reshape [*batch, M] -> [R, M] (None: 2-D rows)
+    t1: onnx.NodeProto  # the first layer's Transpose [M, R] -> [R, M]
+    reshape1: onnx.NodeProto | None  # its Reshape [R, M] -> [*batch, M]
+    nodes: list  # the elementwise region
+    entry: str  # what the region reads (the first layer's rows)
+    exit: str  # what the region writes (the second layer's rows)
+    width: int | None  # M
+    shape_readers: list  # the second layer's Shape nodes reading `exit`
+    batch_source: str | None  # a tensor with the same batch dims, read before the first layer
+    value: Callable  # the constants, as judged
+
+
 def _index(graph: onnx.GraphProto):
+    """(producer, consumers) of the main graph's tensors; what a node's subgraphs read from
+    the outer scope (at any depth) counts as read by the node."""
     producer, consumers = {}, {}
     for node in graph.node:
         for o in node.output:
             producer[o] = node
-        for i in node.input:
+        reads = set(node.input)
+        for sub in (g for top in subgraphs(node) for g in all_graphs(top)):
+            reads.update(i for inner in sub.node for i in inner.input)
+        for i in reads:
             consumers.setdefault(i, []).append(node)
-    for node in graph.node:  # tensors read inside subgraphs count as consumed elsewhere
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                for inner in sub.node:
-                    for i in inner.input:
-                        consumers.setdefault(i, []).append(node)
     return producer, consumers
 
 
@@ -170,7 +190,8 @@ def _find_pair(graph: onnx.GraphProto, emitted: set[str]):
         fits, width = _constants_fit(nodes, entry, value, width, rows_rank)
         if not fits:
             continue
-        return t2, reshape2, source, reshape1, nodes, entry, exit_name, width, shape_readers, batch_source
+        return _Pair(t2, reshape2, source, reshape1, nodes, entry, exit_name, width, shape_readers, batch_source,
+                     value)
     return None
 
 
@@ -240,38 +261,36 @@ def _constants_fit(nodes, entry: str, value, width: int | None, rows_rank: int |
     return True, width
 
 
-def _apply(graph: onnx.GraphProto, t2, reshape2, t1, reshape1, nodes, entry, exit_name, width, shape_readers,
-           batch_source) -> set[str]:
-    columns = t1.input[0]  # the first layer's [M, R]
-    producer, consumers = _index(graph)
-    value = _constants(graph, producer)
-    renamed, replaced = {entry: columns}, set()
-    for node in nodes:
+def _apply(graph: onnx.GraphProto, pair: _Pair) -> set[str]:
+    """Put `pair`'s region on the columns, in place; returns the tensors this may leave unused."""
+    renamed, replaced = {pair.entry: pair.t1.input[0]}, set()  # the region reads the first layer's [M, R]
+    for node in pair.nodes:
         for k, i in enumerate(node.input):
             if i in renamed:
                 node.input[k] = renamed[i]
                 continue
-            c = value(i) if i else None
+            c = pair.value(i) if i else None
             if c is None or (c.size == 1 and c.ndim <= 2):
                 continue
             # (a scalar with more axes than the columns' two, which the rows' rank allowed, is made 0-D)
             name = f"{i}_columns"
             if not any(t.name == name for t in graph.initializer):
-                graph.initializer.append(numpy_helper.from_array(c.reshape(() if c.size == 1 else (width, 1)), name))
+                graph.initializer.append(numpy_helper.from_array(c.reshape(() if c.size == 1 else (pair.width, 1)),
+                                                                 name))
             node.input[k] = name
             replaced.add(i)
     # the region's last node now writes what the second layer's Transpose wrote
-    last = next(n for n in nodes if n.output[0] == exit_name)
-    last.output[0] = t2.output[0]
-    for reader in shape_readers:  # the same batch dims, read before the first layer
-        reader.input[0] = batch_source
-    gone = [t2, t1] + ([reshape1, reshape2] if reshape1 is not None else [])
+    last = next(n for n in pair.nodes if n.output[0] == pair.exit)
+    last.output[0] = pair.t2.output[0]
+    for reader in pair.shape_readers:  # the same batch dims, read before the first layer
+        reader.input[0] = pair.batch_source
+    gone = [pair.t2, pair.t1] + ([pair.reshape1, pair.reshape2] if pair.reshape1 is not None else [])
     freed = {i for n in gone for i in n.input} | replaced
     keep = [n for n in graph.node if all(n is not g for g in gone)]
     del graph.node[:]
     graph.node.extend(keep)
     # the region's tensors changed shape: their recorded shapes no longer hold
-    changed = {n.output[0] for n in nodes}
+    changed = {n.output[0] for n in pair.nodes}
     infos = [v for v in graph.value_info if v.name not in changed]
     del graph.value_info[:]
     graph.value_info.extend(infos)
