@@ -235,9 +235,13 @@ def time_cli(model_path: Path, out: Path, extra: list[str], env_extra: dict | No
     shown = ["tnonnx" if i == 0 else ("minilm.onnx" if a == str(model_path) else
                                       ("minilm.tt.onnx" if a == str(out) else a)) for i, a in enumerate(cmd)]
     last = [l for l in proc.stdout.splitlines() if "rewritten in" in l]
+
+    def hide_paths(text: str) -> str:  # the temporary paths, as in the command shown
+        return text.replace(str(out), "minilm.tt.onnx").replace(str(model_path), "minilm.onnx")
+
     return {"command": " ".join(shown), "env": env_extra or {}, "seconds": wall, "exit_code": proc.returncode,
-            "summary": last[-1].strip() if last else None,
-            "stderr_tail": proc.stderr[-1000:], "stdout_tail": proc.stdout[-1000:] if proc.returncode else ""}
+            "summary": last[-1].strip() if last else None, "stderr_tail": hide_paths(proc.stderr[-1000:]),
+            "stdout_tail": hide_paths(proc.stdout[-1000:]) if proc.returncode else ""}
 
 
 
