@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .macs import all_graphs, subgraphs
+from .macs import tensor_index
 from .replace import remove_unused
 
 # ops that act value by value (with constants broadcast along the features); Gelu is the
@@ -70,21 +70,6 @@ class _Pair:
     shape_readers: list  # the second layer's Shape nodes reading `exit`
     batch_source: str | None  # a tensor with the same batch dims, read before the first layer
     value: Callable  # the constants, as judged
-
-
-def _index(graph: onnx.GraphProto):
-    """(producer, consumers) of the main graph's tensors; what a node's subgraphs read from
-    the outer scope (at any depth) counts as read by the node."""
-    producer, consumers = {}, {}
-    for node in graph.node:
-        for o in node.output:
-            producer[o] = node
-        reads = set(node.input)
-        for sub in (g for top in subgraphs(node) for g in all_graphs(top)):
-            reads.update(i for inner in sub.node for i in inner.input)
-        for i in reads:
-            consumers.setdefault(i, []).append(node)
-    return producer, consumers
 
 
 def _constants(graph: onnx.GraphProto, producer):
@@ -146,7 +131,7 @@ def _reshape_last(node, value, producer) -> int | None:
 
 
 def _find_pair(graph: onnx.GraphProto, emitted: set[str]):
-    producer, consumers = _index(graph)
+    producer, consumers = tensor_index(graph)
     value = _constants(graph, producer)
     outputs = {o.name for o in graph.output}
     for t2 in graph.node:

@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 
 from .errors import TnonnxError
 from .fit import torch_threads
+from .fuse import fuse_gelu
 from .macs import all_graphs
 
 LEARNING_RATE = 1e-2  # Adam, relative: each tensor's step is scaled by its RMS
@@ -266,14 +267,17 @@ class GraphModule:
                           if (n.op_type not in OPS and n.op_type != "Scan") or n.domain not in ("", "ai.onnx")})
         if unknown:
             raise TnonnxError(f"--finetune: the graph uses ops the torch interpreter does not run: {', '.join(unknown)}")
+        # what runs: the graph with its erf GELU chains as one op each (tnonnx/fuse.py)
+        self.nodes, self.fused_away = fuse_gelu(model.graph, self.constants)
 
     def __call__(self, feeds: dict, names=None) -> list:
         """The graph outputs, or the tensors `names` (any the main graph computes)."""
+        names = names if names is not None else [o.name for o in self.graph.output]
         env = dict(self.constants)
         env.update(self.params)
         env.update(feeds)
-        _run_nodes(self.graph.node, env)
-        return [env[n] for n in (names if names is not None else [o.name for o in self.graph.output])]
+        _run_nodes(self.graph.node if self.fused_away.intersection(names) else self.nodes, env)
+        return [env[n] for n in names]
 
 
 def _run_nodes(nodes, env: dict) -> None:

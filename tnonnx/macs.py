@@ -100,6 +100,21 @@ def all_graphs(graph) -> list[onnx.GraphProto]:
     return [graph] + [g for node, _ in _walk(graph) for g in subgraphs(node)]
 
 
+def tensor_index(graph: onnx.GraphProto):
+    """(producer, consumers) of a graph's tensors (node objects); what a node's subgraphs read from
+    the outer scope (at any depth) counts as read by the node."""
+    producer, consumers = {}, {}
+    for node in graph.node:
+        for o in node.output:
+            producer[o] = node
+        reads = set(node.input)
+        for sub in (g for top in subgraphs(node) for g in all_graphs(top)):
+            reads.update(i for inner in sub.node for i in inner.input)
+        for i in reads:
+            consumers.setdefault(i, []).append(node)
+    return producer, consumers
+
+
 def iter_nodes(model: onnx.ModelProto):
     """(key, node, graphs) for every node, subgraphs included (right after their owner).
 
