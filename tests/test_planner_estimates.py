@@ -61,7 +61,7 @@ def _fitted(layer, fitter, specs, fmt="svd", final=False):
 
 
 @pytest.mark.parametrize("case", ["dense data-free", "dense aware", "dense held-out aware", "conv data-free",
-                                  "conv aware", "table aware"])
+                                  "conv aware", "table aware", "dense weighed aware", "dense weighed held-out aware"])
 def test_svd_estimates_are_what_the_fits_measure(case):
     if case.startswith("table"):  # an embedding table weighted by index counts, some rows never used
         from tnonnx.embedding import EmbeddingData
@@ -76,6 +76,9 @@ def test_svd_estimates_are_what_the_fits_measure(case):
         if "held-out" in case:  # errors judged on the held-out rows
             capture.held_gram, capture.held_count = held.T @ held, 100
         data = fitting.layer_data(layer, capture)
+        if "weighed" in case:  # outputs weighed as an attention partner's moments weigh them
+            mix = np.random.default_rng(6).standard_normal((48, 48)) * np.exp(-np.arange(48) / 6.0)
+            data.weigh_outputs(mix @ mix.T)
     else:
         layer, data = _conv()
     fitter = Fitter(data={layer.name: data} if case.endswith("aware") else {})

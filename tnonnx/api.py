@@ -24,6 +24,7 @@ from .recurrent_scan import to_scan
 from .graph import Layer, find_layers
 from .replace import replace_nodes
 from .absorb import absorb_layouts
+from .attention import logit_partners, weigh_logits
 from .sensitivity import layer_sensitivity
 from .latency import Clock, CostModelTimer, Deployment, TimingCache, default_timer, deployment_feeds
 from .layer_timing import LayerTimer
@@ -173,6 +174,11 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
     rules = SpeedRules(speedup, floor=(budget is not None or format == "auto") and not allow_slower,
                        emit=emit)
     notes = model_io.upgrade_note(original) + early_notes + notes
+    if fit in ("aware", "blockwise") and data:
+        partners = logit_partners(new.graph, [p.layer for p in plans], tensor_shapes)
+        if weighed := weigh_logits(data, [p.layer for p in plans], partners):
+            notes.append(f"attention: {weighed} query/key projection(s) fitted for the attention logits they make "
+                         "(each one's output error measured in its partner's per-head moments)")
     if undersampled := undersampled_note(data):
         notes.append(undersampled)
     # small SVDs run far slower multi-threaded in OpenBLAS (and collapse when cores are busy)

@@ -57,6 +57,9 @@ class LayerData:
     # outputs computed when first asked for (a picklable partial): closed-form and chain fits
     # never read them, and a 1536-wide layer's 8192 samples cost a second to multiply
     pending_outputs: object = None
+    # C (lower triangular, M x M) when the outputs are weighed by S = C C^T (weigh_outputs): the
+    # fit then minimises ||A (W~ - W) C|| and target, held_target hold B C
+    out_factor: np.ndarray | None = None
     _target_svd: tuple | None = field(default=None, init=False, repr=False, compare=False)  # target_svd()
 
     @property
@@ -72,6 +75,28 @@ class LayerData:
             self._target_svd = np.linalg.svd(self.target, full_matrices=False)
         return self._target_svd
 
+    def weigh_outputs(self, moments: np.ndarray) -> None:
+        """Measure output errors in the metric of `moments` (M x M, positive semi-definite):
+        ||E C|| with C C^T = moments (plus a small ridge) instead of ||E|| (tnonnx/attention.py:
+        a query projection's errors as its keys see them)."""
+        self.out_factor = _cholesky(moments)
+        self.target = self.target @ self.out_factor
+        if self.held_target is not None:
+            self.held_target = self.held_target @ self.out_factor
+        self._target_svd = None
+
+    def unweigh(self, right: np.ndarray) -> np.ndarray:
+        """right C^{-1}: the right factor of a fit to the weighed target, mapped back."""
+        if self.out_factor is None:
+            return right
+        import scipy.linalg
+
+        return scipy.linalg.solve_triangular(self.out_factor, right.T, lower=True, trans="T",
+                                             check_finite=False).T
+
+    def weighed(self, outputs: np.ndarray) -> np.ndarray:
+        return outputs if self.out_factor is None else outputs @ self.out_factor
+
     @property
     def features(self) -> int:
         return 0 if self.basis is None else self.basis.shape[0]
@@ -81,26 +106,27 @@ class LayerData:
         basis) for linear factorisations, on the samples for the others. `kernel`: the
         factorisation's to_dense() when the caller has it already."""
         if getattr(fact, "linear", True) and self.basis is not None:
-            return _basis_error(fact, self.kind, self.basis, self.target, kernel)
+            return _basis_error(fact, self.kind, self.basis, self.target, kernel, self.out_factor)
         if self.inputs is None or not len(self.inputs):
             return None
-        return _relative(_evaluate(fact, self), self.outputs)
+        return _relative(self.weighed(_evaluate(fact, self)), self.weighed(self.outputs))
 
     def held_out_error(self, fact, kernel: np.ndarray | None = None) -> float | None:
         """Relative output error on the held-out calibration samples (linear factorisations;
         None without held-out samples)."""
         if self.held_basis is None or not getattr(fact, "linear", True):
             return None
-        return _basis_error(fact, self.kind, self.held_basis, self.held_target, kernel)
+        return _basis_error(fact, self.kind, self.held_basis, self.held_target, kernel, self.out_factor)
 
 
-def _basis_error(fact, kind: str, basis: np.ndarray, target: np.ndarray, kernel: np.ndarray | None) -> float:
+def _basis_error(fact, kind: str, basis: np.ndarray, target: np.ndarray, kernel: np.ndarray | None,
+                 out_factor: np.ndarray | None = None) -> float:
     """Through the dense kernel, one BLAS product: pushing the N basis rows through a chain's
     cores instead costs 10-40x more (small batched products and layout copies per step;
     a 1536 x 384 TT at cap 8: 0.87 s against 0.05 s)."""
     kernel = fact.to_dense() if kernel is None else kernel
     if kind == "dense":
-        return _relative(basis @ kernel, target)
+        return _relative(basis @ (kernel if out_factor is None else kernel @ out_factor), target)
     return _relative(basis @ kernel.reshape(kernel.shape[0], -1).T, target)
 
 
@@ -245,6 +271,8 @@ def refine(fact, data: LayerData, *, iterations: int = REFINE_ITERATIONS) -> tup
         return (np.nan, np.nan)
     cores = module.conv.cores if isinstance(module, KernelProbe) else module.cores
     _load_float64(cores, fact.cores)
+    if data.out_factor is not None:
+        module = _Weighed(module, data.out_factor)
     before, after = train(module, inputs, data.target, iterations=iterations)
     fact.cores = {k: v.detach().numpy().astype(np.float64) for k, v in cores.items()}
     return before, after
@@ -298,6 +326,31 @@ class KernelProbe:
 
     def __call__(self, rows):
         return rows @ self.kernel_matrix()
+
+
+class _Weighed:
+    """A module's outputs times a fixed matrix (LayerData.out_factor), for fit.train."""
+
+    def __init__(self, module, factor: np.ndarray):
+        import torch
+
+        self.module, self.factor = module, torch.as_tensor(factor)
+
+    def double(self):
+        import torch
+
+        return self.to(torch.float64)
+
+    def to(self, dtype):
+        self.module.to(dtype)
+        self.factor = self.factor.to(dtype)
+        return self
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def __call__(self, rows):
+        return self.module(rows) @ self.factor
 
 
 def train(module, inputs: np.ndarray, targets: np.ndarray, *, iterations: int = REFINE_ITERATIONS,

@@ -95,12 +95,12 @@ def _gram_factors(w: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
 def whitened_factors(data, spec: RankSpec) -> tuple[np.ndarray, np.ndarray]:
     """The rank-r (U, V) minimising ||A U V - B|| (ALGORITHMS.md section 11; `data` a
     tnonnx.fit.LayerData with basis A = L^T and target B): the truncated SVD of B mapped
-    back through A^{-1}. With a tolerance, it bounds the relative output error on the
-    calibration inputs."""
+    back through A^{-1} (and, where the outputs are weighed, B = A W C: through C^{-1} on the
+    right). With a tolerance, it bounds the relative output error on the calibration inputs."""
     u, s, vt = data.target_svd()
     r = svd_rank(s, data.basis.shape[1], data.target.shape[1], spec)
     root = np.sqrt(s[:r])
-    return solve_basis(data.basis, u[:, :r] * root), root[:, None] * vt[:r]
+    return solve_basis(data.basis, u[:, :r] * root), data.unweigh(root[:, None] * vt[:r])
 
 
 def solve_basis(basis: np.ndarray, rhs: np.ndarray) -> np.ndarray:
