@@ -29,7 +29,7 @@ def logit_partners(graph, layers, shapes) -> dict[str, tuple[str, int]]:
     """{layer name: (partner layer name, heads)} for the query and key projections of the
     self-attention score MatMuls in the main graph. `shapes`: macs.TensorShapes (the score
     MatMul's query operand [..., heads, tokens, head size] gives the head count)."""
-    producer, consumers = tensor_index(graph)
+    _, consumers = tensor_index(graph)
     constant = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
     by_output = {layer.node.output[0]: layer for layer in layers
                  if layer.kind == "dense" and layer.side == "right" and not layer.trans_x}
@@ -42,11 +42,11 @@ def logit_partners(graph, layers, shapes) -> dict[str, tuple[str, int]]:
             arrivals.setdefault(id(node), {})[slot] = layer
             scores[id(node)] = node
     partners = {}
-    for key, slots in arrivals.items():
+    for score, slots in arrivals.items():
         query, key_layer = slots.get(0), slots.get(1)
         if query is None or key_layer is None or query.x != key_layer.x:
             continue
-        spec = shapes.spec(scores[key].input[0]) if shapes is not None else None
+        spec = shapes.spec(scores[score].input[0]) if shapes is not None else None
         if spec is None or len(spec[0]) < 3:
             continue
         heads, size = spec[0][-3], spec[0][-1]
