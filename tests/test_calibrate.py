@@ -251,3 +251,31 @@ def test_iter_batches_keeps_fixed_side_inputs_whole():
     sess = runtime.session(m)
     for c in chunks:
         sess.run(None, c)
+
+
+def _sequence_model():
+    """y[b, s, 6] = x[b, s, 8] @ W: the sequence length is symbolic."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32), "W")
+    return make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 6])], [w])
+
+
+def test_a_folder_of_npz_files_gives_batches_of_their_own_shapes(tmp_path):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "b0.npz", x=rng.standard_normal((3, 5, 8)).astype(np.float32), labels=np.arange(3))
+    np.savez(tmp_path / "b1.npz", x=rng.standard_normal((70, 9, 8)).astype(np.float32), labels=np.arange(70))
+    (tmp_path / "notes.txt").write_text("not a batch")
+    batches, extras = calibrate.feed_batches(tmp_path, _sequence_model(), what="--calib")
+    # name order; the 70-sample file split as one .npz of 70 would be (chunks of 64)
+    assert [b["x"].shape for b in batches] == [(3, 5, 8), (64, 9, 8), (6, 9, 8)]
+    np.testing.assert_array_equal(extras["labels"], np.concatenate([np.arange(3), np.arange(70)]))
+
+
+def test_a_folder_without_npz_files_or_with_unjoinable_labels_is_one_line(tmp_path):
+    with pytest.raises(TnonnxError, match="a folder without .npz files"):
+        calibrate.feed_batches(tmp_path, _sequence_model(), what="--calib")
+    np.savez(tmp_path / "a.npz", x=np.zeros((2, 4, 8), np.float32), labels=np.zeros((2, 3)))
+    np.savez(tmp_path / "b.npz", x=np.zeros((2, 5, 8), np.float32), labels=np.zeros((2, 4)))
+    with pytest.raises(TnonnxError, match="'labels' cannot be joined across the files"):
+        calibrate.feed_batches(tmp_path, _sequence_model(), what="--calib")

@@ -326,7 +326,7 @@ def feeds(tmp_path) -> dict:
 
 
 @pytest.mark.parametrize("which,fragment", [("missing", "no such file"), ("lacking", "missing model input(s) x"),
-                                            ("wrong", "shape"), ("text", "not an .npz"), ("folder", "directory")])
+                                            ("wrong", "shape"), ("text", "not an .npz"), ("folder", "folder without .npz files")])
 @pytest.mark.parametrize("command", ["rewrite", "validate"])
 def test_bad_inputs_file(tmp_path, good, feeds, command, which, fragment):
     before = snapshot(tmp_path)
@@ -648,3 +648,19 @@ def test_no_keep_columns_leaves_each_layers_emission_as_it_is(tmp_path):
         assert any("keep their columns layout" in n for n in data["notes"]) == (flag == "--keep-columns")
         transposes[flag] = sum(n.op_type == "Transpose" for n in onnx.load(out).graph.node)
     assert transposes["--keep-columns"] == transposes["--no-keep-columns"] - 2
+
+
+def test_calib_takes_a_folder_of_batches_with_their_own_lengths(tmp_path):
+    """Sentences padded per batch, not all to the longest: each .npz keeps its shapes."""
+    w = randn(8, 6, seed=2)
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [value("x", ["b", "s", 8])],
+                       [value("y", ["b", "s", 6])], [init("W", w)])
+    path = save(model, tmp_path / "seq.onnx")
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i, length in enumerate((3, 7)):
+        np.savez(folder / f"{i}.npz", x=randn(4, length, 8, seed=10 + i))
+    result = cli("rewrite", path, "-o", tmp_path / "out.onnx", "--format", "svd", "--rank", "2", "--fit", "aware",
+                 "--calib", folder, "--no-timing", "--min-cosine", "0")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "out.onnx").is_file()

@@ -104,8 +104,9 @@ def _check_side_output(path, what: str, taken, taken_text: str) -> None:
 
 def input_options(command: str):
     def decorate(fn):
-        fn = click.option("--inputs", type=click.Path(dir_okay=False), default=None,
-                          help="Feeds as .npz (arrays named after the model inputs; 'labels' gives accuracy). "
+        fn = click.option("--inputs", type=click.Path(), default=None,
+                          help="Feeds as .npz (arrays named after the model inputs; 'labels' gives accuracy), or a "
+                               "folder of .npz files, each with its own shapes. "
                                "Without it, random feeds from the model's input shapes (and the report says so).")(fn)
         return batch_option(command)(shape_option(fn))
 
@@ -252,8 +253,9 @@ def inspect(model, batch, shapes, recurrent, as_json):
                    "(AVX512-BF16, AMX, Arm BF16) and at least 1M parameters are trained, else fp32.")
 @click.option("--act", type=click.Choice(ACTIVATIONS), default=None,
               help="Nonlinear formats (ntt, ntr): the activation between cores (default relu).")
-@click.option("--calib", type=click.Path(dir_okay=False), default=None,
-              help="Calibration feeds (.npz named after the model inputs) for --fit aware/sequential.")
+@click.option("--calib", type=click.Path(), default=None,
+              help="Calibration feeds (.npz named after the model inputs) for --fit aware/sequential, or a folder of "
+                   ".npz files, one batch or more each, each with its own shapes (sentences padded per batch).")
 @click.option("--calib-random", type=click.IntRange(min=1), default=None, metavar="N",
               help="N random calibration samples from the model's input shapes.")
 @click.option("--target", "target_name", type=click.Choice(TARGETS), default="cpu", show_default=True,
