@@ -20,11 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .macs import tensor_index
+from .macs import constant_values, tensor_index
 from .replace import remove_unused
 
 # ops that act value by value (with constants broadcast along the features); Gelu is the
@@ -32,11 +31,6 @@ from .replace import remove_unused
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Relu", "Tanh", "Sigmoid", "Gelu", "Sqrt", "Exp",
                "Neg", "Abs", "Identity", "LeakyRelu", "Elu", "Selu", "HardSigmoid", "Softplus"}
 
-
-# ops folded when all their inputs are constant (and small), to see the constants they make
-FOLDABLE = {"Cast", "Sqrt", "Div", "Mul", "Add", "Sub", "Neg", "Reciprocal", "Pow"}
-FOLD_LIMIT = 1 << 16
-FOLD_DEPTH = 8  # ops between a folded value and its constants, at most (keeps the recursion short)
 
 
 def absorb_layouts(model: onnx.ModelProto, emitted: set[str]) -> int:
@@ -72,43 +66,6 @@ class _Pair:
     value: Callable  # the constants, as judged
 
 
-def _constants(graph: onnx.GraphProto, producer):
-    """value(name): the tensor's value when it is constant (an initializer, a Constant node,
-    or computed from those alone: the GELU constants tnonnx emits are Casts and a Sqrt of
-    scalars), else None."""
-    initializers = {t.name: t for t in graph.initializer}
-    memo: dict[str, np.ndarray | None] = {}
-
-    def value(name: str, depth: int = 0):
-        if name not in memo:
-            if depth > FOLD_DEPTH:  # (not memoised: nearer its constants it may still fold)
-                return None
-            memo[name] = None  # (a cycle is not a constant)
-            memo[name] = _value(name, depth)
-        return memo[name]
-
-    def _value(name: str, depth: int):
-        if name in initializers:
-            tensor = initializers[name]
-            # (a weight still in its data file is not read for this)
-            return None if tensor.data_location == onnx.TensorProto.EXTERNAL else numpy_helper.to_array(tensor)
-        node = producer.get(name)
-        if node is None or len(node.output) != 1:
-            return None
-        if node.op_type == "Constant":
-            return next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"), None)
-        if node.op_type not in FOLDABLE:
-            return None
-        inputs = [value(i, depth + 1) for i in node.input]
-        if any(v is None for v in inputs) or sum(v.size for v in inputs) > FOLD_LIMIT:
-            return None
-        from onnx.reference import ReferenceEvaluator
-
-        return ReferenceEvaluator(node).run(None, dict(zip(node.input, inputs)))[0]
-
-    return value
-
-
 def _is_transpose_2d(node) -> bool:
     if node is None or node.op_type != "Transpose":
         return False
@@ -132,7 +89,7 @@ def _reshape_last(node, value, producer) -> int | None:
 
 def _find_pair(graph: onnx.GraphProto, emitted: set[str]):
     producer, consumers = tensor_index(graph)
-    value = _constants(graph, producer)
+    value = constant_values(graph, producer)
     outputs = {o.name for o in graph.output}
     for t2 in graph.node:
         if t2.name not in emitted or not _is_transpose_2d(t2):

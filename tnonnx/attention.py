@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .macs import tensor_index
+from .macs import constant_names, tensor_index
 
 # ops a projection's output passes through on its way to the score MatMul: adding the bias,
 # splitting the heads, scaling by 1/sqrt(d)
@@ -30,7 +30,7 @@ def logit_partners(graph, layers, shapes) -> dict[str, tuple[str, int]]:
     self-attention score MatMuls in the main graph. `shapes`: macs.TensorShapes (the score
     MatMul's query operand [..., heads, tokens, head size] gives the head count)."""
     _, consumers = tensor_index(graph)
-    constant = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    constant = constant_names(graph)
     by_output = {layer.node.output[0]: layer for layer in layers
                  if layer.kind == "dense" and layer.side == "right" and not layer.trans_x}
     arrivals: dict[int, dict[int, object]] = {}

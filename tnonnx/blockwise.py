@@ -25,7 +25,7 @@ import onnx
 
 from .finetune import SMALL_MODEL_PARAMS, GraphModule, _relative, _run_nodes, autocast, store
 from .fit import torch_threads
-from .macs import all_graphs, subgraphs
+from .macs import all_graphs, constant_names, subgraphs
 
 BLOCK_EPOCHS = 4
 BLOCK_LEARNING_RATE = 3e-2  # Adam, relative to each tensor's RMS; LeNet-5 at 5x, 300 steps: 3e-2 beat 1e-2 (docs/RESULTS.md)
@@ -42,7 +42,7 @@ WEIGHTED_OPS = {"MatMul": (1,), "Gemm": (1, 2), "Conv": (1, 2), "ConvTranspose":
 
 def boundaries(model: onnx.ModelProto) -> list[int]:
     """Indices of the main graph's nodes after which a block ends."""
-    constant = _constants(model)
+    constant = constant_names(model.graph)
     producer = {o: n for n in model.graph.node for o in n.output}
     # made from the inputs' values, not only their shapes
     valued = _reached(model, {i.name for i in model.graph.input}, subgraph_reads=False)
@@ -257,11 +257,6 @@ def _reads(node) -> set[str]:
         for sub in all_graphs(g):
             out.update(x for n in sub.node for x in n.input if x)
     return out
-
-
-def _constants(model: onnx.ModelProto) -> set[str]:
-    constant = {t.name for t in model.graph.initializer}
-    return constant | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
 
 
 def _sub_model_leaves(model: onnx.ModelProto, run: list[int]) -> list[str]:

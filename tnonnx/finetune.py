@@ -268,7 +268,7 @@ class GraphModule:
         if unknown:
             raise TnonnxError(f"--finetune: the graph uses ops the torch interpreter does not run: {', '.join(unknown)}")
         # what runs: the graph with its erf GELU chains as one op each (tnonnx/fuse.py)
-        self.nodes, self.fused_away = fuse_gelu(model.graph, self.constants)
+        self.nodes, self.fused_away = fuse_gelu(model.graph, set(self.params))
 
     def __call__(self, feeds: dict, names=None) -> list:
         """The graph outputs, or the tensors `names` (any the main graph computes)."""

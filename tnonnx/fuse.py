@@ -14,33 +14,28 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from .macs import tensor_index
+from .macs import constant_values, tensor_index
 
 SQRT2 = math.sqrt(2.0)
 
 
-def fuse_gelu(graph, constants: dict) -> tuple[list, set[str]]:
+def fuse_gelu(graph, trainable=frozenset()) -> tuple[list, set[str]]:
     """The graph's nodes with every erf GELU chain replaced by one `Gelu` node (placed where
     the chain's last node was), and the names of the tensors the fused chains no longer
     compute. A chain is fused only when its intermediate tensors are read by the chain
     alone (not by other nodes, subgraphs or the graph outputs) and its constants are
-    scalars (size 1, at most one axis). `constants`: the values of the initializers that
-    stay constant (numpy or torch) by name; a trainable one is never matched."""
+    scalars (size 1, at most one axis; computed from constants counts, as tnonnx's own GELU
+    makes them). Initializers named in `trainable` are never taken for constants."""
     nodes = list(graph.node)
     producer, consumers = tensor_index(graph)
     outputs = {o.name for o in graph.output}
-    values = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes
-              if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"}
+    value = constant_values(graph, producer, exclude=trainable)
 
     def scalar(name):
-        v = values.get(name, constants.get(name))
-        if v is None:
-            return None
-        v = np.asarray(v.detach().numpy() if hasattr(v, "detach") else v)
-        return float(v.reshape(())) if v.size == 1 and v.ndim <= 1 and v.dtype.kind == "f" else None
+        v = value(name)
+        return float(v.reshape(())) if v is not None and v.size == 1 and v.ndim <= 1 and v.dtype.kind == "f" else None
 
     def only_reader(name):
         """The one node reading `name`, or None."""

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, TensorProto
+from onnx import AttributeProto, TensorProto, numpy_helper
 
 from tnonnx.errors import TnonnxError
 from .macs_ops import COUNTERS, Shape
@@ -113,6 +113,55 @@ def tensor_index(graph: onnx.GraphProto):
         for i in reads:
             consumers.setdefault(i, []).append(node)
     return producer, consumers
+
+
+def constant_names(graph: onnx.GraphProto) -> set[str]:
+    """The graph's initializers and Constant nodes' outputs."""
+    return {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+
+
+# ops folded when all their inputs are constant (and small), to see the constants they make
+FOLDABLE = {"Cast", "Sqrt", "Div", "Mul", "Add", "Sub", "Neg", "Reciprocal", "Pow"}
+FOLD_LIMIT = 1 << 16
+FOLD_DEPTH = 8  # ops between a folded value and its constants, at most (keeps the recursion short)
+
+
+def constant_values(graph: onnx.GraphProto, producer, exclude=frozenset()):
+    """value(name): the tensor's value when it is constant (an initializer, a Constant node,
+    or computed from those alone: the GELU constants tnonnx emits are Casts and a Sqrt of
+    scalars), else None. `producer`: tensor_index(graph)[0]; initializers named in `exclude`
+    (trained ones, say) do not count as constants."""
+    initializers = {t.name: t for t in graph.initializer if t.name not in exclude}
+    memo: dict[str, np.ndarray | None] = {}
+
+    def value(name: str, depth: int = 0):
+        if name not in memo:
+            if depth > FOLD_DEPTH:  # (not memoised: nearer its constants it may still fold)
+                return None
+            memo[name] = None  # (a cycle is not a constant)
+            memo[name] = _value(name, depth)
+        return memo[name]
+
+    def _value(name: str, depth: int):
+        if name in initializers:
+            tensor = initializers[name]
+            # (a weight still in its data file is not read for this)
+            return None if tensor.data_location == onnx.TensorProto.EXTERNAL else numpy_helper.to_array(tensor)
+        node = producer.get(name)
+        if node is None or len(node.output) != 1:
+            return None
+        if node.op_type == "Constant":
+            return next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"), None)
+        if node.op_type not in FOLDABLE:
+            return None
+        inputs = [value(i, depth + 1) for i in node.input]
+        if any(v is None for v in inputs) or sum(v.size for v in inputs) > FOLD_LIMIT:
+            return None
+        from onnx.reference import ReferenceEvaluator
+
+        return ReferenceEvaluator(node).run(None, dict(zip(node.input, inputs)))[0]
+
+    return value
 
 
 def iter_nodes(model: onnx.ModelProto):
