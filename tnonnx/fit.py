@@ -31,7 +31,7 @@ import numpy as np
 
 from .activations import Capture, Probe
 from .patches import patches
-from .formats.base import ChainFactorization, ConvFactorization, ConvGeometry
+from .formats.base import ChainFactorization, ConvFactorization, ConvGeometry, svd
 from .graph import Layer
 
 # ridge added to the Gram matrix, relative to its mean diagonal: directions the calibration
@@ -72,7 +72,7 @@ class LayerData:
         """The thin SVD of the target B, computed once (every svd rank the planner tries
         truncates it; see formats/svd.whitened_factors and estimate.svd_estimates)."""
         if self._target_svd is None:
-            self._target_svd = np.linalg.svd(self.target, full_matrices=False)
+            self._target_svd = svd(self.target)
         return self._target_svd
 
     def weigh_outputs(self, moments: np.ndarray) -> None:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 from ..emit import Builder, Chain, NumpyOps, conv_node, emit_chain, emit_chain_einsum, onnx_activation, run_chain
 
@@ -332,6 +333,17 @@ def check_transposable(fact) -> None:
 def pointwise(matrix: np.ndarray, spatial_rank: int):
     """A (out, in) matrix as a 1x1(x1) conv weight."""
     return matrix.reshape(matrix.shape + (1,) * spatial_rank)
+
+
+def svd(a: np.ndarray, compute_uv: bool = True):
+    """np.linalg.svd(a), falling back to LAPACK's QR-iteration driver
+    (gesvd) where the divide-and-conquer one numpy calls (gesdd) does not converge: it fails
+    on rare well-conditioned matrices (a residual unfolding of a random 256-channel 3x3
+    kernel, tests/test_formats_svd_fallback.py)."""
+    try:
+        return np.linalg.svd(a, full_matrices=False, compute_uv=compute_uv)
+    except np.linalg.LinAlgError:
+        return scipy.linalg.svd(a, full_matrices=False, compute_uv=compute_uv, lapack_driver="gesvd")
 
 
 def truncation_rank(s: np.ndarray, *, cap: int | None = None, delta: float = 0.0) -> int:

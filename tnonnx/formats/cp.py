@@ -38,7 +38,7 @@ import scipy.linalg
 from ..emit import Chain, Core, best_order
 from ..errors import NotApplicable, TnonnxError
 from ..tensorize import choose_modes
-from .base import ConvFactorization, ConvStage, RankSpec, ChainFactorization, pointwise
+from .base import ConvFactorization, ConvStage, RankSpec, ChainFactorization, pointwise, svd
 
 NAME = "cp"
 SUPPORTS_VBMF = True
@@ -163,7 +163,7 @@ def hosvd_init(tensor: np.ndarray, rank: int, rng: np.random.Generator) -> list[
     """Leading left singular vectors of each unfolding, random columns beyond the mode size."""
     out = []
     for k, n in enumerate(tensor.shape):
-        u = np.linalg.svd(np.moveaxis(tensor, k, 0).reshape(n, -1), full_matrices=False)[0][:, :rank]
+        u = svd(np.moveaxis(tensor, k, 0).reshape(n, -1))[0][:, :rank]
         out.append(np.hstack([u, rng.standard_normal((n, rank - u.shape[1])) / math.sqrt(n)]))
     return out
 

@@ -36,7 +36,7 @@ import numpy as np
 from ..emit import Chain, Core, best_order
 from ..errors import TnonnxError
 from ..tensorize import choose_modes
-from .base import ChainFactorization, RankSpec, truncation_rank
+from .base import ChainFactorization, RankSpec, svd, truncation_rank
 from .network_conv import NetworkConvFactorization, contract, network_stage
 from .tt import channel_modes
 
@@ -97,14 +97,14 @@ def hsvd(tensor, root: Node, *, cap: int | None = None, delta: float = 0.0) -> F
     fit = Fit({}, {}, {}, None)
     left, right = root.children
 
-    def svd(i, j):
+    def split(i, j):
         """Matricise over frontier axes i..j-1; (u, s, vt) or generic singular values."""
         rows = math.prod(shape[i:j])
         cols = math.prod(shape) // rows
         if dry:
             return None, np.ones(min(rows, cols)), None
         mat = x.reshape(math.prod(shape[:i]), rows, -1).transpose(1, 0, 2).reshape(rows, -1)
-        return np.linalg.svd(mat, full_matrices=False)
+        return svd(mat)
 
     for node in postorder(root):
         if node in (root, left, right):
@@ -114,7 +114,7 @@ def hsvd(tensor, root: Node, *, cap: int | None = None, delta: float = 0.0) -> F
             shape[i: i + 2] = [shape[i] * shape[i + 1]]
             frontier[i: i + 2] = [node]
         i = frontier.index(node)
-        u, s, _ = svd(i, i + 1)
+        u, s, _ = split(i, i + 1)
         r = truncation_rank(s, cap=cap, delta=delta)
         fit.sat[node], fit.rank[node] = r >= shape[i], min(r, shape[i])
         if not fit.sat[node]:
@@ -125,7 +125,7 @@ def hsvd(tensor, root: Node, *, cap: int | None = None, delta: float = 0.0) -> F
             shape[i] = r
     # the root: frontier = left's axes, then right's
     k = sum(1 for n in frontier if n.hi <= left.hi)
-    u, s, vt = svd(0, k)
+    u, s, vt = split(0, k)
     r = truncation_rank(s, cap=cap, delta=delta)
     sides = []
     for node, basis, size in ((left, u, math.prod(shape[:k])), (right, None if dry else vt.T, math.prod(shape[k:]))):

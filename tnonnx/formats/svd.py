@@ -12,7 +12,7 @@ import numpy as np
 
 from ..emit import Chain, Core
 from . import vbmf
-from .base import ChainFactorization, ConvFactorization, ConvStage, RankSpec, pointwise, truncation_rank
+from .base import ChainFactorization, ConvFactorization, ConvStage, RankSpec, pointwise, svd, truncation_rank
 
 NAME = "svd"
 SUPPORTS_VBMF = True  # --rank vbmf: the rank estimated from the singular spectrum
@@ -50,13 +50,13 @@ _SVDS_KEPT = 1
 
 
 def thin_svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """np.linalg.svd(a, full_matrices=False), remembered for the last matrix."""
+    """The thin SVD of a (base.svd), remembered for the last matrix."""
     a = np.ascontiguousarray(a)
     key = (a.shape, a.dtype.str, hashlib.blake2b(a.tobytes(), digest_size=16).digest())
     if key not in _SVDS:
         if len(_SVDS) >= _SVDS_KEPT:
             _SVDS.pop(next(iter(_SVDS)))
-        _SVDS[key] = np.linalg.svd(a, full_matrices=False)
+        _SVDS[key] = svd(a)
     return _SVDS[key]
 
 

@@ -37,7 +37,7 @@ import math
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .base import RankSpec, merge_train, truncation_rank
+from .base import RankSpec, merge_train, svd, truncation_rank
 
 ALS_MAX_RANK = 32  # uniform ALS ranks: Gram u^2 x u^2 and transfer products u^6 per step
 ALS_SWEEPS = 10
@@ -78,13 +78,13 @@ def tr_svd(tensor: np.ndarray, *, cap: int | None = None, tol: float | None = No
     order = _rotation(d, start)
     n = [dims[i] for i in order]
     delta = tol * np.linalg.norm(tensor) / math.sqrt(d - 1) if tol else 0.0
-    u, s, vt = np.linalg.svd(np.transpose(tensor, order).reshape(n[0], -1), full_matrices=False)
+    u, s, vt = svd(np.transpose(tensor, order).reshape(n[0], -1))
     p_need = truncation_rank(s, cap=None if cap is None else cap * cap, delta=delta)
     r0, r = ring_split(p_need, len(s), cap, round_up=not tol)  # --tol: fewest parameters
     cores = [u[:, :r0 * r].reshape(n[0], r0, r).transpose(1, 0, 2)]
     rest = (s[:r0 * r, None] * vt[:r0 * r]).reshape(r0, r, -1).transpose(1, 2, 0)  # (r1, rest, r0)
     for k in range(1, d - 1):
-        u, s, vt = np.linalg.svd(rest.reshape(r * n[k], -1), full_matrices=False)
+        u, s, vt = svd(rest.reshape(r * n[k], -1))
         rk = truncation_rank(s, cap=cap, delta=delta)
         cores.append(u[:, :rk].reshape(r, n[k], rk))
         rest, r = s[:rk, None] * vt[:rk], rk

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..emit import Chain, Core, best_order
 from ..tensorize import choose_modes, factor_dims
-from .base import (ChainFactorization, ConvFactorization, ConvStage, RankSpec, merge_train, permute, pointwise,
+from .base import (svd, ChainFactorization, ConvFactorization, ConvStage, RankSpec, merge_train, permute, pointwise,
                    truncation_rank)
 
 NAME = "tt"
@@ -52,7 +52,7 @@ def leading_subspace(mat: np.ndarray, *, cap: int | None, delta: float):
         s, u = np.sqrt(np.clip(evals[order], 0.0, None)), evecs[:, order]
         rk = truncation_rank(s, cap=cap, delta=delta)
         return u[:, :rk], s, u[:, :rk].T @ mat
-    u, s, vt = np.linalg.svd(mat, full_matrices=False)
+    u, s, vt = svd(mat)
     rk = truncation_rank(s, cap=cap, delta=delta)
     return u[:, :rk], s, s[:rk, None] * vt[:rk]
 

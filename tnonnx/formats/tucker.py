@@ -40,7 +40,7 @@ from tensorly.tenalg import multi_mode_dot
 from ..emit import Chain, Core, best_order
 from ..errors import NotApplicable
 from ..tensorize import choose_modes
-from .base import ChainFactorization, ConvFactorization, ConvStage, RankSpec, pointwise, truncation_rank
+from .base import ChainFactorization, ConvFactorization, ConvStage, RankSpec, pointwise, svd, truncation_rank
 from .cp import ladder
 
 NAME = "tucker"
@@ -63,7 +63,7 @@ class Tucker:
         self.modes = modes
         self.dims = [self.tensor.shape[k] for k in modes]
         self.rest = self.tensor.size // math.prod(self.dims)  # core axes never factored (conv kernel)
-        self.svds = [np.linalg.svd(unfold(self.tensor, k), full_matrices=False)[:2] for k in modes]
+        self.svds = [svd(unfold(self.tensor, k))[:2] for k in modes]
         self.numerical = [truncation_rank(s) for _, s in self.svds]
         self.norm2 = float(np.sum(self.tensor**2))
 
@@ -171,7 +171,7 @@ class Tucker:
             base = warm.get(k, np.zeros((self.tensor.shape[k], 0)))[:, :r]
             if base.shape[1] < r:
                 a = unfold(self.tensor, k)
-                rest = np.linalg.svd(a - base @ (base.T @ a), full_matrices=False)[0][:, : r - base.shape[1]]
+                rest = svd(a - base @ (base.T @ a))[0][:, : r - base.shape[1]]
                 base = np.linalg.qr(np.hstack([base, rest]))[0]
             out[k] = base
         return out

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from .base import svd
 from scipy.optimize import brentq, minimize_scalar
 
 
@@ -79,7 +81,7 @@ def evbmf(s: np.ndarray, shape: tuple[int, int], sigma2: float | None = None) ->
 def vbmf_rank(matrix: np.ndarray, sigma2: float | None = None) -> int:
     """The EVBMF rank estimate of a matrix (0 when nothing stands out of the noise)."""
     a = np.asarray(matrix, dtype=np.float64)
-    return evbmf(np.linalg.svd(a, compute_uv=False), a.shape, sigma2)[0]
+    return evbmf(svd(a, compute_uv=False), a.shape, sigma2)[0]
 
 
 def vbmf_rank_from_singular_values(s: np.ndarray, n: int, m: int) -> int:
