@@ -190,6 +190,8 @@ def rewrite(model, *, format: str = "tt", rank: int | None = None, tol: float | 
         before_ms = clock.models([original], speed_feeds, keep=True)[0] if speedup else None
         planner = Planner(plans, fitter, candidates, budget, rules, layer_timer, sensitivity, before_ms,
                           align=spec.align)
+        # a planner emits the fits it judged on the held-out rows; a fixed rank rule refits on all rows
+        fitter.pool_final = not planner.choosing
         if planner.choosing:
             with stages.stage("allocate", len(planner.groups), "layers") as stage:
                 planner.prepare(pool, stage.advance)

@@ -13,8 +13,9 @@ Convolutions use the same algebra on their im2col patches (a ConvTranspose's: tn
 
 Every HOLDOUT_EVERY-th calibration sample (activations.py) is kept out of G and enters a
 held-out Gram matrix instead: its basis and target measure a candidate's error on samples
-its fit did not see (LayerData.held_out_error, what the planner ranks by). A G of fewer rows
-than features is shrunk towards the scaled identity first (shrinkage()).
+its fit did not see (LayerData.held_out_error, what the planner ranks by); the final fit of
+the chosen candidate then uses all rows (LayerData.pooled). A G of fewer rows than features
+is shrunk towards the scaled identity first (shrinkage()).
 
 Linear chain formats are refined from their data-free decomposition by L-BFGS on these
 rows (their torch modules run the same chain as the ONNX subgraph); convolutions, and the
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -60,6 +61,7 @@ class LayerData:
     # C (lower triangular, M x M) when the outputs are weighed by S = C C^T (weigh_outputs): the
     # fit then minimises ||A (W~ - W) C|| and target, held_target hold B C
     out_factor: np.ndarray | None = None
+    held_rows: int = 0  # calibration rows behind the held-out Gram matrix
     _target_svd: tuple | None = field(default=None, init=False, repr=False, compare=False)  # target_svd()
 
     @property
@@ -74,6 +76,21 @@ class LayerData:
         if self._target_svd is None:
             self._target_svd = svd(self.target)
         return self._target_svd
+
+    def pooled(self) -> "LayerData":
+        """The same data over all calibration rows, the held-out ones included: what the final
+        fit uses once the candidates have been judged on the held-out rows (Fitter.fit). From
+        the two bases alone: A^T A + A_h^T A_h is the pooled Gram matrix (the fitted part keeps
+        its shrinkage) and A^T B + A_h^T B_h = (C + C_h) W its cross term (weighed alike)."""
+        if self.held_basis is None:
+            return self
+        import scipy.linalg
+
+        chol = _cholesky(self.basis.T @ self.basis + self.held_basis.T @ self.held_basis)
+        moment = self.basis.T @ self.target + self.held_basis.T @ self.held_target
+        target = scipy.linalg.solve_triangular(chol, moment, lower=True, check_finite=False)
+        return replace(self, basis=chol.T, target=target, held_basis=None, held_target=None,
+                       rows=self.rows + self.held_rows, held_rows=0)
 
     def weigh_outputs(self, moments: np.ndarray) -> None:
         """Measure output errors in the metric of `moments` (M x M, positive semi-definite):
@@ -175,7 +192,8 @@ def layer_data(layer: Layer, capture: Capture, bases: dict | None = None) -> Lay
         source = capture.reference if capture.reference is not None else inputs
         pending = functools.partial(_sample_outputs, source, matrix, layer.geometry if kind == "conv" else None)
     return LayerData(kind, basis, target, inputs, None, layer.geometry if kind == "conv" else None,
-                     held_basis, held_target, capture.count, alpha, pending)
+                     held_basis, held_target, capture.count, alpha, pending,
+                     held_rows=capture.held_count if held_basis is not None else 0)
 
 
 def _sample_outputs(source: np.ndarray, matrix: np.ndarray, geometry: ConvGeometry | None) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -151,6 +152,7 @@ def _prod(values) -> int:
 # ------------------------------------------------------------------ fitting choices
 
 MAX_ORDER = 8  # cores per dense layer; more only fragments the modes into 1s and 2s
+POOLED_REFINE_ITERATIONS = 50  # the final refinement on all rows, from the split fit's cores
 RANK_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
@@ -164,19 +166,33 @@ class Fitter:
     it from their data-free decomposition in the final fit (`final=True`); the budget
     allocator's trials skip that refinement and are ranked by their measured output error."""
 
-    def __init__(self, options: dict | None = None, data: dict | None = None, balance: bool = False):
+    def __init__(self, options: dict | None = None, data: dict | None = None, balance: bool = False,
+                 pool_final: bool = False):
         self.options = options or {}
         self.balance = balance  # cores scaled to equal norms (the gpu target's fp16 range)
+        # final fits on all calibration rows, the held-out ones included (key()): where no
+        # planner judges candidates on the held-out rows, they would only be withheld from the fit
+        self.pool_final = pool_final
         self.data = data if data is not None else {}
         self.cache: dict = {}
 
-    def key(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None, *, final: bool = True):
+    def settings(self) -> dict:
+        """What a Fitter in a worker process is made with besides options and data."""
+        return {"balance": self.balance, "pool_final": self.pool_final}
+
+    def key(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None, *, final: bool = True,
+            pool: bool = True):
         """The cache key of fit(...): fits with equal keys give equal factorisations."""
         module = FORMATS[format]
         data = self.data.get(layer.name)
         refine = data is not None and final and not self._takes_data(module, layer) \
             and not getattr(module, "DATA_FREE", False)
-        return (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine)
+        # with pool_final, the final fit is made again on all calibration rows where it reads the
+        # Gram basis (svd's closed form, refinement) and some rows were held out; the nonlinear
+        # formats fit to the sampled rows, which include the held-out ones already
+        pooled = pool and self.pool_final and final and getattr(data, "held_basis", None) is not None \
+            and (refine or getattr(module, "SUPPORTS_DATA", False))
+        return (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine, pooled)
 
     @staticmethod
     def _takes_data(module, layer: Layer) -> bool:
@@ -184,52 +200,83 @@ class Fitter:
             or layer.kind in ("embedding", "tied")  # row weights, see tnonnx/embedding.py
 
     def fit(self, layer: Layer, format: str, spec: RankSpec, modes=None, order=None, *, final: bool = True,
-            measure: bool = True):
+            measure: bool = True, pool: bool = True):
         """The factorisation (cached by key()); `measure`: with its weight, output and
         held-out errors, which cost more than an svd fit itself (the planner's timing only
-        needs the cores; errors are measured when a later call asks)."""
-        module = FORMATS[format]
+        needs the cores; errors are measured when a later call asks). A final fit of a layer
+        with held-out calibration rows is made twice (see key()): on the rows without them,
+        whose held-out error it reports, then on all rows (`pool=False`: the first only)."""
         data = self.data.get(layer.name)
-        takes_data = self._takes_data(module, layer)
-        key = self.key(layer, format, spec, modes, order, final=final)
-        refine = key[-1]
+        key = self.key(layer, format, spec, modes, order, final=final, pool=pool)
+        refine, pooled = key[-2:]
+        if key not in self.cache and pooled:
+            split = self.fit(layer, format, spec, modes, order, final=True, pool=False)
+            self.cache[key] = self._on_all_rows(split, layer, format, spec, modes, order, data.pooled(), refine)
         if key not in self.cache:
-            options = dict(self.options, data=data) if takes_data and data is not None else self.options
-            transposed = layer.kind == "conv" and layer.geometry.transposed
-            if transposed:  # formats with a choice of layout take one a ConvTranspose keeps
-                options = dict(options, transposed=True)
-            if layer.kind in ("embedding", "tied"):
-                from .embedding import fit as fit_embedding
-
-                fact = fit_embedding(module, layer, spec, modes, order, data)
-            elif layer.kind == "recurrent":
-                from .recurrent import fit as fit_recurrent
-
-                fact = fit_recurrent(module, layer, spec, modes, order, **options)
-            else:
-                fact = fit_weight(format, layer.weight, spec, groups=layer.groups if layer.kind == "conv" else 1,
-                                  modes=modes, order=order, options=options)
-            if transposed:
-                check_transposable(fact)
-            if refine:
-                from .fit import refine as refine_on_data
-
-                refine_on_data(fact, data)
-            if self.balance:
-                from .fp16 import balance_cores
-
-                balance_cores(fact)
-            self.cache[key] = fact
+            self.cache[key] = self._new_fit(layer, format, spec, modes, order, data, refine)
         fact = self.cache[key]
         if isinstance(fact, NotApplicable):  # as a worker process found it (tnonnx/workers.py)
             raise fact
         if measure and not getattr(fact, "measured", False):
-            dense = fact.to_dense() if fact.linear else None  # once: a ring's takes long
-            fact.weight_error = fact.relative_error(layer.weight, dense) if dense is not None else None
-            fact.output_error = data.output_error(fact, dense) if data is not None else None
-            fact.held_out_error = data.held_out_error(fact, dense) if data is not None else None
-            fact.measured = True
+            self._measure(fact, layer, data, data.held_out_error if data is not None else None)
         return fact
+
+    def _new_fit(self, layer: Layer, format: str, spec: RankSpec, modes, order, data, refine: bool):
+        module = FORMATS[format]
+        takes_data = self._takes_data(module, layer)
+        options = dict(self.options, data=data) if takes_data and data is not None else self.options
+        transposed = layer.kind == "conv" and layer.geometry.transposed
+        if transposed:  # formats with a choice of layout take one a ConvTranspose keeps
+            options = dict(options, transposed=True)
+        if layer.kind in ("embedding", "tied"):
+            from .embedding import fit as fit_embedding
+
+            fact = fit_embedding(module, layer, spec, modes, order, data)
+        elif layer.kind == "recurrent":
+            from .recurrent import fit as fit_recurrent
+
+            fact = fit_recurrent(module, layer, spec, modes, order, **options)
+        else:
+            fact = fit_weight(format, layer.weight, spec, groups=layer.groups if layer.kind == "conv" else 1,
+                              modes=modes, order=order, options=options)
+        if transposed:
+            check_transposable(fact)
+        if refine:
+            from .fit import refine as refine_on_data
+
+            refine_on_data(fact, data)
+        self._balance(fact)
+        return fact
+
+    def _on_all_rows(self, split, layer: Layer, format: str, spec: RankSpec, modes, order, pooled, refine: bool):
+        """The final fit again on all calibration rows (`pooled`, LayerData.pooled): svd's
+        closed form anew, a refined chain refined further from the `split` fit's cores.
+        Measured on all rows; its held-out error stays the split fit's, measured before
+        those rows joined the fit."""
+        if refine:
+            from .fit import refine as refine_on_data
+
+            fact = copy.deepcopy(split)
+            refine_on_data(fact, pooled, iterations=POOLED_REFINE_ITERATIONS)
+            self._balance(fact)
+        else:
+            fact = self._new_fit(layer, format, spec, modes, order, pooled, refine=False)
+        self._measure(fact, layer, pooled, lambda *_: split.held_out_error)
+        return fact
+
+    def _balance(self, fact) -> None:
+        if self.balance:
+            from .fp16 import balance_cores
+
+            balance_cores(fact)
+
+    @staticmethod
+    def _measure(fact, layer: Layer, data, held_out_error) -> None:
+        dense = fact.to_dense() if fact.linear else None  # once: a ring's takes long
+        fact.weight_error = fact.relative_error(layer.weight, dense) if dense is not None else None
+        fact.output_error = data.output_error(fact, dense) if data is not None else None
+        fact.held_out_error = held_out_error(fact, dense) if held_out_error is not None else None
+        fact.measured = True
 
 
 def fit_weight(format: str, weight, spec: RankSpec, *, groups: int = 1, modes=None, order=None,

@@ -33,7 +33,7 @@ class LayerRow:
     macs_after: int | None = None
     weight_error: float | None = None
     output_error: float | None = None  # relative output error on calibration data (data-aware fitting)
-    held_out_error: float | None = None  # the same on the calibration samples held out of the fit
+    held_out_error: float | None = None  # the same on the calibration samples held out of the (first) fit
     shared_with: str | None = None  # the layer whose factors this one reuses
     reason: str | None = None  # why the layer was left alone
     emission: str | None = None  # how the replacement is emitted (matmul, features-first, ...)

@@ -200,15 +200,15 @@ def portable(layer):
 def _job(fitter, layer) -> tuple:
     """What a worker needs to fit `layer` as `fitter` would; the layer lets go of a weight
     read from a data file (it is read again if the parent needs it)."""
-    job = (portable(layer), fitter.data.get(layer.name), fitter.options, fitter.balance)
+    job = (portable(layer), fitter.data.get(layer.name), fitter.options, fitter.settings())
     layer.release()
     return job
 
 
-def _fitter(layer, data, options, balance):
+def _fitter(layer, data, options, settings: dict):
     from .plan import Fitter
 
-    return Fitter(options, {layer.name: data} if data is not None else {}, balance)
+    return Fitter(options, {layer.name: data} if data is not None else {}, **settings)
 
 
 # ------------------------------------------------------------------ the final fits
@@ -227,6 +227,9 @@ def prefit(fitter, plans, workers: Workers | None, advance=None) -> set:
             todo.setdefault(key, []).append(plan)
     if not workers.worth([group[0].layer.params for group in todo.values()]):
         return set()
+    firsts = [group[0] for group in todo.values()]
+    if all(p.format == "svd" for p in firsts) and not workers.given and _svd_flops(firsts) < SVD_POOL_FLOPS:
+        return set()  # svd's final fits (one SVD each, a closed form on all calibration rows): as in candidates()
 
     def payload(key):
         plan = todo[key][0]
@@ -249,9 +252,9 @@ def prefit(fitter, plans, workers: Workers | None, advance=None) -> set:
 
 
 def _fit(job):
-    layer, data, options, balance, fmt, spec, modes, order = job
+    layer, data, options, settings, fmt, spec, modes, order = job
     try:
-        return _sendable(_fitter(layer, data, options, balance).fit(layer, fmt, spec, modes, order))
+        return _sendable(_fitter(layer, data, options, settings).fit(layer, fmt, spec, modes, order))
     except NotApplicable as exc:
         return _sendable(exc)
 
@@ -322,8 +325,8 @@ def _candidates(job):
     from .choose import candidate_options, pareto
     from .plan import LayerPlan
 
-    layer, data, options, balance, trials, modes, order, prune, emit = job
-    fitter = _fitter(layer, data, options, balance)
+    layer, data, options, settings, trials, modes, order, prune, emit = job
+    fitter = _fitter(layer, data, options, settings)
     counts: dict = {}
     found = candidate_options(LayerPlan(layer, trials[0][0], trials[0][1], modes, order), fitter, trials, counts,
                               prune, emit)
