@@ -1,14 +1,18 @@
 """Latency of factorised convolutions (channel SVD, Tucker-2, CP) against the dense Conv
 they replace, in ONNX Runtime (CPU), at ranks that are multiples of the SIMD width:
 
-    .venv/bin/python bench/conv_emission.py                 # 2 threads
+    .venv/bin/python bench/conv_emission.py                 # 2 threads, one layer, batch 1
     .venv/bin/python bench/conv_emission.py --threads 1 --rounds 9
+    .venv/bin/python bench/conv_emission.py --depth 4 --batch 8
 
-Each layer is a one-layer model (input 1 x C x H x W), emitted exactly as `tnonnx rewrite`
+Each model is `--depth` convs of one shape in a row, each followed by a Relu, as in a
+ResNet stage (input batch x C x H x W), every conv emitted exactly as `tnonnx rewrite`
 emits it, timed with tnonnx.latency.OrtTimer (the planner's timer: interleaved with the
-dense Conv, sessions that do not spin, medians). The table gives ms, the speed-up over
-dense, the MAC ratio (dense MACs / factorised MACs) and the fraction of the MAC-ratio
-speed-up reached. Outputs are checked against the factorisation's own dense kernel.
+dense convs, sessions that do not spin, medians). With depth 1 the session's fixed costs
+(the run call, onnxruntime's NCHWc layout reorders at the model's edges) count against a
+single small layer; in a stage they are shared, as in a network. The table gives ms, the
+speed-up over dense, the MAC ratio (dense MACs / factorised MACs) and the fraction of the
+MAC-ratio speed-up reached. Outputs are checked against the factorisations' own dense kernels.
 """
 
 from __future__ import annotations
@@ -35,13 +39,17 @@ LAYERS = [(64, 56, 3), (128, 28, 3), (256, 14, 3)]
 FORMATS_RANKS = [("svd", (16, 32, 64)), ("tucker", (16, 32)), ("cp", (32, 64))]
 
 
-def conv_model(build, channels: int, size: int):
-    b = Builder("layer", np.float32, np.float32)
-    build(b, "x")
-    b.rename_output("y")
-    graph = helper.make_graph(b.nodes, "layer",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], b.initializers)
+def conv_model(builds, channels: int, size: int, batch: int = 1):
+    """`builds[i](builder, input, output)` emits conv i; a Relu follows each."""
+    b = Builder("stage", np.float32, np.float32)
+    x = "x"
+    for i, build in enumerate(builds):
+        build(b, x, f"conv{i}")
+        b.nodes.append(helper.make_node("Relu", [f"conv{i}"], [f"relu{i}"]))
+        x = f"relu{i}"
+    graph = helper.make_graph(b.nodes, "stage",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, size, size])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], b.initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
@@ -49,35 +57,44 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--depth", type=int, default=1, help="convs of one shape in a row (a network stage)")
+    ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
     print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads, {os.cpu_count()} CPUs, "
-          f"load {os.getloadavg()[0]:.1f}; medians of {args.rounds} interleaved rounds\n")
+          f"load {os.getloadavg()[0]:.1f}; batch {args.batch}, {args.depth} conv(s) per model; "
+          f"medians of {args.rounds} interleaved rounds\n")
     print("| layer | format | ranks | MAC ratio | dense ms | factorised ms | speed-up (of MAC ratio) |")
     print("|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for c, size, k in LAYERS:
-        kernel = rng.standard_normal((c, c, k, k)).astype(np.float32) / np.sqrt(c * k * k)
+        kernels = [rng.standard_normal((c, c, k, k)).astype(np.float32) / np.sqrt(c * k * k)
+                   for _ in range(args.depth)]
         attrs = {"pads": [k // 2] * 4}
         geometry = ConvGeometry((k, k), attrs, (size, size), (size, size))
-        dense = conv_model(lambda b, x: conv_node(b, x, kernel, "conv", attrs=dict(attrs, kernel_shape=[k, k]),
-                                                  output="y"), c, size)
-        feeds = {"x": rng.standard_normal((1, c, size, size)).astype(np.float32)}
-        dense_macs = c * c * k * k * size * size
+
+        def dense_conv(w):
+            return lambda b, x, y: conv_node(b, x, w, y, attrs=dict(attrs, kernel_shape=[k, k]), output=y)
+
+        def factorised_conv(fact):
+            return lambda b, x, y: fact.emit(b, x, geometry, None, y)
+
+        dense = conv_model([dense_conv(w) for w in kernels], c, size, args.batch)
+        feeds = {"x": rng.standard_normal((args.batch, c, size, size)).astype(np.float32)}
+        dense_macs = args.depth * c * c * k * k * size * size
         for fmt, ranks in FORMATS_RANKS:
             for rank in ranks:
-                fact = FORMATS[fmt].fit_conv(kernel.astype(np.float64), RankSpec(rank=rank))
-                model = conv_model(lambda b, x: fact.emit(b, x, geometry, None, "y"), c, size)
-                want = runtime.session(conv_model(
-                    lambda b, x: conv_node(b, x, fact.to_dense().astype(np.float32), "conv",
-                                           attrs=dict(attrs, kernel_shape=[k, k]), output="y"), c, size)).run(None, feeds)[0]
+                facts = [FORMATS[fmt].fit_conv(w.astype(np.float64), RankSpec(rank=rank)) for w in kernels]
+                model = conv_model([factorised_conv(f) for f in facts], c, size, args.batch)
+                want = runtime.session(conv_model([dense_conv(f.to_dense().astype(np.float32)) for f in facts],
+                                                  c, size, args.batch)).run(None, feeds)[0]
                 got = runtime.session(model).run(None, feeds)[0]
                 np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
                 t_dense, t_fact = OrtTimer(min_rounds=args.rounds, max_rounds=args.rounds)([dense, model], feeds,
                                                                                             args.threads)
-                ratio = dense_macs / fact.macs(geometry)
+                ratio = dense_macs / sum(f.macs(geometry) for f in facts)
                 speed = t_dense / t_fact
-                print(f"| {c}x{c}x{k}x{k} @ {size}x{size} | {fmt} | {','.join(map(str, fact.ranks))} | {ratio:.2f} | "
-                      f"{t_dense:.3f} | {t_fact:.3f} | {speed:.2f}x ({speed / ratio:.2f}) |", flush=True)
+                print(f"| {c}x{c}x{k}x{k} @ {size}x{size} | {fmt} | {','.join(map(str, facts[0].ranks))} | "
+                      f"{ratio:.2f} | {t_dense:.3f} | {t_fact:.3f} | {speed:.2f}x ({speed / ratio:.2f}) |", flush=True)
 
 
 if __name__ == "__main__":
