@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .macs import constant_names, tensor_index
+from .macs import constant_names, other_input, tensor_index
 
 # ops a projection's output passes through on its way to the score MatMul: adding the bias,
 # splitting the heads, scaling by 1/sqrt(d)
@@ -74,8 +74,8 @@ def _follow(name: str, consumers, constant) -> tuple[object, int] | None:
         if node.op_type not in _PASSING:
             return None
         if node.op_type in ("Add", "Mul", "Div"):
-            other = [i for i in node.input if i != name]
-            if len(other) != 1 or other[0] not in constant or (node.op_type == "Div" and node.input[0] != name):
+            other = other_input(node, name)
+            if other not in constant or (node.op_type == "Div" and node.input[0] != name):
                 return None
         elif node.input[0] != name:
             return None

@@ -16,7 +16,7 @@ import math
 
 from onnx import helper
 
-from .macs import constant_values, tensor_index
+from .macs import constant_values, other_input, tensor_index
 
 SQRT2 = math.sqrt(2.0)
 
@@ -51,7 +51,7 @@ def fuse_gelu(graph, trainable=frozenset()) -> tuple[list, set[str]]:
         add = only_reader(erf.output[0])
         if x is None or only_reader(erf.input[0]) is not erf or add is None or add.op_type != "Add":
             continue
-        one = _other(add, erf.output[0])
+        one = other_input(add, erf.output[0])
         if one is None or scalar(one) != 1.0:
             continue
         tail = _tail(add, x, only_reader, scalar, producer)
@@ -86,30 +86,24 @@ def _tail(add, x, only_reader, scalar, producer) -> list | None:
     first = only_reader(add.output[0])
     if first is None or first.op_type != "Mul":
         return None
-    partner = _other(first, add.output[0])
+    partner = other_input(first, add.output[0])
     if partner is None:
         return None
     if partner == x or scalar(partner) == 0.5:
         second = only_reader(first.output[0])
         if second is None or second.op_type != "Mul":
             return None
-        rest = _other(second, first.output[0])
+        rest = other_input(second, first.output[0])
         if rest is None or (scalar(rest) != 0.5 if partner == x else rest != x):
             return None
         return [first, second]
     half = producer.get(partner)  # x * 0.5 computed on its own
     if half is None or half.op_type != "Mul" or only_reader(partner) is not first:
         return None
-    constant = _other(half, x)
+    constant = other_input(half, x)
     if constant is None or scalar(constant) != 0.5:
         return None
     return [half, first]
-
-
-def _other(node, name: str) -> str | None:
-    """The input of a two-input node that is not `name` (None when both are, or neither)."""
-    rest = [i for i in node.input if i != name]
-    return rest[0] if len(node.input) == 2 and len(rest) == 1 else None
 
 
 def _close(value: float | None, want: float) -> bool:

@@ -115,6 +115,12 @@ def tensor_index(graph: onnx.GraphProto):
     return producer, consumers
 
 
+def other_input(node, name: str) -> str | None:
+    """The input of a two-input node that is not `name` (None when both are, or neither)."""
+    rest = [i for i in node.input if i != name]
+    return rest[0] if len(node.input) == 2 and len(rest) == 1 else None
+
+
 def constant_names(graph: onnx.GraphProto) -> set[str]:
     """The graph's initializers and Constant nodes' outputs."""
     return {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
