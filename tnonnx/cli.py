@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from . import api, bench, calibrate, plot, model as model_io
+from . import api, bench, calibrate, plot, settings, model as model_io
 from .emit import ACTIVATIONS
 from .errors import TnonnxError
 from .finetune import HIDDEN_WEIGHT, PRECISIONS
@@ -166,7 +166,7 @@ def main():
 @click.argument("model", type=click.Path())
 @batch_option("inspect")
 @shape_option
-@click.option("--recurrent", type=click.Choice(api.RECURRENT_MODES), default="fused", show_default=True,
+@click.option("--recurrent", type=click.Choice(settings.RECURRENT_MODES), default="fused", show_default=True,
               help="scan: list LSTM/GRU/RNN nodes as `rewrite --recurrent scan` writes them (W and R as MatMuls).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @handles_errors
@@ -198,7 +198,7 @@ def inspect(model, batch, shapes, recurrent, as_json):
               help="Tensorization override, e.g. 8x8x6,4x8x12: for the dense layers of that shape. "
                    "Repeat it for layers of other shapes.")
 @click.option("--order", type=click.IntRange(min=1), default=None, help="Number of cores per dense layer (default: automatic).")
-@click.option("--emit", type=click.Choice(api.EMIT_MODES), default="auto", show_default=True,
+@click.option("--emit", type=click.Choice(settings.EMIT_MODES), default="auto", show_default=True,
               help="How chains are emitted: auto picks per layer the faster of matmul (rows first) and "
                    "features-first (rows trailing, cores from the left), measured at the deployment shape.")
 @click.option("--keep-columns/--no-keep-columns", default=True, show_default=True,
@@ -220,14 +220,14 @@ def inspect(model, batch, shapes, recurrent, as_json):
               help="Op types to rewrite: MatMul, Gemm, Conv, ConvTranspose, Gather (embedding tables), LSTM, GRU, "
                    "RNN (their input weights). Default: all of them with --budget or --format auto (the planner "
                    "decides per layer), else MatMul,Gemm,Conv,ConvTranspose.")
-@click.option("--recurrent", type=click.Choice(api.RECURRENT_MODES), default="fused", show_default=True,
+@click.option("--recurrent", type=click.Choice(settings.RECURRENT_MODES), default="fused", show_default=True,
               help="scan: write LSTM/GRU/RNN nodes as MatMul + Scan first, so that their recurrent weights "
                    "are rewritten too (as MatMul layers); fused: keep the nodes, hoist only W.")
 @click.option("--include", default=None, help="Regex: only nodes whose name matches.")
 @click.option("--exclude", default=None, help="Regex: skip nodes whose name matches.")
 @click.option("--min-params", type=click.IntRange(min=0), default=0, show_default=True, help="Skip smaller weights.")
 @click.option("--force", is_flag=True, help="Rewrite layers even where nothing is saved.")
-@click.option("--fit", "fit_mode", type=click.Choice(api.FIT_MODES), default="data-free", show_default=True,
+@click.option("--fit", "fit_mode", type=click.Choice(settings.FIT_MODES), default="data-free", show_default=True,
               help="aware: fit each layer's outputs on calibration data (closed form for svd, refined cores for the "
                    "other formats); sequential: the same, each layer fed the outputs of the layers already rewritten; "
                    "blockwise: aware, then each block (between residual additions and normalisations) trained, "
@@ -308,18 +308,18 @@ def rewrite(model, output, fmt, rank, tol, ratio, budget, conv_layout, stp_t, mo
                           f"not --format {fmt}")
     options = {k: v for k, v in (("conv_layout", conv_layout), ("stp_t", stp_t), ("act", act)) if v is not None}
     progress = sys.stderr.isatty() and not quiet
-    new, report = api.rewrite(
-        model, format=fmt, rank=rank, tol=tol, ratio=ratio, budget=budget, format_options=options, modes=";".join(modes) or None, order=order, emit=emit, batch=batch,
-        ops=ops, recurrent=recurrent, include=include, exclude=exclude,
-        min_params=min_params, force=force, validate=validate, inputs=inputs,
+    chosen = settings.RewriteSettings.of(
+        format=fmt, rank=rank, tol=tol, ratio=ratio, budget=budget, format_options=options,
+        modes=";".join(modes) or None, order=order, emit=emit, batch=batch, ops=ops, recurrent=recurrent,
+        include=include, exclude=exclude, min_params=min_params, force=force, validate=validate, inputs=inputs,
         shapes=calibrate.parse_shapes(shapes), atol=atol, rtol=rtol, min_cosine=min_cosine,
-        max_accuracy_drop=max_accuracy_drop, fit=fit_mode,
-        calib=_calibration(calib, calib_random), finetune=finetune, finetune_hidden=finetune_hidden,
-        admm=admm, admm_rho=admm_rho, train_precision=train_precision,
-        threads=threads, speedup=speedup, allow_slower=allow_slower, keep_best=keep_best, timing=timing,
-        timing_cache=timing_cache, progress=progress, target=target_name, quantize=quantize,
+        max_accuracy_drop=max_accuracy_drop, fit=fit_mode, calib=_calibration(calib, calib_random),
+        finetune=finetune, finetune_hidden=finetune_hidden, admm=admm, admm_rho=admm_rho,
+        train_precision=train_precision, threads=threads, speedup=speedup, allow_slower=allow_slower,
+        keep_best=keep_best, timing=timing, timing_cache=timing_cache, target=target_name, quantize=quantize,
         int8=int8, short_names=short_names, max_model_bytes=max_model_bytes, workers=workers,
         keep_columns=keep_columns)
+    new, report = api.rewrite_with(model, chosen, progress=progress)
     api.save(new, target, progress=progress)
     files = report.deploy.target.files if report.deploy is not None else {}
     for suffix, content in files.items():  # the edge target's .ort and required-operators config
