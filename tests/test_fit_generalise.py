@@ -84,8 +84,8 @@ def test_pooled_data_is_the_data_of_all_calibration_rows(monkeypatch):
     assert whole.pooled() is whole
 
 
-def _fits(pool_final: bool, rank: int = 6):
-    """(layer, its data, split fit, final fit): LeNet-5's fc1 at an svd rank, 96 calibration images."""
+def _fits(pool_final: bool, rank: int = 6, format: str = "svd"):
+    """(layer, its data, split fit, final fit): LeNet-5's fc1 at a rank, 96 calibration images."""
     from pathlib import Path
 
     import onnx
@@ -102,8 +102,8 @@ def _fits(pool_final: bool, rank: int = 6):
     batches, _ = calibrate.feed_batches(rows, model, batch=32, shapes=None, what="--calib")
     data = api.layer_data(model, [layer], batches)
     fitter = Fitter(None, data, pool_final=pool_final)
-    split = fitter.fit(layer, "svd", RankSpec(rank=rank), pool=False)
-    return layer, data[layer.name], split, fitter.fit(layer, "svd", RankSpec(rank=rank))
+    split = fitter.fit(layer, format, RankSpec(rank=rank), pool=False)
+    return layer, data[layer.name], split, fitter.fit(layer, format, RankSpec(rank=rank))
 
 
 def test_a_fixed_rank_fit_is_made_again_on_all_rows():
@@ -115,6 +115,13 @@ def test_a_fixed_rank_fit_is_made_again_on_all_rows():
     # better on all rows than the fit without the held-out ones; its held-out error is that fit's
     assert final.output_error < pooled.output_error(split)
     assert final.held_out_error == split.held_out_error == data.held_out_error(split)
+
+
+def test_a_refined_chain_is_refined_further_on_all_rows():
+    _, data, split, final = _fits(pool_final=True, rank=4, format="tt")
+    pooled = data.pooled()
+    assert final is not split and final.output_error < pooled.output_error(split)
+    assert final.held_out_error == split.held_out_error
 
 
 def test_without_pool_final_the_final_fit_is_the_split_fit():
