@@ -39,8 +39,9 @@ def test_projection_is_the_format_truncation(fmt):
     want = FORMATS[fmt].fit_conv(k.double().numpy(), RankSpec(rank=2)).to_dense()
     np.testing.assert_allclose(admm.project(k).numpy(), want, rtol=1e-5, atol=1e-6)
     # Z starts at the projection, U at zero: the penalty is rho/2 ||W - Pi(W)||^2
-    expected = sum(float(((layer.weight - admm.project(layer.weight)) ** 2).sum()) for layer in (net[0], net[3], net[5]))
-    assert float(admm.penalty()) == pytest.approx(admm.rho / 2 * expected, rel=1e-4)
+    expected = sum(float(((layer.weight - admm.project(layer.weight)) ** 2).sum().detach())
+                   for layer in (net[0], net[3], net[5]))
+    assert float(admm.penalty().detach()) == pytest.approx(admm.rho / 2 * expected, rel=1e-4)
 
 
 def test_distance_to_the_rank_set_shrinks_over_steps():
