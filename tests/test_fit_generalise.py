@@ -117,11 +117,9 @@ def test_a_fixed_rank_fit_is_made_again_on_all_rows():
     assert final.held_out_error == split.held_out_error == data.held_out_error(split)
 
 
-def test_a_refined_chain_is_refined_further_on_all_rows():
-    _, data, split, final = _fits(pool_final=True, rank=4, format="tt")
-    pooled = data.pooled()
-    assert final is not split and final.output_error < pooled.output_error(split)
-    assert final.held_out_error == split.held_out_error
+def test_a_refined_chain_keeps_its_fit():
+    _, _, split, final = _fits(pool_final=True, rank=4, format="tt")
+    assert final is split  # refining again on all rows cost time for no gain (docs/RESULTS.md)
 
 
 def test_without_pool_final_the_final_fit_is_the_split_fit():

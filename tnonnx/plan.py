@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 
@@ -152,7 +151,6 @@ def _prod(values) -> int:
 # ------------------------------------------------------------------ fitting choices
 
 MAX_ORDER = 8  # cores per dense layer; more only fragments the modes into 1s and 2s
-POOLED_REFINE_ITERATIONS = 50  # the final refinement on all rows, from the split fit's cores
 RANK_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
@@ -187,11 +185,12 @@ class Fitter:
         data = self.data.get(layer.name)
         refine = data is not None and final and not self._takes_data(module, layer) \
             and not getattr(module, "DATA_FREE", False)
-        # with pool_final, the final fit is made again on all calibration rows where it reads the
-        # Gram basis (svd's closed form, refinement) and some rows were held out; the nonlinear
-        # formats fit to the sampled rows, which include the held-out ones already
+        # with pool_final, a closed-form fit (svd's whitened SVD) is made again on all calibration
+        # rows where some were held out. Refined chains keep their fit: 50 more L-BFGS steps on
+        # all rows cost LeNet-5's TT/TR 20-35% more time for no gain (docs/RESULTS.md), and the
+        # nonlinear formats fit to the sampled rows, which include the held-out ones already
         pooled = pool and self.pool_final and final and getattr(data, "held_basis", None) is not None \
-            and (refine or getattr(module, "SUPPORTS_DATA", False))
+            and getattr(module, "SUPPORTS_DATA", False)
         return (layer.weight_key, format, spec, modes, order, id(data) if data is not None else None, refine, pooled)
 
     @staticmethod
@@ -203,15 +202,16 @@ class Fitter:
             measure: bool = True, pool: bool = True):
         """The factorisation (cached by key()); `measure`: with its weight, output and
         held-out errors, which cost more than an svd fit itself (the planner's timing only
-        needs the cores; errors are measured when a later call asks). A final fit of a layer
-        with held-out calibration rows is made twice (see key()): on the rows without them,
-        whose held-out error it reports, then on all rows (`pool=False`: the first only)."""
+        needs the cores; errors are measured when a later call asks). With pool_final, a final
+        closed-form fit of a layer with held-out calibration rows is made twice (see key()):
+        on the rows without them, whose held-out error it reports, then on all rows
+        (`pool=False`: the first only)."""
         data = self.data.get(layer.name)
         key = self.key(layer, format, spec, modes, order, final=final, pool=pool)
         refine, pooled = key[-2:]
         if key not in self.cache and pooled:
             split = self.fit(layer, format, spec, modes, order, final=True, pool=False)
-            self.cache[key] = self._on_all_rows(split, layer, format, spec, modes, order, data.pooled(), refine)
+            self.cache[key] = self._on_all_rows(split, layer, format, spec, modes, order, data.pooled())
         if key not in self.cache:
             self.cache[key] = self._new_fit(layer, format, spec, modes, order, data, refine)
         fact = self.cache[key]
@@ -248,19 +248,11 @@ class Fitter:
         self._balance(fact)
         return fact
 
-    def _on_all_rows(self, split, layer: Layer, format: str, spec: RankSpec, modes, order, pooled, refine: bool):
-        """The final fit again on all calibration rows (`pooled`, LayerData.pooled): svd's
-        closed form anew, a refined chain refined further from the `split` fit's cores.
-        Measured on all rows; its held-out error stays the split fit's, measured before
-        those rows joined the fit."""
-        if refine:
-            from .fit import refine as refine_on_data
-
-            fact = copy.deepcopy(split)
-            refine_on_data(fact, pooled, iterations=POOLED_REFINE_ITERATIONS)
-            self._balance(fact)
-        else:
-            fact = self._new_fit(layer, format, spec, modes, order, pooled, refine=False)
+    def _on_all_rows(self, split, layer: Layer, format: str, spec: RankSpec, modes, order, pooled):
+        """The closed-form fit again on all calibration rows (`pooled`, LayerData.pooled),
+        measured on them; its held-out error stays the `split` fit's, measured before those
+        rows joined the fit."""
+        fact = self._new_fit(layer, format, spec, modes, order, pooled, refine=False)
         self._measure(fact, layer, pooled, lambda *_: split.held_out_error)
         return fact
 
