@@ -116,3 +116,18 @@ def test_tnonnx_own_gelu_between_cores_runs_fused(tmp_path):
         (got,) = graph({"input": torch.as_tensor(x)})
     (want,) = run(small, {"input": x})
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_constants_given_as_value_float_attributes_are_matched():
+    """Constant nodes may carry a scalar as value_float instead of a tensor (the op allows
+    either); both are constants of the chain."""
+    model = _chain("x*a*0.5")
+    consts = [helper.make_node("Constant", [], [t.name], value_float=float(onnx.numpy_helper.to_array(t)))
+              for t in model.graph.initializer]
+    del model.graph.initializer[:]
+    nodes = consts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    nodes, removed = fuse_gelu(model.graph)
+    assert [n.op_type for n in nodes if n.op_type != "Constant"] == ["Gelu", "Add"]
+    assert removed == {"h", "e", "a", "m"}

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from . import external
 from .formats.base import ConvGeometry, flip_kernel
-from .macs import all_graphs, iter_nodes
+from .macs import all_graphs, constant_node_value, iter_nodes
 from .macs_ops import _attr
 from .model import default_opset
 
@@ -166,7 +165,7 @@ class Scope:
 
     def _through(self, node: onnx.NodeProto, name: str):
         if node.op_type == "Constant":
-            arr = _constant_value(node)
+            arr = constant_node_value(node)
             return None if arr is None else (arr, arr.dtype, [name])
         if node.op_type == "DequantizeLinear":
             found = self.resolve(node.input[0])
@@ -209,17 +208,6 @@ class Scope:
         path = [t for f in found if f is not None for t in f[2]] + [name]
         stored = next((f[1] for f in found if f is not None and np.dtype(f[1]).kind == "f"), arr.dtype)
         return arr, stored, path
-
-
-def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for a in node.attribute:
-        if a.name == "value":
-            return numpy_helper.to_array(a.t)
-        if a.name in ("value_float", "value_floats"):
-            return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.float32)
-        if a.name in ("value_int", "value_ints"):
-            return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.int64)
-    return None
 
 
 def value_shapes(model: onnx.ModelProto, needed: set[str] = frozenset()) -> dict[str, list]:

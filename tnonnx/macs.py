@@ -126,6 +126,19 @@ def constant_names(graph: onnx.GraphProto) -> set[str]:
     return {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
 
 
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a Constant node (a tensor, or value_float(s)/value_int(s)); None for the
+    other forms (strings, sparse)."""
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name in ("value_float", "value_floats"):
+            return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.float32)
+        if a.name in ("value_int", "value_ints"):
+            return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.int64)
+    return None
+
+
 # ops folded when all their inputs are constant (and small), to see the constants they make
 FOLDABLE = {"Cast", "Sqrt", "Div", "Mul", "Add", "Sub", "Neg", "Reciprocal", "Pow"}
 FOLD_LIMIT = 1 << 16
@@ -157,7 +170,7 @@ def constant_values(graph: onnx.GraphProto, producer, exclude=frozenset()):
         if node is None or len(node.output) != 1:
             return None
         if node.op_type == "Constant":
-            return next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"), None)
+            return constant_node_value(node)
         if node.op_type not in FOLDABLE:
             return None
         inputs = [value(i, depth + 1) for i in node.input]
