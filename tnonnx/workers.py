@@ -228,8 +228,8 @@ def prefit(fitter, plans, workers: Workers | None, advance=None) -> set:
     if not workers.worth([group[0].layer.params for group in todo.values()]):
         return set()
     firsts = [group[0] for group in todo.values()]
-    if all(p.format == "svd" for p in firsts) and not workers.given and _svd_flops(firsts) < SVD_POOL_FLOPS:
-        return set()  # svd's final fits (one SVD each, a closed form on all calibration rows): as in candidates()
+    if _svd_stays_here(firsts, [p.format for p in firsts], workers):
+        return set()
 
     def payload(key):
         plan = todo[key][0]
@@ -287,9 +287,8 @@ def candidates(fitter, plans, trials, workers: Workers | None, counts: dict, adv
     found: dict = {}
     if workers is None or not workers.worth([p.layer.params for p in plans]):
         return found
-    if all(fmt == "svd" for p in plans for fmt, _ in trials(p)) and not workers.given \
-            and _svd_flops(plans) < SVD_POOL_FLOPS:
-        return found  # svd's candidates come off one SVD per layer: cheaper than starting workers
+    if _svd_stays_here(plans, [fmt for p in plans for fmt, _ in trials(p)], workers):
+        return found
 
     def payload(plan):
         return _job(fitter, plan.layer) + (trials(plan), plan.modes, plan.order,
@@ -309,6 +308,13 @@ def candidates(fitter, plans, trials, workers: Workers | None, counts: dict, adv
 
     workers.map(_candidates, plans, payload, done, lambda plan: f"{plan.layer.name}'s candidates")
     return found
+
+
+def _svd_stays_here(plans, formats, workers: Workers) -> bool:
+    """Whether fits in `formats` of these plans are cheaper in this process: svd's come off one
+    SVD per layer (candidates and final fits alike), less work than starting the workers and
+    sending them the data, unless the user asked for workers."""
+    return all(f == "svd" for f in formats) and not workers.given and _svd_flops(plans) < SVD_POOL_FLOPS
 
 
 def _svd_flops(plans) -> float:
