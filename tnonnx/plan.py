@@ -212,13 +212,13 @@ class Fitter:
         if key not in self.cache and pooled:
             split = self.fit(layer, format, spec, modes, order, final=True, pool=False)
             self.cache[key] = self._on_all_rows(split, layer, format, spec, modes, order, data.pooled())
-        if key not in self.cache:
+        elif key not in self.cache:
             self.cache[key] = self._new_fit(layer, format, spec, modes, order, data, refine)
         fact = self.cache[key]
         if isinstance(fact, NotApplicable):  # as a worker process found it (tnonnx/workers.py)
             raise fact
         if measure and not getattr(fact, "measured", False):
-            self._measure(fact, layer, data, data.held_out_error if data is not None else None)
+            self._measure(fact, layer, data)
         return fact
 
     def _new_fit(self, layer: Layer, format: str, spec: RankSpec, modes, order, data, refine: bool):
@@ -245,7 +245,10 @@ class Fitter:
             from .fit import refine as refine_on_data
 
             refine_on_data(fact, data)
-        self._balance(fact)
+        if self.balance:
+            from .fp16 import balance_cores
+
+            balance_cores(fact)
         return fact
 
     def _on_all_rows(self, split, layer: Layer, format: str, spec: RankSpec, modes, order, pooled):
@@ -253,21 +256,16 @@ class Fitter:
         measured on them; its held-out error stays the `split` fit's, measured before those
         rows joined the fit."""
         fact = self._new_fit(layer, format, spec, modes, order, pooled, refine=False)
-        self._measure(fact, layer, pooled, lambda *_: split.held_out_error)
+        self._measure(fact, layer, pooled)
+        fact.held_out_error = split.held_out_error  # (pooled data holds nothing out)
         return fact
 
-    def _balance(self, fact) -> None:
-        if self.balance:
-            from .fp16 import balance_cores
-
-            balance_cores(fact)
-
     @staticmethod
-    def _measure(fact, layer: Layer, data, held_out_error) -> None:
+    def _measure(fact, layer: Layer, data) -> None:
         dense = fact.to_dense() if fact.linear else None  # once: a ring's takes long
         fact.weight_error = fact.relative_error(layer.weight, dense) if dense is not None else None
         fact.output_error = data.output_error(fact, dense) if data is not None else None
-        fact.held_out_error = held_out_error(fact, dense) if held_out_error is not None else None
+        fact.held_out_error = data.held_out_error(fact, dense) if data is not None else None
         fact.measured = True
 
 
