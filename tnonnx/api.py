@@ -90,6 +90,7 @@ class _Work:
     clock: Clock | None = None  # the timings (and their sessions) of this rewrite
     speed_feeds: dict | None = None  # random inputs at the deployment shape
     tensor_shapes: macs.TensorShapes | None = None  # the original's, for the timing models and MAC counts
+    concrete: dict | None = None  # the original's input shapes at the deployment shape
 
 
 def rewrite_with(model, s: RewriteSettings, progress=False) -> tuple[onnx.ModelProto, RewriteReport]:
@@ -101,7 +102,7 @@ def rewrite_with(model, s: RewriteSettings, progress=False) -> tuple[onnx.ModelP
     _check_training(s)
     original, new, plans = work.original, work.new, work.plans
     fitting, speed, delivery = s.fitting, s.speed, s.delivery
-    shapes = s.deployment.shape_map or None
+    shapes = s.deployment.given_shapes
     # the fit and the fine-tuning read the calibration data, and so do fp16 ranges and static int8
     if fitting.calib is not None and (fitting.mode != "data-free" or fitting.finetune or delivery.target == "gpu"
                                       or (delivery.quantization is not None and delivery.quantization.static)):
@@ -136,8 +137,7 @@ def rewrite_with(model, s: RewriteSettings, progress=False) -> tuple[onnx.ModelP
                           f"{progress_bars.size(external.traffic.read - read_before)} of "
                           f"{progress_bars.size(external.data_bytes(original))}")
     work.notes.extend(calibrate.assumed_dims(original, shapes))
-    concrete = calibrate.concrete_shapes(original, s.deployment.batch, shapes)
-    before, after = (macs.count(m, concrete, work.tensor_shapes) for m in (original, factorised))
+    before, after = (macs.count(m, work.concrete, work.tensor_shapes) for m in (original, factorised))
     work.notes.extend(after.notes)
     rows = _rows(work.layers, replacements, before, after)
     work.notes.extend(deploy.unaligned_notes(rows, delivery.target, delivery.quantization, _ranks_text))
@@ -204,7 +204,7 @@ def _check_training(s: RewriteSettings) -> None:
 
 def _fit_layers(work: _Work, s: RewriteSettings, pool: Workers, stages):
     """Capture the calibration data, plan (the planner where tnonnx chooses), fit and emit;
-    returns the replacements keyed by id(node) (and sets work's clock, feeds, tensor shapes)."""
+    returns the replacements keyed by id(node) (and sets work's clock, feeds and shapes)."""
     original, new, plans, rule, speed = work.original, work.new, work.plans, s.rule, s.speed
     fit, batches = s.fitting.mode, work.batches
     data = {}
@@ -216,7 +216,7 @@ def _fit_layers(work: _Work, s: RewriteSettings, pool: Workers, stages):
     fitter = Fitter(rule.format_options, data, balance=s.delivery.target == "gpu")
     clock = Clock(speed.timer if speed.timer is not None else (default_timer() if speed.timing else CostModelTimer()),
                   TimingCache(enabled=speed.timing and speed.timing_cache), s.deployment.threads)
-    concrete = calibrate.concrete_shapes(original, s.deployment.batch, s.deployment.shape_map or None)
+    work.concrete = concrete = calibrate.concrete_shapes(original, s.deployment.batch, s.deployment.given_shapes)
     # one look at the original's tensor shapes (one run at most) for the layers' timing models and both MAC counts
     tensor_shapes = macs.TensorShapes(original, concrete,
                                       extra=[t for p in plans for t in (p.layer.x, p.layer.bias_input) if t])
@@ -364,7 +364,7 @@ def _latency(work: _Work, s: RewriteSettings, new, factorised, deployed, stages)
 def _validate(work: _Work, s: RewriteSettings, new, factorised, deployed, baseline, stages):
     """The comparison with the original: (result, the note when the default check was skipped,
     the min-cosine threshold used)."""
-    c, batch, shapes = s.checks, s.deployment.batch, s.deployment.shape_map or None
+    c, batch, shapes = s.checks, s.deployment.batch, s.deployment.given_shapes
     result = skipped = None
     min_cosine = c.min_cosine
     with stages.stage("validate") if c.validate or deployed is not None else contextlib.nullcontext():

@@ -44,6 +44,11 @@ class Deployment:
     def shape_map(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v) for k, v in self.shapes}
 
+    @property
+    def given_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """--shape as the calibration and validation functions take it (None: not given)."""
+        return self.shape_map or None
+
     def describe(self, model: onnx.ModelProto) -> str:
         concrete = calibrate.concrete_shapes(model, self.batch, self.shape_map)
         shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in concrete.items())
