@@ -15,8 +15,8 @@ Every HOLDOUT_EVERY-th calibration sample (activations.py) is kept out of G and 
 held-out Gram matrix instead: its basis and target measure a candidate's error on samples
 its fit did not see (LayerData.held_out_error, what the planner ranks by). Where no planner
 judges candidates (a fixed rank rule), svd's closed-form fit then uses all rows
-(LayerData.pooled, plan.Fitter's pool_final). A G of fewer rows than features is shrunk towards the scaled
-identity first (shrinkage()).
+(LayerData.pooled, plan.Fitter's pool_final). A G of fewer rows than features is shrunk
+towards the scaled identity first (shrinkage()).
 
 Linear chain formats are refined from their data-free decomposition by L-BFGS on these
 rows (their torch modules run the same chain as the ONNX subgraph); convolutions, and the

@@ -336,7 +336,7 @@ def pointwise(matrix: np.ndarray, spatial_rank: int):
 
 
 def svd(a: np.ndarray, compute_uv: bool = True):
-    """np.linalg.svd(a), falling back to LAPACK's QR-iteration driver
+    """The thin SVD of `a` (np.linalg.svd), falling back to LAPACK's QR-iteration driver
     (gesvd) where the divide-and-conquer one numpy calls (gesdd) does not converge: it fails
     on rare well-conditioned matrices (a residual unfolding of a random 256-channel 3x3
     kernel, tests/test_formats_svd_fallback.py)."""

@@ -13,8 +13,8 @@ import numpy as np
 
 from ..emit import Chain, Core, best_order
 from ..tensorize import choose_modes, factor_dims
-from .base import (svd, ChainFactorization, ConvFactorization, ConvStage, RankSpec, merge_train, permute, pointwise,
-                   truncation_rank)
+from .base import (ChainFactorization, ConvFactorization, ConvStage, RankSpec, merge_train, permute, pointwise,
+                   svd, truncation_rank)
 
 NAME = "tt"
 GRAM_ROWS = 512  # unfoldings with at least this many rows (and as many columns) go through their Gram matrix

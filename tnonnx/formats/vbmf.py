@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.optimize import brentq, minimize_scalar
 
 from .base import svd
-from scipy.optimize import brentq, minimize_scalar
 
 
 def _tau_bar(alpha: float) -> float:
