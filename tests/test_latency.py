@@ -474,3 +474,20 @@ def test_speedup_no_candidate_can_meet_says_so():
                                           r"faster than the dense layer at the deployment shape\)"):
         tnonnx.rewrite(_pair(32), format="tt", rank=4, emit="features-first", batch=64, speedup=1.2,
                        validate=False, timer=latency.CallableTimer(mac_ms))
+
+
+def test_timing_sessions_spin_within_a_run_and_stop_when_it_returns():
+    # a pool that sleeps between nodes pays a wake-up per node (factorised layers have more,
+    # smaller nodes); one that spins on after a run steals the cores of the next model timed
+    opts = latency.session_for(mlp(), threads=2).get_session_options()
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(RuntimeError, match="does not have"):  # never set: the default, spinning, holds
+        opts.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_timings_of_another_timing_method_are_not_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TNONNX_CACHE_DIR", str(tmp_path))
+    model, feeds = mlp(), {"x": np.zeros((4, 256), np.float32)}
+    keys = {latency.TimingCache().key(model, feeds, 2, latency.timer_name(t))
+            for t in (latency.OrtTimer(), latency.CallableTimer(mac_ms))}
+    assert len(keys) == 2 and latency.timer_name(latency.OrtTimer()) != "OrtTimer"

@@ -29,13 +29,13 @@ def latency(
 
 
 def interleaved(models, feeds: Mapping[str, np.ndarray], *, warmup: int = 5, repeats: int = 30,
-                threads: int | None = None, min_time_s: float = 0.0, spinning: bool = True,
+                threads: int | None = None, min_time_s: float = 0.0, spin_after_run: bool = True,
                 what=("model",)) -> list[dict]:
     """Latency percentiles of several models timed in turn, run by run (each run of one model
     follows one untimed run, which absorbs the switch), so that a change in machine load
     reaches all alike; at least ``repeats`` timed runs each and ``min_time_s`` seconds."""
     names = list(what) + [f"model {i}" for i in range(len(what), len(models))]
-    sessions = [runtime.session(m, threads=threads, spinning=spinning, what=n) for m, n in zip(models, names)]
+    sessions = [runtime.session(m, threads=threads, spin_after_run=spin_after_run, what=n) for m, n in zip(models, names)]
     feeds = dict(feeds)
     for sess, name in zip(sessions, names):
         for _ in range(warmup):
@@ -82,10 +82,10 @@ def compare(
     cand = _model.load(candidate, what="candidate")
     runtime.check_same_inputs(ref, cand)
     feeds = calibrate.random_feeds(ref, batch, shapes, seed=0)
-    # interleaved, with pools that do not spin (each session's spinning pool would steal the
-    # cores from the other's runs), as the planner times (tnonnx.latency.OrtTimer)
+    # interleaved, with pools that stop spinning when a run returns (a session's spinning pool
+    # would steal the cores from the other's runs), as the planner times (latency.OrtTimer)
     ref_lat, cand_lat = interleaved([ref, cand], feeds, warmup=warmup, repeats=repeats, threads=threads,
-                                    min_time_s=min_time_s, spinning=False, what=("reference", "candidate"))
+                                    min_time_s=min_time_s, spin_after_run=False, what=("reference", "candidate"))
     return {
         "batch": batch,
         "threads": threads,

@@ -136,12 +136,14 @@ class OrtTimer:
     switch_ms: float = 20.0  # runs at least this long are timed without an untimed run before
     clock: object = time.perf_counter
     reuses_sessions = True  # takes `sessions` (a runtime.Sessions) to open them through
+    cache_name = "OrtTimer 2"  # 2: pools spin within a run (1: they never spun)
 
     def __call__(self, models, feeds, threads, sessions: runtime.Sessions | None = None):
-        # every session has its own intra-op thread pool, whose threads spin after each run:
-        # interleaved, they would steal the cores from the next model's run. Not spinning
-        # costs a factorised chain (more, smaller nodes) a little more than its dense layer,
-        # so it errs against tnonnx's own rewrites
+        # every session has its own intra-op thread pool. Its threads spin between the nodes
+        # of a run, as deployed: a pool that sleeps between nodes costs each node a wake-up
+        # (about 10 us at 2 threads here), which doubled a stage of factorised convs. They
+        # stop spinning when the run returns: spinning on, they would steal the cores from
+        # the next model's run. Each run then pays one wake-up, dense and factorised alike
         sessions = [session_for(m, threads, sessions, "timing model") for m in models]
         single = []
         for sess in sessions:
@@ -180,13 +182,20 @@ class OrtTimer:
 DEFAULT_TIMER = OrtTimer()
 
 
+def timer_name(timer) -> str:
+    """The timer's part of a cache key: a timer whose method changes names its version
+    (`cache_name`), so that the cache never mixes timings taken the old way with new ones."""
+    return getattr(timer, "cache_name", type(timer).__name__)
+
+
 def session_for(model: onnx.ModelProto, threads: int | None, sessions: runtime.Sessions | None = None,
                 what: str = "model"):
-    """The session whole models are timed on (threads as deployed, pools not spinning): from
-    `sessions` when given, so that the validation after the timing runs on it too."""
+    """The session whole models are timed on (threads as deployed, pools that stop spinning
+    when a run returns): from `sessions` when given, so that the validation after the timing
+    runs on it too."""
     if sessions is None:
-        return runtime.session(model, threads=threads, spinning=False, what=what)
-    return sessions.get(model, threads=threads, spinning=False, what=what)
+        return runtime.session(model, threads=threads, spin_after_run=False, what=what)
+    return sessions.get(model, threads=threads, spin_after_run=False, what=what)
 
 
 def default_timer():
@@ -330,7 +339,7 @@ class Clock:
              keep: bool = False) -> list[float]:
         """ms per model: cached ones looked up, the rest timed together (interleaved); with
         `keep`, their sessions stay open in `self.sessions` (when the timer opens any)."""
-        name = type(self.timer).__name__
+        name = timer_name(self.timer)
         keys = [self.cache.key(m, feeds, self.threads, name) if cache else None for m in models]
         out = [self.cache.get(k) if k else None for k in keys]
         todo = [i for i, v in enumerate(out) if v is None]
@@ -356,7 +365,7 @@ class Clock:
         stay open for later runs (see `session`)."""
         if feeds is None:
             return [None] * len(models)
-        name = type(self.timer).__name__
+        name = timer_name(self.timer)
         group = self.cache.group_keys(models, feeds, self.threads, name)
         self.last_cached = all(k in self.cache.stored for k in group)
         cached = self.cache.get_group(group)
