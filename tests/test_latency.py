@@ -491,3 +491,38 @@ def test_timings_of_another_timing_method_are_not_reused(tmp_path, monkeypatch):
     keys = {latency.TimingCache().key(model, feeds, 2, latency.timer_name(t))
             for t in (latency.OrtTimer(), latency.CallableTimer(mac_ms))}
     assert len(keys) == 2 and latency.timer_name(latency.OrtTimer()) != "OrtTimer"
+
+
+def test_meet_speedup_re_aims_where_the_layers_timings_and_the_whole_model_disagree():
+    from tnonnx.choose import meet_speedup
+
+    # the original takes 20 ms, the target is 10 ms. The layers' timings predict each plan
+    # saves its slack plus 10 ms; the whole model saves twice what they predict (the layers
+    # were timed while the machine ran slower). The surplus given back in the usual steps
+    # would all still be far too fast; the re-aimed slack gives back what the ratio says
+    built = []
+
+    def build(slack):
+        built.append(slack)
+        return slack
+
+    def predict(plan):  # the plan's time as the layers' timings predict it
+        return 20.0 - (10.0 + plan)
+
+    def measure(plan):
+        return 20.0 - 2 * (10.0 + plan)
+
+    plan = meet_speedup(build, measure, 10.0, before_ms=20.0, predict=predict)
+    # predicted saving 10, measured 20: aim at 2% inside the target, (20 - 9.8) / 2 = 5.1 ms
+    # of predicted saving, a slack of -4.9
+    assert plan == pytest.approx(-4.9) and measure(plan) == pytest.approx(9.8)
+    assert built == [0.0, pytest.approx(-4.9)]
+    # a miss: the measured saving is half the predicted one, so the next plan asks for twice
+    built.clear()
+    plan = meet_speedup(build, lambda p: 20.0 - 0.5 * (10.0 + p), 10.0, before_ms=20.0, predict=predict)
+    assert built == [0.0, pytest.approx((20.0 - 9.8) * 2 - 10.0)] and plan == built[1]
+    assert 20.0 - 0.5 * (10.0 + plan) == pytest.approx(9.8)
+    # without predict, the usual steps: the full surplus (10 ms) is given back first
+    built.clear()
+    meet_speedup(build, measure, 10.0)
+    assert built[:2] == [0.0, -10.0]

@@ -247,18 +247,23 @@ def _fit_layers(work: _Work, s: RewriteSettings, pool: Workers, stages):
             with stages.stage("allocate", len(planner.groups), "layers") as stage:
                 planner.prepare(pool, stage.advance)
 
+        predicted = {}  # id of a plan built -> its time as the layers' timings predict it
+
         def build(slack: float) -> dict:
             active = planner.plan(slack)
             with stages.stage("fit", len(active), "layers") as stage:
                 if fit == "sequential":
-                    return fit_sequential(original, new, active, fitter, batches, s.scope.force, layer_timer, rules,
+                    reps = fit_sequential(original, new, active, fitter, batches, s.scope.force, layer_timer, rules,
                                           stage.advance, pool)
-                return fit_and_emit(active, fitter, s.scope.force, layer_timer, rules, stage.advance, pool)
+                else:
+                    reps = fit_and_emit(active, fitter, s.scope.force, layer_timer, rules, stage.advance, pool)
+            predicted[id(reps)] = planner.predicted_ms
+            return reps
 
         if speed.speedup and before_ms is not None:
             replacements = meet_speedup(build, lambda reps: _against_original(
                 clock, original, _planned(new, reps, speed.keep_columns), speed_feeds, before_ms) if reps else None,
-                before_ms / speed.speedup)
+                before_ms / speed.speedup, before_ms=before_ms, predict=lambda reps: predicted.get(id(reps)))
         else:
             replacements = build(0.0)
         work.notes.extend(planner.notes + ([used] if (used := pool.note()) else []))

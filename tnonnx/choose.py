@@ -305,23 +305,38 @@ def slower_note(format, budget, speedup, allow_slower, before_ms, after_ms) -> s
             f"against {before_ms:.3f} ms ({before_ms / after_ms:.2f}x); to avoid it use {hint}")
 
 
-def meet_speedup(build, measure, target_ms: float):
+def meet_speedup(build, measure, target_ms: float, *, before_ms: float | None = None, predict=None):
     """The plan for --speedup: `build(slack)` makes one (slack: ms the layers must give up
     beyond the per-layer estimate; may raise TnonnxError when none exists), `measure(plan)`
     times the whole model. While the model misses `target_ms`, the slack grows by the miss
     (at least REPLAN_STEP of the target; up to MAX_REPLANS times); when it beats the target
     by more than RELAX_MARGIN, plans with the surplus (then a half, then a quarter of it)
     given back to accuracy are tried, the first that still meets the target kept.
-    Builds share the layers' plans, so a plan given up is rebuilt before it is returned."""
+    Builds share the layers' plans, so a plan given up is rebuilt before it is returned.
+
+    `predict(plan)` (with `before_ms`, the original's time): the plan's model time as the
+    per-layer timings predict it. Layers are timed at another moment than the whole model
+    (or come from the timing cache), and a machine's speed moves between moments: when the
+    measured saving differs from the predicted one, the slack at which the layers' timings,
+    scaled by that ratio, meet the target (with REPLAN_STEP to spare) is tried first."""
     slack = 0.0
     plan = build(slack)
     ms = measure(plan)
+
+    def aimed() -> float | None:
+        predicted = predict(plan) if predict is not None and before_ms is not None else None
+        if predicted is None or ms is None or not (predicted < before_ms and ms < before_ms):
+            return None
+        needed = before_ms - target_ms * (1 - REPLAN_STEP)
+        return needed * (before_ms - predicted) / (before_ms - ms) - (before_ms - target_ms)
+
     for _ in range(MAX_REPLANS):
         if ms is None or ms <= target_ms:
             break
         # at least REPLAN_STEP of the target: a miss by a hair would otherwise ask for a
         # saving smaller than any change of rank, and get the same plan back
-        step = max(ms - target_ms, REPLAN_STEP * target_ms)
+        aim = aimed()
+        step = max(ms - target_ms, REPLAN_STEP * target_ms, 0.0 if aim is None else aim - slack)
         try:
             trial = build(slack + step)
         except TnonnxError:  # no tighter plan exists: keep this one
@@ -330,9 +345,11 @@ def meet_speedup(build, measure, target_ms: float):
         ms = measure(plan)
     if ms is not None and ms < target_ms * (1 - RELAX_MARGIN):
         surplus = target_ms - ms
-        for part in RELAX_PARTS:
+        aim = aimed()
+        tries = ([aim] if aim is not None and aim < slack else []) + [slack - part * surplus for part in RELAX_PARTS]
+        for relaxed in tries:
             try:
-                trial = build(slack - part * surplus)
+                trial = build(relaxed)
                 trial_ms = measure(trial)
             except TnonnxError:
                 continue

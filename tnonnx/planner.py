@@ -38,6 +38,7 @@ class Planner:
         self.counts: dict[str, int] = {}  # candidate_options' tally
         self.timed = 0  # options timed by _timed_front
         self.paying: set[str] = set()  # table groups kept with options slower than dense (module docstring)
+        self.predicted_ms: float | None = None  # the last plan's model time as the layers' timings predict it
 
     @property
     def choosing(self) -> bool:
@@ -113,6 +114,7 @@ class Planner:
                 raise TnonnxError(what + str(exc) + floor) from None
         if together is not None and any(not choice[k].dense for k in self.paying):
             self.notes.append(self._paid_note(choice, together))
+        self.predicted_ms = self._predicted_ms(choice) if self.rules.speedup else None
         for key, group in self.groups.items():
             o = choice[key]
             for p in group:
@@ -232,6 +234,14 @@ class Planner:
         scale = max(sum(dense) / self.before_ms, 1.0)
         saving = (self.before_ms - self.before_ms / self.rules.speedup + slack) * scale
         return sum(dense) - saving
+
+    def _predicted_ms(self, choice: dict) -> float | None:
+        """The whole model's time under `choice` in the frame of before_ms: the time the
+        layers save, in _max_ms's measure, taken off the original's."""
+        if self.before_ms is None or any(o.ms is None for o in choice.values()):
+            return None
+        scale = max(self._dense_ms() / self.before_ms, 1.0)
+        return self.before_ms - sum(self.options[k][0].ms - o.ms for k, o in choice.items()) / scale
 
     def _dense_reason(self, key: str) -> str:
         only_dense = len(self.options[key]) == 1
