@@ -35,7 +35,8 @@ def interleaved(models, feeds: Mapping[str, np.ndarray], *, warmup: int = 5, rep
     follows one untimed run, which absorbs the switch), so that a change in machine load
     reaches all alike; at least ``repeats`` timed runs each and ``min_time_s`` seconds."""
     names = list(what) + [f"model {i}" for i in range(len(what), len(models))]
-    sessions = [runtime.session(m, threads=threads, spin_after_run=spin_after_run, what=n) for m, n in zip(models, names)]
+    sessions = [runtime.session(m, threads=threads, spin_after_run=spin_after_run, what=n)
+                for m, n in zip(models, names)]
     feeds = dict(feeds)
     for sess, name in zip(sessions, names):
         for _ in range(warmup):

@@ -228,20 +228,22 @@ class Planner:
         if any(ms is None for ms in dense) or self.before_ms is None:
             raise TnonnxError(f"--speedup {self.rules.speedup:g}: some selected layers could not be timed at the "
                               "deployment shape (inside a subgraph, or the model does not run on random inputs)")
-        # the layers must save (1 - 1/X) of the model's time. Timed alone (layout reorders,
-        # cold inputs) layers can sum to more than the whole model: then their savings count
-        # in that inflated measure
-        scale = max(sum(dense) / self.before_ms, 1.0)
-        saving = (self.before_ms - self.before_ms / self.rules.speedup + slack) * scale
+        # the layers must save (1 - 1/X) of the model's time
+        saving = (self.before_ms - self.before_ms / self.rules.speedup + slack) * self._scale()
         return sum(dense) - saving
+
+    def _scale(self) -> float:
+        """Layer ms per model ms of saving. Timed alone (layout reorders, cold inputs) the
+        layers can sum to more than the whole model: then their savings count in that
+        inflated measure."""
+        return max(self._dense_ms() / self.before_ms, 1.0)
 
     def _predicted_ms(self, choice: dict) -> float | None:
         """The whole model's time under `choice` in the frame of before_ms: the time the
         layers save, in _max_ms's measure, taken off the original's."""
         if self.before_ms is None or any(o.ms is None for o in choice.values()):
             return None
-        scale = max(self._dense_ms() / self.before_ms, 1.0)
-        return self.before_ms - sum(self.options[k][0].ms - o.ms for k, o in choice.items()) / scale
+        return self.before_ms - sum(self.options[k][0].ms - o.ms for k, o in choice.items()) / self._scale()
 
     def _dense_reason(self, key: str) -> str:
         only_dense = len(self.options[key]) == 1
