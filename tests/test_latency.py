@@ -526,3 +526,36 @@ def test_meet_speedup_re_aims_where_the_layers_timings_and_the_whole_model_disag
     built.clear()
     meet_speedup(build, measure, 10.0)
     assert built[:2] == [0.0, -10.0]
+
+
+def test_a_failed_validation_under_the_floor_names_the_way_out():
+    # a narrow layer whose factorisations are timed slower (each node costs more than its
+    # multiply-adds save) between two wide ones: the wide ones carry the whole budget, at
+    # ranks that cannot keep a random full-rank function, and the failure says what would
+    # let the narrow layer share it
+    rng = np.random.default_rng(0)
+    widths = [256, 32, 32, 256]
+    nodes, inits, x = [], [], "x"
+    for i, (n, m) in enumerate(zip(widths, widths[1:])):
+        inits.append(init(f"W{i}", (rng.standard_normal((n, m)) / np.sqrt(n)).astype(np.float32)))
+        y = "y" if i == len(widths) - 2 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [x, f"W{i}"], [y], name=f"fc{i}"))
+        x = y
+    model = make_model(nodes, [value("x", ["batch", 256])], [value("y", ["batch", 256])], inits)
+
+    def node_heavy_ms(m, feeds):
+        return macs.count(m, {k: v.shape for k, v in feeds.items()}).total * 1e-6 + 0.05 * len(m.graph.node)
+
+    timer = latency.CallableTimer(node_heavy_ms)
+    _, report = tnonnx.rewrite(model, format="svd", budget=2, batch=64, timer=timer, min_cosine=0.999)
+    assert report.validation.failures and "--allow-slower" in report.validation_hint
+    assert report.to_dict()["validation_hint"] == report.validation_hint
+    text = io.StringIO()
+    report.render(Console(file=text, width=200))
+    assert "never-slower rule left out" in text.getvalue()
+    # nothing left out, or nothing failed: no hint
+    _, report = tnonnx.rewrite(model, format="svd", budget=2, batch=64, timer=timer, min_cosine=0.999,
+                               allow_slower=True)
+    assert report.validation.failures and report.validation_hint is None
+    _, report = tnonnx.rewrite(model, format="svd", budget=2, batch=64, timer=timer, min_cosine=0.0)
+    assert not report.validation.failures and report.validation_hint is None

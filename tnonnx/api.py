@@ -91,6 +91,7 @@ class _Work:
     speed_feeds: dict | None = None  # random inputs at the deployment shape
     tensor_shapes: macs.TensorShapes | None = None  # the original's, for the timing models and MAC counts
     concrete: dict | None = None  # the original's input shapes at the deployment shape
+    floored: int = 0  # candidates the never-slower rule left out (Planner.floored)
 
 
 def rewrite_with(model, s: RewriteSettings, progress=False) -> tuple[onnx.ModelProto, RewriteReport]:
@@ -147,6 +148,7 @@ def rewrite_with(model, s: RewriteSettings, progress=False) -> tuple[onnx.ModelP
     report = RewriteReport(
         format=s.rule.format, spec=s.rule.describe(), emit=speed.emit, batch=s.deployment.batch, rows=rows,
         totals=totals, validation=result, validation_skipped=skipped, seconds=seconds, fit=fitting.mode,
+        validation_hint=_floor_hint(work.floored) if result is not None and result.failures else None,
         notes=work.notes, deploy=deployed, stages=dict(stages.seconds),
         latency=LatencyInfo(deployment=s.deployment.describe(original), threads=s.deployment.threads,
                             measured=clock.measures, speedup_target=speed.speedup,
@@ -267,6 +269,7 @@ def _fit_layers(work: _Work, s: RewriteSettings, pool: Workers, stages):
         else:
             replacements = build(0.0)
         work.notes.extend(planner.notes + ([used] if (used := pool.note()) else []))
+        work.floored = sum(planner.floored.values())
     if speed.emit == "rows":  # edge: a layer whose emission still breaks the rules stays dense
         owner = {n.name: key for key, r in replacements.items() for n in r.builder.nodes}
         for broken in edge_violations(partial(new, replacements), set(owner)):
@@ -492,6 +495,15 @@ def _against_original(clock, original, candidate, feeds, before_ms: float) -> fl
     if original_ms is None or candidate_ms is None:
         return None
     return before_ms * candidate_ms / original_ms
+
+
+def _floor_hint(floored: int) -> str | None:
+    """What a failed validation may owe to the never-slower rule, and the way out."""
+    if not floored:
+        return None
+    return (f"the never-slower rule left out {floored} candidate(s) timed slower than their dense layer, so "
+            "fewer layers carry the budget, at lower ranks: --allow-slower lets them share it (the report "
+            "then says how much slower the model is), or give the speed you need with --speedup X")
 
 
 def _reasons_summary(layers: list[Layer]) -> str:

@@ -172,6 +172,7 @@ class RewriteReport:
     totals: Totals
     validation: object | None = None  # validate.ValidationResult
     validation_skipped: str | None = None  # why, and how to give feeds (validate.skipped_note)
+    validation_hint: str | None = None  # what a failed validation may owe to the plan, and the way out
     seconds: float = 0.0
     output_path: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -202,6 +203,7 @@ class RewriteReport:
             "latency": asdict(self.latency) if self.latency is not None else None,
             "validation": self.validation.to_dict() if self.validation is not None else None,
             "validation_skipped": self.validation_skipped,
+            "validation_hint": self.validation_hint,
             "deploy": self.deploy.to_dict() if self.deploy is not None else None,
             "layers": [asdict(r) for r in self.rows],
         }
@@ -282,6 +284,8 @@ class RewriteReport:
             render_deploy(self.deploy, console)
         if self.validation is not None:
             render_validation(self.validation, console)
+            if self.validation_hint:
+                console.print(f"[yellow]{escape(self.validation_hint)}[/yellow]", markup=True, highlight=False)
         if self.validation_skipped:
             console.print(f"[yellow]{escape(self.validation_skipped)}[/yellow]", markup=True, highlight=False)
 
