@@ -129,14 +129,10 @@ def constant_names(graph: onnx.GraphProto) -> set[str]:
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     """The value of a Constant node (a tensor, or value_float(s)/value_int(s)); None for the
     other forms (strings, sparse)."""
-    for a in node.attribute:
-        if a.name == "value":
-            return numpy_helper.to_array(a.t)
-        if a.name in ("value_float", "value_floats"):
-            return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.float32)
-        if a.name in ("value_int", "value_ints"):
-            return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.int64)
-    return None
+    if any(a.name in ("sparse_value", "value_string", "value_strings") for a in node.attribute):
+        return None
+    tensor = _constant_tensor(node)
+    return None if tensor is None else numpy_helper.to_array(tensor)
 
 
 # ops folded when all their inputs are constant (and small), to see the constants they make
