@@ -53,6 +53,26 @@ def conv_model(builds, channels: int, size: int, batch: int = 1):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
+def same_padding(k: int, size: int):
+    """Conv attributes and geometry of a k x k conv that keeps a size x size image."""
+    attrs = {"pads": [k // 2] * 4}
+    return attrs, ConvGeometry((k, k), attrs, (size, size), (size, size))
+
+
+def dense_stage(kernels, size: int, batch: int = 1):
+    """The dense convs of `kernels` (each C x C x k x k) in a row, each followed by a Relu."""
+    k = kernels[0].shape[-1]
+    attrs, _ = same_padding(k, size)
+    return conv_model([lambda b, x, y, w=w: conv_node(b, x, w, y, attrs=dict(attrs, kernel_shape=[k, k]), output=y)
+                       for w in kernels], kernels[0].shape[1], size, batch)
+
+
+def factorised_stage(facts, channels: int, k: int, size: int, batch: int = 1):
+    """The same stage with each conv emitted as tnonnx rewrite emits its factorisation."""
+    _, geometry = same_padding(k, size)
+    return conv_model([lambda b, x, y, f=f: f.emit(b, x, geometry, None, y) for f in facts], channels, size, batch)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -69,24 +89,16 @@ def main() -> None:
     for c, size, k in LAYERS:
         kernels = [rng.standard_normal((c, c, k, k)).astype(np.float32) / np.sqrt(c * k * k)
                    for _ in range(args.depth)]
-        attrs = {"pads": [k // 2] * 4}
-        geometry = ConvGeometry((k, k), attrs, (size, size), (size, size))
-
-        def dense_conv(w):
-            return lambda b, x, y: conv_node(b, x, w, y, attrs=dict(attrs, kernel_shape=[k, k]), output=y)
-
-        def factorised_conv(fact):
-            return lambda b, x, y: fact.emit(b, x, geometry, None, y)
-
-        dense = conv_model([dense_conv(w) for w in kernels], c, size, args.batch)
+        _, geometry = same_padding(k, size)
+        dense = dense_stage(kernels, size, args.batch)
         feeds = {"x": rng.standard_normal((args.batch, c, size, size)).astype(np.float32)}
         dense_macs = args.depth * c * c * k * k * size * size
         for fmt, ranks in FORMATS_RANKS:
             for rank in ranks:
                 facts = [FORMATS[fmt].fit_conv(w.astype(np.float64), RankSpec(rank=rank)) for w in kernels]
-                model = conv_model([factorised_conv(f) for f in facts], c, size, args.batch)
-                want = runtime.session(conv_model([dense_conv(f.to_dense().astype(np.float32)) for f in facts],
-                                                  c, size, args.batch)).run(None, feeds)[0]
+                model = factorised_stage(facts, c, k, size, args.batch)
+                want = runtime.session(dense_stage([f.to_dense().astype(np.float32) for f in facts], size,
+                                                   args.batch)).run(None, feeds)[0]
                 got = runtime.session(model).run(None, feeds)[0]
                 np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
                 t_dense, t_fact = OrtTimer(min_rounds=args.rounds, max_rounds=args.rounds)([dense, model], feeds,

@@ -36,10 +36,9 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from conv_emission import conv_model  # noqa: E402
+from conv_emission import dense_stage, factorised_stage  # noqa: E402
 from tnonnx import calibrate  # noqa: E402
-from tnonnx.emit import conv_node  # noqa: E402
-from tnonnx.formats import FORMATS, ConvGeometry, RankSpec  # noqa: E402
+from tnonnx.formats import FORMATS, RankSpec  # noqa: E402
 
 SETTINGS = {
     "sleep": {"session.intra_op.allow_spinning": "0"},
@@ -69,12 +68,8 @@ def stage_pair(channels: int, size: int, rank: int, depth: int):
     rng = np.random.default_rng(0)
     kernels = [rng.standard_normal((channels, channels, 3, 3)).astype(np.float32) / np.sqrt(channels * 9)
                for _ in range(depth)]
-    attrs = {"pads": [1] * 4}
-    geometry = ConvGeometry((3, 3), attrs, (size, size), (size, size))
-    dense = conv_model([lambda b, x, y, w=w: conv_node(b, x, w, y, attrs=dict(attrs, kernel_shape=[3, 3]), output=y)
-                        for w in kernels], channels, size)
     facts = [FORMATS["tucker"].fit_conv(w.astype(np.float64), RankSpec(rank=rank)) for w in kernels]
-    tucker = conv_model([lambda b, x, y, f=f: f.emit(b, x, geometry, None, y) for f in facts], channels, size)
+    dense, tucker = dense_stage(kernels, size), factorised_stage(facts, channels, 3, size)
     feeds = {"x": rng.standard_normal((1, channels, size, size)).astype(np.float32)}
     return dense, tucker, feeds
 
