@@ -57,6 +57,18 @@ def test_bad_values_are_refused_before_any_model_is_read(options, message):
         tnonnx.rewrite("no such file.onnx", **options)  # the settings are judged first
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(fit="bogus"), "--fit bogus"),
+    (dict(fit="aware"), "--fit aware needs calibration data"),
+    (dict(finetune=-1), "--finetune -1"),
+    (dict(admm_rho=1.0), "--admm-rho applies to --admm"),
+])
+def test_fitting_options_are_judged_before_the_model_is_read(options, message):
+    """Like the settings above: a bad --fit is named before the missing file is."""
+    with pytest.raises(TnonnxError, match=message):
+        tnonnx.rewrite("no such file.onnx", format="svd", rank=4, **options)
+
+
 def test_unknown_keywords_are_refused():
     with pytest.raises(TypeError, match="colour"):
         tnonnx.rewrite("m.onnx", colour="blue")

@@ -99,8 +99,8 @@ def rewrite_with(model, s: RewriteSettings, progress=False) -> tuple[onnx.ModelP
     started, read_before = time.perf_counter(), external.traffic.read
     pool = Workers(s.fitting.workers, torch=s.fitting.mode != "data-free" or is_nonlinear(s.rule.format))
     stages = progress_bars.Stages.of(progress)
+    _check_training(s)  # the command line's own errors first, before the model is read
     work = _load_and_plan(model, s)
-    _check_training(s)
     original, new, plans = work.original, work.new, work.plans
     fitting, speed, delivery = s.fitting, s.speed, s.delivery
     shapes = s.deployment.given_shapes
