@@ -4,6 +4,7 @@ they replace, in ONNX Runtime (CPU), at ranks that are multiples of the SIMD wid
     .venv/bin/python bench/conv_emission.py                 # 2 threads, one layer, batch 1
     .venv/bin/python bench/conv_emission.py --threads 1 --rounds 9
     .venv/bin/python bench/conv_emission.py --depth 4 --batch 8
+    .venv/bin/python bench/conv_emission.py --depth 4 --processes 3   # each row timed in 3 new processes
 
 Each model is `--depth` convs of one shape in a row, each followed by a Relu, as in a
 ResNet stage (input batch x C x H x W), every conv emitted exactly as `tnonnx rewrite`
@@ -13,19 +14,28 @@ dense convs, sessions that do not spin, medians). With depth 1 the session's fix
 single small layer; in a stage they are shared, as in a network. The table gives ms, the
 speed-up over dense, the MAC ratio (dense MACs / factorised MACs) and the fraction of the
 MAC-ratio speed-up reached. Outputs are checked against the factorisations' own dense kernels.
+
+With `--processes N` each row is timed in N new processes (the models saved to a temporary
+folder) and the table gives the median speed-up over them, with the range: on a machine
+whose two-thread speed depends on the process (docs/RESULTS.md, "Two-thread timings depend
+on the process"), one process's timings can be all fast or all slow.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
@@ -73,16 +83,46 @@ def factorised_stage(facts, channels: int, k: int, size: int, batch: int = 1):
     return conv_model([lambda b, x, y, f=f: f.emit(b, x, geometry, None, y) for f in facts], channels, size, batch)
 
 
+def time_in_processes(models, feeds, threads: int, rounds: int, processes: int) -> list[list[float]]:
+    """OrtTimer's times of `models` in each of `processes` new Python processes."""
+    with tempfile.TemporaryDirectory() as folder:
+        paths = [str(Path(folder) / f"m{i}.onnx") for i in range(len(models))]
+        for model, path in zip(models, paths):
+            onnx.save(model, path)
+        np.savez(Path(folder) / "feeds.npz", **feeds)
+        out = []
+        for _ in range(processes):
+            done = subprocess.run([sys.executable, __file__, "--time-files", folder, "--threads", str(threads),
+                                   "--rounds", str(rounds)], check=True, capture_output=True, text=True)
+            out.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        return out
+
+
+def _time_files(folder: str, threads: int, rounds: int) -> None:
+    """The child side of time_in_processes: print the times as one JSON line."""
+    paths = sorted(Path(folder).glob("m*.onnx"), key=lambda p: int(p.stem[1:]))
+    feeds = dict(np.load(Path(folder) / "feeds.npz"))
+    times = OrtTimer(min_rounds=rounds, max_rounds=rounds)([onnx.load(str(p)) for p in paths], feeds, threads)
+    print(json.dumps(times))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--depth", type=int, default=1, help="convs of one shape in a row (a network stage)")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--processes", type=int, default=0,
+                    help="time each row in this many new processes (median speed-up over them)")
+    ap.add_argument("--time-files", default=None, help=argparse.SUPPRESS)  # the child of --processes
     args = ap.parse_args()
+    if args.time_files:
+        _time_files(args.time_files, args.threads, args.rounds)
+        return
     print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads, {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.1f}; batch {args.batch}, {args.depth} conv(s) per model; "
-          f"medians of {args.rounds} interleaved rounds\n")
+          f"medians of {args.rounds} interleaved rounds"
+          + (f", each row in {args.processes} new processes" if args.processes else "") + "\n")
     print("| layer | format | ranks | MAC ratio | dense ms | factorised ms | speed-up (of MAC ratio) |")
     print("|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
@@ -101,12 +141,20 @@ def main() -> None:
                                                    args.batch)).run(None, feeds)[0]
                 got = runtime.session(model).run(None, feeds)[0]
                 np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
-                t_dense, t_fact = OrtTimer(min_rounds=args.rounds, max_rounds=args.rounds)([dense, model], feeds,
-                                                                                            args.threads)
                 ratio = dense_macs / sum(f.macs(geometry) for f in facts)
-                speed = t_dense / t_fact
+                if args.processes:
+                    runs = time_in_processes([dense, model], feeds, args.threads, args.rounds, args.processes)
+                    speeds = sorted(d / f for d, f in runs)
+                    t_dense, t_fact = (float(np.median([r[i] for r in runs])) for i in (0, 1))
+                    speed = float(np.median(speeds))
+                    spread = f" [{speeds[0] / ratio:.2f}-{speeds[-1] / ratio:.2f}]"
+                else:
+                    t_dense, t_fact = OrtTimer(min_rounds=args.rounds, max_rounds=args.rounds)([dense, model], feeds,
+                                                                                                args.threads)
+                    speed, spread = t_dense / t_fact, ""
                 print(f"| {c}x{c}x{k}x{k} @ {size}x{size} | {fmt} | {','.join(map(str, facts[0].ranks))} | "
-                      f"{ratio:.2f} | {t_dense:.3f} | {t_fact:.3f} | {speed:.2f}x ({speed / ratio:.2f}) |", flush=True)
+                      f"{ratio:.2f} | {t_dense:.3f} | {t_fact:.3f} | {speed:.2f}x ({speed / ratio:.2f}){spread} |",
+                      flush=True)
 
 
 if __name__ == "__main__":
