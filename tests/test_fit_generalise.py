@@ -5,6 +5,7 @@ Where no planner judges candidates, the final fit uses all rows (LayerData.poole
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import helper
 
 import tnonnx
@@ -115,6 +116,20 @@ def test_a_fixed_rank_fit_is_made_again_on_all_rows():
     # better on all rows than the fit without the held-out ones; its held-out error is that fit's
     assert final.output_error < pooled.output_error(split)
     assert final.held_out_error == split.held_out_error == data.held_out_error(split)
+
+
+def test_the_split_fit_behind_a_pooled_one_is_measured_on_its_held_out_rows_only():
+    """Asked first for the final fit, the fitter measures the split fit's held-out error and
+    nothing else of it (its output and weight errors would be an extra product per layer)."""
+    from tnonnx.plan import Fitter
+
+    layer, data, measured_split, want = _fits(pool_final=True)
+    fitter = Fitter(None, {layer.name: data}, pool_final=True)
+    final = fitter.fit(layer, "svd", RankSpec(rank=6))
+    split = fitter.fit(layer, "svd", RankSpec(rank=6), pool=False, measure=False)
+    assert not split.measured and split.output_error is None and split.weight_error is None
+    assert final.held_out_error == pytest.approx(measured_split.held_out_error, rel=1e-12)
+    assert (final.output_error, final.weight_error) == pytest.approx((want.output_error, want.weight_error), rel=1e-12)
 
 
 def test_a_refined_chain_keeps_its_fit():

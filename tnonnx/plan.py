@@ -210,8 +210,8 @@ class Fitter:
         key = self.key(layer, format, spec, modes, order, final=final, pool=pool)
         refine, pooled = key[-2:]
         if key not in self.cache and pooled:
-            split = self.fit(layer, format, spec, modes, order, final=True, pool=False)
-            self.cache[key] = self._on_all_rows(split, layer, format, spec, modes, order, data.pooled())
+            split = self.fit(layer, format, spec, modes, order, final=True, measure=False, pool=False)
+            self.cache[key] = self._on_all_rows(split, layer, format, spec, modes, order, data)
         elif key not in self.cache:
             self.cache[key] = self._new_fit(layer, format, spec, modes, order, data, refine)
         fact = self.cache[key]
@@ -251,13 +251,17 @@ class Fitter:
             balance_cores(fact)
         return fact
 
-    def _on_all_rows(self, split, layer: Layer, format: str, spec: RankSpec, modes, order, pooled):
-        """The closed-form fit again on all calibration rows (`pooled`, LayerData.pooled),
-        measured on them; its held-out error stays the `split` fit's, measured before those
-        rows joined the fit."""
+    def _on_all_rows(self, split, layer: Layer, format: str, spec: RankSpec, modes, order, data):
+        """The closed-form fit again on all calibration rows (LayerData.pooled), measured on
+        them; its held-out error is the `split` fit's, measured on the rows it did not see
+        (only that error of the split fit is reported, so only it is measured)."""
+        pooled = data.pooled()
         fact = self._new_fit(layer, format, spec, modes, order, pooled, refine=False)
         self._measure(fact, layer, pooled)
-        fact.held_out_error = split.held_out_error  # (pooled data holds nothing out)
+        if getattr(split, "measured", False):
+            fact.held_out_error = split.held_out_error
+        else:
+            fact.held_out_error = data.held_out_error(split, split.to_dense() if split.linear else None)
         return fact
 
     @staticmethod
