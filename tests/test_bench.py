@@ -35,3 +35,31 @@ def test_compare_structure():
     check_latency(result["candidate"], 5)
     assert result["speedup"] > 0 and result["batch"] == 4
     assert result["shapes"] == {"x": [4, 8]}
+
+
+def test_compare_in_processes_keeps_the_median_process():
+    """Fixed per-process results: the median process by speed-up is kept whole (its times
+    with its speed-up), and every process's speed-up is listed in run order."""
+    speeds = iter([1.9, 0.8, 1.4, 2.5])
+    calls = []
+
+    def run(reference, candidate, options):
+        calls.append((reference, candidate, options))
+        s = next(speeds)
+        return {"reference": {"p50_ms": s}, "candidate": {"p50_ms": 1.0}, "speedup": s, "batch": 4}
+
+    got = bench.compare_in_processes("a.onnx", "b.onnx", 3, run=run, batch=4, threads=2)
+    assert got["speedup"] == 1.4 and got["reference"]["p50_ms"] == 1.4 and got["speedups"] == [1.9, 0.8, 1.4]
+    assert got["processes"] == 3 and calls == [("a.onnx", "b.onnx", {"batch": 4, "threads": 2})] * 3
+    speeds = iter([1.9, 0.8, 1.4, 2.5])
+    assert bench.compare_in_processes("a.onnx", "b.onnx", 4, run=run)["speedup"] == 1.4  # lower middle
+
+
+def test_compare_in_new_processes_end_to_end(tmp_path):
+    import onnx
+
+    for name, w in (("a.onnx", np.eye(8)), ("b.onnx", 2 * np.eye(8))):
+        onnx.save(linear(w), tmp_path / name)
+    got = bench.compare_in_processes(tmp_path / "a.onnx", tmp_path / "b.onnx", 2, batch=4, warmup=1, repeats=5)
+    check_latency(got["reference"], 5)
+    assert len(got["speedups"]) == 2 and got["speedup"] in got["speedups"] and got["shapes"] == {"x": [4, 8]}

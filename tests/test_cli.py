@@ -459,6 +459,16 @@ def test_inspect_says_when_there_is_nothing_to_rewrite(tmp_path):
     assert result.exit_code == 0 and "nothing tnonnx can rewrite" in result.output
 
 
+def test_bench_in_new_processes(tmp_path, good):
+    """--processes 2: the median process's speed-up, each process's listed; a file that is
+    not a model is refused in one line before any process starts."""
+    result = cli("bench", good, good, "--processes", "2", "--repeats", "3", "--warmup", "1")
+    assert result.exit_code == 0, result.output
+    assert "the median of 2 processes (each: " in " ".join(result.stdout.split())
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    assert_bad_input(cli("bench", good, tmp_path / "junk.onnx", "--processes", "2"), "junk.onnx")
+
+
 def test_bench_rejects_zero_repeats(tmp_path):
     result = CliRunner().invoke(main, ["bench", "a.onnx", "b.onnx", "--repeats", "0"])
     assert result.exit_code == 2

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import onnx
@@ -95,3 +97,27 @@ def compare(
         "candidate": cand_lat,
         "speedup": ref_lat["p50_ms"] / cand_lat["p50_ms"] if cand_lat["p50_ms"] > 0 else float("inf"),
     }
+
+
+def compare_in_processes(reference: str | os.PathLike, candidate: str | os.PathLike, processes: int, *,
+                         run=None, **options) -> dict:
+    """compare() in `processes` new Python processes, one after another: on some machines a
+    process's two-thread speed is set for its whole life (docs/RESULTS.md, "Two-thread timings
+    depend on the process"), so one process can time both models all fast or all slow. The
+    result is the median process's (by speed-up; the lower of the middle two for an even
+    count), with `processes` and every process's speed-up in run order (`speedups`).
+    `run(reference, candidate, options)` stands in for one process (tests)."""
+    run = run or _compare_in_new_process
+    results = [run(str(reference), str(candidate), options) for _ in range(processes)]
+    median = sorted(results, key=lambda r: r["speedup"])[(processes - 1) // 2]
+    return dict(median, processes=processes, speedups=[r["speedup"] for r in results])
+
+
+def _compare_in_new_process(reference: str, candidate: str, options: dict) -> dict:
+    # spawn: a fresh interpreter, not a fork of this one (whose threads and state it would share)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_compare_paths, reference, candidate, options).result()
+
+
+def _compare_paths(reference: str, candidate: str, options: dict) -> dict:
+    return compare(reference, candidate, **options)
