@@ -232,6 +232,46 @@ def test_the_report_carries_measured_and_predicted_times():
     assert report.latency.measured is False and report.latency.timed > 0
 
 
+def test_other_load_is_the_machines_cpu_time_less_this_process_over_the_timing_windows():
+    """Fixed readings: the machine busy 3.0 s and this process 1.2 s over 2 s of timing is
+    0.9 cores of other work; a window without a machine reading makes the figure unknown."""
+    readings = iter([(10.0, 5.0), (13.0, 6.2), (20.0, 7.0), (20.5, 7.5)])
+    load = latency.OtherLoad(machine=lambda: None, own=lambda: 0.0)
+    load.add(next(readings), next(readings), 2.0)
+    assert load.cores == pytest.approx(0.9)
+    load.add(next(readings), next(readings), 1.0)  # 0.5 s busy, all of it this process
+    assert load.cores == pytest.approx(0.6)
+    load.add((None, 0.0), (None, 1.0), 1.0)
+    assert load.cores is None
+    assert latency.OtherLoad().cores is None  # nothing timed yet
+    busy = latency.machine_busy_seconds()
+    assert busy is None or busy > 0
+
+
+def test_the_report_states_the_other_load_while_timing(monkeypatch):
+    """A clock whose machine readings show one other core busy: the report says so; the
+    cost model (nothing timed) states none."""
+    state = {"machine": 0.0, "own": 0.0}
+
+    def timer(model, feeds):  # each timed model: 1 s of wall, the machine 1.5 s busy, this process 0.5 s
+        state["machine"] += 1.5
+        state["own"] += 0.5
+        return mac_ms(model, feeds)
+
+    wall = iter(float(i) for i in range(10**6))
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: next(wall))
+    monkeypatch.setattr(latency, "machine_busy_seconds", lambda: state["machine"])
+    monkeypatch.setattr(latency, "own_cpu_seconds", lambda: state["own"])
+    _, report = tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, threads=1,
+                               timer=latency.CallableTimer(timer), timing_cache=False)
+    assert report.latency.other_load is not None and report.to_dict()["latency"]["other_load"] > 0
+    buffer = io.StringIO()
+    report.render(Console(width=300, file=buffer))
+    assert "cores busy while timing" in buffer.getvalue()
+    _, report = tnonnx.rewrite(mlp(), format="svd", rank=16, batch=64, timing=False)
+    assert report.latency.other_load is None
+
+
 @pytest.mark.parametrize("bad, message", [(dict(threads=0), "--threads 0"), (dict(speedup=0), "--speedup 0"),
                                           (dict(budget="two"), "--budget two")])
 def test_bad_speed_options_are_one_line_errors(bad, message):

@@ -154,7 +154,7 @@ def rewrite_with(model, s: RewriteSettings, progress=False) -> tuple[onnx.ModelP
                             measured=clock.measures, speedup_target=speed.speedup,
                             timing_seconds=round(clock.seconds, 3), timed=clock.timed, cache_hits=clock.cache.hits,
                             cache=str(clock.cache.path) if clock.cache.enabled else None,
-                            totals_cached=clock.last_cached),
+                            totals_cached=clock.last_cached, other_load=_two_places(clock.other_load.cores)),
         source=source_info(model), settings=_settings_record(s, work, min_cosine))
     clock.cache.save()
     clock.sessions.close()
@@ -179,6 +179,10 @@ def _load_and_plan(model, s: RewriteSettings) -> _Work:
         raise TnonnxError(f"nothing to rewrite: no selected {'/'.join(s.scope.selection.ops)} layer with a "
                           "constant weight" + _reasons_summary(layers))
     return _Work(original, new, layers, plans, states, model_io.upgrade_note(original) + early_notes)
+
+
+def _two_places(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
 
 
 def _check_training(s: RewriteSettings) -> None:

@@ -13,6 +13,7 @@ import onnx
 
 from . import calibrate, runtime
 from . import model as _model
+from .latency import OtherLoad
 
 
 def latency(
@@ -87,8 +88,11 @@ def compare(
     feeds = calibrate.random_feeds(ref, batch, shapes, seed=0)
     # interleaved, with pools that stop spinning when a run returns (a session's spinning pool
     # would steal the cores from the other's runs), as the planner times (latency.OrtTimer)
+    load, started = OtherLoad(), time.perf_counter()
+    before = load.sample()
     ref_lat, cand_lat = interleaved([ref, cand], feeds, warmup=warmup, repeats=repeats, threads=threads,
                                     min_time_s=min_time_s, spin_after_run=False, what=("reference", "candidate"))
+    load.add(before, load.sample(), time.perf_counter() - started)
     return {
         "batch": batch,
         "threads": threads,
@@ -96,6 +100,7 @@ def compare(
         "reference": ref_lat,
         "candidate": cand_lat,
         "speedup": ref_lat["p50_ms"] / cand_lat["p50_ms"] if cand_lat["p50_ms"] > 0 else float("inf"),
+        "other_load": load.cores,  # cores the rest of the machine kept busy meanwhile (None: unknown)
     }
 
 

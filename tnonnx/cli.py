@@ -420,11 +420,14 @@ def bench_cmd(reference, candidate, batch, shapes, threads, repeats, warmup, plo
         r = result[key]
         console.print(f"{key:9s} p50 {r['p50_ms']:.3f} ms  p90 {r['p90_ms']:.3f} ms  mean {r['mean_ms']:.3f} ms "
                       f"({r['runs']} runs, batch {batch})")
+    load = result.get("other_load")
+    load = f"; other work kept {load:.2f} cores busy meanwhile" if load is not None else ""
     if processes > 1:
         console.print(f"speed-up (p50): {result['speedup']:.2f}x, the median of {processes} processes (each: "
-                      f"{', '.join(f'{x:.2f}x' for x in result['speedups'])}; the times above are that process's)")
+                      f"{', '.join(f'{x:.2f}x' for x in result['speedups'])}; the times above are that process's)"
+                      + load)
     else:
-        console.print(f"speed-up (p50): {result['speedup']:.2f}x")
+        console.print(f"speed-up (p50): {result['speedup']:.2f}x" + load)
     if plot_path:
         _write(plot_path, "--plot", lambda p: plot.plot_bench(result, p))
         click.echo(f"wrote {plot_path}")

@@ -319,6 +319,55 @@ def structure(model: onnx.ModelProto) -> bytes:
 # ------------------------------------------------------------------ measuring
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy since boot, all cores (Linux /proc/stat:
+    user, nice, system, irq, softirq, steal); None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds this process has used (all its threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
+class OtherLoad:
+    """How busy the rest of the machine was while tnonnx timed: CPU time used by everything
+    but this process over the timing windows, in cores (0.0: idle; 1.0: one core's worth of
+    other work). A figure to read timings by, not a correction. None where the machine's busy
+    time cannot be read."""
+
+    def __init__(self, machine=None, own=None):
+        self.machine, self.own = machine, own  # readers (tests); None: the module's
+        self.other = 0.0  # CPU seconds
+        self.wall = 0.0
+        self.known = True
+
+    def sample(self) -> tuple[float | None, float]:
+        return (self.machine or machine_busy_seconds)(), (self.own or own_cpu_seconds)()
+
+    def add(self, start: tuple[float | None, float], end: tuple[float | None, float], wall: float) -> None:
+        if start[0] is None or end[0] is None:
+            self.known = False
+            return
+        self.other += max(0.0, (end[0] - start[0]) - (end[1] - start[1]))
+        self.wall += wall
+
+    @property
+    def cores(self) -> float | None:
+        if not self.known or self.wall <= 0:
+            return None
+        return self.other / self.wall
+
+
 class Clock:
     """Times lists of models through a timer and a cache; counts what was measured."""
 
@@ -330,6 +379,7 @@ class Clock:
         self.seconds = 0.0  # spent timing
         self.timed = 0
         self.last_cached = False  # whether the last whole-model times came from the cache file
+        self.other_load = OtherLoad()  # the rest of the machine's CPU use while timing
 
     @property
     def measures(self) -> bool:
@@ -344,10 +394,13 @@ class Clock:
         out = [self.cache.get(k) if k else None for k in keys]
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
-            started = time.perf_counter()
+            started, load = time.perf_counter(), self.other_load.sample()
             extra = {"sessions": self.sessions} if keep and getattr(self.timer, "reuses_sessions", False) else {}
             measured = self.timer([models[i] for i in todo], feeds, self.threads, **extra)
-            self.seconds += time.perf_counter() - started
+            spent = time.perf_counter() - started
+            self.seconds += spent
+            if self.measures:
+                self.other_load.add(load, self.other_load.sample(), spent)
             self.timed += len(todo)
             for i, ms in zip(todo, measured):
                 out[i] = ms

@@ -115,6 +115,7 @@ class LatencyInfo:
     cache_hits: int = 0
     cache: str | None = None  # the timing cache file
     totals_cached: bool = False  # the whole-model times were taken by an earlier run (same plan, machine)
+    other_load: float | None = None  # cores the rest of the machine kept busy while this run timed (latency.OtherLoad)
 
 
 @dataclass
@@ -274,8 +275,10 @@ class RewriteReport:
                 how += " (by an earlier run of the same plan: timing cache)"
             fact = (f" (factorised, before the change of precision: {t.ms_factorised:.3f} ms, "
                     f"{_speed(t.ms_before, t.ms_factorised)})" if t.ms_factorised is not None else "")
+            load = self.latency.other_load
             console.print(f"latency {t.ms_before:.3f} ms → {t.ms_after:.3f} ms ({_speed(t.ms_before, t.ms_after)})"
                           f"{fact}, {how}, at {self.latency.deployment}"
+                          + (f"; other work kept {load:.2f} cores busy while timing" if load is not None else "")
                           + (f"; --speedup {self.latency.speedup_target:g} asked" if self.latency.speedup_target else ""))
         for note in self.notes:
             console.print(f"[yellow]{note}[/yellow]" if "SLOWER" in note or "not reached" in note else note,
