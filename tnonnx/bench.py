@@ -106,9 +106,9 @@ def compare(
 
 def compare_in_processes(reference: str | os.PathLike, candidate: str | os.PathLike, processes: int, *,
                          run=None, **options) -> dict:
-    """compare() in `processes` new Python processes, one after another: on some machines a
-    process's two-thread speed is set for its whole life (docs/RESULTS.md, "Two-thread timings
-    depend on the process"), so one process can time both models all fast or all slow. The
+    """compare() in `processes` new Python processes, one after another: on some machines
+    two-thread speed drops for a whole process or for minutes (docs/RESULTS.md, "Two-thread
+    timings depend on the process"), so one process can time both models all slow. The
     result is the median process's (by speed-up; the lower of the middle two for an even
     count), with `processes` and every process's speed-up in run order (`speedups`).
     `run(reference, candidate, options)` stands in for one process (tests)."""

@@ -400,7 +400,7 @@ def validate_cmd(reference, candidate, inputs, shapes, batch, atol, rtol, min_co
               help="Draw p50/p90/p99 of both models as a PNG (needs matplotlib: pip install 'tnonnx[plot]').")
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Time in this many new processes, one after another, and give the median speed-up "
-                   "(on machines whose two-thread speed differs from process to process).")
+                   "(on machines whose two-thread speed drops for a process or for minutes).")
 @handles_errors
 def bench_cmd(reference, candidate, batch, shapes, threads, repeats, warmup, plot_path, processes):
     """Latency of two models side by side on the same random feeds."""
