@@ -88,11 +88,10 @@ def compare(
     feeds = calibrate.random_feeds(ref, batch, shapes, seed=0)
     # interleaved, with pools that stop spinning when a run returns (a session's spinning pool
     # would steal the cores from the other's runs), as the planner times (latency.OrtTimer)
-    load, started = OtherLoad(), time.perf_counter()
-    before = load.sample()
-    ref_lat, cand_lat = interleaved([ref, cand], feeds, warmup=warmup, repeats=repeats, threads=threads,
-                                    min_time_s=min_time_s, spin_after_run=False, what=("reference", "candidate"))
-    load.add(before, load.sample(), time.perf_counter() - started)
+    load = OtherLoad()
+    with load.window():
+        ref_lat, cand_lat = interleaved([ref, cand], feeds, warmup=warmup, repeats=repeats, threads=threads,
+                                        min_time_s=min_time_s, spin_after_run=False, what=("reference", "candidate"))
     return {
         "batch": batch,
         "threads": threads,

@@ -14,6 +14,7 @@ import os
 import platform
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -367,6 +368,13 @@ class OtherLoad:
             return None
         return self.other / self.wall
 
+    @contextmanager
+    def window(self):
+        """Counts what the rest of the machine does while the block runs."""
+        start, started = self.sample(), time.perf_counter()
+        yield
+        self.add(start, self.sample(), time.perf_counter() - started)
+
 
 class Clock:
     """Times lists of models through a timer and a cache; counts what was measured."""
@@ -394,13 +402,11 @@ class Clock:
         out = [self.cache.get(k) if k else None for k in keys]
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
-            started, load = time.perf_counter(), self.other_load.sample()
+            started = time.perf_counter()
             extra = {"sessions": self.sessions} if keep and getattr(self.timer, "reuses_sessions", False) else {}
-            measured = self.timer([models[i] for i in todo], feeds, self.threads, **extra)
-            spent = time.perf_counter() - started
-            self.seconds += spent
-            if self.measures:
-                self.other_load.add(load, self.other_load.sample(), spent)
+            with self.other_load.window() if self.measures else nullcontext():
+                measured = self.timer([models[i] for i in todo], feeds, self.threads, **extra)
+            self.seconds += time.perf_counter() - started
             self.timed += len(todo)
             for i, ms in zip(todo, measured):
                 out[i] = ms
