@@ -15,8 +15,8 @@ single small layer; in a stage they are shared, as in a network. The table gives
 speed-up over dense, the MAC ratio (dense MACs / factorised MACs) and the fraction of the
 MAC-ratio speed-up reached. Outputs are checked against the factorisations' own dense kernels.
 
-With `--processes N` each row is timed in N new processes (the models saved to a temporary
-folder) and the table gives the median speed-up over them, with the range: on a machine
+With `--processes N` each row is timed in N new processes (tnonnx.bench.in_new_process)
+and the table gives the median speed-up over them, with the range: on a machine
 whose two-thread speed depends on the process (docs/RESULTS.md, "Two-thread timings depend
 on the process"), one process's timings can be all fast or all slow.
 """
@@ -24,22 +24,18 @@ on the process"), one process's timings can be all fast or all slow.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
-from tnonnx import runtime  # noqa: E402
+from tnonnx import bench, runtime  # noqa: E402
 from tnonnx.emit import Builder, conv_node  # noqa: E402
 from tnonnx.formats import FORMATS, ConvGeometry, RankSpec  # noqa: E402
 from tnonnx.latency import OrtTimer  # noqa: E402
@@ -85,25 +81,11 @@ def factorised_stage(facts, channels: int, k: int, size: int, batch: int = 1):
 
 def time_in_processes(models, feeds, threads: int, rounds: int, processes: int) -> list[list[float]]:
     """OrtTimer's times of `models` in each of `processes` new Python processes."""
-    with tempfile.TemporaryDirectory() as folder:
-        paths = [str(Path(folder) / f"m{i}.onnx") for i in range(len(models))]
-        for model, path in zip(models, paths):
-            onnx.save(model, path)
-        np.savez(Path(folder) / "feeds.npz", **feeds)
-        out = []
-        for _ in range(processes):
-            done = subprocess.run([sys.executable, __file__, "--time-files", folder, "--threads", str(threads),
-                                   "--rounds", str(rounds)], check=True, capture_output=True, text=True)
-            out.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        return out
+    return [bench.in_new_process(_time_models, models, feeds, threads, rounds) for _ in range(processes)]
 
 
-def _time_files(folder: str, threads: int, rounds: int) -> None:
-    """The child side of time_in_processes: print the times as one JSON line."""
-    paths = sorted(Path(folder).glob("m*.onnx"), key=lambda p: int(p.stem[1:]))
-    feeds = dict(np.load(Path(folder) / "feeds.npz"))
-    times = OrtTimer(min_rounds=rounds, max_rounds=rounds)([onnx.load(str(p)) for p in paths], feeds, threads)
-    print(json.dumps(times))
+def _time_models(models, feeds, threads: int, rounds: int) -> list[float]:
+    return OrtTimer(min_rounds=rounds, max_rounds=rounds)(models, feeds, threads)
 
 
 def main() -> None:
@@ -114,11 +96,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--processes", type=int, default=0,
                     help="time each row in this many new processes (median speed-up over them)")
-    ap.add_argument("--time-files", default=None, help=argparse.SUPPRESS)  # the child of --processes
     args = ap.parse_args()
-    if args.time_files:
-        _time_files(args.time_files, args.threads, args.rounds)
-        return
     print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads, {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.1f}; batch {args.batch}, {args.depth} conv(s) per model; "
           f"medians of {args.rounds} interleaved rounds"

@@ -117,10 +117,15 @@ def compare_in_processes(reference: str | os.PathLike, candidate: str | os.PathL
     return dict(median, processes=processes, speedups=[r["speedup"] for r in results])
 
 
-def _compare_in_new_process(reference: str, candidate: str, options: dict) -> dict:
-    # spawn: a fresh interpreter, not a fork of this one (whose threads and state it would share)
+def in_new_process(fn, *args):
+    """fn(*args) in a new Python process, spawned: a fresh interpreter, not a fork of this one
+    (whose threads and state it would share). `fn` and `args` must pickle."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_compare_paths, reference, candidate, options).result()
+        return pool.submit(fn, *args).result()
+
+
+def _compare_in_new_process(reference: str, candidate: str, options: dict) -> dict:
+    return in_new_process(_compare_paths, reference, candidate, options)
 
 
 def _compare_paths(reference: str, candidate: str, options: dict) -> dict:
