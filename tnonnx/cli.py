@@ -410,8 +410,8 @@ def bench_cmd(reference, candidate, batch, shapes, threads, repeats, warmup, plo
     options = dict(batch=batch, shapes=calibrate.parse_shapes(shapes), threads=threads, warmup=warmup,
                    repeats=repeats)
     if processes > 1:
-        for path in (reference, candidate):  # one clear line here, not one per process
-            model_io.load(path, what="model")
+        for path, what in ((reference, "reference"), (candidate, "candidate")):  # one line here, as compare says it
+            model_io.load(path, what=what)
         result = bench.compare_in_processes(reference, candidate, processes, **options)
     else:
         result = bench.compare(reference, candidate, **options)

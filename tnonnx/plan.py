@@ -258,7 +258,7 @@ class Fitter:
         pooled = data.pooled()
         fact = self._new_fit(layer, format, spec, modes, order, pooled, refine=False)
         self._measure(fact, layer, pooled)
-        if getattr(split, "measured", False):
+        if split.measured:
             fact.held_out_error = split.held_out_error
         else:
             fact.held_out_error = data.held_out_error(split, split.to_dense() if split.linear else None)
