@@ -236,7 +236,7 @@ def test_other_load_is_the_machines_cpu_time_less_this_process_over_the_timing_w
     """Fixed readings: the machine busy 3.0 s and this process 1.2 s over 2 s of timing is
     0.9 cores of other work; a window without a machine reading makes the figure unknown."""
     readings = iter([(10.0, 5.0), (13.0, 6.2), (20.0, 7.0), (20.5, 7.5)])
-    load = latency.OtherLoad(machine=lambda: None, own=lambda: 0.0)
+    load = latency.OtherLoad()
     load.add(next(readings), next(readings), 2.0)
     assert load.cores == pytest.approx(0.9)
     load.add(next(readings), next(readings), 1.0)  # 0.5 s busy, all of it this process

@@ -346,14 +346,14 @@ class OtherLoad:
     other work). A figure to read timings by, not a correction. None where the machine's busy
     time cannot be read."""
 
-    def __init__(self, machine=None, own=None):
-        self.machine, self.own = machine, own  # readers (tests); None: the module's
+    def __init__(self):
         self.other = 0.0  # CPU seconds
         self.wall = 0.0
         self.known = True
 
-    def sample(self) -> tuple[float | None, float]:
-        return (self.machine or machine_busy_seconds)(), (self.own or own_cpu_seconds)()
+    @staticmethod
+    def sample() -> tuple[float | None, float]:
+        return machine_busy_seconds(), own_cpu_seconds()
 
     def add(self, start: tuple[float | None, float], end: tuple[float | None, float], wall: float) -> None:
         if start[0] is None or end[0] is None:
