@@ -83,6 +83,37 @@ def test_hooi_never_worse_than_hosvd(cap):
     assert fact.relative_error(w) <= _hosvd_error(w.reshape(6, 8, 6, 10), fact.ranks) + 1e-12
 
 
+@pytest.mark.parametrize("ranks", [(2, 3, 2, 4), (1, 5, 3, 3), (6, 2, 6, 9)])
+def test_hooi_equals_tensorlys_partial_tucker(ranks):
+    """Tucker.hooi (Gram eigenvectors) against tensorly's reference HOOI from the same start."""
+    from tensorly.decomposition import partial_tucker
+
+    w = _decaying(48, 60, seed=7) + 0.05 * randn(48, 60, seed=8)
+    t = tucker.Tucker(w.reshape(6, 8, 6, 10), [0, 1, 2, 3])
+    start = t.hosvd(list(ranks))
+    modes = sorted(start)
+    (_, reference), _ = partial_tucker(t.tensor, [ranks[k] for k in modes], modes=modes,
+                                       init=[start[k] for k in modes], n_iter_max=tucker.HOOI_ITERS,
+                                       tol=tucker.HOOI_TOL)
+    ours = t.hooi(start)
+    assert t.error2(ours) <= t.error2(start) + 1e-12
+    assert t.error2(ours) == pytest.approx(t.error2(dict(zip(modes, reference))), rel=1e-6)
+
+
+def test_extending_a_factor_keeps_it_and_adds_the_residuals_leading_directions():
+    w = _decaying(48, 60, seed=9)
+    t = tucker.Tucker(w.reshape(6, 8, 6, 10), [0, 1, 2, 3])
+    warm = t.hosvd([2, 2, 2, 2])
+    grown = t.extend(warm, {0: 4, 1: 5, 2: 2, 3: 7})
+    for k, factor in grown.items():
+        np.testing.assert_allclose(factor.T @ factor, np.eye(factor.shape[1]), atol=1e-10)
+        np.testing.assert_allclose(np.abs(factor[:, :2].T @ warm[k]), np.eye(2), atol=1e-10)  # kept
+        a = tucker.unfold(t.tensor, k)
+        residual = a - warm[k] @ (warm[k].T @ a)
+        lead = np.linalg.svd(residual, full_matrices=False)[0][:, :factor.shape[1] - 2]
+        np.testing.assert_allclose(np.linalg.svd(factor[:, 2:].T @ lead)[1], 1.0, atol=1e-8)  # same span
+
+
 @pytest.mark.parametrize("tol", [0.02, 0.1, 0.3, 0.7])
 def test_tolerance_is_guaranteed(tol):
     w = _decaying(96, 128, seed=6)

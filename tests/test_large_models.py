@@ -181,3 +181,22 @@ def test_large_weight_svd_through_the_gram_matrix_matches_lapack(monkeypatch, sh
     np.testing.assert_allclose(np.linalg.norm(u, axis=0), np.linalg.norm(v, axis=1), rtol=1e-8)  # balanced
     full = svd.balanced_factors(w, RankSpec(rank=min(shape)))
     np.testing.assert_allclose(full[0] @ full[1], w, atol=1e-9 * np.abs(w).max())  # exact at full rank
+
+
+def test_a_remembered_svd_is_reused_instead_of_the_gram_matrix(monkeypatch):
+    """The planner reads a layer's spectrum (thin_svd, remembered) and then fits svd at
+    many ranks: those fits truncate the remembered SVD, whatever the weight's size."""
+    from tnonnx.formats import svd
+    from tnonnx.formats.base import RankSpec
+
+    w = rng(4).standard_normal((50, 70)) * np.exp(-np.arange(70) / 8)
+    monkeypatch.setattr(svd, "GRAM_ABOVE", 0)
+    u, s, vt = svd.thin_svd(w)
+
+    def no_gram(*args):
+        raise AssertionError("the Gram matrix was formed although the SVD was remembered")
+    monkeypatch.setattr(svd, "_gram_factors", no_gram)
+    for r in (1, 7, 50):
+        a, b = svd.balanced_factors(w, RankSpec(rank=r))
+        np.testing.assert_allclose(a @ b, (u[:, :r] * s[:r]) @ vt[:r], atol=1e-10 * np.abs(w).max())
+    assert svd.remembered_svd(w + 1.0) is None  # another matrix: nothing remembered, nothing computed

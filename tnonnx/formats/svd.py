@@ -49,10 +49,19 @@ _SVDS: dict = {}
 _SVDS_KEPT = 1
 
 
+def _svd_key(a: np.ndarray) -> tuple:
+    return a.shape, a.dtype.str, hashlib.blake2b(a.tobytes(), digest_size=16).digest()
+
+
+def remembered_svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """thin_svd(a) if it is remembered, else None (nothing computed)."""
+    return _SVDS.get(_svd_key(np.ascontiguousarray(a)))
+
+
 def thin_svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The thin SVD of a (base.svd), remembered for the last matrix."""
     a = np.ascontiguousarray(a)
-    key = (a.shape, a.dtype.str, hashlib.blake2b(a.tobytes(), digest_size=16).digest())
+    key = _svd_key(a)
     if key not in _SVDS:
         if len(_SVDS) >= _SVDS_KEPT:
             _SVDS.pop(next(iter(_SVDS)))
@@ -63,9 +72,10 @@ def thin_svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def balanced_factors(w: np.ndarray, spec: RankSpec) -> tuple[np.ndarray, np.ndarray]:
     """U (n x r), V (r x m) with U V ~ w, the singular values split evenly between them."""
     cap = _cap(*w.shape, spec)
-    if cap is not None and w.size >= GRAM_ABOVE:
+    known = remembered_svd(w)  # the planner's estimates read this spectrum just before
+    if known is None and cap is not None and w.size >= GRAM_ABOVE:
         return _gram_factors(w, cap)
-    u, s, vt = thin_svd(w)
+    u, s, vt = known or thin_svd(w)
     r = svd_rank(s, *w.shape, spec)
     root = np.sqrt(s[:r])
     return u[:, :r] * root, root[:, None] * vt[:r]

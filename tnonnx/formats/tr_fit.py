@@ -37,7 +37,8 @@ import math
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .base import RankSpec, merge_train, svd, truncation_rank
+from .base import RankSpec, merge_train, truncation_rank
+from .tt import leading_subspace
 
 ALS_MAX_RANK = 32  # uniform ALS ranks: Gram u^2 x u^2 and transfer products u^6 per step
 ALS_SWEEPS = 10
@@ -78,16 +79,17 @@ def tr_svd(tensor: np.ndarray, *, cap: int | None = None, tol: float | None = No
     order = _rotation(d, start)
     n = [dims[i] for i in order]
     delta = tol * np.linalg.norm(tensor) / math.sqrt(d - 1) if tol else 0.0
-    u, s, vt = svd(np.transpose(tensor, order).reshape(n[0], -1))
+    # tt.leading_subspace: wide unfoldings through their rows' Gram matrix, U^T A carried on
+    u, s, proj = leading_subspace(np.transpose(tensor, order).reshape(n[0], -1), cap=None, delta=0.0)
     p_need = truncation_rank(s, cap=None if cap is None else cap * cap, delta=delta)
-    r0, r = ring_split(p_need, len(s), cap, round_up=not tol)  # --tol: fewest parameters
+    r0, r = ring_split(p_need, u.shape[1], cap, round_up=not tol)  # --tol: fewest parameters
     cores = [u[:, :r0 * r].reshape(n[0], r0, r).transpose(1, 0, 2)]
-    rest = (s[:r0 * r, None] * vt[:r0 * r]).reshape(r0, r, -1).transpose(1, 2, 0)  # (r1, rest, r0)
+    rest = proj[:r0 * r].reshape(r0, r, -1).transpose(1, 2, 0)  # (r1, rest, r0)
     for k in range(1, d - 1):
-        u, s, vt = svd(rest.reshape(r * n[k], -1))
-        rk = truncation_rank(s, cap=cap, delta=delta)
-        cores.append(u[:, :rk].reshape(r, n[k], rk))
-        rest, r = s[:rk, None] * vt[:rk], rk
+        u, _, rest = leading_subspace(rest.reshape(r * n[k], -1), cap=cap, delta=delta)
+        rk = u.shape[1]
+        cores.append(u.reshape(r, n[k], rk))
+        r = rk
     cores.append(rest.reshape(r, n[-1], r0))
     return [cores[order.index(i)] for i in range(d)]
 
@@ -135,6 +137,7 @@ def tr_als(tensor: np.ndarray, cores: list[np.ndarray], sweeps: int = ALS_SWEEPS
     best, best_err = list(cores), ring_error(tensor, cores)
     if d < 2:
         return best, best_err
+    norm2 = float(np.sum(tensor**2))
     unfold = [np.transpose(tensor, _rotation(d, k)) for k in range(d)]
     transfers = [_transfer(c) for c in cores]
     for _ in range(sweeps):
@@ -153,10 +156,15 @@ def tr_als(tensor: np.ndarray, cores: list[np.ndarray], sweeps: int = ALS_SWEEPS
                 z = np.einsum("iJl,bJc->ilbc", t, pre, optimize=True)
                 rhs = np.einsum("ilbc,cla->iab", z, last)
             ridge = 1e-13 * max(np.trace(gram), 1e-300) / (a * b)
-            sol = np.linalg.solve(gram + ridge * np.eye(a * b), rhs.reshape(n, a * b).T)
+            rhs = rhs.reshape(n, a * b).T
+            sol = np.linalg.solve(gram + ridge * np.eye(a * b), rhs)
             cores[k] = sol.T.reshape(n, a, b).transpose(1, 0, 2)
             transfers[k] = _transfer(cores[k])
-        err = ring_error(tensor, cores)
+        # ||T - R||^2 = ||T||^2 - 2 <T, R> + ||R||^2 from the last core's system, which the
+        # other cores have not changed since: no pass over the dense tensor, unless the
+        # difference is too small to trust
+        err2 = norm2 - 2 * float(np.sum(sol * rhs)) + float(np.sum(sol * (gram @ sol)))
+        err = math.sqrt(max(err2, 0.0) / max(norm2, 1e-300)) if err2 > 1e-8 * norm2 else ring_error(tensor, cores)
         if err >= best_err * (1 - 1e-4):
             if err < best_err:
                 best, best_err = list(cores), err

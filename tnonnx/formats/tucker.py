@@ -6,7 +6,7 @@ factors on the two channel modes only: 1x1 Conv S -> R_in, the k-sized Conv R_in
 with the original stride/pads/dilations, 1x1 Conv R_out -> T with the bias.
 See ALGORITHMS.md section 5.
 
-Fitting: truncated HOSVD, refined by HOOI (tensorly `partial_tucker`); the better of the
+Fitting: truncated HOSVD, refined by HOOI (Tucker.hooi); the better of the
 two is kept. A mode kept at full size needs no factor (an orthogonal square factor can be
 absorbed in the core), so it is not stored and, at full rank, the layer is its own core.
 - `--rank R` caps every mode rank. Caps are walked up a ladder (1, 2, 3, 4, 6, 8, 12, ...,
@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 from collections import OrderedDict
 
 import numpy as np
-from tensorly.decomposition import partial_tucker
 from tensorly.tenalg import multi_mode_dot
 
 from ..emit import Chain, Core, best_order
@@ -49,10 +47,25 @@ DEFAULT_ORDER = 2  # (n1, n2, m1, m2): the core of 3-4 small mode pairs costs mo
 HOOI_ITERS = 25
 HOOI_TOL = 1e-7  # stop when the relative error moves less than this in a sweep
 _CACHE: OrderedDict = OrderedDict()  # (tensor digest, shape, modes, cap) -> (factors, squared error)
+# (tensor digest, shape, mode) -> (u, s) of the mode unfolding: the planner fits one weight at
+# every rung of the ladder, and each fit starts from the same unfoldings' SVDs
+_MODE_SVDS: OrderedDict = OrderedDict()
+_MODE_SVDS_KEPT = 16
 
 
 def unfold(tensor: np.ndarray, mode: int) -> np.ndarray:
     return np.moveaxis(tensor, mode, 0).reshape(tensor.shape[mode], -1)
+
+
+def _project(tensor: np.ndarray, factors: dict) -> np.ndarray:
+    """tensor x_k factors[k]^T over the given modes, axes kept in place: each mode product is
+    a batched matrix product on a reshaped view (no transposed copy of the tensor), the most
+    shrinking ones first."""
+    for k in sorted(factors, key=lambda k: factors[k].shape[1] / tensor.shape[k]):
+        u, shape = factors[k], tensor.shape
+        a, n = math.prod(shape[:k]), shape[k]
+        tensor = np.matmul(u.T, tensor.reshape(a, n, -1)).reshape(shape[:k] + (u.shape[1],) + shape[k + 1:])
+    return tensor
 
 
 class Tucker:
@@ -60,12 +73,22 @@ class Tucker:
 
     def __init__(self, tensor: np.ndarray, modes: list[int]):
         self.tensor = np.asarray(tensor, dtype=np.float64)
+        self.digest = hashlib.blake2b(np.ascontiguousarray(self.tensor).tobytes(), digest_size=16).hexdigest()
         self.modes = modes
         self.dims = [self.tensor.shape[k] for k in modes]
         self.rest = self.tensor.size // math.prod(self.dims)  # core axes never factored (conv kernel)
-        self.svds = [svd(unfold(self.tensor, k))[:2] for k in modes]
+        self.svds = [self._mode_svd(k) for k in modes]
         self.numerical = [truncation_rank(s) for _, s in self.svds]
         self.norm2 = float(np.sum(self.tensor**2))
+
+    def _mode_svd(self, mode: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (self.digest, self.tensor.shape, mode)
+        if key not in _MODE_SVDS:
+            _MODE_SVDS[key] = svd(unfold(self.tensor, mode))[:2]
+            while len(_MODE_SVDS) > _MODE_SVDS_KEPT:
+                _MODE_SVDS.popitem(last=False)
+        _MODE_SVDS.move_to_end(key)
+        return _MODE_SVDS[key]
 
     def params(self, ranks) -> int:
         """Core plus the factors of the modes kept below full size (full ones need none)."""
@@ -152,26 +175,51 @@ class Tucker:
         if warm is not None:
             start = self.extend(warm, rank_of)
             fits.append((start, self.error2(start)))
-        init = min(fits, key=lambda fe: fe[1])[0]  # HOOI from the better start
-        with warnings.catch_warnings():  # tensorly clamps a rank above a projected unfolding's size, loudly
-            warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs", category=UserWarning)
-            (_, factors), _ = partial_tucker(self.tensor, [rank_of[k] for k in modes], modes=modes,
-                                             init=[init[k] for k in modes], n_iter_max=HOOI_ITERS, tol=HOOI_TOL)
-        hooi = dict(zip(modes, factors))
+        hooi = self.hooi(min(fits, key=lambda fe: fe[1])[0])  # from the better start
         fits.append((hooi, self.error2(hooi)))
         return min(fits, key=lambda fe: fe[1])
 
+    def hooi(self, factors: dict) -> dict:
+        """HOOI (De Lathauwer et al. 2000) from `factors`: each factor in turn becomes the
+        leading eigenvectors of the Gram matrix of the tensor's unfolding projected on the
+        other factors (the left singular vectors of that unfolding, without its SVD), until
+        the relative error moves by less than HOOI_TOL in a sweep (tensorly's partial_tucker
+        rule) or HOOI_ITERS sweeps. The modes are updated in two halves: the tensor projected
+        on one half's factors serves every mode of the other half, which halves the passes
+        over the whole tensor."""
+        factors, previous = dict(factors), None
+        keys = sorted(factors)
+        halves = [keys[:(len(keys) + 1) // 2], keys[(len(keys) + 1) // 2:]]
+        for _ in range(HOOI_ITERS if factors else 0):
+            for half, other in (halves, halves[::-1]):
+                shared = _project(self.tensor, {j: factors[j] for j in other})
+                for k in half:
+                    y = unfold(_project(shared, {j: factors[j] for j in half if j != k}), k)  # small now
+                    evals, evecs = np.linalg.eigh(y @ y.T)
+                    r = factors[k].shape[1]
+                    factors[k] = evecs[:, ::-1][:, :r]
+            kept = float(np.sum(np.clip(evals[::-1][:r], 0.0, None)))  # ||core||^2 after the last update
+            error = math.sqrt(abs(self.norm2 - kept) / max(self.norm2, 1e-300))
+            if previous is not None and abs(previous - error) < HOOI_TOL:
+                break
+            previous = error
+        return factors
+
     def extend(self, warm: dict, rank_of: dict) -> dict:
-        """Each warm factor completed by the leading directions of the unfolding outside it."""
+        """Each warm factor completed by the leading directions of the unfolding outside it:
+        the left singular vectors of P A (P the projector off the warm factor), found as the
+        eigenvectors of P (A A^T) P, with A A^T = U S^2 U^T from the mode's SVD (n_k x n_k,
+        instead of an SVD of the whole residual unfolding)."""
         out = {}
-        for k, (u, _) in zip(self.modes, self.svds):
+        for k, (u, s) in zip(self.modes, self.svds):
             r = rank_of[k]
             if r >= self.tensor.shape[k]:
                 continue
             base = warm.get(k, np.zeros((self.tensor.shape[k], 0)))[:, :r]
             if base.shape[1] < r:
-                a = unfold(self.tensor, k)
-                rest = svd(a - base @ (base.T @ a))[0][:, : r - base.shape[1]]
+                off = np.eye(base.shape[0]) - base @ base.T
+                gram = off @ ((u * s**2) @ u.T) @ off
+                rest = off @ np.linalg.eigh((gram + gram.T) / 2)[1][:, ::-1][:, : r - base.shape[1]]
                 base = np.linalg.qr(np.hstack([base, rest]))[0]
             out[k] = base
         return out
@@ -196,9 +244,8 @@ class Tucker:
         """(factors, core) under `spec`."""
         if spec.tol is None and spec.ratio is None and spec.rank != "vbmf":
             best, top = None, max(self.numerical)
-            digest = hashlib.blake2b(np.ascontiguousarray(self.tensor).tobytes(), digest_size=16).hexdigest()
             for cap in ladder(top if spec.rank is None else min(int(spec.rank), top)):
-                key = (digest, self.tensor.shape, tuple(self.modes), cap)
+                key = (self.digest, self.tensor.shape, tuple(self.modes), cap)
                 if key not in _CACHE:  # a rung depends only on the tensor and the rungs below it
                     _CACHE[key] = self.fit([min(cap, n) for n in self.numerical], None if best is None else best[0])
                     while len(_CACHE) > 256:
