@@ -256,3 +256,10 @@ def test_grouped_conv_rewrite(registered):
     feeds = {"x": randn(2, 16, 7, 7, seed=27)}
     new, _ = tnonnx.rewrite(m, format="tr", rank=10**5, force=True, validate=False)
     assert rel_err(run(m, feeds)[0], run(new, feeds)[0]) < 1e-4
+
+
+@pytest.mark.parametrize("cap", [1, 2, 3, 5, 40])
+def test_tr_svd_error_from_its_last_core_is_the_true_error(cap):
+    t = np.random.default_rng(5).standard_normal((6, 7, 5, 8)) + 3.0
+    cores, err = tr_fit.tr_svd_measured(t, cap=cap)
+    assert err == pytest.approx(tr_fit.ring_error(t, cores), rel=1e-6, abs=1e-12)

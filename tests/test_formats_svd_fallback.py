@@ -32,3 +32,16 @@ def test_tucker2_of_a_random_256_channel_kernel_at_rank_32():
     assert fact.ranks == (32, 32)
     err = np.linalg.norm(fact.to_dense() - kernel) / np.linalg.norm(kernel)
     assert 0 < err < 1
+
+
+def test_left_singular_through_the_gram_matrix_and_back_to_the_svd_when_rank_deficient():
+    from tnonnx.formats.base import left_singular, svd, truncation_rank
+
+    g = np.random.default_rng(0)
+    wide = g.standard_normal((12, 200))
+    u, s = left_singular(wide)
+    ref_u, ref_s, _ = svd(wide)
+    np.testing.assert_allclose(s, ref_s, rtol=1e-10)
+    np.testing.assert_allclose(np.abs(u.T @ ref_u), np.eye(12), atol=1e-8)  # same vectors up to sign
+    low = g.standard_normal((12, 3)) @ g.standard_normal((3, 200))  # the Gram would blur its zeros
+    assert truncation_rank(left_singular(low)[1]) == 3

@@ -346,6 +346,20 @@ def svd(a: np.ndarray, compute_uv: bool = True):
         return scipy.linalg.svd(a, full_matrices=False, compute_uv=compute_uv, lapack_driver="gesvd")
 
 
+def left_singular(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(U, s) of the thin SVD of `a`. A wide matrix (4x more columns than rows) takes them
+    from the eigenvectors of its rows' Gram matrix, without V (some 10x faster on a
+    64 x 262144 unfolding); where the Gram's smallest eigenvalue is under 1e-10 of its
+    largest, squaring would blur the small singular values that rank decisions read, and
+    the SVD is taken instead."""
+    rows, cols = a.shape
+    if cols > 4 * rows:
+        evals, evecs = np.linalg.eigh(a @ a.T)
+        if evals[0] > 1e-10 * evals[-1]:
+            return evecs[:, ::-1], np.sqrt(evals[::-1])
+    return svd(a)[:2]
+
+
 def truncation_rank(s: np.ndarray, *, cap: int | None = None, delta: float = 0.0) -> int:
     """Smallest rank whose discarded singular values have energy <= delta^2 (delta = 0:
     the numerical rank), then capped at `cap`; at least 1."""

@@ -36,7 +36,7 @@ import numpy as np
 from ..emit import Chain, Core, best_order
 from ..errors import TnonnxError
 from ..tensorize import choose_modes
-from .base import ChainFactorization, RankSpec, svd, truncation_rank
+from .base import ChainFactorization, RankSpec, left_singular, svd, truncation_rank
 from .network_conv import NetworkConvFactorization, contract, network_stage
 from .tt import channel_modes
 
@@ -97,14 +97,15 @@ def hsvd(tensor, root: Node, *, cap: int | None = None, delta: float = 0.0) -> F
     fit = Fit({}, {}, {}, None)
     left, right = root.children
 
-    def split(i, j):
-        """Matricise over frontier axes i..j-1; (u, s, vt) or generic singular values."""
+    def split(i, j, left_only=False):
+        """Matricise over frontier axes i..j-1; (u, s, vt) (vt None with `left_only`) or
+        generic singular values."""
         rows = math.prod(shape[i:j])
         cols = math.prod(shape) // rows
         if dry:
             return None, np.ones(min(rows, cols)), None
         mat = x.reshape(math.prod(shape[:i]), rows, -1).transpose(1, 0, 2).reshape(rows, -1)
-        return svd(mat)
+        return (*left_singular(mat), None) if left_only else svd(mat)
 
     for node in postorder(root):
         if node in (root, left, right):
@@ -114,7 +115,7 @@ def hsvd(tensor, root: Node, *, cap: int | None = None, delta: float = 0.0) -> F
             shape[i: i + 2] = [shape[i] * shape[i + 1]]
             frontier[i: i + 2] = [node]
         i = frontier.index(node)
-        u, s, _ = split(i, i + 1)
+        u, s, _ = split(i, i + 1, left_only=True)
         r = truncation_rank(s, cap=cap, delta=delta)
         fit.sat[node], fit.rank[node] = r >= shape[i], min(r, shape[i])
         if not fit.sat[node]:

@@ -72,9 +72,17 @@ def tr_svd(tensor: np.ndarray, *, cap: int | None = None, tol: float | None = No
            start: int | None = None) -> list[np.ndarray]:
     """TR-SVD cores (r_k, n_k, r_{k+1}) in ring order, started at mode `start` (default:
     the largest, where r_s r_{s+1} <= n_s binds least)."""
+    return tr_svd_measured(tensor, cap=cap, tol=tol, start=start)[0]
+
+
+def tr_svd_measured(tensor: np.ndarray, *, cap: int | None = None, tol: float | None = None,
+                    start: int | None = None) -> tuple[list[np.ndarray], float]:
+    """tr_svd's cores and their relative error. Every step is an orthogonal projection and
+    every core but the last an isometry, so ||W - W_tr||^2 = ||W||^2 - ||last core||^2: no
+    pass over the dense ring, unless the difference is too small to trust."""
     dims, d = tensor.shape, tensor.ndim
     if d == 1:
-        return [tensor.reshape(1, -1, 1)]
+        return [tensor.reshape(1, -1, 1)], 0.0
     start = int(np.argmax(dims)) if start is None else start
     order = _rotation(d, start)
     n = [dims[i] for i in order]
@@ -91,7 +99,11 @@ def tr_svd(tensor: np.ndarray, *, cap: int | None = None, tol: float | None = No
         cores.append(u.reshape(r, n[k], rk))
         r = rk
     cores.append(rest.reshape(r, n[-1], r0))
-    return [cores[order.index(i)] for i in range(d)]
+    cores = [cores[order.index(i)] for i in range(d)]
+    norm2 = float(np.sum(tensor**2))
+    err2 = norm2 - float(np.sum(rest**2))
+    err = math.sqrt(err2 / norm2) if err2 > 1e-8 * norm2 else ring_error(tensor, cores)
+    return cores, err
 
 
 def svd_params(dims: list[int], cap: int) -> int:
@@ -228,8 +240,7 @@ def ring_als(tensor: np.ndarray, ranks: list[int], sweeps: int = ALS_SWEEPS) -> 
     budget allocator asks for every cap, and every cap above ALS_MAX_RANK lands here alike)."""
     key = (hashlib.sha1(np.ascontiguousarray(tensor).tobytes()).hexdigest(), tensor.shape, tuple(ranks), sweeps)
     if key not in _MEMO:
-        start = tr_svd(tensor, cap=min(ranks))
-        err = ring_error(tensor, start)
+        start, err = tr_svd_measured(tensor, cap=min(ranks))
         _MEMO[key] = (start, err) if err <= EXACT else tr_als(tensor, pad_ring(start, ranks), sweeps)
         while len(_MEMO) > 64:
             _MEMO.pop(next(iter(_MEMO)))
@@ -265,8 +276,7 @@ def _fit_ring(tensor: np.ndarray, spec: RankSpec, sweeps: int) -> list[np.ndarra
         cap = spec.rank
         uni = min(cap, uni_max)
         ranks = [uni] * len(dims)
-    cores = tr_svd(tensor, cap=cap)
-    err = ring_error(tensor, cores)
+    cores, err = tr_svd_measured(tensor, cap=cap)
     if err <= EXACT or uni < 1 or len(dims) < 2:
         return cores
     als_cores, als_err = ring_als(tensor, ranks, sweeps)

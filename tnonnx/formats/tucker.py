@@ -38,7 +38,8 @@ from tensorly.tenalg import multi_mode_dot
 from ..emit import Chain, Core, best_order
 from ..errors import NotApplicable
 from ..tensorize import choose_modes
-from .base import ChainFactorization, ConvFactorization, ConvStage, RankSpec, pointwise, svd, truncation_rank
+from .base import (ChainFactorization, ConvFactorization, ConvStage, RankSpec, left_singular, pointwise,
+                   truncation_rank)
 from .cp import ladder
 
 NAME = "tucker"
@@ -84,7 +85,7 @@ class Tucker:
     def _mode_svd(self, mode: int) -> tuple[np.ndarray, np.ndarray]:
         key = (self.digest, self.tensor.shape, mode)
         if key not in _MODE_SVDS:
-            _MODE_SVDS[key] = svd(unfold(self.tensor, mode))[:2]
+            _MODE_SVDS[key] = left_singular(unfold(self.tensor, mode))
             while len(_MODE_SVDS) > _MODE_SVDS_KEPT:
                 _MODE_SVDS.popitem(last=False)
         _MODE_SVDS.move_to_end(key)
