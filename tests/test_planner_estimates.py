@@ -192,3 +192,13 @@ def test_output_errors_through_the_kernel_are_the_chain_pushed_errors(fmt):
     pushed = fitting._relative(fact.apply(data.basis), data.target)
     assert data.output_error(fact) == pytest.approx(pushed, rel=1e-10)
     assert data.output_error(fact, fact.to_dense()) == pytest.approx(pushed, rel=1e-10)
+
+
+@pytest.mark.parametrize("width", [1024, 4096, 8192])
+def test_the_ladder_reaches_the_svd_rank_that_halves_a_wide_layer(width):
+    """--budget 2x on a square layer of `width` wants svd rank width / 4; a ladder ending at
+    512 held a 4096-wide layer at 4x fewer parameters (rank 512) whatever the budget."""
+    caps = [spec.rank for _, spec in choose.ladder(("svd",), simd=True)]
+    half = width * width // (2 * 2 * width)  # r (n + m) <= n m / 2
+    best = max(c for c in caps if c <= half)
+    assert best >= half / 1.5
