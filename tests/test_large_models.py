@@ -200,3 +200,23 @@ def test_a_remembered_svd_is_reused_instead_of_the_gram_matrix(monkeypatch):
         a, b = svd.balanced_factors(w, RankSpec(rank=r))
         np.testing.assert_allclose(a @ b, (u[:, :r] * s[:r]) @ vt[:r], atol=1e-10 * np.abs(w).max())
     assert svd.remembered_svd(w + 1.0) is None  # another matrix: nothing remembered, nothing computed
+
+
+def test_gram_eigenpairs_are_kept_for_the_next_cap(monkeypatch):
+    """The planner fits one large weight at cap after cap: the first cap's eigenpairs, then
+    all of them once a larger cap is asked for, each cap truncating them."""
+    import scipy.linalg
+
+    from tnonnx.formats import svd
+    from tnonnx.formats.base import RankSpec
+
+    w = rng(5).standard_normal((40, 130)) * np.exp(-np.arange(130) / 8)
+    u0, s0, vt0 = np.linalg.svd(w, full_matrices=False)  # not through thin_svd, which would be remembered
+    monkeypatch.setattr(svd, "GRAM_ABOVE", 0)
+    calls = []
+    real = scipy.linalg.eigh
+    monkeypatch.setattr(scipy.linalg, "eigh", lambda *a, **k: calls.append(k.get("subset_by_index")) or real(*a, **k))
+    for r in (3, 12, 5, 40):
+        u, v = svd.balanced_factors(w, RankSpec(rank=r))
+        np.testing.assert_allclose(u @ v, (u0[:, :r] * s0[:r]) @ vt0[:r], atol=1e-8 * np.abs(w).max())
+    assert calls == [[37, 39], None]  # cap 3's eigenpairs, then all of them for cap 12; 5 and 40 reuse them

@@ -47,6 +47,7 @@ def _cap(n: int, m: int, spec: RankSpec) -> int | None:
 # rewrite's memory must not grow with the number of layers (tests/test_large_models.py).
 _SVDS: dict = {}
 _SVDS_KEPT = 1
+_GRAM_EIGEN: dict = {}  # the last large weight's leading Gram eigenpairs (_gram_factors), by content
 
 
 def _svd_key(a: np.ndarray) -> tuple:
@@ -93,8 +94,17 @@ def _gram_factors(w: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
     a = w if wide else w.T
     side = a.shape[0]
     k = min(cap, side)
-    evals, q = scipy.linalg.eigh(a @ a.T, subset_by_index=[side - k, side - 1], check_finite=False)
-    evals, q = evals[::-1], q[:, ::-1]
+    key = _svd_key(np.ascontiguousarray(a))
+    known = _GRAM_EIGEN.get(key)
+    if known is None or known[0].size < k:
+        # the first cap's eigenpairs; a larger cap asked next (the planner's ladder) gets all of
+        # them at once (LAPACK's evd: about 2x one subset, which costs a full tridiagonalisation)
+        subset = None if known is not None else [side - k, side - 1]
+        evals, q = scipy.linalg.eigh(a @ a.T, subset_by_index=subset, check_finite=False,
+                                     driver="evr" if subset else "evd")
+        _GRAM_EIGEN.clear()  # one weight's, as _SVDS
+        _GRAM_EIGEN[key] = known = (evals[::-1], q[:, ::-1])
+    evals, q = known[0][:k], known[1][:, :k]
     s = np.sqrt(np.clip(evals, 0.0, None))
     r = truncation_rank(s, cap=cap)
     root, q = np.sqrt(s[:r]), q[:, :r]
