@@ -202,3 +202,20 @@ def test_the_ladder_reaches_the_svd_rank_that_halves_a_wide_layer(width):
     half = width * width // (2 * 2 * width)  # r (n + m) <= n m / 2
     best = max(c for c in caps if c <= half)
     assert best >= half / 1.5
+
+
+def test_tr_trials_past_tts_last_cap_are_not_counted_as_skipped():
+    """Once tt has stopped (here: predicted far slower than dense from rank 2 on), the
+    ladder's larger caps, up to 8192, are not tr trials "skipped where tt at the same cap was
+    far from the best": there is no tt at those caps."""
+    class TTSlowFromRank2:
+        def slower(self, layer, fact, emissions):
+            return fact.format == "tt" and max(fact.ranks) >= 2
+
+    w = np.random.default_rng(7).standard_normal((64, 64))
+    layer = Layer("mm", "MatMul", None, None, kind="dense", weight=w, weight_key="mm")
+    counts = {}
+    choose.candidate_options(LayerPlan(layer, "svd", RankSpec()), Fitter(), choose.ladder(("svd", "tt", "tr")),
+                             counts, prune=TTSlowFromRank2())
+    assert counts["predicted slower"] == 1
+    assert counts.get("skipped", 0) <= 1  # at most tr at cap 1, the one cap tt was fitted at

@@ -92,6 +92,8 @@ def candidate_options(plan: LayerPlan, fitter: Fitter, trials: list[tuple[str, R
         proxy = estimate.slow(fmt)
         if proxy is not None:
             twin = next((o for o in out if o.format == proxy and o.spec == spec), None)
+            if twin is None and proxy in done:  # past the proxy's last cap: not a trial worth counting
+                continue
             if twin is None or not estimate.may_win(twin.params, twin.error,
                                                      [(o.params, o.error) for o in out if o is not twin]):
                 counts["skipped"] = counts.get("skipped", 0) + 1
