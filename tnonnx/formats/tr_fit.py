@@ -72,17 +72,25 @@ def tr_svd(tensor: np.ndarray, *, cap: int | None = None, tol: float | None = No
            start: int | None = None) -> list[np.ndarray]:
     """TR-SVD cores (r_k, n_k, r_{k+1}) in ring order, started at mode `start` (default:
     the largest, where r_s r_{s+1} <= n_s binds least)."""
-    return tr_svd_measured(tensor, cap=cap, tol=tol, start=start)[0]
+    return _tr_svd(tensor, cap=cap, tol=tol, start=start)[0]
 
 
-def tr_svd_measured(tensor: np.ndarray, *, cap: int | None = None, tol: float | None = None,
-                    start: int | None = None) -> tuple[list[np.ndarray], float]:
+def tr_svd_measured(tensor: np.ndarray, *, cap: int | None = None) -> tuple[list[np.ndarray], float]:
     """tr_svd's cores and their relative error. Every step is an orthogonal projection and
     every core but the last an isometry, so ||W - W_tr||^2 = ||W||^2 - ||last core||^2: no
     pass over the dense ring, unless the difference is too small to trust."""
+    cores, last = _tr_svd(tensor, cap=cap)
+    norm2 = float(np.sum(tensor**2))
+    err2 = norm2 - float(np.sum(last**2))
+    return cores, math.sqrt(err2 / norm2) if err2 > 1e-8 * norm2 else ring_error(tensor, cores)
+
+
+def _tr_svd(tensor: np.ndarray, *, cap: int | None = None, tol: float | None = None,
+            start: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """(tr_svd's cores, the last core: the only one that is not an isometry)."""
     dims, d = tensor.shape, tensor.ndim
     if d == 1:
-        return [tensor.reshape(1, -1, 1)], 0.0
+        return [tensor.reshape(1, -1, 1)], tensor
     start = int(np.argmax(dims)) if start is None else start
     order = _rotation(d, start)
     n = [dims[i] for i in order]
@@ -99,11 +107,7 @@ def tr_svd_measured(tensor: np.ndarray, *, cap: int | None = None, tol: float | 
         cores.append(u.reshape(r, n[k], rk))
         r = rk
     cores.append(rest.reshape(r, n[-1], r0))
-    cores = [cores[order.index(i)] for i in range(d)]
-    norm2 = float(np.sum(tensor**2))
-    err2 = norm2 - float(np.sum(rest**2))
-    err = math.sqrt(err2 / norm2) if err2 > 1e-8 * norm2 else ring_error(tensor, cores)
-    return cores, err
+    return [cores[order.index(i)] for i in range(d)], rest
 
 
 def svd_params(dims: list[int], cap: int) -> int:
