@@ -346,18 +346,36 @@ def svd(a: np.ndarray, compute_uv: bool = True):
         return scipy.linalg.svd(a, full_matrices=False, compute_uv=compute_uv, lapack_driver="gesvd")
 
 
+def gram_left_singular(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(U, s), largest first, from the eigenvectors of the Gram matrix of `a`'s rows: the
+    left singular vectors and values without V, for short wide matrices (singular values
+    under ~1e-8 of the largest lose accuracy: the Gram squares them)."""
+    evals, evecs = np.linalg.eigh(a @ a.T)
+    return evecs[:, ::-1], np.sqrt(np.clip(evals[::-1], 0.0, None))
+
+
 def left_singular(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(U, s) of the thin SVD of `a`. A wide matrix (4x more columns than rows) takes them
-    from the eigenvectors of its rows' Gram matrix, without V (some 10x faster on a
-    64 x 262144 unfolding); where the Gram's smallest eigenvalue is under 1e-10 of its
-    largest, squaring would blur the small singular values that rank decisions read, and
-    the SVD is taken instead."""
+    from gram_left_singular (some 10x faster on a 64 x 262144 unfolding); where the Gram's
+    smallest eigenvalue is under 1e-10 of its largest, squaring would blur the small
+    singular values that rank decisions read, and the SVD is taken instead."""
     rows, cols = a.shape
     if cols > 4 * rows:
-        evals, evecs = np.linalg.eigh(a @ a.T)
-        if evals[0] > 1e-10 * evals[-1]:
-            return evecs[:, ::-1], np.sqrt(evals[::-1])
+        u, s = gram_left_singular(a)
+        if s[-1] ** 2 > 1e-10 * s[0] ** 2:
+            return u, s
     return svd(a)[:2]
+
+
+def mode_project(tensor: np.ndarray, factors: dict) -> np.ndarray:
+    """tensor x_k factors[k]^T for each mode k given, axes kept in place: each mode product is
+    a batched matrix product on a reshaped view (no transposed copy of the tensor, as
+    tensordot would make), the most shrinking ones first."""
+    for k in sorted(factors, key=lambda k: factors[k].shape[1] / tensor.shape[k]):
+        u, shape = factors[k], tensor.shape
+        a, n = math.prod(shape[:k]), shape[k]
+        tensor = np.matmul(u.T, tensor.reshape(a, n, -1)).reshape(shape[:k] + (u.shape[1],) + shape[k + 1:])
+    return tensor
 
 
 def truncation_rank(s: np.ndarray, *, cap: int | None = None, delta: float = 0.0) -> int:

@@ -32,7 +32,8 @@ import math
 import numpy as np
 
 from ..emit import Chain, Core, best_order
-from .base import ConvFactorization, ConvStage, RankSpec, permute, pointwise, truncation_rank
+from .base import (ConvFactorization, ConvStage, RankSpec, gram_left_singular, mode_project, permute, pointwise,
+                   truncation_rank)
 from .stp import STPChain, STPNotApplicable, _check_ratio, stp_modes
 from .stp_conv import STPConv, lifted
 
@@ -43,18 +44,14 @@ STRUCTURED = True
 
 def _project(x: np.ndarray, axes, factors, skip=None) -> np.ndarray:
     """x multiplied on each axis (but `skip`) by the transpose of its factor."""
-    for j, (ax, u) in enumerate(zip(axes, factors)):
-        if j != skip:
-            x = np.moveaxis(np.tensordot(x, u, axes=(ax, 0)), -1, ax)
-    return x
+    return mode_project(x, {ax: u for j, (ax, u) in enumerate(zip(axes, factors)) if j != skip})
 
 
 def _leading(x: np.ndarray, ax: int):
     """Left singular vectors and values of the unfolding along `ax` (from its Gram
     matrix: the unfoldings are short and very wide)."""
-    unfolding = np.moveaxis(x, ax, 0).reshape(x.shape[ax], -1)
-    ev, u = np.linalg.eigh(unfolding @ unfolding.T)
-    return np.ascontiguousarray(u[:, ::-1]), np.sqrt(np.clip(ev[::-1], 0.0, None))
+    u, s = gram_left_singular(np.moveaxis(x, ax, 0).reshape(x.shape[ax], -1))
+    return np.ascontiguousarray(u), s
 
 
 def partial_tucker(x: np.ndarray, axes, spec: RankSpec, params, size: int, iters: int = 20):

@@ -13,8 +13,8 @@ import numpy as np
 
 from ..emit import Chain, Core, best_order
 from ..tensorize import choose_modes, factor_dims
-from .base import (ChainFactorization, ConvFactorization, ConvStage, RankSpec, merge_train, permute, pointwise,
-                   svd, truncation_rank)
+from .base import (ChainFactorization, ConvFactorization, ConvStage, RankSpec, gram_left_singular, merge_train,
+                   permute, pointwise, svd, truncation_rank)
 
 NAME = "tt"
 GRAM_ROWS = 512  # unfoldings with at least this many rows (and as many columns) go through their Gram matrix
@@ -47,9 +47,7 @@ def leading_subspace(mat: np.ndarray, *, cap: int | None, delta: float):
     signs of their vectors, which the nonlinear chains started from a TT depend on."""
     rows, cols = mat.shape
     if cols > 4 * rows or (cols >= rows and rows >= GRAM_ROWS):
-        evals, evecs = np.linalg.eigh(mat @ mat.T)
-        order = np.argsort(evals)[::-1]
-        s, u = np.sqrt(np.clip(evals[order], 0.0, None)), evecs[:, order]
+        u, s = gram_left_singular(mat)
         rk = truncation_rank(s, cap=cap, delta=delta)
         return u[:, :rk], s, u[:, :rk].T @ mat
     u, s, vt = svd(mat)

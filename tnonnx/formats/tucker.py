@@ -38,8 +38,8 @@ from tensorly.tenalg import multi_mode_dot
 from ..emit import Chain, Core, best_order
 from ..errors import NotApplicable
 from ..tensorize import choose_modes
-from .base import (ChainFactorization, ConvFactorization, ConvStage, RankSpec, left_singular, pointwise,
-                   truncation_rank)
+from .base import (ChainFactorization, ConvFactorization, ConvStage, RankSpec, gram_left_singular, left_singular,
+                   mode_project, pointwise, truncation_rank)
 from .cp import ladder
 
 NAME = "tucker"
@@ -56,17 +56,6 @@ _MODE_SVDS_KEPT = 16
 
 def unfold(tensor: np.ndarray, mode: int) -> np.ndarray:
     return np.moveaxis(tensor, mode, 0).reshape(tensor.shape[mode], -1)
-
-
-def _project(tensor: np.ndarray, factors: dict) -> np.ndarray:
-    """tensor x_k factors[k]^T over the given modes, axes kept in place: each mode product is
-    a batched matrix product on a reshaped view (no transposed copy of the tensor), the most
-    shrinking ones first."""
-    for k in sorted(factors, key=lambda k: factors[k].shape[1] / tensor.shape[k]):
-        u, shape = factors[k], tensor.shape
-        a, n = math.prod(shape[:k]), shape[k]
-        tensor = np.matmul(u.T, tensor.reshape(a, n, -1)).reshape(shape[:k] + (u.shape[1],) + shape[k + 1:])
-    return tensor
 
 
 class Tucker:
@@ -193,13 +182,13 @@ class Tucker:
         halves = [keys[:(len(keys) + 1) // 2], keys[(len(keys) + 1) // 2:]]
         for _ in range(HOOI_ITERS if factors else 0):
             for half, other in (halves, halves[::-1]):
-                shared = _project(self.tensor, {j: factors[j] for j in other})
+                shared = mode_project(self.tensor, {j: factors[j] for j in other})
                 for k in half:
-                    y = unfold(_project(shared, {j: factors[j] for j in half if j != k}), k)  # small now
-                    evals, evecs = np.linalg.eigh(y @ y.T)
+                    y = unfold(mode_project(shared, {j: factors[j] for j in half if j != k}), k)  # small now
+                    u, s = gram_left_singular(y)
                     r = factors[k].shape[1]
-                    factors[k] = evecs[:, ::-1][:, :r]
-            kept = float(np.sum(np.clip(evals[::-1][:r], 0.0, None)))  # ||core||^2 after the last update
+                    factors[k] = u[:, :r]
+            kept = float(np.sum(s[:r] ** 2))  # ||core||^2 after the last update
             error = math.sqrt(abs(self.norm2 - kept) / max(self.norm2, 1e-300))
             if previous is not None and abs(previous - error) < HOOI_TOL:
                 break
@@ -226,10 +215,7 @@ class Tucker:
         return out
 
     def core(self, factors: dict) -> np.ndarray:
-        if not factors:
-            return self.tensor
-        keys = sorted(factors)
-        return multi_mode_dot(self.tensor, [factors[k] for k in keys], modes=keys, transpose=True)
+        return mode_project(self.tensor, factors)
 
     def error2(self, factors: dict) -> float:
         """||T - T~||^2 = ||T||^2 - ||core||^2 (orthonormal factors), exactly when small."""
