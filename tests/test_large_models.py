@@ -199,7 +199,8 @@ def test_a_remembered_svd_is_reused_instead_of_the_gram_matrix(monkeypatch):
     for r in (1, 7, 50):
         a, b = svd.balanced_factors(w, RankSpec(rank=r))
         np.testing.assert_allclose(a @ b, (u[:, :r] * s[:r]) @ vt[:r], atol=1e-10 * np.abs(w).max())
-    assert svd.remembered_svd(w + 1.0) is None  # another matrix: nothing remembered, nothing computed
+    with pytest.raises(AssertionError, match="Gram matrix"):  # another matrix: nothing remembered for it
+        svd.balanced_factors(w + 1.0, RankSpec(rank=3))
 
 
 def test_gram_eigenpairs_are_kept_for_the_next_cap(monkeypatch):

@@ -54,11 +54,6 @@ def _svd_key(a: np.ndarray) -> tuple:
     return a.shape, a.dtype.str, hashlib.blake2b(a.tobytes(), digest_size=16).digest()
 
 
-def remembered_svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """thin_svd(a) if it is remembered, else None (nothing computed)."""
-    return _SVDS.get(_svd_key(np.ascontiguousarray(a)))
-
-
 def thin_svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The thin SVD of a (base.svd), remembered for the last matrix."""
     a = np.ascontiguousarray(a)
@@ -73,16 +68,17 @@ def thin_svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def balanced_factors(w: np.ndarray, spec: RankSpec) -> tuple[np.ndarray, np.ndarray]:
     """U (n x r), V (r x m) with U V ~ w, the singular values split evenly between them."""
     cap = _cap(*w.shape, spec)
-    known = remembered_svd(w)  # the planner's estimates read this spectrum just before
+    key = _svd_key(np.ascontiguousarray(w))  # once: hashing a large weight is not free
+    known = _SVDS.get(key)  # the planner's estimates read this spectrum just before
     if known is None and cap is not None and w.size >= GRAM_ABOVE:
-        return _gram_factors(w, cap)
+        return _gram_factors(w, cap, key)
     u, s, vt = known or thin_svd(w)
     r = svd_rank(s, *w.shape, spec)
     root = np.sqrt(s[:r])
     return u[:, :r] * root, root[:, None] * vt[:r]
 
 
-def _gram_factors(w: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+def _gram_factors(w: np.ndarray, cap: int, key: tuple) -> tuple[np.ndarray, np.ndarray]:
     """balanced_factors for a large weight and a rank cap: the top eigenvectors of the Gram
     matrix of the smaller side (as tt.leading_subspace does for wide unfoldings), several
     times faster than LAPACK's full SVD and without its n x m workspace; carrying Q^T W
@@ -94,8 +90,7 @@ def _gram_factors(w: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
     a = w if wide else w.T
     side = a.shape[0]
     k = min(cap, side)
-    key = _svd_key(np.ascontiguousarray(a))
-    known = _GRAM_EIGEN.get(key)
+    known = _GRAM_EIGEN.get(key)  # `key`: w's content (_svd_key)
     if known is None or known[0].size < k:
         # the first cap's eigenpairs; a larger cap asked next (the planner's ladder) gets all of
         # them at once (LAPACK's evd: about 2x one subset, which costs a full tridiagonalisation)
